@@ -1,0 +1,28 @@
+# The two commands of README.md: `make demo` and `make test`. Both set everything up first.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+
+.PHONY: setup demo test lint bench
+
+setup: $(VENV)/.installed
+
+# torch is pinned to the CPU wheel for these machines; pyproject.toml keeps the range loose.
+$(VENV)/.installed: pyproject.toml
+	python3 -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet torch==2.13.0
+	$(PY) -m pip install --quiet -e '.[dev]'
+	touch $@
+
+demo: setup
+	$(VENV)/bin/keisei-fn info
+
+lint: setup
+	$(VENV)/bin/ruff check keisei_fn tests benchmarks
+	$(VENV)/bin/mypy
+
+test: lint
+	$(PY) -m pytest
+
+bench: setup
+	$(PY) -m benchmarks

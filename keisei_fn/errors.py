@@ -1,0 +1,63 @@
+"""One typed error hierarchy for keisei_fn.
+
+Every error the library raises derives from :class:`KeiseiFnError` *and* from the builtin
+exception a caller would naturally catch (``FileNotFoundError``, ``ValueError``, ...), so both
+``except KeiseiFnError`` and ``except ValueError`` work.
+
+Messages say what happened, where (path, key), expected vs found, and how to fix it.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "CheckpointExistsError",
+    "CheckpointNotFoundError",
+    "IllegalMoveError",
+    "IncompleteCheckpointError",
+    "IntegrityError",
+    "KeiseiFnError",
+    "SpecError",
+    "StateMismatchError",
+    "UnsupportedDtypeError",
+    "UnsupportedFormatError",
+]
+
+
+class KeiseiFnError(Exception):
+    """Root of every error raised by keisei_fn."""
+
+
+class SpecError(KeiseiFnError, ValueError):
+    """A model/feature specification or its configuration is invalid."""
+
+
+class CheckpointNotFoundError(KeiseiFnError, FileNotFoundError):
+    """A checkpoint, run directory or path that was asked for does not exist."""
+
+
+class CheckpointExistsError(KeiseiFnError, FileExistsError):
+    """A different checkpoint is already committed under the same name."""
+
+
+class IntegrityError(KeiseiFnError, ValueError):
+    """A checkpoint file is corrupt: digest mismatch, truncation, unparsable content."""
+
+
+class IncompleteCheckpointError(KeiseiFnError, ValueError):
+    """A checkpoint was never committed (no sidecar, missing weights, a leftover temp file)."""
+
+
+class StateMismatchError(KeiseiFnError, ValueError):
+    """A saved state does not fit the live objects (missing/unexpected keys, shapes, dtypes)."""
+
+
+class UnsupportedFormatError(KeiseiFnError, ValueError):
+    """A file is of a format or version this library does not read (e.g. a pickled ``.pth``)."""
+
+
+class UnsupportedDtypeError(KeiseiFnError, TypeError):
+    """A tensor dtype that cannot be stored losslessly (complex128, complex32, float8_e8m0fnu)."""
+
+
+class IllegalMoveError(KeiseiFnError, ValueError):
+    """A Shogi move or action index is not legal (or not in range) in the given position."""
