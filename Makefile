@@ -18,7 +18,7 @@ demo: setup
 	$(VENV)/bin/keisei-fn info
 
 lint: setup
-	$(VENV)/bin/ruff check keisei_fn tests benchmarks
+	$(VENV)/bin/ruff check .
 	$(VENV)/bin/mypy
 
 test: lint

@@ -20,6 +20,7 @@ __all__ = [
     "StateMismatchError",
     "UnsupportedDtypeError",
     "UnsupportedFormatError",
+    "UnsupportedValueError",
 ]
 
 
@@ -61,3 +62,7 @@ class UnsupportedDtypeError(KeiseiFnError, TypeError):
 
 class IllegalMoveError(KeiseiFnError, ValueError):
     """A Shogi move or action index is not legal (or not in range) in the given position."""
+
+
+class UnsupportedValueError(KeiseiFnError, TypeError):
+    """A non-tensor value that a checkpoint cannot store exactly (e.g. an arbitrary object)."""
