@@ -13,8 +13,10 @@ Example:
 """
 
 from keisei_fn import errors
+from keisei_fn.capture import capture, restore_
 from keisei_fn.features import FEATURE_SPECS, FeatureSpec, get_feature_spec, register_feature_set
 from keisei_fn.info import model_info
+from keisei_fn.meta import CheckpointMeta
 from keisei_fn.nets import (
     ActorCriticResTower,
     build_model,
@@ -24,25 +26,67 @@ from keisei_fn.nets import (
 )
 from keisei_fn.precision import Precision, make_scaler, precision_policy
 from keisei_fn.spec import ModelSpec, model_types
+from keisei_fn.state import GameStats, TrainState
+from keisei_fn.store import (
+    Checkpointer,
+    PrunePlan,
+    Resumed,
+    RetentionPolicy,
+    SaveResult,
+    checkpoint_due,
+    latest_checkpoint,
+    list_checkpoints,
+    load_model,
+    load_state,
+    plan_prune,
+    prune,
+    resume,
+    round_interval,
+    save_final_model,
+    save_state,
+    verify_checkpoint,
+)
 
 __version__ = "0.1.0"
 
 __all__ = [
     "FEATURE_SPECS",
     "ActorCriticResTower",
+    "CheckpointMeta",
+    "Checkpointer",
     "FeatureSpec",
+    "GameStats",
     "ModelSpec",
     "Precision",
+    "PrunePlan",
+    "Resumed",
+    "RetentionPolicy",
+    "SaveResult",
+    "TrainState",
     "__version__",
     "build_model",
     "canonical_state_dict",
+    "capture",
+    "checkpoint_due",
     "errors",
     "get_feature_spec",
+    "latest_checkpoint",
+    "list_checkpoints",
+    "load_model",
+    "load_state",
     "make_scaler",
     "model_info",
     "model_types",
+    "plan_prune",
     "precision_policy",
+    "prune",
     "register_feature_set",
     "register_model",
+    "restore_",
+    "resume",
+    "round_interval",
+    "save_final_model",
+    "save_state",
     "unwrap_model",
+    "verify_checkpoint",
 ]

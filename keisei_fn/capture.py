@@ -1,0 +1,249 @@
+"""The bridges between live torch objects and TrainState snapshots: ``capture`` and ``restore_``.
+
+``capture`` clones every tensor (``state_dict()`` returns live tensors that the next optimizer
+step would change), keeping tensors that share storage shared (tied weights). ``restore_`` checks
+every key, shape and dtype first and reports all mismatches in one ``StateMismatchError``, then
+hands torch *copies* (``Optimizer.load_state_dict`` keeps the tensors it is given, so one step
+would otherwise change the snapshot), and restores the RNGs last.
+
+A ``LambdaLR``/``MultiplicativeLR`` saves no functions: rebuild the scheduler with the same
+lambdas before ``restore_``.
+
+Example:
+    >>> import torch
+    >>> from keisei_fn import ModelSpec, build_model, capture, restore_
+    >>> spec = ModelSpec(model_type="testmodel")
+    >>> model = build_model(spec, seed=0)
+    >>> opt = torch.optim.Adam(model.parameters())
+    >>> state = capture(spec, model, opt, step=10)
+    >>> restore_(state, build_model(spec), torch.optim.Adam(model.parameters()))
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from torch import nn
+
+from keisei_fn.errors import StateMismatchError
+from keisei_fn.nets import canonical_state_dict, unwrap_model
+from keisei_fn.rng import Generators, capture_rng, restore_rng_
+from keisei_fn.spec import ModelSpec
+from keisei_fn.state import GameStats, TrainState, thaw
+
+__all__ = ["capture", "restore_"]
+
+log = logging.getLogger(__name__)
+
+Scheduler = torch.optim.lr_scheduler.LRScheduler | torch.optim.lr_scheduler.ReduceLROnPlateau
+
+# Optimizer state entries that always have their parameter's shape (SGD, Adam(W), RMSprop, ...).
+_PARAM_SHAPED = frozenset(
+    {"momentum_buffer", "exp_avg", "exp_avg_sq", "max_exp_avg_sq", "square_avg", "sum",
+     "acc_delta", "grad_avg", "ax", "prev", "step_size", "exp_inf", "mu_product"}
+)  # fmt: skip
+
+
+class _Cloner:
+    """Clones tensors contiguously, once per distinct view, so shared storage stays shared."""
+
+    def __init__(self) -> None:
+        self._seen: dict[tuple[Any, ...], torch.Tensor] = {}
+
+    def __call__(self, value: Any) -> Any:
+        if isinstance(value, torch.Tensor):
+            value = value.detach()
+            key = (
+                value.untyped_storage().data_ptr(),
+                value.storage_offset(),
+                tuple(value.shape),
+                value.stride(),
+                value.dtype,
+                value.device,
+            )
+            if key[0] == 0 or value.numel() == 0:  # no storage to share
+                return value.clone(memory_format=torch.contiguous_format)
+            if key not in self._seen:
+                self._seen[key] = value.clone(memory_format=torch.contiguous_format)
+            return self._seen[key]
+        if isinstance(value, Mapping):
+            return {k: self(v) for k, v in value.items()}
+        if isinstance(value, list):
+            return [self(v) for v in value]
+        if isinstance(value, tuple):
+            return tuple(self(v) for v in value)
+        return value
+
+
+def capture(
+    spec: ModelSpec | None,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer | None = None,
+    *,
+    scheduler: Scheduler | None = None,
+    scaler: torch.amp.GradScaler | None = None,
+    step: int,
+    episodes: int = 0,
+    stats: GameStats | None = None,
+    extra: Mapping[str, Any] | None = None,
+    rng: bool = True,
+    generators: Generators | None = None,
+) -> TrainState:
+    """Snapshot a live training run into an immutable :class:`TrainState`.
+
+    Args:
+        spec: the model's architecture, or None for an arbitrary user model.
+        model: the model; torch.compile and DDP wrappers are stripped (canonical keys).
+        optimizer: its optimizer, if any.
+        scheduler: an LR scheduler (its ``state_dict`` is stored as JSON).
+        scaler: a ``GradScaler``; a disabled one is stored as None.
+        step: completed timesteps (the checkpoint's name uses it).
+        episodes: completed episodes.
+        stats: game results.
+        extra: JSON-able user state (e.g. ``{"elo_state": ..., "metrics_history": ...}``).
+        rng: capture Python's, NumPy's, torch's (and CUDA's) global RNG states.
+        generators: user-held generators to capture, by name (see ``keisei_fn.rng``).
+
+    Returns:
+        The snapshot; later training steps do not change it.
+
+    Raises:
+        StateMismatchError: for invalid counters or unsupported generator types.
+    """
+    clone = _Cloner()
+    model_state = clone(canonical_state_dict(unwrap_model(model).state_dict()))
+    enabled_scaler = scaler is not None and scaler.is_enabled()
+    return TrainState(
+        spec=spec,
+        step=step,
+        episodes=episodes,
+        stats=stats if stats is not None else GameStats(),
+        model=model_state,
+        optimizer=clone(optimizer.state_dict()) if optimizer is not None else None,
+        scheduler=clone(scheduler.state_dict()) if scheduler is not None else None,
+        scaler=clone(scaler.state_dict()) if enabled_scaler and scaler is not None else None,
+        rng=capture_rng(generators) if rng else None,
+        extra=clone(dict(extra or {})),
+    )
+
+
+def _describe(t: torch.Tensor) -> str:
+    return f"{str(t.dtype).removeprefix('torch.')}{list(t.shape)}"
+
+
+def _model_problems(
+    saved: Mapping[str, torch.Tensor], live: Mapping[str, torch.Tensor]
+) -> list[str]:
+    problems = [
+        f"missing key {k!r} (in the model, not in the state)" for k in live if k not in saved
+    ]
+    problems += [
+        f"unexpected key {k!r} (in the state, not in the model)" for k in saved if k not in live
+    ]
+    for key in saved.keys() & live.keys():
+        s, m = saved[key], live[key]
+        if s.shape != m.shape or s.dtype != m.dtype:
+            problems.append(f"{key!r}: state has {_describe(s)}, model expects {_describe(m)}")
+    return problems
+
+
+def _optimizer_problems(saved: Mapping[str, Any], optimizer: torch.optim.Optimizer) -> list[str]:
+    groups = saved.get("param_groups", ())
+    live_groups = optimizer.param_groups
+    if len(groups) != len(live_groups):
+        return [
+            f"optimizer: state has {len(groups)} param groups, optimizer has {len(live_groups)}"
+        ]
+    problems = []
+    params: dict[int, torch.Tensor] = {}
+    for i, (group, live_group) in enumerate(zip(groups, live_groups, strict=True)):
+        if len(group["params"]) != len(live_group["params"]):
+            problems.append(
+                f"optimizer param group {i}: state has {len(group['params'])} params, "
+                f"optimizer has {len(live_group['params'])}"
+            )
+            continue
+        params.update(zip(group["params"], live_group["params"], strict=True))
+    if problems:
+        return problems
+    live_state = optimizer.state
+    for index, entries in saved.get("state", {}).items():
+        if index not in params:
+            problems.append(f"optimizer state for param {index!r}, which no param group lists")
+            continue
+        param = params[index]
+        current = live_state.get(param, {})
+        for name, value in entries.items():
+            if not isinstance(value, torch.Tensor):
+                continue
+            where = f"optimizer state[{index}][{name!r}]"
+            if name in _PARAM_SHAPED and value.shape != param.shape:
+                problems.append(
+                    f"{where}: state has {_describe(value)}, param is {_describe(param)}"
+                )
+            elif isinstance(current.get(name), torch.Tensor) and (
+                current[name].shape != value.shape
+            ):
+                problems.append(
+                    f"{where}: state has {_describe(value)}, live {_describe(current[name])}"
+                )
+    return problems
+
+
+def restore_(
+    state: TrainState,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer | None = None,
+    *,
+    scheduler: Scheduler | None = None,
+    scaler: torch.amp.GradScaler | None = None,
+    rng: bool = True,
+    generators: Generators | None = None,
+) -> None:
+    """Load a snapshot into live objects, in place. The snapshot itself is never changed.
+
+    Args:
+        state: the snapshot.
+        model: the model (wrappers are stripped); every key, shape and dtype must match.
+        optimizer: the optimizer to restore, if any (state lands on its parameters' devices).
+        scheduler: the LR scheduler; left fresh with a warning when the state holds none.
+        scaler: the GradScaler; an enabled one is left fresh with a warning when the state holds
+            none (e.g. a CPU-saved run resumed on a GPU).
+        rng: restore the RNG states (last); a state without RNG part leaves the RNGs alone.
+        generators: user-held generators to restore, by the names used at capture.
+
+    Raises:
+        StateMismatchError: listing every missing/unexpected key and shape/dtype difference of the
+            model and the optimizer, before anything is changed.
+    """
+    net = unwrap_model(model)
+    problems = _model_problems(state.model, net.state_dict())
+    if optimizer is not None and state.optimizer is None:
+        problems.append("an optimizer was given, but the state holds no optimizer state")
+    elif optimizer is not None and state.optimizer is not None:
+        problems += _optimizer_problems(state.optimizer, optimizer)
+    if problems:
+        raise StateMismatchError(
+            f"state (step {state.step}) does not fit the live objects:\n  - "
+            + "\n  - ".join(problems)
+        )
+    net.load_state_dict(dict(state.model), strict=True)  # copies into the parameters
+    if optimizer is not None and state.optimizer is not None:
+        optimizer.load_state_dict(thaw(state.optimizer, on_tensor=torch.Tensor.clone))
+    if scheduler is not None:
+        if state.scheduler is None:
+            log.warning(
+                "state (step %d) holds no scheduler state: scheduler left fresh", state.step
+            )
+        else:
+            scheduler.load_state_dict(thaw(state.scheduler, on_tensor=torch.Tensor.clone))
+    if scaler is not None and scaler.is_enabled():
+        if state.scaler is None:
+            log.warning("state (step %d) holds no GradScaler state: scaler left fresh", state.step)
+        else:
+            scaler.load_state_dict(thaw(state.scaler, on_tensor=torch.Tensor.clone))
+    if rng and state.rng is not None:
+        restore_rng_(state.rng, generators)

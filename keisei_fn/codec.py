@@ -1,0 +1,331 @@
+"""Pure encoding between a TrainState and (tensor dict, JSON dict); no file system.
+
+Tensors go to the weights file under readable names (``model/<key>``,
+``optimizer/state/0/exp_avg``, ``rng/torch``, ...); everything else is JSON, written by one small
+encoder with sorted keys (byte-deterministic) and tags for what JSON/orjson lose or refuse:
+
+============================  ===================================
+value                          JSON
+============================  ===================================
+NaN, inf, -inf                 ``{"__float__": "nan"}``
+int beyond 64 bits             ``{"__int__": "123..."}``
+tuple                          ``{"__tuple__": [...]}``
+dict with non-str keys         ``{"__items__": [[key, value], ...]}``
+(or keys that look like tags)
+tensor                         ``{"__tensor__": "optimizer/state/0/exp_avg"}``
+============================  ===================================
+
+A round trip gives back exactly the Python values that went in (NumPy scalars come back as
+the equal Python numbers). Tensors that share storage are stored once: the second name is
+recorded as an alias of the first, and decoding gives the same tensor object back for both.
+
+Example:
+    >>> value = {"best": float("inf"), 0: (1, 2), "pcg": 2**100}
+    >>> decode_json(encode_json(value)) == value
+    True
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import numpy as np
+import orjson
+import torch
+
+from keisei_fn.errors import (
+    IntegrityError,
+    SpecError,
+    UnsupportedDtypeError,
+    UnsupportedValueError,
+)
+from keisei_fn.spec import ModelSpec
+from keisei_fn.state import GameStats, TrainState
+
+__all__ = [
+    "DTYPE_NAMES",
+    "EncodedState",
+    "decode_json",
+    "decode_state",
+    "dumps",
+    "encode_json",
+    "encode_state",
+    "loads",
+]
+
+_TAGS = ("__float__", "__int__", "__tuple__", "__items__", "__tensor__")
+_INT_MIN, _INT_MAX = -(2**63), 2**64 - 1
+
+#: Every tensor dtype a checkpoint stores, by its safetensors name.
+DTYPE_NAMES: dict[torch.dtype, str] = {
+    torch.bool: "BOOL",
+    torch.uint8: "U8",
+    torch.int8: "I8",
+    torch.int16: "I16",
+    torch.uint16: "U16",
+    torch.int32: "I32",
+    torch.uint32: "U32",
+    torch.int64: "I64",
+    torch.uint64: "U64",
+    torch.float16: "F16",
+    torch.bfloat16: "BF16",
+    torch.float32: "F32",
+    torch.float64: "F64",
+    torch.complex64: "C64",
+    torch.float8_e4m3fn: "F8_E4M3",
+    torch.float8_e5m2: "F8_E5M2",
+}
+DTYPES_BY_NAME: dict[str, torch.dtype] = {name: dtype for dtype, name in DTYPE_NAMES.items()}
+
+TensorRef = Callable[[tuple[Any, ...], torch.Tensor], str]
+
+
+def _float(value: float) -> Any:
+    if math.isfinite(value):
+        return value
+    return {"__float__": "nan" if math.isnan(value) else ("inf" if value > 0 else "-inf")}
+
+
+def encode_json(value: Any, *, tensor_ref: TensorRef | None = None) -> Any:
+    """Turn a nested Python value into plain JSON data (see the module's table of tags).
+
+    Args:
+        value: dicts, lists, tuples, str, int, float, bool, None, NumPy scalars and (with
+            ``tensor_ref``) tensors, nested freely.
+        tensor_ref: called with ``(path, tensor)`` for every tensor; returns its stored name.
+
+    Raises:
+        UnsupportedValueError: for anything else, naming the path to it.
+    """
+    return _encode(value, (), tensor_ref)
+
+
+def _encode(value: Any, path: tuple[Any, ...], tensor_ref: TensorRef | None) -> Any:
+    if value is None or isinstance(value, (bool, str)):
+        return value
+    if isinstance(value, int):
+        return int(value) if _INT_MIN <= value <= _INT_MAX else {"__int__": str(value)}
+    if isinstance(value, float):
+        return _float(float(value))
+    if isinstance(value, np.generic) and isinstance(value.item(), (bool, int, float)):
+        return _encode(value.item(), path, tensor_ref)
+    if isinstance(value, torch.Tensor):
+        if tensor_ref is None:
+            raise UnsupportedValueError(f"a tensor at {_show(path)} cannot be stored in JSON here")
+        return {"__tensor__": tensor_ref(path, value)}
+    if isinstance(value, Mapping):
+        if all(isinstance(k, str) and k not in _TAGS for k in value):
+            return {k: _encode(v, (*path, k), tensor_ref) for k, v in value.items()}
+        return {
+            "__items__": [
+                [_encode(k, path, None), _encode(v, (*path, k), tensor_ref)]
+                for k, v in value.items()
+            ]
+        }
+    if isinstance(value, list | tuple):
+        items = [_encode(v, (*path, i), tensor_ref) for i, v in enumerate(value)]
+        # a FrozenList (a tuple subclass) was a list
+        return {"__tuple__": items} if type(value) is tuple else items
+    raise UnsupportedValueError(
+        f"cannot store a {type(value).__name__} at {_show(path)} in a checkpoint: only dicts, "
+        "lists, tuples, str, int, float, bool, None and tensors are stored exactly"
+    )
+
+
+def _show(path: tuple[Any, ...]) -> str:
+    return "".join(f"[{p!r}]" for p in path) or "the top level"
+
+
+def decode_json(data: Any, *, tensors: Mapping[str, torch.Tensor] | None = None) -> Any:
+    """Inverse of :func:`encode_json`; ``tensors`` resolves ``{"__tensor__": name}`` references.
+
+    Raises:
+        IntegrityError: for a malformed tag or a reference to a tensor that is not there.
+    """
+    if isinstance(data, list):
+        return [decode_json(v, tensors=tensors) for v in data]
+    if not isinstance(data, dict):
+        return data
+    if len(data) == 1:
+        ((tag, inner),) = data.items()
+        if tag in _TAGS:
+            return _decode_tag(tag, inner, tensors)
+    return {k: decode_json(v, tensors=tensors) for k, v in data.items()}
+
+
+def _decode_tag(tag: str, inner: Any, tensors: Mapping[str, torch.Tensor] | None) -> Any:
+    try:
+        if tag == "__float__":
+            return {"nan": math.nan, "inf": math.inf, "-inf": -math.inf}[inner]
+        if tag == "__int__":
+            return int(inner)
+        if tag == "__tuple__":
+            return tuple(decode_json(v, tensors=tensors) for v in inner)
+        if tag == "__items__":
+            return {_hashable(decode_json(k)): decode_json(v, tensors=tensors) for k, v in inner}
+        if tensors is None:
+            raise KeyError(inner)
+        return tensors[inner]
+    except (KeyError, TypeError, ValueError) as exc:
+        raise IntegrityError(f"malformed JSON tag {tag!r}: {inner!r:.200} ({exc!r})") from exc
+
+
+def _hashable(key: Any) -> Any:
+    return tuple(_hashable(k) for k in key) if isinstance(key, list) else key
+
+
+def dumps(data: Any) -> bytes:
+    """Canonical JSON bytes of plain JSON data: sorted keys, so equal data gives equal bytes."""
+    return orjson.dumps(data, option=orjson.OPT_SORT_KEYS)
+
+
+def loads(raw: bytes | str) -> Any:
+    """Parse JSON bytes.
+
+    Raises:
+        IntegrityError: when ``raw`` is not valid JSON.
+    """
+    try:
+        return orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        raise IntegrityError(f"invalid JSON: {exc}") from exc
+
+
+def _tensor_name(section: str, path: tuple[Any, ...]) -> str:
+    # "/" separates path parts; "%" and "/" inside a part are escaped so names never collide.
+    parts = (str(p).replace("%", "%25").replace("/", "%2F") for p in path)
+    return "/".join((section, *parts))
+
+
+class EncodedState:
+    """A TrainState as stored: the tensors to write, the aliases, and the JSON state part.
+
+    Attributes:
+        tensors: name → contiguous CPU tensor, each storage once (safetensors refuses shared
+            memory).
+        aliases: name → the name of the identical tensor it shares storage with.
+        header: the JSON-ready state part of the sidecar.
+    """
+
+    __slots__ = ("aliases", "header", "tensors")
+
+    def __init__(
+        self, tensors: dict[str, torch.Tensor], aliases: dict[str, str], header: dict[str, Any]
+    ) -> None:
+        self.tensors = tensors
+        self.aliases = aliases
+        self.header = header
+
+
+class _TensorTable:
+    """Names every tensor, storing each distinct view once and recording exact aliases."""
+
+    def __init__(self) -> None:
+        self.tensors: dict[str, torch.Tensor] = {}
+        self.aliases: dict[str, str] = {}
+        self._views: dict[tuple[Any, ...], str] = {}
+        self._storages: set[int] = set()
+
+    def add(self, name: str, tensor: torch.Tensor) -> str:
+        if name in self.tensors or name in self.aliases:
+            raise UnsupportedValueError(f"two tensors would be stored as {name!r}")
+        if tensor.dtype not in DTYPE_NAMES:
+            raise UnsupportedDtypeError(
+                f"tensor {name!r} has dtype {tensor.dtype}, which cannot be stored losslessly; "
+                f"supported: {', '.join(str(d).removeprefix('torch.') for d in DTYPE_NAMES)}"
+            )
+        if tensor.layout != torch.strided:
+            raise UnsupportedValueError(f"tensor {name!r} is {tensor.layout}; convert it to dense")
+        ptr = tensor.untyped_storage().data_ptr() if tensor.numel() else 0
+        view = (ptr, tensor.storage_offset(), tuple(tensor.shape), tensor.stride(), tensor.dtype)
+        if ptr and view in self._views:
+            self.aliases[name] = self._views[view]
+            return name
+        if ptr in self._storages or not tensor.is_contiguous() or tensor.device.type != "cpu":
+            # another view of shared memory, a strided view or a device tensor: store a copy
+            tensor = tensor.detach().to("cpu", copy=True, memory_format=torch.contiguous_format)
+        self.tensors[name] = tensor.detach()
+        if ptr:
+            self._views[view] = name
+            self._storages.add(ptr)
+        return name
+
+
+def encode_state(state: TrainState) -> EncodedState:
+    """Split a TrainState into tensors to write and the JSON state part of the sidecar.
+
+    Pure: ``state`` is not changed; equal states give equal results (and equal bytes on disk).
+
+    Raises:
+        UnsupportedDtypeError: for complex128, complex32, float8_e8m0fnu and other dtypes that
+            cannot be stored losslessly.
+        UnsupportedValueError: for non-JSON values outside the tensors.
+    """
+    table = _TensorTable()
+    model_keys = [table.add(_tensor_name("model", (k,)), t) for k, t in state.model.items()]
+
+    def tree(section: str, value: Any) -> Any:
+        if value is None:
+            return None
+        return encode_json(value, tensor_ref=lambda p, t: table.add(_tensor_name(section, p), t))
+
+    header = {
+        "spec": state.spec.to_json() if state.spec is not None else None,
+        "step": state.step,
+        "episodes": state.episodes,
+        "stats": state.stats.to_json(),
+        "model": [name.removeprefix("model/") for name in model_keys],
+        "optimizer": tree("optimizer", state.optimizer),
+        "scheduler": tree("scheduler", state.scheduler),
+        "scaler": tree("scaler", state.scaler),
+        "rng": tree("rng", state.rng),
+        "extra": tree("extra", state.extra),
+    }
+    return EncodedState(table.tensors, table.aliases, header)
+
+
+def decode_state(
+    tensors: Mapping[str, torch.Tensor], aliases: Mapping[str, str], header: Mapping[str, Any]
+) -> TrainState:
+    """Inverse of :func:`encode_state`.
+
+    Raises:
+        IntegrityError: when the header and the tensors do not fit together (a missing or an
+            unreferenced tensor, a malformed field).
+    """
+    try:
+        resolved = dict(tensors)
+        for alias, target in aliases.items():
+            resolved[alias] = tensors[target]
+        used: set[str] = set()
+
+        class _Tracking(dict[str, torch.Tensor]):
+            def __getitem__(self, key: str) -> torch.Tensor:
+                used.add(key)
+                return super().__getitem__(key)
+
+        lookup = _Tracking(resolved)
+        model = {key: lookup[_tensor_name("model", (key,))] for key in header["model"]}
+        parts = {
+            name: decode_json(header[name], tensors=lookup)
+            for name in ("optimizer", "scheduler", "scaler", "rng", "extra")
+        }
+        spec = header["spec"]
+        state = TrainState(
+            spec=ModelSpec.from_json(spec) if spec is not None else None,
+            step=header["step"],
+            episodes=header["episodes"],
+            stats=GameStats.from_json(header["stats"]),
+            model=model,
+            **parts,
+        )
+    except (IntegrityError, SpecError):
+        raise
+    except (KeyError, TypeError, ValueError) as exc:
+        raise IntegrityError(f"checkpoint state does not decode: {exc!r}") from exc
+    unused = sorted(set(resolved) - used)
+    if unused:
+        raise IntegrityError(f"weights file holds tensors no field refers to: {unused[:5]}")
+    return state

@@ -1,0 +1,263 @@
+"""CheckpointMeta and the sidecar: what a checkpoint's JSON file says, built and checked purely.
+
+The sidecar is the commit marker of a checkpoint. It records the format and version, the kind,
+step, episodes, stats, spec, the JSON state part, every tensor's dtype and shape, the weights
+file's size and BLAKE3 digest, the creation time (UTC), the library versions, and its **own
+digest**: BLAKE3 of its canonical bytes without the ``digest`` field, so an edit to the sidecar
+is detected too.
+
+Example:
+    >>> sidecar = build_sidecar({"step": 1}, name="checkpoint_ts1", kind="periodic",
+    ...     tensors={}, aliases={}, weights_size=8, weights_digest="blake3:00")
+    >>> check_sidecar(dumps(sidecar), name="checkpoint_ts1")["kind"]
+    'periodic'
+"""
+
+from __future__ import annotations
+
+import platform
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import blake3
+import safetensors
+import torch
+
+from keisei_fn.codec import DTYPE_NAMES, dumps, loads
+from keisei_fn.errors import IntegrityError, UnsupportedFormatError
+from keisei_fn.spec import ModelSpec
+from keisei_fn.state import GameStats, freeze
+
+__all__ = [
+    "FORMAT_NAME",
+    "FORMAT_VERSION",
+    "KINDS",
+    "CheckpointMeta",
+    "build_sidecar",
+    "check_sidecar",
+    "digest_bytes",
+]
+
+FORMAT_NAME = "keisei_fn.checkpoint"
+FORMAT_VERSION = 1
+#: periodic: a resume point; final: the last full state of a run; final_model: weights only.
+KINDS = ("periodic", "final", "final_model")
+_REQUIRED = {
+    "format": str, "format_version": int, "name": str, "kind": str, "state": dict,
+    "tensors": dict, "aliases": dict, "weights": dict, "created": str, "versions": dict,
+    "digest": str,
+}  # fmt: skip
+
+
+def digest_bytes(data: bytes | bytearray | memoryview) -> str:
+    """``"blake3:<hex>"`` of ``data``."""
+    return "blake3:" + blake3.blake3(data, max_threads=blake3.blake3.AUTO).hexdigest()
+
+
+def _versions() -> dict[str, str]:
+    from keisei_fn import __version__
+
+    return {
+        "keisei_fn": __version__,
+        "torch": torch.__version__,
+        "safetensors": safetensors.__version__,
+        "python": platform.python_version(),
+    }
+
+
+def build_sidecar(
+    header: Mapping[str, Any],
+    *,
+    name: str,
+    kind: str,
+    tensors: Mapping[str, torch.Tensor],
+    aliases: Mapping[str, str],
+    weights_size: int,
+    weights_digest: str,
+    created: str | None = None,
+) -> dict[str, Any]:
+    """Assemble a complete sidecar dict (with its own digest) for an encoded state.
+
+    Args:
+        header: the JSON state part from ``keisei_fn.codec.encode_state``.
+        name: the checkpoint's file stem, e.g. ``"checkpoint_ts10240"``.
+        kind: one of :data:`KINDS`.
+        tensors: the stored tensors (their dtypes and shapes are recorded).
+        aliases: alias name → stored name.
+        weights_size: byte size of the weights file.
+        weights_digest: its digest.
+        created: ISO-8601 UTC time; now when None.
+
+    Raises:
+        ValueError: for an unknown kind.
+    """
+    if kind not in KINDS:
+        raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+    sidecar = {
+        "format": FORMAT_NAME,
+        "format_version": FORMAT_VERSION,
+        "name": name,
+        "kind": kind,
+        "state": dict(header),
+        "tensors": {
+            k: {"dtype": DTYPE_NAMES[t.dtype], "shape": list(t.shape)} for k, t in tensors.items()
+        },
+        "aliases": dict(aliases),
+        "weights": {"size": weights_size, "digest": weights_digest},
+        "created": created or datetime.now(UTC).isoformat(timespec="microseconds"),
+        "versions": _versions(),
+    }
+    sidecar["digest"] = digest_bytes(dumps(sidecar))
+    return sidecar
+
+
+def check_sidecar(raw: bytes, *, name: str | None = None, where: str = "sidecar") -> dict[str, Any]:
+    """Parse and check a sidecar's bytes: JSON, own digest, known format version, name.
+
+    Args:
+        raw: the file's bytes.
+        name: the expected checkpoint name (the file's stem), if known.
+        where: the file, for error messages.
+
+    Returns:
+        The parsed sidecar.
+
+    Raises:
+        IntegrityError: unparsable, a field missing or mistyped, a digest or name mismatch.
+        UnsupportedFormatError: another format, or a newer format version.
+    """
+    try:
+        sidecar = loads(raw)
+    except IntegrityError as exc:
+        raise IntegrityError(f"{where}: {exc}") from exc
+    if not isinstance(sidecar, dict) or sidecar.get("format") != FORMAT_NAME:
+        found = sidecar.get("format") if isinstance(sidecar, dict) else type(sidecar).__name__
+        raise UnsupportedFormatError(f"{where}: not a {FORMAT_NAME} sidecar (format {found!r})")
+    for key, kind in _REQUIRED.items():
+        if not isinstance(sidecar.get(key), kind) or isinstance(sidecar.get(key), bool):
+            raise IntegrityError(f"{where}: field {key!r} is missing or not a {kind.__name__}")
+    if sidecar["format_version"] > FORMAT_VERSION:
+        raise UnsupportedFormatError(
+            f"{where}: format version {sidecar['format_version']} is newer than this "
+            f"keisei_fn reads ({FORMAT_VERSION}); upgrade keisei_fn"
+        )
+    recorded = sidecar.pop("digest")
+    actual = digest_bytes(dumps(sidecar))
+    sidecar["digest"] = recorded
+    if recorded != actual:
+        raise IntegrityError(
+            f"{where}: the sidecar was modified (digest {actual}, recorded {recorded})"
+        )
+    if name is not None and sidecar["name"] != name:
+        raise IntegrityError(f"{where}: sidecar is for {sidecar['name']!r}, file is {name!r}")
+    if sidecar["kind"] not in KINDS:
+        raise IntegrityError(f"{where}: unknown kind {sidecar['kind']!r}")
+    return sidecar
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class CheckpointMeta:
+    """What a checkpoint's sidecar says, plus where the pair lives.
+
+    Attributes:
+        path: the checkpoint's path without suffix (``run_dir / name``).
+        name: the file stem, e.g. ``"checkpoint_ts10240"``.
+        format_version: the on-disk format version.
+        kind: ``"periodic"``, ``"final"`` or ``"final_model"``.
+        step, episodes, stats, spec: what was trained.
+        weights_size, weights_digest: the weights file's byte size and BLAKE3 digest.
+        digest: the sidecar's own digest.
+        tensors: name → (safetensors dtype, shape) of every stored tensor.
+        created: ISO-8601 UTC creation time.
+        versions: library versions that wrote it.
+        extra: the user's JSON state.
+    """
+
+    path: Path
+    name: str
+    format_version: int
+    kind: str
+    step: int
+    episodes: int
+    stats: GameStats
+    spec: ModelSpec | None
+    weights_size: int
+    weights_digest: str
+    digest: str
+    tensors: Mapping[str, tuple[str, tuple[int, ...]]] = field(default_factory=dict)
+    created: str
+    versions: Mapping[str, str] = field(default_factory=dict)
+    extra: Mapping[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "path", Path(self.path))
+        object.__setattr__(self, "tensors", freeze(dict(self.tensors)))
+        object.__setattr__(self, "versions", freeze(dict(self.versions)))
+        object.__setattr__(self, "extra", freeze(dict(self.extra)))
+
+    @property
+    def weights_path(self) -> Path:
+        """``<run_dir>/<name>.safetensors``."""
+        return self.path.parent / (self.name + ".safetensors")
+
+    @property
+    def sidecar_path(self) -> Path:
+        """``<run_dir>/<name>.json``."""
+        return self.path.parent / (self.name + ".json")
+
+    @property
+    def run_dir(self) -> Path:
+        """The directory holding the pair."""
+        return self.path.parent
+
+    @property
+    def training_completed(self) -> bool:
+        """True for a final checkpoint or final model."""
+        return self.kind in ("final", "final_model")
+
+    @property
+    def total_bytes(self) -> int:
+        """Weights plus sidecar bytes on disk (sidecar size read lazily)."""
+        try:
+            return self.weights_size + self.sidecar_path.stat().st_size
+        except OSError:
+            return self.weights_size
+
+    def replace(self, **changes: Any) -> CheckpointMeta:
+        """Return a copy with ``changes`` applied."""
+        return replace(self, **changes)
+
+    @classmethod
+    def from_sidecar(cls, sidecar: Mapping[str, Any], *, run_dir: Path) -> CheckpointMeta:
+        """Build the meta from a checked sidecar (see :func:`check_sidecar`).
+
+        Raises:
+            IntegrityError: when a state field is malformed.
+        """
+        from keisei_fn.codec import decode_json
+
+        state = sidecar["state"]
+        try:
+            spec = state.get("spec")
+            return cls(
+                path=Path(run_dir) / sidecar["name"],
+                name=sidecar["name"],
+                format_version=sidecar["format_version"],
+                kind=sidecar["kind"],
+                step=state["step"],
+                episodes=state["episodes"],
+                stats=GameStats.from_json(state["stats"]),
+                spec=ModelSpec.from_json(spec) if spec is not None else None,
+                weights_size=sidecar["weights"]["size"],
+                weights_digest=sidecar["weights"]["digest"],
+                digest=sidecar["digest"],
+                tensors={k: (v["dtype"], tuple(v["shape"])) for k, v in sidecar["tensors"].items()},
+                created=sidecar["created"],
+                versions=sidecar["versions"],
+                extra=decode_json(state.get("extra") or {}) if state.get("extra") else {},
+            )
+        except (KeyError, TypeError, AttributeError) as exc:
+            raise IntegrityError(f"sidecar {sidecar.get('name')!r} is malformed: {exc!r}") from exc

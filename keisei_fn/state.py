@@ -1,0 +1,212 @@
+"""TrainState and GameStats: immutable snapshots of a training run.
+
+A :class:`TrainState` is a *snapshot*: its tensors are detached clones (made by
+``keisei_fn.capture``) that no later optimizer step can change, and its nested containers are
+read-only (``MappingProxyType`` for dicts, :class:`FrozenList` for lists, tuples stay tuples), so
+the snapshot stays what it was. ``thaw`` turns such a structure back into fresh dicts and lists.
+
+Example:
+    >>> import torch
+    >>> state = TrainState(spec=None, step=3, model={"w": torch.zeros(2)})
+    >>> state.model["w"].shape, state.stats.draws
+    (torch.Size([2]), 0)
+    >>> state.replace(step=4).step
+    4
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field, replace
+from types import MappingProxyType
+from typing import Any
+
+import torch
+
+from keisei_fn.errors import StateMismatchError
+from keisei_fn.spec import ModelSpec
+
+__all__ = ["FrozenList", "GameStats", "TrainState", "freeze", "iter_tensors", "thaw"]
+
+
+class FrozenList(tuple[Any, ...]):
+    """A read-only list: a tuple that remembers it was a list, so ``thaw`` gives a list back."""
+
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        return f"FrozenList({list(self)!r})"
+
+
+def freeze(value: Any) -> Any:
+    """Deep read-only copy of a nested structure: dicts become ``MappingProxyType``, lists
+    :class:`FrozenList`, tuples stay tuples; tensors and scalars are kept as they are.
+
+    Example:
+        >>> frozen = freeze({"a": [1, (2, 3)]})
+        >>> frozen["a"]
+        FrozenList([1, (2, 3)])
+    """
+    if isinstance(value, Mapping):
+        return MappingProxyType({k: freeze(v) for k, v in value.items()})
+    if isinstance(value, FrozenList):
+        return value
+    if isinstance(value, list):
+        return FrozenList(freeze(v) for v in value)
+    if isinstance(value, tuple):
+        return tuple(freeze(v) for v in value)
+    return value
+
+
+def thaw(value: Any, *, on_tensor: Callable[[torch.Tensor], torch.Tensor] | None = None) -> Any:
+    """Inverse of :func:`freeze`: fresh dicts and lists (tuples stay tuples).
+
+    Args:
+        value: a frozen (or plain) structure.
+        on_tensor: applied to every tensor, e.g. ``torch.Tensor.clone`` so the caller may
+            mutate the result freely.
+
+    Example:
+        >>> thaw(freeze({"a": [1, (2, 3)]}))
+        {'a': [1, (2, 3)]}
+    """
+    if isinstance(value, Mapping):
+        return {k: thaw(v, on_tensor=on_tensor) for k, v in value.items()}
+    if isinstance(value, list | FrozenList):
+        return [thaw(v, on_tensor=on_tensor) for v in value]
+    if isinstance(value, tuple):
+        return tuple(thaw(v, on_tensor=on_tensor) for v in value)
+    if on_tensor is not None and isinstance(value, torch.Tensor):
+        return on_tensor(value)
+    return value
+
+
+def iter_tensors(value: Any, path: tuple[Any, ...] = ()) -> Iterator[tuple[tuple[Any, ...], Any]]:
+    """Yield ``(path, tensor)`` for every tensor in a nested structure, in traversal order."""
+    if isinstance(value, torch.Tensor):
+        yield path, value
+    elif isinstance(value, Mapping):
+        for k, v in value.items():
+            yield from iter_tensors(v, (*path, k))
+    elif isinstance(value, (list, tuple)):
+        for i, v in enumerate(value):
+            yield from iter_tensors(v, (*path, i))
+
+
+def _check_count(owner: str, name: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise StateMismatchError(f"{owner}.{name} must be an int >= 0, got {value!r}")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class GameStats:
+    """Self-play results so far.
+
+    Raises:
+        StateMismatchError: for a negative or non-int count.
+
+    Example:
+        >>> GameStats(black_wins=3, draws=1).total
+        4
+    """
+
+    black_wins: int = 0
+    white_wins: int = 0
+    draws: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("black_wins", "white_wins", "draws"):
+            _check_count("GameStats", name, getattr(self, name))
+
+    @property
+    def total(self) -> int:
+        """Games played."""
+        return self.black_wins + self.white_wins + self.draws
+
+    def replace(self, **changes: Any) -> GameStats:
+        """Return a copy with ``changes`` applied."""
+        return replace(self, **changes)
+
+    def to_json(self) -> dict[str, int]:
+        """The counts as a JSON dict."""
+        return {"black_wins": self.black_wins, "white_wins": self.white_wins, "draws": self.draws}
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> GameStats:
+        """Inverse of :meth:`to_json`."""
+        return cls(**dict(data))
+
+
+@dataclass(frozen=True, slots=True, kw_only=True, eq=False)
+class TrainState:
+    """An immutable snapshot of everything a training run needs to resume exactly.
+
+    Build one with ``keisei_fn.capture`` (which clones every tensor) or ``keisei_fn.load_state``;
+    constructing it directly takes ownership of the given tensors (do not mutate them after).
+    Compare two states with ``keisei_fn.testing.assert_states_equal`` (``==`` is identity:
+    tensors have no single truth value).
+
+    Args:
+        spec: the architecture, or None for an arbitrary user model.
+        step: completed timesteps.
+        episodes: completed episodes.
+        stats: game results.
+        model: canonical ``state_dict`` tensors (no ``_orig_mod.``/``module.`` prefixes).
+        optimizer: the optimizer's ``state_dict`` (``state`` keyed by int, ``param_groups``), or
+            None.
+        scheduler: the LR scheduler's ``state_dict``, or None.
+        scaler: the GradScaler's ``state_dict``, or None (absent or disabled).
+        rng: RNG states (see ``keisei_fn.capture``), or None when not captured.
+        extra: JSON-able user state, e.g. Keisei's ``elo_state`` and ``metrics_history``.
+
+    Raises:
+        StateMismatchError: for negative counters or non-tensor model entries.
+    """
+
+    spec: ModelSpec | None
+    step: int
+    episodes: int = 0
+    stats: GameStats = field(default_factory=GameStats)
+    model: Mapping[str, torch.Tensor]
+    optimizer: Mapping[str, Any] | None = None
+    scheduler: Mapping[str, Any] | None = None
+    scaler: Mapping[str, Any] | None = None
+    rng: Mapping[str, Any] | None = None
+    extra: Mapping[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        _check_count("TrainState", "step", self.step)
+        _check_count("TrainState", "episodes", self.episodes)
+        if self.spec is not None and not isinstance(self.spec, ModelSpec):
+            raise StateMismatchError(f"TrainState.spec must be a ModelSpec or None: {self.spec!r}")
+        if not isinstance(self.stats, GameStats):
+            raise StateMismatchError(f"TrainState.stats must be GameStats, got {self.stats!r}")
+        bad = [k for k, v in self.model.items() if not isinstance(v, torch.Tensor)]
+        if bad or not all(isinstance(k, str) for k in self.model):
+            raise StateMismatchError(
+                f"TrainState.model must map str keys to tensors; offending keys: {bad[:5]}"
+            )
+        for name in ("model", "optimizer", "scheduler", "scaler", "rng", "extra"):
+            value = getattr(self, name)
+            if value is not None:
+                if not isinstance(value, Mapping):
+                    raise StateMismatchError(f"TrainState.{name} must be a mapping or None")
+                object.__setattr__(self, name, freeze(value))
+
+    def replace(self, **changes: Any) -> TrainState:
+        """Return a copy with ``changes`` applied (tensors are shared, not cloned)."""
+        return replace(self, **changes)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held by the snapshot's tensors (shared storage counted once)."""
+        seen: set[tuple[int, int]] = set()
+        total = 0
+        for _, tensor in iter_tensors(
+            {"m": self.model, "o": self.optimizer, "s": self.scheduler, "r": self.rng}
+        ):
+            key = (tensor.untyped_storage().data_ptr(), tensor.untyped_storage().nbytes())
+            if key not in seen:
+                seen.add(key)
+                total += tensor.untyped_storage().nbytes()
+        return total

@@ -1,0 +1,46 @@
+"""The checkpoint store: the only part of keisei_fn that opens run-directory files.
+
+Submodules: ``checkpoints`` (save/load/verify), ``listing`` (validity, list, latest),
+``resume``, ``retention`` (RetentionPolicy, plan_prune, prune), ``checkpointer`` (the
+loop-facing helper), ``ledger`` (the publication ledger), ``legacy`` (Keisei ``.pth`` import).
+"""
+
+from keisei_fn.store.checkpointer import Checkpointer, SaveResult, checkpoint_due, round_interval
+from keisei_fn.store.checkpoints import (
+    load_model,
+    load_state,
+    load_state_with_meta,
+    save_final_model,
+    save_state,
+    verify_checkpoint,
+)
+from keisei_fn.store.ledger import append_ledger, pending_publications, read_ledger
+from keisei_fn.store.listing import RunDirScan, latest_checkpoint, list_checkpoints, scan_run_dir
+from keisei_fn.store.resume import Resumed, resume
+from keisei_fn.store.retention import PrunePlan, RetentionPolicy, plan_prune, prune
+
+__all__ = [
+    "Checkpointer",
+    "PrunePlan",
+    "Resumed",
+    "RetentionPolicy",
+    "RunDirScan",
+    "SaveResult",
+    "append_ledger",
+    "checkpoint_due",
+    "latest_checkpoint",
+    "list_checkpoints",
+    "load_model",
+    "load_state",
+    "load_state_with_meta",
+    "pending_publications",
+    "plan_prune",
+    "prune",
+    "read_ledger",
+    "resume",
+    "round_interval",
+    "save_final_model",
+    "save_state",
+    "scan_run_dir",
+    "verify_checkpoint",
+]

@@ -1,0 +1,158 @@
+"""The loop-facing helper: save on an interval, apply retention, log and keep training.
+
+``checkpoint_due`` fixes Keisei's off-by-one (``(ts + 1) % interval == 0`` never fired when
+steps advance in chunks): a save is due whenever the completed-step counter crosses a multiple
+of the interval.
+
+Example:
+    >>> checkpoint_due(10240, interval=10240, last_saved=0)
+    True
+    >>> checkpoint_due(12288, interval=10240, last_saved=10240)
+    False
+    >>> round_interval(10000, 2048)
+    10240
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any, Literal
+
+from keisei_fn.errors import SpecError
+from keisei_fn.meta import CheckpointMeta
+from keisei_fn.state import TrainState
+from keisei_fn.store.checkpoints import save_state
+from keisei_fn.store.names import RESUME_PREFIX
+from keisei_fn.store.retention import RetentionPolicy, prune
+
+__all__ = ["Checkpointer", "SaveResult", "checkpoint_due", "round_interval"]
+
+log = logging.getLogger("keisei_fn.store")
+
+
+def _positive(name: str, value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise SpecError(f"{name} must be a positive int, got {value!r}")
+    return value
+
+
+def checkpoint_due(step: int, *, interval: int, last_saved: int) -> bool:
+    """Whether a save is due: ``step // interval > last_saved // interval``.
+
+    Args:
+        step: completed timesteps now.
+        interval: save every this many timesteps.
+        last_saved: completed timesteps at the last save (0 for none).
+
+    Raises:
+        SpecError: for a non-positive interval.
+    """
+    _positive("interval", interval)
+    return step // interval > last_saved // interval
+
+
+def round_interval(interval: int, steps_per_epoch: int) -> int:
+    """Keisei's rounding of the checkpoint interval up to a multiple of the epoch length.
+
+    Raises:
+        SpecError: for non-positive arguments.
+    """
+    _positive("interval", interval)
+    _positive("steps_per_epoch", steps_per_epoch)
+    return -(-interval // steps_per_epoch) * steps_per_epoch
+
+
+@dataclass(frozen=True, slots=True, kw_only=True, eq=False)
+class SaveResult:
+    """What :meth:`Checkpointer.maybe_save` did.
+
+    Attributes:
+        status: ``"saved"``, ``"skipped"`` (not due) or ``"failed"`` (logged; training goes on).
+        last_saved: the step of the last successful save, to pass to the next call.
+        meta: the saved checkpoint (when saved).
+        error: the exception (when failed).
+        reason: a short human explanation.
+    """
+
+    status: Literal["saved", "skipped", "failed"]
+    last_saved: int
+    meta: CheckpointMeta | None = None
+    error: Exception | None = None
+    reason: str = ""
+
+    @property
+    def ok(self) -> bool:
+        """False only for a failed save."""
+        return self.status != "failed"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Checkpointer:
+    """Periodic saving for a training loop: due check, durable save, retention, no raising on
+    I/O failure (a failed save is logged and returned; ``KeyboardInterrupt`` still propagates).
+
+    Args:
+        run_dir: the run directory.
+        interval: save every this many completed timesteps.
+        retention: applied after each successful save (None keeps everything).
+        prefix: checkpoint name prefix.
+
+    Example:
+        >>> ckpt = Checkpointer(run_dir="models/run", interval=10240)
+        >>> ckpt.maybe_save(lambda: None, step=2048, last_saved=0).status
+        'skipped'
+    """
+
+    run_dir: Path
+    interval: int
+    retention: RetentionPolicy | None = None
+    prefix: str = RESUME_PREFIX
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "run_dir", Path(self.run_dir))
+        _positive("Checkpointer.interval", self.interval)
+
+    def replace(self, **changes: Any) -> Checkpointer:
+        """Return a copy with ``changes`` applied."""
+        return replace(self, **changes)
+
+    def maybe_save(
+        self,
+        snapshot: Callable[[], TrainState] | TrainState,
+        *,
+        step: int,
+        last_saved: int,
+        force: bool = False,
+    ) -> SaveResult:
+        """Save when due (or ``force``), then apply retention.
+
+        Args:
+            snapshot: the state, or a function making it — called only when a save is due,
+                so the capture costs nothing on other steps.
+            step: completed timesteps now (must equal the state's step).
+            last_saved: ``last_saved`` of the previous result (0 at the start, or the resumed
+                step).
+            force: save even when not due (e.g. on Ctrl-C or at the end).
+
+        Returns:
+            The outcome; never raises for I/O or store errors.
+        """
+        if not force and not checkpoint_due(step, interval=self.interval, last_saved=last_saved):
+            return SaveResult(status="skipped", last_saved=last_saved, reason="not due")
+        try:
+            state = snapshot() if callable(snapshot) else snapshot
+            if state.step != step:
+                raise SpecError(f"snapshot is at step {state.step}, the loop says {step}")
+            meta = save_state(state, self.run_dir, prefix=self.prefix)
+        except Exception as exc:  # log and keep training: the loop decides
+            log.error("checkpoint at step %d failed, training goes on: %s", step, exc)
+            return SaveResult(status="failed", last_saved=last_saved, error=exc, reason=str(exc))
+        if self.retention is not None:
+            try:
+                prune(self.run_dir, self.retention, prefix=self.prefix)
+            except Exception as exc:
+                log.warning("retention after step %d failed: %s", step, exc)
+        return SaveResult(status="saved", last_saved=step, meta=meta, reason=f"saved {meta.name}")

@@ -1,0 +1,344 @@
+"""Saving, loading and verifying checkpoints: the store's edge to the file system.
+
+A checkpoint is a pair in a run directory: ``<name>.safetensors`` (every tensor) and
+``<name>.json`` (the sidecar, written last: the commit marker). See ``keisei_fn.meta`` for the
+sidecar and ``keisei_fn.store.listing`` for the two levels of validity.
+
+Example:
+    >>> import tempfile, torch
+    >>> from keisei_fn import ModelSpec, build_model, capture, save_state, load_state
+    >>> spec = ModelSpec(model_type="testmodel")
+    >>> model = build_model(spec, seed=0)
+    >>> with tempfile.TemporaryDirectory() as run_dir:
+    ...     meta = save_state(capture(spec, model, step=2048), run_dir)
+    ...     state = load_state(run_dir)
+    >>> meta.name, state.step
+    ('checkpoint_ts2048', 2048)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from keisei_fn.capture import restore_
+from keisei_fn.codec import EncodedState, decode_state, dumps, encode_state, loads
+from keisei_fn.errors import (
+    CheckpointExistsError,
+    CheckpointNotFoundError,
+    IncompleteCheckpointError,
+    IntegrityError,
+    SpecError,
+    UnsupportedFormatError,
+)
+from keisei_fn.meta import CheckpointMeta, build_sidecar
+from keisei_fn.nets import build_model
+from keisei_fn.state import TrainState, thaw
+from keisei_fn.store._fs import (
+    commit_file,
+    hash_file,
+    temp_path,
+    unlink_durably,
+    write_bytes_durably,
+)
+from keisei_fn.store.listing import read_listed, resume_candidates
+from keisei_fn.store.names import (
+    FINAL_MODEL,
+    RESUME_PREFIX,
+    SIDECAR_SUFFIX,
+    WEIGHTS_SUFFIX,
+    checkpoint_stem,
+    sidecar_path,
+    weights_path,
+)
+from keisei_fn.store.weights import read_weights, write_weights
+
+__all__ = [
+    "load_model",
+    "load_state",
+    "load_state_with_meta",
+    "save_final_model",
+    "save_state",
+    "verify_checkpoint",
+]
+
+log = logging.getLogger("keisei_fn.store")
+
+PathLike = str | os.PathLike[str]
+_LEGACY_SUFFIXES = (".pth", ".pt", ".ckpt", ".bin")
+
+
+def save_state(
+    state: TrainState,
+    run_dir: PathLike,
+    *,
+    kind: str = "periodic",
+    prefix: str = RESUME_PREFIX,
+    overwrite: bool = False,
+) -> CheckpointMeta:
+    """Durably and atomically save a TrainState as ``<prefix><step>.safetensors`` + ``.json``.
+
+    Weights first, sidecar last, each through temp file → fsync → rename → fsync directory; a
+    crash at any instant leaves either the previous state of the directory or the complete new
+    checkpoint. Re-saving an identical state at a committed, valid step writes nothing and
+    returns the existing meta; ``kind="final"`` over an identical periodic checkpoint rewrites
+    only the sidecar. An incomplete or corrupt checkpoint at that step is replaced.
+
+    Args:
+        state: the snapshot (``state.step`` must be > 0).
+        run_dir: the run directory (created if missing).
+        kind: ``"periodic"`` or ``"final"`` (the last full state of a run).
+        prefix: file name prefix (ASCII letters and underscores); only ``checkpoint_ts`` is a
+            resume point by default.
+        overwrite: replace a *different* valid checkpoint at the same step.
+
+    Returns:
+        The committed checkpoint's meta.
+
+    Raises:
+        CheckpointExistsError: a different valid checkpoint exists at this step.
+        UnsupportedDtypeError, UnsupportedValueError: the state cannot be stored exactly
+            (raised before anything is written).
+        SpecError: for a bad prefix, kind or step.
+        OSError: the disk is full or not writable (nothing visible is left behind).
+    """
+    if kind not in ("periodic", "final"):
+        raise SpecError(f"save_state kind must be 'periodic' or 'final', got {kind!r}")
+    if state.step <= 0:
+        raise SpecError(f"a checkpoint needs step > 0 (completed timesteps), got {state.step}")
+    stem = Path(run_dir) / checkpoint_stem(prefix, state.step)
+    return _commit(encode_state(state), stem, kind=kind, overwrite=overwrite)
+
+
+def save_final_model(state: TrainState, run_dir: PathLike) -> CheckpointMeta:
+    """Save the model weights (+ spec, step, episodes, stats) as ``final_model.*``.
+
+    Optimizer, scheduler, scaler, RNG and ``extra`` are left out: this is the artifact to play
+    with, not to resume from. An existing final model is replaced atomically.
+
+    Raises:
+        UnsupportedDtypeError: for weights that cannot be stored; OSError on I/O failure.
+    """
+    weights_only = state.replace(optimizer=None, scheduler=None, scaler=None, rng=None, extra={})
+    stem = Path(run_dir) / FINAL_MODEL
+    return _commit(encode_state(weights_only), stem, kind="final_model", overwrite=True)
+
+
+def _existing(stem: Path) -> tuple[CheckpointMeta, dict[str, Any]] | None:
+    """The committed checkpoint at ``stem`` if it is listed-valid, else None."""
+    try:
+        return read_listed(stem)
+    except (CheckpointNotFoundError, IncompleteCheckpointError, IntegrityError):
+        return None
+
+
+def _commit(encoded: EncodedState, stem: Path, *, kind: str, overwrite: bool) -> CheckpointMeta:
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    header = loads(dumps(encoded.header))  # the JSON exactly as it will be read back
+    existing = _existing(stem)
+    temp = temp_path(weights_path(stem))
+    size, digest = write_weights(encoded.tensors, temp)
+    try:
+        sidecar = build_sidecar(
+            header,
+            name=stem.name,
+            kind=kind,
+            tensors=encoded.tensors,
+            aliases=encoded.aliases,
+            weights_size=size,
+            weights_digest=digest,
+        )
+        if existing is not None:
+            old_meta, old = existing
+            same = (
+                old["state"] == header
+                and old["weights"]["digest"] == digest
+                and hash_file(weights_path(stem)) == (size, digest)
+            )
+            if same:
+                temp.unlink()
+                if kind == old_meta.kind or (kind, old_meta.kind) == ("periodic", "final"):
+                    return old_meta
+                write_bytes_durably(sidecar_path(stem), dumps(sidecar))  # now known as final
+                return CheckpointMeta.from_sidecar(sidecar, run_dir=stem.parent)
+            if not overwrite:
+                raise CheckpointExistsError(
+                    f"{sidecar_path(stem)} already holds a different state at step "
+                    f"{old_meta.step}; pass overwrite=True to replace it"
+                )
+        unlink_durably(sidecar_path(stem))  # uncommit whatever was there first
+        commit_file(temp, weights_path(stem))
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            temp.unlink()
+        raise
+    write_bytes_durably(sidecar_path(stem), dumps(sidecar))
+    return CheckpointMeta.from_sidecar(sidecar, run_dir=stem.parent)
+
+
+def resolve_stem(source: PathLike) -> Path:
+    """The checkpoint stem a user path names: either file of the pair, or the stem itself.
+
+    Raises:
+        UnsupportedFormatError: for a legacy ``.pth``/``.pt`` file.
+        CheckpointNotFoundError: when nothing exists there.
+    """
+    path = Path(source)
+    if path.suffix in _LEGACY_SUFFIXES:
+        if not path.exists():
+            raise CheckpointNotFoundError(f"no such file: {path}")
+        raise UnsupportedFormatError(
+            f"{path} is a pickled torch checkpoint; it is never loaded directly (it could run "
+            f"code). Convert it once with keisei_fn.import_legacy({str(path)!r}, run_dir) or "
+            "`keisei-fn convert`"
+        )
+    for suffix in (WEIGHTS_SUFFIX, SIDECAR_SUFFIX):
+        if path.name.endswith(suffix):
+            path = path.parent / path.name[: -len(suffix)]
+            break
+    if not (sidecar_path(path).exists() or weights_path(path).exists()):
+        raise CheckpointNotFoundError(f"no checkpoint at {source}")
+    return path
+
+
+def _load_stem(
+    stem: Path, *, verify: bool, map_location: str | torch.device
+) -> tuple[TrainState, CheckpointMeta]:
+    meta, sidecar = read_listed(stem)
+    tensors = read_weights(
+        weights_path(stem), size=meta.weights_size, digest=meta.weights_digest if verify else None
+    )
+    recorded = {k: (v["dtype"], v["shape"]) for k, v in sidecar["tensors"].items()}
+    found = {
+        k: (meta.tensors[k][0] if k in meta.tensors else "?", list(t.shape))
+        for k, t in tensors.items()
+    }
+    if recorded.keys() != found.keys() or any(
+        list(recorded[k][1]) != found[k][1] for k in recorded
+    ):
+        raise IntegrityError(f"{weights_path(stem)}: tensors do not match the sidecar's list")
+    state = decode_state(tensors, sidecar["aliases"], sidecar["state"])
+    if torch.device(map_location).type != "cpu":
+        state = _to_device(state, torch.device(map_location))
+    return state, meta
+
+
+def _to_device(state: TrainState, device: torch.device) -> TrainState:
+    """Move model and optimizer tensors; tensors shared before stay shared (RNG stays on CPU)."""
+    moved: dict[int, torch.Tensor] = {}
+
+    def move(tensor: torch.Tensor) -> torch.Tensor:
+        if id(tensor) not in moved:
+            moved[id(tensor)] = tensor.to(device)
+        return moved[id(tensor)]
+
+    return state.replace(
+        model=thaw(state.model, on_tensor=move), optimizer=thaw(state.optimizer, on_tensor=move)
+    )
+
+
+def load_state_with_meta(
+    source: PathLike,
+    *,
+    map_location: str | torch.device = "cpu",
+    verify: bool = True,
+    prefix: str = RESUME_PREFIX,
+) -> tuple[TrainState, CheckpointMeta]:
+    """Like :func:`load_state`, also returning the meta of the checkpoint that was loaded."""
+    path = Path(source)
+    if not path.is_dir():
+        return _load_stem(resolve_stem(path), verify=verify, map_location=map_location)
+    for stem in resume_candidates(path, prefix):
+        try:
+            return _load_stem(stem, verify=verify, map_location=map_location)
+        except (IntegrityError, IncompleteCheckpointError) as exc:
+            log.warning("checkpoint %s is not usable, falling back to an older one: %s", stem, exc)
+    raise CheckpointNotFoundError(f"no valid {prefix}* checkpoint in {path}")
+
+
+def load_state(
+    source: PathLike,
+    *,
+    map_location: str | torch.device = "cpu",
+    verify: bool = True,
+    prefix: str = RESUME_PREFIX,
+) -> TrainState:
+    """Load a checkpoint as a TrainState, bit-exact (same dtypes, shapes and bytes).
+
+    Args:
+        source: either file of the pair, their common stem, or a run directory (its latest
+            valid checkpoint, falling back past a corrupt newest one with a warning).
+        map_location: device for model and optimizer tensors (RNG states stay on the CPU).
+        verify: check the weights digest (hashing overlaps reading; a few % of the load).
+        prefix: the resume prefix, when ``source`` is a run directory.
+
+    Returns:
+        The snapshot; a final model loads without optimizer.
+
+    Raises:
+        CheckpointNotFoundError: nothing there (or no valid checkpoint in the directory).
+        IntegrityError: a corrupt file, naming it.
+        IncompleteCheckpointError: a save that never committed.
+        UnsupportedFormatError: a legacy ``.pth`` (use ``import_legacy``) or a newer format.
+    """
+    return load_state_with_meta(source, map_location=map_location, verify=verify, prefix=prefix)[0]
+
+
+def load_model(
+    source: PathLike, *, device: str | torch.device = "cpu"
+) -> tuple[nn.Module, CheckpointMeta]:
+    """Build the network a checkpoint records and load its weights — the notebook entry point.
+
+    Args:
+        source: a checkpoint, a final model, or a run directory (its final model if there is
+            a valid one, else its latest checkpoint; the returned meta says which).
+        device: where to put the model.
+
+    Returns:
+        ``(model in eval mode, meta)``.
+
+    Raises:
+        SpecError: the checkpoint holds an arbitrary model (no spec): use ``load_state``.
+        and every error of :func:`load_state`.
+    """
+    path = Path(source)
+    state = meta = None
+    if path.is_dir() and sidecar_path(path / FINAL_MODEL).exists():
+        try:
+            state, meta = _load_stem(path / FINAL_MODEL, verify=True, map_location="cpu")
+        except (IntegrityError, IncompleteCheckpointError) as exc:
+            log.warning(
+                "final model in %s is not usable, using the latest checkpoint: %s", path, exc
+            )
+    if state is None or meta is None:
+        state, meta = load_state_with_meta(path)
+    if state.spec is None:
+        raise SpecError(
+            f"{meta.path}: the checkpoint holds an arbitrary model without a ModelSpec; "
+            "build your model and use load_state + restore_"
+        )
+    model = build_model(state.spec, device="cpu")
+    restore_(state, model, rng=False)
+    return model.to(device).eval(), meta
+
+
+def verify_checkpoint(path: PathLike) -> CheckpointMeta:
+    """Fully verify one checkpoint: sidecar, weights size and digest, header consistency.
+
+    Raises:
+        CheckpointNotFoundError, IncompleteCheckpointError, IntegrityError,
+        UnsupportedFormatError: naming the file and the problem.
+
+    Example:
+        >>> verify_checkpoint("runs/none/checkpoint_ts1")
+        Traceback (most recent call last):
+        ...
+        keisei_fn.errors.CheckpointNotFoundError: no checkpoint at runs/none/checkpoint_ts1
+    """
+    return _load_stem(resolve_stem(path), verify=True, map_location="cpu")[1]

@@ -1,0 +1,65 @@
+"""Checkpoint file names: ``<prefix><step>.safetensors`` / ``.json`` and ``final_model.*``."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from keisei_fn.errors import SpecError
+
+NAME_RE = re.compile(r"(?P<prefix>[A-Za-z_]+?)(?P<step>\d+)")
+PREFIX_RE = re.compile(r"[A-Za-z_]+")
+WEIGHTS_SUFFIX = ".safetensors"
+SIDECAR_SUFFIX = ".json"
+FINAL_MODEL = "final_model"
+#: Keisei's periodic checkpoints: the only prefix that counts as a resume point by default.
+RESUME_PREFIX = "checkpoint_ts"
+
+
+@dataclass(frozen=True, slots=True)
+class ParsedName:
+    """A checkpoint stem split into prefix and step (step None for ``final_model``)."""
+
+    stem: str
+    prefix: str
+    step: int | None
+
+
+def parse_stem(stem: str) -> ParsedName | None:
+    """Split a file stem by the name grammar; None when it is not a checkpoint name."""
+    if stem == FINAL_MODEL:
+        return ParsedName(stem, FINAL_MODEL, None)
+    match = NAME_RE.fullmatch(stem)
+    if match is None:
+        return None
+    return ParsedName(stem, match["prefix"], int(match["step"]))
+
+
+def split_file(name: str) -> tuple[str, str] | None:
+    """``("checkpoint_ts10", ".json")`` for a checkpoint file name, else None."""
+    for suffix in (WEIGHTS_SUFFIX, SIDECAR_SUFFIX):
+        if name.endswith(suffix) and parse_stem(name[: -len(suffix)]) is not None:
+            return name[: -len(suffix)], suffix
+    return None
+
+
+def checkpoint_stem(prefix: str, step: int) -> str:
+    """``f"{prefix}{step}"`` after checking the prefix fits the grammar.
+
+    Raises:
+        SpecError: for a prefix with characters other than ASCII letters and underscores.
+    """
+    if not PREFIX_RE.fullmatch(prefix):
+        raise SpecError(f"checkpoint prefix must match [A-Za-z_]+, got {prefix!r}")
+    return f"{prefix}{step}"
+
+
+def weights_path(stem: Path) -> Path:
+    """``stem`` + ``.safetensors`` (by concatenation: stems may contain dots)."""
+    return stem.parent / (stem.name + WEIGHTS_SUFFIX)
+
+
+def sidecar_path(stem: Path) -> Path:
+    """``stem`` + ``.json``."""
+    return stem.parent / (stem.name + SIDECAR_SUFFIX)

@@ -1,0 +1,102 @@
+"""Resuming a run: Keisei's ``--resume latest`` without its silent failures.
+
+Example:
+    >>> import tempfile
+    >>> with tempfile.TemporaryDirectory() as run_dir:
+    ...     resume(run_dir) is None  # nothing to resume: a fresh start
+    True
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from keisei_fn.errors import CheckpointNotFoundError
+from keisei_fn.state import TrainState
+from keisei_fn.store._fs import write_durably
+from keisei_fn.store.checkpoints import load_state_with_meta, resolve_stem
+from keisei_fn.store.listing import latest_checkpoint
+from keisei_fn.store.names import RESUME_PREFIX, sidecar_path, weights_path
+
+__all__ = ["Resumed", "resume"]
+
+log = logging.getLogger("keisei_fn.store")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True, eq=False)
+class Resumed:
+    """A successful resume: the loaded state and the weights path it came from."""
+
+    state: TrainState
+    path: Path
+
+
+def _copy_pair(source_stem: Path, run_dir: Path) -> Path:
+    """Copy a checkpoint pair into ``run_dir`` with the durable protocol, sidecar last."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    target = run_dir / source_stem.name
+    for path_of in (weights_path, sidecar_path):
+        src = path_of(source_stem)
+
+        def write(temp: Path, src: Path = src) -> None:
+            with open(src, "rb") as fin, open(temp, "xb") as fout:
+                while chunk := fin.read(1 << 24):
+                    fout.write(chunk)
+
+        write_durably(path_of(target), write)
+    return target
+
+
+def resume(
+    run_dir: str | os.PathLike[str],
+    *,
+    resume: str | os.PathLike[str] | bool | None = "latest",
+    search_parent: bool = True,
+    prefix: str = RESUME_PREFIX,
+) -> Resumed | None:
+    """Decide where a run starts from and load it.
+
+    Args:
+        run_dir: the run's directory.
+        resume: ``"latest"``/None/True → the latest valid checkpoint (falling back past one that
+            fails verification, with a warning), or a fresh start when there is none;
+            ``"never"``/False → a fresh start; a path → exactly that checkpoint.
+        search_parent: when ``run_dir`` has no checkpoint, look in its parent directory and copy
+            the latest one found there into ``run_dir`` (Keisei's behaviour), with a warning.
+        prefix: the resume prefix.
+
+    Returns:
+        None for a fresh start, else ``Resumed(state, path)``.
+
+    Raises:
+        CheckpointNotFoundError: an explicit path that does not exist (Keisei silently started
+            fresh), or a run directory whose checkpoints all fail verification.
+        IntegrityError, UnsupportedFormatError: an explicit checkpoint that is corrupt or legacy.
+    """
+    if resume in ("never", False):
+        return None
+    run_dir = Path(run_dir)
+    if resume not in ("latest", None, True):
+        assert not isinstance(resume, bool)
+        stem = resolve_stem(resume)
+        state, meta = load_state_with_meta(stem)
+        return Resumed(state=state, path=meta.weights_path)
+    if latest_checkpoint(run_dir, prefix=prefix) is None and search_parent:
+        parent_latest = latest_checkpoint(run_dir.resolve().parent, prefix=prefix)
+        if parent_latest is not None:
+            stem = parent_latest.parent / parent_latest.name.removesuffix(".safetensors")
+            log.warning("no checkpoint in %s; resuming from the parent's %s", run_dir, stem)
+            _copy_pair(stem, run_dir)
+    if latest_checkpoint(run_dir, prefix=prefix) is None:
+        return None
+    try:
+        state, meta = load_state_with_meta(run_dir, prefix=prefix)
+    except CheckpointNotFoundError as exc:
+        raise CheckpointNotFoundError(
+            f"{run_dir} has checkpoints but none passed verification; refusing to start fresh "
+            "silently (pass resume='never' to start over)"
+        ) from exc
+    return Resumed(state=state, path=meta.weights_path)

@@ -1,0 +1,205 @@
+"""Retention: which checkpoints to keep. ``plan_prune`` is pure; ``prune`` applies a plan.
+
+Never deleted, whatever the policy: the newest valid checkpoint, final checkpoints, the final
+model, and checkpoints whose publication is still pending in the run directory's ledger.
+Incomplete leftovers (temp files, weights without a sidecar, pairs that fail the listed check)
+are always removed by ``prune``.
+
+Example:
+    >>> policy = RetentionPolicy(keep_last=2)
+    >>> policy.keep_last
+    2
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from collections.abc import Collection, Mapping, Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+from keisei_fn.errors import SpecError
+from keisei_fn.meta import CheckpointMeta
+from keisei_fn.store._fs import unlink_durably
+from keisei_fn.store.ledger import pending_publications
+from keisei_fn.store.listing import scan_run_dir
+from keisei_fn.store.names import RESUME_PREFIX, sidecar_path, weights_path
+
+__all__ = ["PrunePlan", "RetentionPolicy", "plan_prune", "prune"]
+
+log = logging.getLogger("keisei_fn.store")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RetentionPolicy:
+    """Which periodic checkpoints to keep; a checkpoint kept by any rule is kept.
+
+    Args:
+        keep_last: the newest N (None: no limit from this rule — keep all).
+        keep_every: also keep every checkpoint whose step is a multiple of this.
+        keep_best: ``(metric, mode, k)``: the k best by ``extra[metric]`` (a number),
+            ``mode`` "max" or "min".
+        max_bytes: after the rules above, delete the oldest not-protected checkpoints until
+            the total size fits (protected ones are never deleted to fit).
+
+    Raises:
+        SpecError: for non-positive counts or a bad mode.
+    """
+
+    keep_last: int | None = None
+    keep_every: int | None = None
+    keep_best: tuple[str, str, int] | None = None
+    max_bytes: int | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("keep_last", "keep_every", "max_bytes"):
+            value = getattr(self, name)
+            if value is not None and (
+                isinstance(value, bool)
+                or not isinstance(value, int)
+                or value < (0 if name == "keep_last" else 1)
+            ):
+                raise SpecError(f"RetentionPolicy.{name} must be a positive int, got {value!r}")
+        if self.keep_best is not None:
+            metric, mode, k = self.keep_best
+            if (
+                not isinstance(metric, str)
+                or mode not in ("max", "min")
+                or not (isinstance(k, int) and k >= 1)
+            ):
+                raise SpecError(
+                    "RetentionPolicy.keep_best must be (metric, 'max'|'min', k >= 1), "
+                    f"got {self.keep_best!r}"
+                )
+            object.__setattr__(self, "keep_best", (metric, mode, k))
+
+    def replace(self, **changes: Any) -> RetentionPolicy:
+        """Return a copy with ``changes`` applied."""
+        return replace(self, **changes)
+
+
+@dataclass(frozen=True, slots=True)
+class PrunePlan:
+    """The outcome of :func:`plan_prune`: checkpoint names to keep and to delete, with why."""
+
+    keep: Mapping[str, str]
+    delete: tuple[str, ...]
+
+
+def _metric(meta: CheckpointMeta, name: str) -> float | None:
+    value = meta.extra.get(name)
+    if isinstance(value, bool) or not isinstance(value, int | float) or math.isnan(value):
+        return None
+    return float(value)
+
+
+def plan_prune(
+    metas: Sequence[CheckpointMeta],
+    policy: RetentionPolicy,
+    *,
+    protected: Collection[str] = (),
+    prefix: str = RESUME_PREFIX,
+) -> PrunePlan:
+    """Decide which of ``metas`` (valid checkpoints) to delete. Pure.
+
+    Args:
+        metas: the valid checkpoints of one run directory.
+        policy: the retention rules.
+        protected: names that must be kept (e.g. pending publications).
+        prefix: the resume prefix; the newest checkpoint with it is always kept.
+
+    Returns:
+        The plan; every meta is in exactly one of ``keep`` (with a reason) or ``delete``.
+
+    Example:
+        >>> plan_prune([], RetentionPolicy(keep_last=1)).delete
+        ()
+    """
+    ordered = sorted(metas, key=lambda m: (m.step, m.name))
+    always: dict[str, str] = {}  # never deleted, not even to fit max_bytes
+    resumable = [m for m in ordered if m.kind != "final_model" and m.name.startswith(prefix)]
+    if resumable:
+        always[resumable[-1].name] = "newest resume point"
+    for meta in ordered:
+        if meta.kind != "periodic":
+            always.setdefault(meta.name, meta.kind.replace("_", " "))
+        if meta.name in protected:
+            always.setdefault(meta.name, "pending publication")
+
+    by_policy: dict[str, str] = {}
+    periodic = [m for m in ordered if m.kind == "periodic"]
+    if policy.keep_last is None:
+        by_policy.update((m.name, "no keep_last limit") for m in periodic)
+    elif policy.keep_last:
+        by_policy.update(
+            (m.name, f"among the last {policy.keep_last}") for m in periodic[-policy.keep_last :]
+        )
+    if policy.keep_every:
+        for meta in periodic:
+            if meta.step % policy.keep_every == 0:
+                by_policy.setdefault(meta.name, f"step is a multiple of {policy.keep_every}")
+    if policy.keep_best is not None:
+        metric, mode, k = policy.keep_best
+        scored = [(v, m) for m in periodic if (v := _metric(m, metric)) is not None]
+        scored.sort(key=lambda vm: (vm[0] if mode == "max" else -vm[0], vm[1].step), reverse=True)
+        for _, meta in scored[:k]:
+            by_policy.setdefault(meta.name, f"best {k} by {metric} ({mode})")
+    if policy.max_bytes is not None:
+        kept = [m for m in ordered if m.name in always or m.name in by_policy]
+        total = sum(m.total_bytes for m in kept)
+        for meta in kept:  # oldest first
+            if total <= policy.max_bytes:
+                break
+            if meta.name not in always:
+                del by_policy[meta.name]
+                total -= meta.total_bytes
+    keep = {**by_policy, **always}
+    delete = tuple(m.name for m in ordered if m.name not in keep)
+    return PrunePlan(keep=keep, delete=delete)
+
+
+def prune(
+    run_dir: str | os.PathLike[str],
+    policy: RetentionPolicy,
+    *,
+    dry_run: bool = False,
+    prefix: str = RESUME_PREFIX,
+) -> PrunePlan:
+    """Apply a retention policy to a run directory and remove incomplete leftovers.
+
+    Deletion order per checkpoint: sidecar first (uncommit), then weights, so a crash mid-prune
+    never leaves a sidecar without weights.
+
+    Args:
+        run_dir: the run directory.
+        policy: the retention rules.
+        dry_run: only plan; delete nothing.
+        prefix: the resume prefix.
+
+    Returns:
+        The plan; ``delete`` also lists removed leftovers (as file names).
+    """
+    run_dir = Path(run_dir)
+    scan = scan_run_dir(run_dir)
+    pending = {r.get("checkpoint", "") for r in pending_publications(run_dir).values()}
+    plan = plan_prune(scan.valid, policy, protected=pending, prefix=prefix)
+    leftovers = [p.name for p in scan.leftovers]
+    broken = [stem.name for stem, _ in scan.invalid]
+    if not dry_run:
+        for name in (*plan.delete, *broken):
+            stem = run_dir / name
+            unlink_durably(sidecar_path(stem))
+            unlink_durably(weights_path(stem))
+        unlink_durably(*scan.leftovers)
+        if plan.delete or broken or leftovers:
+            log.info(
+                "pruned %s: %d checkpoints, %d broken, %d leftovers",
+                run_dir,
+                len(plan.delete),
+                len(broken),
+                len(leftovers),
+            )
+    return PrunePlan(keep=plan.keep, delete=(*plan.delete, *broken, *leftovers))
