@@ -16,3 +16,15 @@ settings.register_profile(
 )
 settings.register_profile("slow", max_examples=300, deadline=None)
 settings.load_profile(os.environ.get("KEISEI_FN_HYPOTHESIS_PROFILE", "dev"))
+
+
+def pytest_collection_modifyitems(config, items):
+    """Slow tests run only with KEISEI_FN_SLOW=1 (or when selected with ``-m slow``)."""
+    import pytest
+
+    if os.environ.get("KEISEI_FN_SLOW") == "1" or "slow" in (config.option.markexpr or ""):
+        return
+    skip = pytest.mark.skip(reason="slow: set KEISEI_FN_SLOW=1 to run")
+    for item in items:
+        if "slow" in item.keywords:
+            item.add_marker(skip)
