@@ -30,21 +30,36 @@ from torch import nn
 
 from keisei_fn.errors import StateMismatchError
 from keisei_fn.nets import canonical_state_dict, unwrap_model
-from keisei_fn.rng import Generators, capture_rng, restore_rng_
+from keisei_fn.rng import Generators, capture_rng, restore_rng_, rng_problems
 from keisei_fn.spec import ModelSpec
 from keisei_fn.state import GameStats, TrainState, thaw
 
-__all__ = ["capture", "restore_"]
+__all__ = ["capture", "model_problems", "optimizer_problems", "restore_"]
 
 log = logging.getLogger(__name__)
 
 Scheduler = torch.optim.lr_scheduler.LRScheduler | torch.optim.lr_scheduler.ReduceLROnPlateau
 
+_EXTRA_STATE = "_extra_state"  # the state_dict key suffix of Module.get_extra_state()
+
 # Optimizer state entries that always have their parameter's shape (SGD, Adam(W), RMSprop, ...).
 _PARAM_SHAPED = frozenset(
-    {"momentum_buffer", "exp_avg", "exp_avg_sq", "max_exp_avg_sq", "square_avg", "sum",
-     "acc_delta", "grad_avg", "ax", "prev", "step_size", "exp_inf", "mu_product"}
-)  # fmt: skip
+    {
+        "momentum_buffer",
+        "exp_avg",
+        "exp_avg_sq",
+        "max_exp_avg_sq",
+        "square_avg",
+        "sum",
+        "acc_delta",
+        "grad_avg",
+        "ax",
+        "prev",
+        "step_size",
+        "exp_inf",
+        "mu_product",
+    }
+)
 
 
 class _Cloner:
@@ -134,9 +149,15 @@ def _describe(t: torch.Tensor) -> str:
     return f"{str(t.dtype).removeprefix('torch.')}{list(t.shape)}"
 
 
-def _model_problems(
+def model_problems(
     saved: Mapping[str, torch.Tensor], live: Mapping[str, torch.Tensor]
 ) -> list[str]:
+    """Every missing/unexpected key and shape/dtype difference between two state dicts.
+
+    Example:
+        >>> model_problems({"w": torch.zeros(2)}, {"w": torch.zeros(3)})
+        ["'w': state has float32[2], model expects float32[3]"]
+    """
     problems = [
         f"missing key {k!r} (in the model, not in the state)" for k in live if k not in saved
     ]
@@ -150,7 +171,16 @@ def _model_problems(
     return problems
 
 
-def _optimizer_problems(saved: Mapping[str, Any], optimizer: torch.optim.Optimizer) -> list[str]:
+def optimizer_problems(saved: Mapping[str, Any], optimizer: torch.optim.Optimizer) -> list[str]:
+    """Every way a saved optimizer ``state_dict`` does not fit a live optimizer: group and
+    parameter counts, and state tensors whose shape differs from their parameter's (torch
+    would load those silently).
+
+    Example:
+        >>> opt = torch.optim.SGD([torch.zeros(2, requires_grad=True)], lr=0.1)
+        >>> optimizer_problems(opt.state_dict(), opt)
+        []
+    """
     groups = saved.get("param_groups", ())
     live_groups = optimizer.param_groups
     if len(groups) != len(live_groups):
@@ -217,20 +247,29 @@ def restore_(
 
     Raises:
         StateMismatchError: listing every missing/unexpected key and shape/dtype difference of the
-            model and the optimizer, before anything is changed.
+            model and the optimizer, and every generator that cannot be restored, before
+            anything is changed.
     """
     net = unwrap_model(model)
-    problems = _model_problems(state.model, net.state_dict())
+    problems = model_problems(state.model, net.state_dict())
     if optimizer is not None and state.optimizer is None:
         problems.append("an optimizer was given, but the state holds no optimizer state")
     elif optimizer is not None and state.optimizer is not None:
-        problems += _optimizer_problems(state.optimizer, optimizer)
+        problems += optimizer_problems(state.optimizer, optimizer)
+    if rng and state.rng is not None:
+        problems += rng_problems(state.rng, generators)
     if problems:
         raise StateMismatchError(
             f"state (step {state.step}) does not fit the live objects:\n  - "
             + "\n  - ".join(problems)
         )
-    net.load_state_dict(dict(state.model), strict=True)  # copies into the parameters
+    # load_state_dict copies into parameters and buffers, but hands each ``_extra_state`` over
+    # as it is (a module's set_extra_state may keep it): those get copies.
+    model_state = {
+        key: tensor.clone() if key.rsplit(".", 1)[-1] == _EXTRA_STATE else tensor
+        for key, tensor in state.model.items()
+    }
+    net.load_state_dict(model_state, strict=True)
     if optimizer is not None and state.optimizer is not None:
         optimizer.load_state_dict(thaw(state.optimizer, on_tensor=torch.Tensor.clone))
     if scheduler is not None:

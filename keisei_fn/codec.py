@@ -7,7 +7,8 @@ encoder with sorted keys (byte-deterministic) and tags for what JSON/orjson lose
 ============================  ===================================
 value                          JSON
 ============================  ===================================
-NaN, inf, -inf                 ``{"__float__": "nan"}``
+NaN, inf, -inf                 ``{"__float__": "nan"}``, ``"inf"``, ``"-inf"``
+NaN with a sign or payload     ``{"__float__": "nan:fff8000000000000"}`` (its 64 bits)
 int beyond 64 bits             ``{"__int__": "123..."}``
 tuple                          ``{"__tuple__": [...]}``
 dict with non-str keys         ``{"__items__": [[key, value], ...]}``
@@ -18,6 +19,7 @@ tensor                         ``{"__tensor__": "optimizer/state/0/exp_avg"}``
 A round trip gives back exactly the Python values that went in (NumPy scalars come back as
 the equal Python numbers). Tensors that share storage are stored once: the second name is
 recorded as an alias of the first, and decoding gives the same tensor object back for both.
+Strings must be valid UTF-8 (a lone surrogate is refused).
 
 Example:
     >>> value = {"best": float("inf"), 0: (1, 2), "pcg": 2**100}
@@ -28,6 +30,7 @@ Example:
 from __future__ import annotations
 
 import math
+import struct
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -82,10 +85,20 @@ DTYPES_BY_NAME: dict[str, torch.dtype] = {name: dtype for dtype, name in DTYPE_N
 TensorRef = Callable[[tuple[Any, ...], torch.Tensor], str]
 
 
+def _float_bits(value: float) -> int:
+    return int(struct.unpack("<Q", struct.pack("<d", value))[0])
+
+
+_NAN_BITS = _float_bits(math.nan)
+
+
 def _float(value: float) -> Any:
     if math.isfinite(value):
         return value
-    return {"__float__": "nan" if math.isnan(value) else ("inf" if value > 0 else "-inf")}
+    if not math.isnan(value):
+        return {"__float__": "inf" if value > 0 else "-inf"}
+    bits = _float_bits(value)  # keep the sign and payload of a non-default NaN
+    return {"__float__": "nan" if bits == _NAN_BITS else f"nan:{bits:016x}"}
 
 
 def encode_json(value: Any, *, tensor_ref: TensorRef | None = None) -> Any:
@@ -103,8 +116,10 @@ def encode_json(value: Any, *, tensor_ref: TensorRef | None = None) -> Any:
 
 
 def _encode(value: Any, path: tuple[Any, ...], tensor_ref: TensorRef | None) -> Any:
-    if value is None or isinstance(value, (bool, str)):
+    if value is None or isinstance(value, bool):
         return value
+    if isinstance(value, str):
+        return _text(value, path)
     if isinstance(value, int):
         return int(value) if _INT_MIN <= value <= _INT_MAX else {"__int__": str(value)}
     if isinstance(value, float):
@@ -117,7 +132,7 @@ def _encode(value: Any, path: tuple[Any, ...], tensor_ref: TensorRef | None) -> 
         return {"__tensor__": tensor_ref(path, value)}
     if isinstance(value, Mapping):
         if all(isinstance(k, str) and k not in _TAGS for k in value):
-            return {k: _encode(v, (*path, k), tensor_ref) for k, v in value.items()}
+            return {_text(k, path): _encode(v, (*path, k), tensor_ref) for k, v in value.items()}
         return {
             "__items__": [
                 [_encode(k, path, None), _encode(v, (*path, k), tensor_ref)]
@@ -132,6 +147,16 @@ def _encode(value: Any, path: tuple[Any, ...], tensor_ref: TensorRef | None) -> 
         f"cannot store a {type(value).__name__} at {_show(path)} in a checkpoint: only dicts, "
         "lists, tuples, str, int, float, bool, None and tensors are stored exactly"
     )
+
+
+def _text(value: str, path: tuple[Any, ...]) -> str:
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as exc:  # a lone surrogate: JSON text cannot hold it
+        raise UnsupportedValueError(
+            f"string {value!r} at {_show(path)} is not UTF-8: {exc}"
+        ) from exc
+    return value
 
 
 def _show(path: tuple[Any, ...]) -> str:
@@ -158,6 +183,8 @@ def decode_json(data: Any, *, tensors: Mapping[str, torch.Tensor] | None = None)
 def _decode_tag(tag: str, inner: Any, tensors: Mapping[str, torch.Tensor] | None) -> Any:
     try:
         if tag == "__float__":
+            if isinstance(inner, str) and inner.startswith("nan:"):
+                return struct.unpack("<d", struct.pack("<Q", int(inner[4:], 16)))[0]
             return {"nan": math.nan, "inf": math.inf, "-inf": -math.inf}[inner]
         if tag == "__int__":
             return int(inner)
@@ -168,7 +195,7 @@ def _decode_tag(tag: str, inner: Any, tensors: Mapping[str, torch.Tensor] | None
         if tensors is None:
             raise KeyError(inner)
         return tensors[inner]
-    except (KeyError, TypeError, ValueError) as exc:
+    except (KeyError, TypeError, ValueError, struct.error) as exc:
         raise IntegrityError(f"malformed JSON tag {tag!r}: {inner!r:.200} ({exc!r})") from exc
 
 
@@ -219,6 +246,16 @@ class EncodedState:
         self.header = header
 
 
+def _dense(tensor: torch.Tensor) -> bool:
+    """Row-major strides exactly (``is_contiguous`` also accepts any stride on a size-1 or an
+    empty dim, which a flat byte view of the tensor refuses)."""
+    expected, step = [], 1
+    for size in reversed(tensor.shape):
+        expected.append(step)
+        step *= size
+    return tensor.stride() == tuple(reversed(expected))
+
+
 class _TensorTable:
     """Names every tensor, storing each distinct view once and recording exact aliases."""
 
@@ -229,8 +266,9 @@ class _TensorTable:
         self._storages: set[int] = set()
 
     def add(self, name: str, tensor: torch.Tensor) -> str:
-        if name in self.tensors or name in self.aliases:
-            raise UnsupportedValueError(f"two tensors would be stored as {name!r}")
+        base, n = name, 1
+        while name in self.tensors or name in self.aliases:  # e.g. keys 0 and "0" in one dict
+            name, n = f"{base}#{n}", n + 1
         if tensor.dtype not in DTYPE_NAMES:
             raise UnsupportedDtypeError(
                 f"tensor {name!r} has dtype {tensor.dtype}, which cannot be stored losslessly; "
@@ -243,7 +281,7 @@ class _TensorTable:
         if ptr and view in self._views:
             self.aliases[name] = self._views[view]
             return name
-        if ptr in self._storages or not tensor.is_contiguous() or tensor.device.type != "cpu":
+        if ptr in self._storages or not _dense(tensor) or tensor.device.type != "cpu":
             # another view of shared memory, a strided view or a device tensor: store a copy
             tensor = tensor.detach().to("cpu", copy=True, memory_format=torch.contiguous_format)
         self.tensors[name] = tensor.detach()
@@ -264,7 +302,8 @@ def encode_state(state: TrainState) -> EncodedState:
         UnsupportedValueError: for non-JSON values outside the tensors.
     """
     table = _TensorTable()
-    model_keys = [table.add(_tensor_name("model", (k,)), t) for k, t in state.model.items()]
+    for key, tensor in state.model.items():
+        table.add(_tensor_name("model", (key,)), tensor)
 
     def tree(section: str, value: Any) -> Any:
         if value is None:
@@ -276,7 +315,7 @@ def encode_state(state: TrainState) -> EncodedState:
         "step": state.step,
         "episodes": state.episodes,
         "stats": state.stats.to_json(),
-        "model": [name.removeprefix("model/") for name in model_keys],
+        "model": list(state.model),  # the keys; their tensors' names are escaped
         "optimizer": tree("optimizer", state.optimizer),
         "scheduler": tree("scheduler", state.scheduler),
         "scaler": tree("scaler", state.scaler),

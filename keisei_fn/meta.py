@@ -46,10 +46,18 @@ FORMAT_VERSION = 1
 #: periodic: a resume point; final: the last full state of a run; final_model: weights only.
 KINDS = ("periodic", "final", "final_model")
 _REQUIRED = {
-    "format": str, "format_version": int, "name": str, "kind": str, "state": dict,
-    "tensors": dict, "aliases": dict, "weights": dict, "created": str, "versions": dict,
+    "format": str,
+    "format_version": int,
+    "name": str,
+    "kind": str,
+    "state": dict,
+    "tensors": dict,
+    "aliases": dict,
+    "weights": dict,
+    "created": str,
+    "versions": dict,
     "digest": str,
-}  # fmt: skip
+}
 
 
 def digest_bytes(data: bytes | bytearray | memoryview) -> str:
@@ -115,7 +123,8 @@ def build_sidecar(
 
 
 def check_sidecar(raw: bytes, *, name: str | None = None, where: str = "sidecar") -> dict[str, Any]:
-    """Parse and check a sidecar's bytes: JSON, own digest, known format version, name.
+    """Parse and check a sidecar's bytes: JSON, own digest, known format version, canonical
+    bytes (so every changed byte is detected), name.
 
     Args:
         raw: the file's bytes.
@@ -133,8 +142,21 @@ def check_sidecar(raw: bytes, *, name: str | None = None, where: str = "sidecar"
         sidecar = loads(raw)
     except IntegrityError as exc:
         raise IntegrityError(f"{where}: {exc}") from exc
-    if not isinstance(sidecar, dict) or sidecar.get("format") != FORMAT_NAME:
-        found = sidecar.get("format") if isinstance(sidecar, dict) else type(sidecar).__name__
+    if not isinstance(sidecar, dict):
+        raise UnsupportedFormatError(
+            f"{where}: not a {FORMAT_NAME} sidecar (a JSON {type(sidecar).__name__})"
+        )
+    # The digest first: a changed byte anywhere (even in "format" or "format_version") is
+    # corruption, not a foreign or newer file. Every format version digests the same way.
+    recorded = sidecar.get("digest")
+    if isinstance(recorded, str):
+        actual = digest_bytes(dumps({k: v for k, v in sidecar.items() if k != "digest"}))
+        if recorded != actual:
+            raise IntegrityError(
+                f"{where}: the sidecar was modified (digest {actual}, recorded {recorded})"
+            )
+    if sidecar.get("format") != FORMAT_NAME:
+        found = sidecar.get("format")
         raise UnsupportedFormatError(f"{where}: not a {FORMAT_NAME} sidecar (format {found!r})")
     for key, kind in _REQUIRED.items():
         if not isinstance(sidecar.get(key), kind) or isinstance(sidecar.get(key), bool):
@@ -144,18 +166,20 @@ def check_sidecar(raw: bytes, *, name: str | None = None, where: str = "sidecar"
             f"{where}: format version {sidecar['format_version']} is newer than this "
             f"keisei_fn reads ({FORMAT_VERSION}); upgrade keisei_fn"
         )
-    recorded = sidecar.pop("digest")
-    actual = digest_bytes(dumps(sidecar))
-    sidecar["digest"] = recorded
-    if recorded != actual:
-        raise IntegrityError(
-            f"{where}: the sidecar was modified (digest {actual}, recorded {recorded})"
-        )
+    if dumps(sidecar) != raw:  # same values, other bytes (whitespace, "1E5" for "1e5", ...)
+        raise IntegrityError(f"{where}: the sidecar is not in canonical form; it was edited")
     if name is not None and sidecar["name"] != name:
         raise IntegrityError(f"{where}: sidecar is for {sidecar['name']!r}, file is {name!r}")
     if sidecar["kind"] not in KINDS:
         raise IntegrityError(f"{where}: unknown kind {sidecar['kind']!r}")
     return sidecar
+
+
+class _TensorNames(dict[str, Any]):
+    """Resolves a tensor reference in ``extra`` to the tensor's stored name."""
+
+    def __missing__(self, key: str) -> str:
+        return key
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -173,7 +197,8 @@ class CheckpointMeta:
         tensors: name → (safetensors dtype, shape) of every stored tensor.
         created: ISO-8601 UTC creation time.
         versions: library versions that wrote it.
-        extra: the user's JSON state.
+        extra: the user's JSON state (a tensor in it appears as its stored name, e.g.
+            ``"extra/table"``: a meta never loads tensors).
     """
 
     path: Path
@@ -257,7 +282,7 @@ class CheckpointMeta:
                 tensors={k: (v["dtype"], tuple(v["shape"])) for k, v in sidecar["tensors"].items()},
                 created=sidecar["created"],
                 versions=sidecar["versions"],
-                extra=decode_json(state.get("extra") or {}) if state.get("extra") else {},
+                extra=decode_json(state.get("extra") or {}, tensors=_TensorNames()),
             )
         except (KeyError, TypeError, AttributeError) as exc:
             raise IntegrityError(f"sidecar {sidecar.get('name')!r} is malformed: {exc!r}") from exc

@@ -27,7 +27,7 @@ import torch
 from keisei_fn.errors import StateMismatchError
 from keisei_fn.state import thaw
 
-__all__ = ["Generators", "capture_rng", "restore_rng_"]
+__all__ = ["Generators", "capture_rng", "restore_rng_", "rng_problems"]
 
 log = logging.getLogger(__name__)
 
@@ -78,6 +78,36 @@ def capture_rng(generators: Generators | None = None) -> dict[str, Any]:
     return state
 
 
+def rng_problems(state: Mapping[str, Any], generators: Generators | None = None) -> list[str]:
+    """Why a captured RNG state cannot be restored into ``generators``: a name it does not hold,
+    a different generator type or NumPy bit generator. Empty when it can.
+
+    Raises:
+        StateMismatchError: for an unsupported generator type.
+
+    Example:
+        >>> rng_problems(capture_rng(), {"env": random.Random()})
+        ["generator 'env' is not in the saved state ([])"]
+    """
+    saved = state.get("generators", {})
+    problems = []
+    for name, gen in (generators or {}).items():
+        live = _generator_state(name, gen)
+        if name not in saved:
+            problems.append(f"generator {name!r} is not in the saved state ({sorted(saved)})")
+        elif live["type"] != saved[name]["type"]:
+            problems.append(
+                f"generator {name!r}: saved type {saved[name]['type']!r}, live {live['type']!r}"
+            )
+        elif live["type"] == "numpy":
+            kind, saved_kind = live["state"]["bit_generator"], saved[name]["state"]["bit_generator"]
+            if kind != saved_kind:
+                problems.append(
+                    f"generator {name!r}: saved {saved_kind} state, live generator uses {kind}"
+                )
+    return problems
+
+
 def restore_rng_(state: Mapping[str, Any], generators: Generators | None = None) -> None:
     """Set the global RNGs (and the named user generators) to a captured state, in place.
 
@@ -86,19 +116,13 @@ def restore_rng_(state: Mapping[str, Any], generators: Generators | None = None)
 
     Raises:
         StateMismatchError: when ``generators`` names one the state does not hold, or a type
-            differs.
+            differs (see :func:`rng_problems`); nothing is changed then.
     """
-    state = thaw(state)
-    saved = state.get("generators", {})
-    problems = []
-    for name, gen in (generators or {}).items():
-        if name not in saved:
-            problems.append(f"generator {name!r} is not in the saved state ({sorted(saved)})")
-        elif _generator_state(name, gen)["type"] != saved[name]["type"]:
-            problems.append(f"generator {name!r}: saved type {saved[name]['type']!r} differs")
+    problems = rng_problems(state, generators)
     if problems:
         raise StateMismatchError("cannot restore RNG state: " + "; ".join(problems))
-
+    state = thaw(state)
+    saved = state.get("generators", {})
     random.setstate(state["python"])
     numpy = state["numpy"]
     np.random.set_state(

@@ -140,7 +140,8 @@ def _existing(stem: Path) -> tuple[CheckpointMeta, dict[str, Any]] | None:
 
 def _commit(encoded: EncodedState, stem: Path, *, kind: str, overwrite: bool) -> CheckpointMeta:
     stem.parent.mkdir(parents=True, exist_ok=True)
-    header = loads(dumps(encoded.header))  # the JSON exactly as it will be read back
+    header_bytes = dumps(encoded.header)
+    header = loads(header_bytes)  # the JSON exactly as it will be read back
     existing = _existing(stem)
     temp = temp_path(weights_path(stem))
     size, digest = write_weights(encoded.tensors, temp)
@@ -157,7 +158,7 @@ def _commit(encoded: EncodedState, stem: Path, *, kind: str, overwrite: bool) ->
         if existing is not None:
             old_meta, old = existing
             same = (
-                old["state"] == header
+                dumps(old["state"]) == header_bytes  # by bytes: 1 == 1.0 == True, 0.0 == -0.0
                 and old["weights"]["digest"] == digest
                 and hash_file(weights_path(stem)) == (size, digest)
             )
@@ -178,7 +179,12 @@ def _commit(encoded: EncodedState, stem: Path, *, kind: str, overwrite: bool) ->
         with contextlib.suppress(FileNotFoundError):
             temp.unlink()
         raise
-    write_bytes_durably(sidecar_path(stem), dumps(sidecar))
+    try:
+        write_bytes_durably(sidecar_path(stem), dumps(sidecar))
+    except BaseException:  # e.g. a full disk: leave no orphan weights behind either
+        with contextlib.suppress(OSError):
+            unlink_durably(weights_path(stem))
+        raise
     return CheckpointMeta.from_sidecar(sidecar, run_dir=stem.parent)
 
 

@@ -26,7 +26,7 @@ from keisei_fn.meta import CheckpointMeta
 from keisei_fn.store._fs import unlink_durably
 from keisei_fn.store.ledger import pending_publications
 from keisei_fn.store.listing import scan_run_dir
-from keisei_fn.store.names import RESUME_PREFIX, sidecar_path, weights_path
+from keisei_fn.store.names import RESUME_PREFIX, parse_stem, sidecar_path, weights_path
 
 __all__ = ["PrunePlan", "RetentionPolicy", "plan_prune", "prune"]
 
@@ -96,6 +96,11 @@ def _metric(meta: CheckpointMeta, name: str) -> float | None:
     return float(value)
 
 
+def _prefix(name: str) -> str | None:
+    parsed = parse_stem(name)
+    return parsed.prefix if parsed is not None else None
+
+
 def plan_prune(
     metas: Sequence[CheckpointMeta],
     policy: RetentionPolicy,
@@ -120,7 +125,7 @@ def plan_prune(
     """
     ordered = sorted(metas, key=lambda m: (m.step, m.name))
     always: dict[str, str] = {}  # never deleted, not even to fit max_bytes
-    resumable = [m for m in ordered if m.kind != "final_model" and m.name.startswith(prefix)]
+    resumable = [m for m in ordered if m.kind != "final_model" and _prefix(m.name) == prefix]
     if resumable:
         always[resumable[-1].name] = "newest resume point"
     for meta in ordered:
