@@ -1,0 +1,40 @@
+"""Publishing checkpoints to Weights & Biases (wandb is imported only when publishing).
+
+Submodules: ``plan`` (pure: artifact names, aliases, metadata) and ``upload`` (the edge:
+``publish``, ``flush_outbox``, retries and the durable outbox in the run directory's ledger).
+
+Example:
+    >>> from keisei_fn.publish import artifact_name
+    >>> artifact_name("ppo-1", "checkpoint-ts10240")
+    'ppo-1-checkpoint-ts10240'
+"""
+
+from keisei_fn.publish.plan import (
+    Publication,
+    artifact_metadata,
+    artifact_name,
+    plan_publication,
+    sanitize_metadata,
+    sanitize_name,
+)
+from keisei_fn.publish.upload import (
+    PUBLISH_ENV,
+    PublishResult,
+    flush_outbox,
+    publish,
+    publishing_enabled,
+)
+
+__all__ = [
+    "PUBLISH_ENV",
+    "Publication",
+    "PublishResult",
+    "artifact_metadata",
+    "artifact_name",
+    "flush_outbox",
+    "plan_publication",
+    "publish",
+    "publishing_enabled",
+    "sanitize_metadata",
+    "sanitize_name",
+]

@@ -1,0 +1,333 @@
+"""What to publish: W&B artifact names, aliases and metadata for a checkpoint. Pure.
+
+Names follow Keisei: ``{run_name}-checkpoint-ts{N}`` (alias ``ts-{N}``) for a periodic
+checkpoint, ``{run_name}-final-model`` (aliases ``latest``, ``final``) for the final model and
+``{run_name}-final-checkpoint`` (alias ``latest-checkpoint``) for a final checkpoint; all of
+type ``"model"``. Every name is made safe for W&B: only ``[A-Za-z0-9_.-]``, at most 128
+characters, no ``..``; a long run name is shortened, never the suffix that names the step.
+
+Metadata carries Keisei's keys (``training_timesteps``, ``total_episodes``, ``black_wins``,
+``white_wins``, ``draws``, ``checkpoint_type``, ``model_type``, ``feature_set`` — the spec's
+real feature set, ``training_completed`` for finals) plus the sidecar's digests and spec. It is
+made JSON-safe for W&B before an artifact is built: non-finite floats become strings (W&B
+raises on ±inf and turns NaN into null), the user's ``extra`` state (e.g. ``metrics_history``)
+is nested under one key, and at most 100 top-level keys are kept (the rest go under
+``"overflow"``).
+
+Example:
+    >>> artifact_name("my run/1", "checkpoint-ts10240")
+    'my-run-1-checkpoint-ts10240'
+    >>> sanitize_metadata({"loss": float("inf"), "lr": 0.1})
+    {'loss': 'inf', 'lr': 0.1}
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, replace
+from typing import Any
+
+from keisei_fn.meta import CheckpointMeta
+from keisei_fn.state import freeze, thaw
+
+__all__ = [
+    "MAX_METADATA_KEYS",
+    "MAX_NAME_LENGTH",
+    "NAME_PATTERN",
+    "Publication",
+    "artifact_metadata",
+    "artifact_name",
+    "default_aliases",
+    "default_suffix",
+    "plan_publication",
+    "sanitize_metadata",
+    "sanitize_name",
+]
+
+MAX_NAME_LENGTH = 128
+MAX_METADATA_KEYS = 100
+#: Every artifact name and alias this module produces fullmatches this.
+NAME_PATTERN = re.compile(r"[A-Za-z0-9_.-]{1,128}")
+OVERFLOW_KEY = "overflow"
+_UNSAFE = re.compile(r"[^A-Za-z0-9_.-]+")
+_DOTS = re.compile(r"\.{2,}")
+_INT64 = 2**63
+
+
+def sanitize_name(text: str, *, fallback: str = "run") -> str:
+    """Make ``text`` a W&B-safe name part: unsafe runs become ``-``, ``..`` becomes ``.``.
+
+    Leading/trailing ``-`` and ``.`` are dropped; the result is at most 128 characters and
+    never empty (``fallback`` when nothing usable is left).
+
+    Args:
+        text: any string (a run name, a user's artifact name or alias).
+        fallback: used when ``text`` has no usable character.
+
+    Returns:
+        A string that fullmatches :data:`NAME_PATTERN` and contains no ``..`` or ``/``.
+
+    Example:
+        >>> sanitize_name("../ètude run\\n")
+        'tude-run'
+    """
+    cleaned = _DOTS.sub(".", _UNSAFE.sub("-", text)).strip("-.")
+    return cleaned[:MAX_NAME_LENGTH].rstrip("-.") or fallback
+
+
+def artifact_name(run_name: str, suffix: str) -> str:
+    """``{run_name}-{suffix}``, sanitised, shortening the run name (never the suffix) to fit.
+
+    Args:
+        run_name: the training run's name (any string).
+        suffix: what follows it, e.g. ``"checkpoint-ts10240"`` (Keisei's ``artifact_name``).
+
+    Returns:
+        At most 128 characters of ``[A-Za-z0-9_.-]``, ending with the sanitised suffix (or, for
+        an absurdly long suffix, with its last 126 characters, which hold the step).
+
+    Example:
+        >>> len(artifact_name("x" * 300, "checkpoint-ts10240"))
+        128
+    """
+    tail = sanitize_name(suffix, fallback="checkpoint")
+    tail = tail[-(MAX_NAME_LENGTH - 2) :].lstrip("-.")
+    room = MAX_NAME_LENGTH - len(tail) - 1
+    head = sanitize_name(run_name)[:room].rstrip("-.") or "r"
+    return f"{head}-{tail}"
+
+
+def default_suffix(meta: CheckpointMeta) -> str:
+    """Keisei's artifact name after the run name: ``checkpoint-ts{N}``, ``final-checkpoint``,
+    ``final-model`` (a periodic checkpoint of another prefix keeps it: ``a-b-ts{N}``)."""
+    if meta.kind == "final_model":
+        return "final-model"
+    if meta.kind == "final":
+        return "final-checkpoint"
+    return meta.name.replace("_", "-")
+
+
+def default_aliases(meta: CheckpointMeta) -> tuple[str, ...]:
+    """Keisei's aliases: ``ts-{N}``; ``latest``, ``final``; or ``latest-checkpoint``."""
+    if meta.kind == "final_model":
+        return ("latest", "final")
+    if meta.kind == "final":
+        return ("latest-checkpoint",)
+    return (f"ts-{meta.step}",)
+
+
+def _json_safe(value: Any) -> Any:
+    if value is None or isinstance(value, bool):
+        return value
+    if isinstance(value, str):
+        return str(value)
+    if isinstance(value, int):
+        return int(value) if -_INT64 <= value < _INT64 else str(value)
+    if isinstance(value, float):
+        return float(value) if math.isfinite(value) else str(value)
+    if isinstance(value, Mapping):
+        return {str(k): _json_safe(v) for k, v in value.items()}
+    if isinstance(value, Sequence) and not isinstance(value, bytes | bytearray):
+        return [_json_safe(v) for v in value]
+    item = getattr(value, "item", None)  # NumPy and torch scalars
+    if callable(item):
+        try:
+            return _json_safe(item())
+        except (TypeError, ValueError, RuntimeError):
+            pass
+    return str(value)
+
+
+def sanitize_metadata(metadata: Mapping[str, Any]) -> dict[str, Any]:
+    """JSON-safe artifact metadata that W&B accepts unchanged.
+
+    Non-finite floats become ``"nan"``, ``"inf"``, ``"-inf"``; integers beyond 64 bits and
+    other objects become strings; mappings become dicts with string keys and sequences lists.
+    Beyond 100 top-level keys, the first 99 are kept and the rest are nested under
+    ``"overflow"``.
+
+    Args:
+        metadata: any mapping (frozen ones included).
+
+    Returns:
+        A fresh dict.
+
+    Example:
+        >>> sanitize_metadata({"h": (1.0, float("nan"))})
+        {'h': [1.0, 'nan']}
+    """
+    safe: dict[str, Any] = _json_safe(metadata)
+    if len(safe) <= MAX_METADATA_KEYS:
+        return safe
+    items = list(safe.items())
+    kept, rest = dict(items[: MAX_METADATA_KEYS - 1]), dict(items[MAX_METADATA_KEYS - 1 :])
+    if OVERFLOW_KEY in kept:
+        rest[OVERFLOW_KEY] = kept.pop(OVERFLOW_KEY)
+    kept[OVERFLOW_KEY] = rest
+    return kept
+
+
+def artifact_metadata(
+    meta: CheckpointMeta, extra: Mapping[str, Any] | None = None
+) -> dict[str, Any]:
+    """Keisei's metadata keys, the sidecar's digests and spec, then ``extra``; sanitised.
+
+    Args:
+        meta: the checkpoint.
+        extra: the caller's metadata; it is added last and wins on a key clash.
+
+    Returns:
+        The artifact's metadata (see :func:`sanitize_metadata`).
+
+    Example:
+        >>> from keisei_fn import GameStats, ModelSpec
+        >>> meta = CheckpointMeta(path="r/final_model", name="final_model", format_version=1,
+        ...     kind="final_model", step=5, episodes=2, stats=GameStats(), weights_size=1,
+        ...     weights_digest="blake3:00", digest="blake3:11", created="2025-01-01T00:00:00",
+        ...     spec=ModelSpec(model_type="testmodel", input_features="testfeats"))
+        >>> md = artifact_metadata(meta)
+        >>> md["feature_set"], md["checkpoint_type"], md["training_completed"]
+        ('testfeats', 'final', True)
+    """
+    spec = meta.spec
+    metadata: dict[str, Any] = {
+        "training_timesteps": meta.step,
+        "total_episodes": meta.episodes,
+        "black_wins": meta.stats.black_wins,
+        "white_wins": meta.stats.white_wins,
+        "draws": meta.stats.draws,
+        "checkpoint_type": "periodic" if meta.kind == "periodic" else "final",
+        "model_type": spec.model_type if spec is not None else None,
+        "feature_set": spec.input_features if spec is not None else None,
+    }
+    if meta.training_completed:
+        metadata["training_completed"] = True
+    metadata |= {
+        "checkpoint": meta.name,
+        "kind": meta.kind,
+        "format_version": meta.format_version,
+        "weights_size": meta.weights_size,
+        "weights_digest": meta.weights_digest,
+        "sidecar_digest": meta.digest,
+        "created": meta.created,
+        "spec": spec.to_json() if spec is not None else None,
+    }
+    if meta.extra:
+        metadata["extra"] = meta.extra  # bulky history (metrics_history, elo_state) nested
+    metadata |= dict(extra or {})
+    return sanitize_metadata(metadata)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Publication:
+    """One artifact version to log, as the publication ledger records it.
+
+    Attributes:
+        artifact: the artifact name.
+        type: the artifact type.
+        aliases: aliases to apply (W&B adds ``latest`` itself).
+        metadata: sanitised metadata (read-only).
+        description: the artifact's description.
+        checkpoint: the checkpoint's file stem in the run directory.
+        digest: the weights digest; ``(artifact, digest)`` is the publication's key.
+    """
+
+    artifact: str
+    type: str
+    aliases: tuple[str, ...]
+    metadata: Mapping[str, Any]
+    description: str | None
+    checkpoint: str
+    digest: str
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "aliases", tuple(self.aliases))
+        object.__setattr__(self, "metadata", freeze(dict(self.metadata)))
+
+    @property
+    def key(self) -> tuple[str, str]:
+        """``(artifact, digest)``."""
+        return (self.artifact, self.digest)
+
+    def replace(self, **changes: Any) -> Publication:
+        """Return a copy with ``changes`` applied."""
+        return replace(self, **changes)
+
+    def record(self, event: str) -> dict[str, Any]:
+        """A ledger record for ``event`` with everything needed to republish."""
+        return {
+            "event": event,
+            "artifact": self.artifact,
+            "digest": self.digest,
+            "checkpoint": self.checkpoint,
+            "type": self.type,
+            "aliases": list(self.aliases),
+            "metadata": thaw(self.metadata),
+            "description": self.description,
+        }
+
+    @classmethod
+    def from_record(cls, record: Mapping[str, Any]) -> Publication:
+        """Rebuild from a ledger record written by :meth:`record`.
+
+        Raises:
+            KeyError, TypeError: for a record that lacks a field or has a mistyped one.
+        """
+        return cls(
+            artifact=str(record["artifact"]),
+            type=str(record["type"]),
+            aliases=tuple(str(a) for a in record["aliases"]),
+            metadata=dict(record["metadata"]),
+            description=record.get("description"),
+            checkpoint=str(record["checkpoint"]),
+            digest=str(record["digest"]),
+        )
+
+
+def plan_publication(
+    meta: CheckpointMeta,
+    *,
+    run_name: str,
+    suffix: str | None = None,
+    aliases: Sequence[str] | None = None,
+    artifact_type: str | None = None,
+    description: str | None = None,
+    metadata: Mapping[str, Any] | None = None,
+) -> Publication:
+    """Decide name, type, aliases, metadata and description of a checkpoint's artifact.
+
+    Args:
+        meta: the checkpoint.
+        run_name: the training run's name (the artifact name's prefix).
+        suffix: the part after the run name (Keisei's ``artifact_name``); by default
+            from the kind: ``checkpoint-ts{N}``, ``final-checkpoint``, ``final-model``.
+        aliases: replaces the default aliases (each sanitised like a name).
+        artifact_type: default ``"model"``.
+        description: default says kind, name and step.
+        metadata: extra metadata, added after the defaults.
+
+    Returns:
+        The publication, with every name and alias fullmatching :data:`NAME_PATTERN`.
+
+    Example:
+        >>> from keisei_fn import GameStats
+        >>> meta = CheckpointMeta(path="r/checkpoint_ts10240", name="checkpoint_ts10240",
+        ...     format_version=1, kind="periodic", step=10240, episodes=0, stats=GameStats(),
+        ...     spec=None, weights_size=1, weights_digest="blake3:00", digest="blake3:11",
+        ...     created="2025-01-01T00:00:00+00:00")
+        >>> plan = plan_publication(meta, run_name="ppo run")
+        >>> plan.artifact, plan.aliases, plan.type
+        ('ppo-run-checkpoint-ts10240', ('ts-10240',), 'model')
+    """
+    chosen = default_aliases(meta) if aliases is None else tuple(aliases)
+    return Publication(
+        artifact=artifact_name(run_name, suffix or default_suffix(meta)),
+        type=sanitize_name(artifact_type or "model", fallback="model"),
+        aliases=tuple(dict.fromkeys(sanitize_name(a, fallback="latest") for a in chosen)),
+        metadata=artifact_metadata(meta, metadata),
+        description=description or f"{meta.kind} checkpoint {meta.name} at timestep {meta.step}",
+        checkpoint=meta.name,
+        digest=meta.weights_digest,
+    )

@@ -1,0 +1,462 @@
+"""Publishing checkpoints to Weights & Biases: retries, a durable outbox, training never stops.
+
+``publish`` logs a checkpoint's two files (weights and sidecar) as one W&B artifact.
+Every publication goes through the run directory's publication ledger (owned by the store):
+``pending`` is appended before the upload, ``published`` or ``failed`` after. A transient
+failure (network, W&B unreachable) is retried with exponential backoff and then left pending:
+``flush_outbox`` publishes it later, from this or another machine that has the run directory.
+W&B's ``log_artifact`` returns before anything is confirmed, so the promise is *at least once,
+idempotent by (artifact name, weights digest)*: nothing the ledger marks published is logged
+again. (Two processes flushing the same run directory at the same instant may both log a
+version; W&B makes no second version of unchanged contents.)
+
+Nothing but ``KeyboardInterrupt`` and ``SystemExit`` leaves these functions (those always do,
+during backoff sleeps too); everything else becomes a :class:`PublishResult`. wandb is imported
+only when something is published: training, saving and loading never need it.
+
+Disk: files are added with W&B's default ``"mutable"`` policy, so W&B copies each into its
+staging directory (``$WANDB_DATA_DIR/artifacts/staging``) and uploads the copy. The run
+directory stays ours: retention may prune a published checkpoint and a final save may replace a
+sidecar at any time without corrupting an upload. The price is a second copy of each version
+until W&B has uploaded it (offline: until ``wandb sync``). The copies of an attempt that does not
+end published are removed.
+
+Example:
+    >>> publish("runs/none/checkpoint_ts1", run_name="r", enabled=False).status
+    'skipped'
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import logging
+import os
+import socket
+import sys
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any, Literal
+
+from keisei_fn.errors import IntegrityError
+from keisei_fn.meta import CheckpointMeta
+from keisei_fn.publish.plan import Publication, plan_publication
+from keisei_fn.state import thaw
+from keisei_fn.store.checkpoints import resolve_stem
+from keisei_fn.store.ledger import append_ledger, pending_publications, read_ledger
+from keisei_fn.store.listing import read_listed
+from keisei_fn.store.names import parse_stem, sidecar_path, weights_path
+
+__all__ = ["PUBLISH_ENV", "PublishResult", "flush_outbox", "publish", "publishing_enabled"]
+
+log = logging.getLogger("keisei_fn.publish")
+
+#: Set to ``0`` (or ``false``, ``no``, ``off``) to switch publishing off.
+PUBLISH_ENV = "KEISEI_FN_PUBLISH"
+_OFF = frozenset({"0", "false", "no", "off"})
+_NETWORK_ERRNOS = frozenset(
+    getattr(errno, name)
+    for name in (
+        "ECONNREFUSED",
+        "ECONNRESET",
+        "ECONNABORTED",
+        "ENETUNREACH",
+        "ENETDOWN",
+        "ENETRESET",
+        "EHOSTUNREACH",
+        "EHOSTDOWN",
+        "ETIMEDOUT",
+        "EPIPE",
+    )
+    if hasattr(errno, name)
+)
+
+Status = Literal["published", "skipped", "queued", "failed"]
+Sleep = Callable[[float], object]
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class PublishResult:
+    """What a publication did; the training loop decides what to do about it.
+
+    Attributes:
+        status: ``"published"`` (logged to the run), ``"skipped"`` (publishing off, no or a
+            disabled run, wandb not installed: nothing recorded), ``"queued"`` (a transient
+            failure outlasted the retries; pending in the ledger for :func:`flush_outbox`) or
+            ``"failed"`` (permanent; recorded, never retried by a flush).
+        reason: a short human explanation.
+        artifact_name: the artifact's name, once known.
+        aliases: the aliases applied (W&B adds ``latest`` itself).
+    """
+
+    status: Status
+    reason: str
+    artifact_name: str | None = None
+    aliases: tuple[str, ...] = ()
+
+    def replace(self, **changes: Any) -> PublishResult:
+        """Return a copy with ``changes`` applied."""
+        return replace(self, **changes)
+
+
+def publishing_enabled(enabled: bool | None = None) -> bool:
+    """The switch: ``enabled`` when given, else the ``KEISEI_FN_PUBLISH`` environment variable.
+
+    Args:
+        enabled: an explicit choice, which wins over the environment.
+
+    Returns:
+        False when ``enabled`` is False, or it is None and ``KEISEI_FN_PUBLISH`` is ``0``,
+        ``false``, ``no`` or ``off``; True otherwise.
+
+    Example:
+        >>> publishing_enabled(False)
+        False
+    """
+    if enabled is not None:
+        return bool(enabled)
+    return os.environ.get(PUBLISH_ENV, "1").strip().lower() not in _OFF
+
+
+def _connect(enabled: bool | None, run: Any) -> tuple[Any, Any] | str:
+    """``(wandb, run)`` to publish with, or why not (the reason for ``"skipped"``)."""
+    if not publishing_enabled(enabled):
+        return f"publishing is switched off (enabled=False or {PUBLISH_ENV}=0)"
+    try:
+        import wandb
+    except ModuleNotFoundError as exc:
+        if exc.name != "wandb":
+            return f"wandb cannot be imported: {exc}"
+        return "wandb not installed"
+    except Exception as exc:  # a broken installation must not stop training
+        return f"wandb cannot be imported: {exc!r}"
+    run = run if run is not None else wandb.run
+    if run is None:
+        return "no active W&B run (call wandb.init() or pass run=)"
+    if getattr(run, "disabled", False):
+        return "the W&B run is disabled (mode='disabled'): it would only pretend to publish"
+    return wandb, run
+
+
+def _is_transient(wandb: Any, exc: Exception) -> bool:
+    """Whether retrying later may succeed: W&B communication and network errors."""
+    if isinstance(exc, wandb.errors.CommError | ConnectionError | TimeoutError | socket.gaierror):
+        return True
+    if isinstance(exc, OSError) and exc.errno in _NETWORK_ERRNOS:
+        return True
+    requests = sys.modules.get("requests")
+    return requests is not None and isinstance(exc, requests.ConnectionError | requests.Timeout)
+
+
+def _describe(exc: BaseException) -> str:
+    return f"{type(exc).__module__}.{type(exc).__qualname__}: {exc}"
+
+
+def _current_meta(checkpoint: CheckpointMeta | str | os.PathLike[str]) -> CheckpointMeta:
+    """The checkpoint as it is on disk now, checked at the listed level."""
+    if not isinstance(checkpoint, CheckpointMeta):
+        return read_listed(resolve_stem(checkpoint))[0]
+    current = read_listed(checkpoint.path)[0]
+    if current.weights_digest != checkpoint.weights_digest:
+        raise IntegrityError(
+            f"{checkpoint.weights_path}: weights digest is {current.weights_digest}, the meta "
+            f"says {checkpoint.weights_digest}; the checkpoint was replaced since"
+        )
+    return current
+
+
+def _build_artifact(wandb: Any, run_dir: Path, plan: Publication) -> Any:
+    artifact = wandb.Artifact(
+        plan.artifact,
+        type=plan.type,
+        description=plan.description,
+        metadata=thaw(plan.metadata),
+    )
+    stem = run_dir / plan.checkpoint
+    for path in (weights_path(stem), sidecar_path(stem)):
+        artifact.add_file(str(path), name=path.name)
+    return artifact
+
+
+def _discard_staged(artifact: Any | None, run_dir: Path, plan: Publication) -> None:
+    """Remove W&B's staged copies of an artifact that was not logged."""
+    if artifact is None:
+        return
+    ours = {str(p(run_dir / plan.checkpoint)) for p in (weights_path, sidecar_path)}
+    for entry in artifact.manifest.entries.values():
+        if entry.local_path and str(entry.local_path) not in ours:
+            with contextlib.suppress(OSError):
+                os.unlink(entry.local_path)
+
+
+def _upload(
+    wandb: Any, run: Any, run_dir: Path, plan: Publication, tries: int, backoff: float, sleep: Sleep
+) -> tuple[Status, str]:
+    """Log the artifact, retrying transient errors; ``(status, reason)``."""
+    artifact = None
+    status: Status = "queued"
+    reason = ""
+    for attempt in range(1, tries + 1):
+        try:
+            if artifact is None:
+                artifact = _build_artifact(wandb, run_dir, plan)
+            run.log_artifact(artifact, aliases=list(plan.aliases))
+            status, reason = "published", f"logged to W&B run {getattr(run, 'id', '?')}"
+            break
+        except Exception as exc:  # classified below; KeyboardInterrupt/SystemExit pass through
+            reason = _describe(exc)
+            if not _is_transient(wandb, exc):
+                status = "failed"
+                break
+            if attempt < tries:
+                delay = backoff * 2 ** (attempt - 1)
+                log.warning(
+                    "publishing %s failed (try %d of %d), retrying in %.1f s: %s",
+                    plan.artifact,
+                    attempt,
+                    tries,
+                    delay,
+                    reason,
+                )
+                try:
+                    sleep(delay)
+                except BaseException:  # Ctrl-C while waiting: nothing was logged, then re-raise
+                    _discard_staged(artifact, run_dir, plan)
+                    raise
+    if status == "queued":
+        reason = f"{reason} (after {tries} tries; pending in the outbox for flush_outbox)"
+    if status != "published":
+        _discard_staged(artifact, run_dir, plan)
+    return status, reason
+
+
+def _latest_event(run_dir: Path, key: tuple[str, str]) -> str | None:
+    records = read_ledger(run_dir)
+    events = [r.get("event") for r in records if (r.get("artifact"), r.get("digest")) == key]
+    return events[-1] if events else None
+
+
+def _record_outcome(run_dir: Path, plan: Publication, status: Status, reason: str) -> None:
+    try:
+        append_ledger(
+            run_dir,
+            {
+                "event": status,
+                "artifact": plan.artifact,
+                "digest": plan.digest,
+                "checkpoint": plan.checkpoint,
+                "reason": reason,
+            },
+        )
+    except (OSError, ValueError) as exc:
+        log.warning("could not record %s of %s in the ledger: %s", status, plan.artifact, exc)
+
+
+def _deliver(
+    wandb: Any,
+    run: Any,
+    run_dir: Path,
+    plan: Publication,
+    *,
+    record_pending: bool,
+    tries: int,
+    backoff: float,
+    sleep: Sleep,
+) -> PublishResult:
+    """Publish one planned artifact through the ledger."""
+    done = PublishResult(status="published", reason="", artifact_name=plan.artifact)
+    done = done.replace(aliases=plan.aliases)
+    try:
+        if _latest_event(run_dir, plan.key) == "published":
+            return done.replace(reason="already published (publication ledger)")
+        if record_pending:
+            append_ledger(run_dir, plan.record("pending"))
+    except (OSError, ValueError) as exc:
+        log.error("not publishing %s: the ledger in %s failed: %s", plan.artifact, run_dir, exc)
+        return done.replace(status="failed", reason=f"publication ledger: {_describe(exc)}")
+    status, reason = _upload(wandb, run, run_dir, plan, max(1, tries), backoff, sleep)
+    if status == "queued":
+        log.warning("publishing %s queued: %s", plan.artifact, reason)
+    else:
+        _record_outcome(run_dir, plan, status, reason)
+        if status == "failed":
+            log.error("publishing %s failed permanently: %s", plan.artifact, reason)
+        else:
+            log.info("published %s (%s)", plan.artifact, ", ".join(plan.aliases))
+    return done.replace(status=status, reason=reason)
+
+
+def publish(
+    checkpoint: CheckpointMeta | str | os.PathLike[str],
+    *,
+    run_name: str,
+    run: Any = None,
+    artifact_name: str | None = None,
+    aliases: Sequence[str] | None = None,
+    artifact_type: str | None = None,
+    description: str | None = None,
+    metadata: Mapping[str, Any] | None = None,
+    enabled: bool | None = None,
+    retries: int = 3,
+    backoff: float = 1.0,
+    sleep: Sleep = time.sleep,
+) -> PublishResult:
+    """Log a checkpoint (weights and sidecar) as a W&B artifact, through the durable outbox.
+
+    Args:
+        checkpoint: a :class:`CheckpointMeta` or a path (either file of the pair or its stem);
+            checked at the listed level (a meta must still match the weights on disk).
+        run_name: the training run's name: the artifact name's prefix.
+        run: the W&B run; ``wandb.run`` when None.
+        artifact_name: the part after the run name (Keisei's ``artifact_name``); by default
+            ``checkpoint-ts{N}``, ``final-checkpoint`` or ``final-model`` from the kind.
+        aliases: replaces Keisei's aliases (``ts-{N}``; ``latest-checkpoint``; ``latest``,
+            ``final``).
+        artifact_type: default ``"model"``.
+        description: the artifact's description.
+        metadata: extra metadata, added after Keisei's keys (sanitised for W&B).
+        enabled: False skips; None follows ``KEISEI_FN_PUBLISH``.
+        retries: tries in all for transient errors (at least 1).
+        backoff: seconds before the second try, doubling each time (0 in tests).
+        sleep: the sleep function (injectable for tests).
+
+    Returns:
+        The outcome; see :class:`PublishResult`. Publishing a version the ledger already marks
+        published returns ``"published"`` without logging it again.
+
+    Raises:
+        KeyboardInterrupt, SystemExit: always propagated (the publication stays pending).
+
+    Example:
+        With a run from ``wandb.init(...)``, ``publish(meta, run_name="ppo-1")`` logs
+        ``ppo-1-checkpoint-ts{N}``; switched off, nothing is touched:
+
+        >>> publish("runs/ppo-1/checkpoint_ts10240", run_name="ppo-1", enabled=False).reason
+        'publishing is switched off (enabled=False or KEISEI_FN_PUBLISH=0)'
+    """
+    connected = _connect(enabled, run)
+    if isinstance(connected, str):
+        log.info("not publishing %s: %s", checkpoint, connected)
+        return PublishResult(status="skipped", reason=connected)
+    wandb, run = connected
+    try:
+        meta = _current_meta(checkpoint)
+        plan = plan_publication(
+            meta,
+            run_name=run_name,
+            suffix=artifact_name,
+            aliases=aliases,
+            artifact_type=artifact_type,
+            description=description,
+            metadata=metadata,
+        )
+    except (OSError, ValueError, TypeError) as exc:
+        log.error("cannot publish %s: %s", checkpoint, exc)
+        return PublishResult(status="failed", reason=_describe(exc))
+    return _deliver(
+        wandb,
+        run,
+        meta.run_dir,
+        plan,
+        record_pending=True,
+        tries=retries,
+        backoff=backoff,
+        sleep=sleep,
+    )
+
+
+def _pending_plan(run_dir: Path, record: Mapping[str, Any]) -> Publication:
+    """The publication a pending ledger record describes, its checkpoint still on disk."""
+    plan = Publication.from_record(record)
+    parsed = parse_stem(plan.checkpoint)
+    if parsed is None or parsed.stem != plan.checkpoint:
+        raise IntegrityError(f"ledger names {plan.checkpoint!r}, not a checkpoint of {run_dir}")
+    current = read_listed(run_dir / plan.checkpoint)[0]
+    if current.weights_digest != plan.digest:
+        raise IntegrityError(
+            f"{current.weights_path}: weights digest is {current.weights_digest}, the pending "
+            f"publication is of {plan.digest}; the checkpoint was replaced since"
+        )
+    return plan
+
+
+def flush_outbox(
+    run_dir: str | os.PathLike[str],
+    *,
+    run: Any = None,
+    enabled: bool | None = None,
+    retries: int = 3,
+    backoff: float = 1.0,
+    sleep: Sleep = time.sleep,
+) -> list[PublishResult]:
+    """Publish every publication the run directory's ledger holds as pending.
+
+    Later in the same run, or from another machine that has the run directory. A pending
+    publication whose checkpoint is gone or was replaced ends ``"failed"`` (recorded, so it is
+    not retried forever); a version already marked published is never logged again.
+
+    Args:
+        run_dir: the run directory.
+        run: the W&B run; ``wandb.run`` when None.
+        enabled, retries, backoff, sleep: as for :func:`publish`.
+
+    Returns:
+        One result per pending publication, in ledger order (``"skipped"`` ones when
+        publishing is not possible now: they stay pending); empty when nothing is pending.
+
+    Raises:
+        KeyboardInterrupt, SystemExit: always propagated.
+
+    Example:
+        >>> flush_outbox("runs/does-not-exist")
+        []
+    """
+    run_dir = Path(run_dir)
+    try:
+        pending = pending_publications(run_dir)
+    except OSError as exc:
+        return [PublishResult(status="failed", reason=f"publication ledger: {_describe(exc)}")]
+    if not pending:
+        return []
+    connected = _connect(enabled, run)
+    if isinstance(connected, str):
+        return [
+            PublishResult(status="skipped", reason=connected, artifact_name=artifact)
+            for artifact, _ in pending
+        ]
+    wandb, run = connected
+    results = []
+    for record in pending.values():
+        try:
+            plan = _pending_plan(run_dir, record)
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            failed = Publication(
+                artifact=record["artifact"],
+                type="",
+                aliases=(),
+                metadata={},
+                description=None,
+                checkpoint=str(record.get("checkpoint")),
+                digest=record["digest"],
+            )
+            _record_outcome(run_dir, failed, "failed", _describe(exc))
+            log.error("pending publication %s cannot be published: %s", failed.artifact, exc)
+            results.append(
+                PublishResult(status="failed", reason=_describe(exc), artifact_name=failed.artifact)
+            )
+            continue
+        results.append(
+            _deliver(
+                wandb,
+                run,
+                run_dir,
+                plan,
+                record_pending=False,
+                tries=retries,
+                backoff=backoff,
+                sleep=sleep,
+            )
+        )
+    return results
