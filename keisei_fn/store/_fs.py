@@ -19,7 +19,6 @@ import blake3
 from keisei_fn.errors import IntegrityError
 
 TEMP_SUFFIX = ".tmp"
-_CHUNK = 1 << 20
 
 
 def temp_path(final: Path) -> Path:
@@ -122,8 +121,5 @@ def hash_file(path: Path) -> tuple[int, str]:
 
 
 def hash_chunks() -> blake3.blake3:
-    """A hasher for incremental updates."""
+    """A hasher for incremental updates: it releases the GIL and uses all cores on large ones."""
     return blake3.blake3(max_threads=blake3.blake3.AUTO)
-
-
-CHUNK = _CHUNK
