@@ -1,8 +1,9 @@
 """keisei_fn: a functional model-lifecycle library for Keisei's Shogi deep-RL networks.
 
-Immutable values (``ModelSpec``, ``Precision``, ...) flow through functions (``build_model``,
-``precision_policy``, ``model_info``, ...). wandb, cshogi and hypothesis are imported only by the
-functions that need them.
+Immutable values (``ModelSpec``, ``TrainState``, ``CheckpointMeta``, ...) flow through functions
+(``build_model``, ``capture``, ``save_state``, ``load_state``, ``resume``, ``publish``, ...); side
+effects live only at the edges. wandb, cshogi and hypothesis are imported only by the functions
+that need them.
 
 Example:
     >>> import keisei_fn as kf
@@ -25,15 +26,19 @@ from keisei_fn.nets import (
     unwrap_model,
 )
 from keisei_fn.precision import Precision, make_scaler, precision_policy
+from keisei_fn.publish import PublishResult, flush_outbox, publish
 from keisei_fn.spec import ModelSpec, model_types
 from keisei_fn.state import GameStats, TrainState
 from keisei_fn.store import (
+    AsyncSaver,
     Checkpointer,
     PrunePlan,
     Resumed,
     RetentionPolicy,
+    SaveHandle,
     SaveResult,
     checkpoint_due,
+    import_legacy,
     latest_checkpoint,
     list_checkpoints,
     load_model,
@@ -52,6 +57,7 @@ __version__ = "0.1.0"
 __all__ = [
     "FEATURE_SPECS",
     "ActorCriticResTower",
+    "AsyncSaver",
     "CheckpointMeta",
     "Checkpointer",
     "FeatureSpec",
@@ -59,8 +65,10 @@ __all__ = [
     "ModelSpec",
     "Precision",
     "PrunePlan",
+    "PublishResult",
     "Resumed",
     "RetentionPolicy",
+    "SaveHandle",
     "SaveResult",
     "TrainState",
     "__version__",
@@ -69,7 +77,9 @@ __all__ = [
     "capture",
     "checkpoint_due",
     "errors",
+    "flush_outbox",
     "get_feature_spec",
+    "import_legacy",
     "latest_checkpoint",
     "list_checkpoints",
     "load_model",
@@ -80,6 +90,7 @@ __all__ = [
     "plan_prune",
     "precision_policy",
     "prune",
+    "publish",
     "register_feature_set",
     "register_model",
     "restore_",

@@ -2,9 +2,11 @@
 
 Submodules: ``checkpoints`` (save/load/verify), ``listing`` (validity, list, latest),
 ``resume``, ``retention`` (RetentionPolicy, plan_prune, prune), ``checkpointer`` (the
-loop-facing helper), ``ledger`` (the publication ledger), ``legacy`` (Keisei ``.pth`` import).
+loop-facing helper), ``background`` (AsyncSaver), ``ledger`` (the publication ledger),
+``legacy`` (Keisei ``.pth`` import).
 """
 
+from keisei_fn.store.background import AsyncSaver, SaveHandle
 from keisei_fn.store.checkpointer import Checkpointer, SaveResult, checkpoint_due, round_interval
 from keisei_fn.store.checkpoints import (
     load_model,
@@ -15,19 +17,23 @@ from keisei_fn.store.checkpoints import (
     verify_checkpoint,
 )
 from keisei_fn.store.ledger import append_ledger, pending_publications, read_ledger
+from keisei_fn.store.legacy import import_legacy
 from keisei_fn.store.listing import RunDirScan, latest_checkpoint, list_checkpoints, scan_run_dir
 from keisei_fn.store.resume import Resumed, resume
 from keisei_fn.store.retention import PrunePlan, RetentionPolicy, plan_prune, prune
 
 __all__ = [
+    "AsyncSaver",
     "Checkpointer",
     "PrunePlan",
     "Resumed",
     "RetentionPolicy",
     "RunDirScan",
+    "SaveHandle",
     "SaveResult",
     "append_ledger",
     "checkpoint_due",
+    "import_legacy",
     "latest_checkpoint",
     "list_checkpoints",
     "load_model",

@@ -1,0 +1,312 @@
+"""The commands of ``keisei-fn``: each is a thin call into the library plus printing.
+
+Every command takes the parsed ``argparse.Namespace`` and returns an exit code.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from keisei_fn.cli.table import human_age, human_bytes, render_table
+from keisei_fn.info import model_info
+from keisei_fn.precision import precision_policy
+from keisei_fn.spec import ModelSpec
+
+
+def _print_json(data: Any) -> None:
+    sys.stdout.write(orjson.dumps(data, option=orjson.OPT_INDENT_2, default=str).decode() + "\n")
+
+
+def _spec_from_args(args: argparse.Namespace) -> ModelSpec | None:
+    """A spec from Keisei's CLI names, or None when no spec option was given."""
+    names = ("model", "input_features", "tower_depth", "tower_width", "se_ratio")
+    if all(getattr(args, n, None) is None for n in names):
+        return None
+    return ModelSpec.from_config(None, args)
+
+
+def _publish_status(run_dir: Path) -> dict[str, str]:
+    """Checkpoint name → its latest publication event."""
+    from keisei_fn.store.ledger import read_ledger
+
+    status: dict[str, str] = {}
+    for record in read_ledger(run_dir):
+        if record.get("checkpoint"):
+            status[record["checkpoint"]] = record.get("event", "?")
+    return status
+
+
+def cmd_ls(args: argparse.Namespace) -> int:
+    """A table of a run directory's checkpoints, including invalid and incomplete ones."""
+    from keisei_fn.store.checkpoints import verify_checkpoint
+    from keisei_fn.store.listing import scan_run_dir
+
+    run_dir = Path(args.run_dir)
+    if not run_dir.is_dir():
+        raise FileNotFoundError(f"no run directory {run_dir}")
+    scan = scan_run_dir(run_dir)
+    published = _publish_status(run_dir)
+    rows = []
+    for meta in scan.valid:
+        integrity = "listed"
+        if args.verify:
+            try:
+                verify_checkpoint(meta.path)
+                integrity = "verified"
+            except Exception as exc:
+                integrity = f"CORRUPT: {type(exc).__name__}"
+        rows.append(
+            [
+                meta.name,
+                str(meta.step),
+                meta.kind,
+                human_bytes(meta.total_bytes),
+                human_age(meta.created),
+                integrity,
+                published.get(meta.name, "-"),
+            ]
+        )
+    for path, error in (*scan.invalid, *scan.unreadable):
+        rows.append([path.name, "?", "?", "?", "?", f"INVALID: {type(error).__name__}", "-"])
+    for path in scan.leftovers:
+        rows.append([path.name, "?", "?", human_bytes(path.stat().st_size), "?", "incomplete", "-"])
+    if not rows:
+        print(f"{run_dir}: no checkpoints")
+        return 0
+    header = ["name", "step", "kind", "size", "age", "integrity", "publish"]
+    print(render_table(header, rows))
+    return 0
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    """Spec, model info, stats and tensors of a checkpoint — or of a spec given by options."""
+    if args.path is None:
+        spec = _spec_from_args(args) or ModelSpec()
+        precision = precision_policy(args.device, mixed_precision=args.mixed_precision or False)
+        info = model_info(spec, precision=precision, device=args.device)
+        if args.json:
+            _print_json(info)
+        else:
+            _print_spec(spec, info)
+        return 0
+    from keisei_fn.store.checkpoints import resolve_stem
+    from keisei_fn.store.listing import read_listed
+
+    meta, _ = read_listed(resolve_stem(args.path))
+    data: dict[str, Any] = {
+        "name": meta.name,
+        "path": str(meta.path),
+        "kind": meta.kind,
+        "step": meta.step,
+        "episodes": meta.episodes,
+        "stats": meta.stats.to_json(),
+        "created": meta.created,
+        "versions": dict(meta.versions),
+        "weights": {"size": meta.weights_size, "digest": meta.weights_digest},
+        "tensors": len(meta.tensors),
+        "spec": meta.spec.to_json() if meta.spec else None,
+        "model_info": model_info(meta.spec) if meta.spec else None,
+    }
+    if args.json:
+        data["tensors"] = {k: {"dtype": d, "shape": list(s)} for k, (d, s) in meta.tensors.items()}
+        _print_json(data)
+        return 0
+    print(f"checkpoint     {meta.path}  ({meta.kind}, step {meta.step}, {meta.episodes} episodes)")
+    print(f"created        {meta.created}  ({human_age(meta.created)} ago)")
+    print(
+        f"stats          {meta.stats.black_wins} black wins, {meta.stats.white_wins} white "
+        f"wins, {meta.stats.draws} draws"
+    )
+    print(f"weights        {human_bytes(meta.weights_size)}  {meta.weights_digest[:23]}…")
+    by_part: dict[str, int] = {}
+    for name in meta.tensors:
+        part = name.split("/", 1)[0]
+        by_part[part] = by_part.get(part, 0) + 1
+    print("tensors        " + ", ".join(f"{n} {part}" for part, n in sorted(by_part.items())))
+    if meta.spec and data["model_info"]:
+        _print_spec(meta.spec, data["model_info"])
+    else:
+        print("spec           none (an arbitrary user model)")
+    return 0
+
+
+def _print_spec(spec: ModelSpec, info: dict[str, Any]) -> None:
+    print(
+        f"model          {spec.model_type}  depth {spec.tower_depth}  width {spec.tower_width}"
+        f"  se_ratio {spec.se_ratio}"
+    )
+    print(
+        f"features       {spec.input_features} ({spec.obs_shape[0]} planes), "
+        f"{spec.num_actions} actions"
+    )
+    print(
+        f"parameters     {info['parameters']:,} ({info['trainable_parameters']:,} trainable), "
+        f"{info['state_dict_keys']} state_dict keys"
+    )
+    print(f"precision      {info['mixed_precision']['reason']}")
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    """Verify one checkpoint or every checkpoint of a run directory; exit 1 on any problem."""
+    from keisei_fn.store.checkpoints import verify_checkpoint
+    from keisei_fn.store.listing import scan_run_dir
+
+    path = Path(args.path)
+    if not path.is_dir():
+        meta = verify_checkpoint(path)
+        print(f"ok  {meta.name} (step {meta.step}, {human_bytes(meta.weights_size)})")
+        return 0
+    scan = scan_run_dir(path)
+    bad = 0
+    for meta in scan.valid:
+        try:
+            verify_checkpoint(meta.path)
+            print(f"ok       {meta.name}")
+        except Exception as exc:
+            bad += 1
+            print(f"CORRUPT  {meta.name}: {exc}")
+    for stem, error in (*scan.invalid, *scan.unreadable):
+        bad += 1
+        print(f"INVALID  {stem.name}: {error}")
+    for leftover in scan.leftovers:
+        bad += 1
+        print(f"INCOMPLETE  {leftover.name}: never committed (prune removes it)")
+    if not (scan.valid or bad):
+        print(f"{path}: no checkpoints")
+    return 1 if bad else 0
+
+
+def cmd_prune(args: argparse.Namespace) -> int:
+    """Apply a retention policy (``--dry-run`` to only show the plan)."""
+    from keisei_fn.store.retention import RetentionPolicy, prune
+
+    keep_best = None
+    if args.keep_best:
+        metric, mode, k = args.keep_best.split(":")
+        keep_best = (metric, mode, int(k))
+    policy = RetentionPolicy(
+        keep_last=args.keep_last,
+        keep_every=args.keep_every,
+        keep_best=keep_best,
+        max_bytes=args.max_bytes,
+    )
+    plan = prune(args.run_dir, policy, dry_run=args.dry_run)
+    verb = "would delete" if args.dry_run else "deleted"
+    for name, reason in sorted(plan.keep.items()):
+        print(f"keep          {name}  ({reason})")
+    for name in plan.delete:
+        print(f"{verb:<13} {name}")
+    return 0
+
+
+def cmd_convert(args: argparse.Namespace) -> int:
+    """Import an original Keisei ``.pth`` checkpoint into a run directory."""
+    from keisei_fn.store.legacy import import_legacy
+
+    meta = import_legacy(args.pth, args.run_dir, spec=_spec_from_args(args))
+    print(f"converted {args.pth} → {meta.weights_path} (step {meta.step}, {meta.kind})")
+    return 0
+
+
+def cmd_publish(args: argparse.Namespace) -> int:
+    """Publish one checkpoint to W&B (offline unless WANDB_MODE or --wandb says otherwise)."""
+    from keisei_fn.publish import publish
+
+    with _wandb_run(args) as run:
+        result = publish(args.path, run_name=args.run_name, run=run)
+    print(
+        f"{result.status}: {result.artifact_name} {list(result.aliases)} {result.reason}".rstrip()
+    )
+    return 0 if result.status in ("published", "skipped", "queued") else 1
+
+
+def cmd_flush(args: argparse.Namespace) -> int:
+    """Publish what the run directory's outbox holds pending."""
+    from keisei_fn.publish import flush_outbox
+
+    with _wandb_run(args) as run:
+        results = flush_outbox(args.run_dir, run=run)
+    for result in results:
+        print(f"{result.status}: {result.artifact_name} {result.reason}".rstrip())
+    if not results:
+        print("outbox empty")
+    return 1 if any(r.status == "failed" for r in results) else 0
+
+
+class _wandb_run:
+    """A W&B run for the publish commands (offline by default), finished on exit."""
+
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.args = args
+        self.run: Any = None
+
+    def __enter__(self) -> Any:
+        import os
+
+        os.environ.setdefault("WANDB_MODE", self.args.wandb)
+        os.environ.setdefault("WANDB_SILENT", "true")
+        try:
+            import wandb
+        except ImportError:
+            return None
+        self.run = wandb.init(project=self.args.project, name=getattr(self.args, "run_name", None))
+        return self.run
+
+    def __exit__(self, *exc: object) -> None:
+        if self.run is not None:
+            self.run.finish()
+
+
+def cmd_analyze(args: argparse.Namespace) -> int:
+    """Top-k legal moves and the value of a position, by a checkpoint's network."""
+    from keisei_fn.analysis import analyze
+    from keisei_fn.store.checkpoints import load_model
+
+    model, meta = load_model(args.checkpoint)
+    result = analyze(model, args.sfen, top_k=args.top_k)
+    print(f"{meta.name} (step {meta.step}) on {result.sfen}")
+    print(f"{result.side} to move; value {result.value:+.3f}; legal mass {result.legal_mass:.3f}")
+    rows = [[str(i + 1), m.usi, f"{m.probability:.3f}"] for i, m in enumerate(result.moves)]
+    print(render_table(["#", "move", "prob"], rows))
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    """Run the end-to-end demo (see ``keisei_fn.demo``)."""
+    import os
+
+    from keisei_fn.demo import DemoConfig, run_demo
+
+    wandb_mode = args.wandb or os.environ.get("WANDB_MODE") or "offline"
+    config = DemoConfig(
+        run_dir=Path(args.run_dir),
+        steps=args.steps,
+        target_legal_mass=args.target_legal_mass,
+        seed=args.seed,
+        pool_size=args.pool_size,
+        checkpoint_every=args.checkpoint_every,
+        wandb=wandb_mode if wandb_mode in ("offline", "online", "disabled") else "offline",
+    )
+    print("keisei-fn demo: teaching Keisei's test network the rules of Shogi (legality objective)")
+    try:
+        result = run_demo(config)
+    except KeyboardInterrupt:
+        return 130
+    how = f"resumed from {result.resumed_from}" if result.resumed_from else "fresh start"
+    print(
+        f"\nfinished at step {result.step} ({how}) in {result.seconds:.1f} s: legal mass "
+        f"{result.train_legal_mass:.3f} on the training pool, "
+        f"{result.heldout_legal_mass:.3f} on held-out positions"
+    )
+    if not result.reached_target:
+        print(f"target {config.target_legal_mass} NOT reached within {config.steps} steps")
+    print()
+    cmd_ls(argparse.Namespace(run_dir=config.run_dir, verify=True))
+    print()
+    cmd_analyze(argparse.Namespace(checkpoint=config.run_dir, sfen=None, top_k=5))
+    return 0 if result.reached_target else 1

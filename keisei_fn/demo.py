@@ -1,0 +1,296 @@
+"""The end-to-end demo: teach Keisei's test network the rules of Shogi, checkpointing as it goes.
+
+It trains on positions from random legal self-play (cshogi) with a *legality objective*: the
+policy target is uniform over the legal moves, so the probability mass the policy puts on legal
+moves ("legal mass") climbs from ~0 towards 1. Along the way it uses the whole lifecycle:
+``resume`` (run it twice: the second run continues), ``capture`` → ``Checkpointer`` (durable
+saves on an interval, retention), ``save_final_model``, publishing to W&B (offline by default),
+the checkpoint table and ``analyze``.
+
+Everything that decides the run — weights, optimizer, the batch sampler's generator, the global
+RNGs — is in each checkpoint, so a run interrupted at any point (Ctrl-C, or killed) resumes
+exactly from its last checkpoint.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from keisei_fn.capture import capture, restore_
+from keisei_fn.errors import SpecError
+from keisei_fn.nets import build_model
+from keisei_fn.spec import ModelSpec
+from keisei_fn.store.checkpointer import Checkpointer
+from keisei_fn.store.checkpoints import save_final_model, save_state
+from keisei_fn.store.resume import resume
+from keisei_fn.store.retention import RetentionPolicy
+
+__all__ = ["DemoConfig", "DemoResult", "legal_mass", "legality_loss", "run_demo"]
+
+Print = Callable[[str], None]
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class DemoConfig:
+    """Settings of the demo run (defaults: under 2 minutes on 2 CPU cores).
+
+    Args:
+        run_dir: where checkpoints go (a second run with the same directory resumes).
+        steps: maximum optimizer steps.
+        target_legal_mass: stop once the training pool's legal mass reaches this.
+        seed: seeds the network, the position pools and the batch sampler.
+        pool_size: training positions; heldout_size: positions never trained on.
+        batch_size, lr: Adam on the legality objective.
+        eval_every: steps between legal-mass measurements.
+        checkpoint_every: steps between checkpoints; keep_last: retention.
+        wandb: "offline" (default), "online" or "disabled".
+    """
+
+    run_dir: Path = Path("runs/demo")
+    steps: int = 3000
+    target_legal_mass: float = 0.9
+    seed: int = 0
+    pool_size: int = 512
+    heldout_size: int = 256
+    batch_size: int = 64
+    lr: float = 3e-3
+    eval_every: int = 25
+    checkpoint_every: int = 100
+    keep_last: int = 3
+    wandb: str = "offline"
+    spec: ModelSpec = field(default_factory=lambda: ModelSpec(model_type="testmodel"))
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "run_dir", Path(self.run_dir))
+        for name in (
+            "steps",
+            "pool_size",
+            "heldout_size",
+            "batch_size",
+            "eval_every",
+            "checkpoint_every",
+            "keep_last",
+        ):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise SpecError(f"DemoConfig.{name} must be a positive int, got {value!r}")
+        if not 0.0 < self.target_legal_mass <= 1.0:
+            raise SpecError(f"target_legal_mass must be in (0, 1], got {self.target_legal_mass}")
+        if self.wandb not in ("offline", "online", "disabled"):
+            raise SpecError(f"wandb must be offline, online or disabled, got {self.wandb!r}")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class DemoResult:
+    """How the demo ended."""
+
+    step: int
+    resumed_from: Path | None
+    train_legal_mass: float
+    heldout_legal_mass: float
+    reached_target: bool
+    seconds: float
+    publish_status: tuple[str, ...]
+
+
+def legality_loss(logits: Tensor, masks: Tensor) -> Tensor:
+    """Cross-entropy to the uniform distribution over legal moves (mean over the batch)."""
+    log_probs = F.log_softmax(logits.float(), dim=-1)
+    per_row = -(log_probs * masks).sum(-1) / masks.sum(-1).clamp(min=1)
+    return per_row.mean()
+
+
+def legal_mass(model: nn.Module, obs: Tensor, masks: Tensor, *, batch: int = 256) -> float:
+    """Mean probability the policy puts on legal moves over a set of positions."""
+    was_training = model.training
+    model.eval()
+    total = 0.0
+    with torch.no_grad():
+        for i in range(0, len(obs), batch):
+            logits, _ = model(obs[i : i + batch])
+            probs = torch.softmax(logits.float(), dim=-1)
+            total += float((probs * masks[i : i + batch]).sum())
+    model.train(was_training)
+    return total / len(obs)
+
+
+def _pool(n: int, seed: int) -> tuple[Tensor, Tensor]:
+    from keisei_fn import shogi
+
+    boards = shogi.random_positions(n, seed=seed, stride=3)
+    return shogi.encode_observations(boards), shogi.legal_masks(boards).float()
+
+
+def _start_wandb(config: DemoConfig, say: Print) -> Any:
+    """An offline/online W&B run for publishing, or None (disabled, or wandb missing)."""
+    if config.wandb == "disabled":
+        return None
+    try:
+        import wandb
+    except ImportError:
+        say("wandb is not installed: publishing is skipped")
+        return None
+    os.environ.setdefault("WANDB_MODE", config.wandb)
+    os.environ.setdefault("WANDB_SILENT", "true")
+    return wandb.init(
+        project="keisei-shogi-rl",
+        name=config.run_dir.name,
+        dir=str(config.run_dir),
+        config={"spec": config.spec.to_json(), "lr": config.lr, "batch_size": config.batch_size},
+    )
+
+
+def run_demo(config: DemoConfig, *, say: Print = print, progress: bool | None = None) -> DemoResult:
+    """Train, checkpoint, resume, publish and analyse — the README's main job.
+
+    Args:
+        config: the run's settings.
+        say: where progress lines go.
+        progress: show a progress bar (default: when stdout is a terminal).
+
+    Returns:
+        How it ended.
+    """
+    from tqdm import tqdm
+
+    started = time.perf_counter()
+    spec = config.spec
+    torch.manual_seed(config.seed)
+    model = build_model(spec, seed=config.seed)
+    optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
+    sampler = torch.Generator().manual_seed(config.seed)
+    train_obs, train_masks = _pool(config.pool_size, config.seed)
+    held_obs, held_masks = _pool(config.heldout_size, config.seed + 1_000_003)
+
+    resumed = resume(config.run_dir)
+    step = 0
+    if resumed is not None:
+        restore_(resumed.state, model, optimizer, generators={"batches": sampler})
+        step = resumed.state.step
+        say(f"resumed from {resumed.path} at step {step}")
+    else:
+        say(f"fresh start in {config.run_dir} (no checkpoint to resume)")
+    completed = bool(resumed is not None and resumed.state.extra.get("completed"))
+    if completed:
+        say(
+            f"this run is already complete (step {step}): nothing to train; "
+            f"delete {config.run_dir} to start over"
+        )
+    else:
+        params = sum(p.numel() for p in model.parameters())
+        say(
+            f"model {spec.model_type} ({params:,} parameters), {config.pool_size} training "
+            f"positions + {config.heldout_size} held-out from random self-play (seed "
+            f"{config.seed}); checkpoint every {config.checkpoint_every} steps, keep the last "
+            f"{config.keep_last}; target legal mass {config.target_legal_mass}"
+        )
+
+    checkpointer = Checkpointer(
+        run_dir=config.run_dir,
+        interval=config.checkpoint_every,
+        retention=RetentionPolicy(keep_last=config.keep_last),
+    )
+    last_saved = step
+    train_mass = legal_mass(model, train_obs, train_masks)
+    held_mass = legal_mass(model, held_obs, held_masks)
+
+    def snapshot(**extra: Any) -> Any:
+        return capture(
+            spec,
+            model,
+            optimizer,
+            step=step,
+            generators={"batches": sampler},
+            extra={"train_legal_mass": train_mass, "heldout_legal_mass": held_mass, **extra},
+        )
+
+    bar = tqdm(
+        total=config.steps,
+        initial=step,
+        disable=not progress if progress is not None else None,
+        unit="step",
+        dynamic_ncols=True,
+    )
+    try:
+        while not completed and step < config.steps and train_mass < config.target_legal_mass:
+            batch = torch.randint(len(train_obs), (config.batch_size,), generator=sampler)
+            logits, _ = model(train_obs[batch])
+            loss = legality_loss(logits, train_masks[batch])
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()  # type: ignore[no-untyped-call]
+            optimizer.step()
+            step += 1
+            bar.update(1)
+            if step % config.eval_every == 0:
+                train_mass = legal_mass(model, train_obs, train_masks)
+                held_mass = legal_mass(model, held_obs, held_masks)
+                bar.set_postfix(
+                    loss=f"{loss.item():.3f}", train=f"{train_mass:.3f}", heldout=f"{held_mass:.3f}"
+                )
+                if bar.disable:
+                    say(
+                        f"step {step:5d}  loss {loss.item():.3f}  legal mass: "
+                        f"train {train_mass:.3f}  held-out {held_mass:.3f}"
+                    )
+            result = checkpointer.maybe_save(snapshot, step=step, last_saved=last_saved)
+            if result.status == "saved" and result.meta is not None:
+                say(f"saved {result.meta.name} ({result.meta.weights_size / 1e6:.1f} MB)")
+            last_saved = result.last_saved
+    except KeyboardInterrupt:
+        bar.close()
+        if step > last_saved:
+            meta = save_state(snapshot(), config.run_dir)
+            say(f"\ninterrupted: saved {meta.name}; run the same command again to resume")
+        raise
+    bar.close()
+    if not completed and step % config.eval_every:  # measure the final weights
+        train_mass = legal_mass(model, train_obs, train_masks)
+        held_mass = legal_mass(model, held_obs, held_masks)
+    reached = train_mass >= config.target_legal_mass
+    publish_status: tuple[str, ...] = ()
+    if not completed:
+        final = snapshot(completed=True)
+        final_meta = save_state(final, config.run_dir, kind="final", overwrite=True)
+        model_meta = save_final_model(final, config.run_dir)
+        say(f"final checkpoint {final_meta.name}, final model {model_meta.name}")
+        publish_status = _publish(config, (final_meta, model_meta), say)
+    return DemoResult(
+        step=step,
+        resumed_from=resumed.path if resumed is not None else None,
+        train_legal_mass=train_mass,
+        heldout_legal_mass=held_mass,
+        reached_target=reached,
+        seconds=time.perf_counter() - started,
+        publish_status=publish_status,
+    )
+
+
+def _publish(config: DemoConfig, metas: tuple[Any, ...], say: Print) -> tuple[str, ...]:
+    if config.wandb == "disabled":
+        say("W&B disabled: publishing skipped")
+        return ()
+    from keisei_fn.publish import publish
+
+    run = _start_wandb(config, say)
+    statuses = []
+    try:
+        for meta in metas:
+            result = publish(meta, run_name=config.run_dir.name, run=run)
+            say(
+                f"W&B: {result.artifact_name or meta.name}: {result.status}"
+                + (f" ({result.reason})" if result.reason else "")
+            )
+            statuses.append(result.status)
+    finally:
+        if run is not None:
+            run.finish()
+    return tuple(statuses)

@@ -1,0 +1,121 @@
+"""Background saves: snapshot on the caller's thread, write on a worker thread.
+
+``AsyncSaver(run_dir, **save_options).save(state)`` returns a :class:`SaveHandle` at once; the
+durable write (the same ``save_state`` protocol: a crash mid-write leaves nothing visible) runs
+in one worker thread. At most one write is in flight: a new ``save`` first waits for the previous
+one (back-pressure, bounded memory) and raises its error if it failed — an error surfaces on
+``wait()`` or on the next ``save``, never silently.
+
+Pass a snapshot: a ``TrainState`` from ``keisei_fn.capture`` holds clones, so training steps
+taken after ``save`` returns do not change what is written.
+
+Example:
+    >>> import tempfile
+    >>> from keisei_fn import ModelSpec, build_model, capture
+    >>> spec = ModelSpec(model_type="testmodel")
+    >>> with tempfile.TemporaryDirectory() as run_dir, AsyncSaver(run_dir) as saver:
+    ...     handle = saver.save(capture(spec, build_model(spec, seed=0), step=1))
+    ...     handle.wait().name
+    'checkpoint_ts1'
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+from keisei_fn.meta import CheckpointMeta
+from keisei_fn.state import TrainState
+from keisei_fn.store.checkpoints import save_state
+
+__all__ = ["AsyncSaver", "SaveHandle"]
+
+
+class SaveHandle:
+    """One background save: ``done()`` polls, ``wait()`` blocks and returns the meta."""
+
+    __slots__ = ("_future", "step")
+
+    def __init__(self, future: Future[CheckpointMeta], step: int) -> None:
+        self._future = future
+        self.step = step
+
+    def done(self) -> bool:
+        """Whether the write has finished (successfully or not)."""
+        return self._future.done()
+
+    def wait(self, timeout: float | None = None) -> CheckpointMeta:
+        """Block until the checkpoint is committed.
+
+        Returns:
+            The committed checkpoint's meta.
+
+        Raises:
+            TimeoutError: when ``timeout`` passes first.
+            Exception: whatever ``save_state`` raised in the worker.
+        """
+        return self._future.result(timeout)
+
+
+class AsyncSaver:
+    """Durable checkpoint writes on a worker thread, one at a time.
+
+    Args:
+        run_dir: the run directory.
+        save_options: keyword options of ``save_state`` (``kind``, ``prefix``, ``overwrite``).
+    """
+
+    def __init__(self, run_dir: str | os.PathLike[str], **save_options: Any) -> None:
+        self.run_dir = Path(run_dir)
+        self._options = save_options
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="keisei-fn-save")
+        self._last: SaveHandle | None = None
+        self._lock = threading.Lock()
+
+    def save(self, state: TrainState) -> SaveHandle:
+        """Start writing ``state``; first waits for (and re-raises the error of) the previous
+        save.
+
+        Raises:
+            Exception: the previous background save's error, if it failed (this state is then
+                not submitted: call ``save`` again to retry).
+            RuntimeError: after ``close()``.
+        """
+        with self._lock:
+            if self._last is not None:
+                previous, self._last = self._last, None
+                previous.wait()
+            future = self._pool.submit(save_state, state, self.run_dir, **self._options)
+            self._last = SaveHandle(future, state.step)
+            return self._last
+
+    def wait(self) -> CheckpointMeta | None:
+        """Wait for the write in flight, if any; returns its meta (raises its error)."""
+        with self._lock:
+            last, self._last = self._last, None
+        return last.wait() if last is not None else None
+
+    def close(self) -> None:
+        """Wait for the write in flight and stop the worker (raises a pending error)."""
+        try:
+            self.wait()
+        finally:
+            self._pool.shutdown(wait=True)
+
+    def __enter__(self) -> AsyncSaver:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if exc_type is None:
+            self.close()
+        else:  # do not mask the original error; still finish the write in flight
+            self._pool.shutdown(wait=True)
