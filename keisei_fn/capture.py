@@ -28,6 +28,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from keisei_fn.distributed import gather_rng, rank_rng, reseed_rank
 from keisei_fn.errors import StateMismatchError
 from keisei_fn.nets import canonical_state_dict, unwrap_model
 from keisei_fn.rng import Generators, capture_rng, restore_rng_, rng_problems
@@ -140,7 +141,7 @@ def capture(
         optimizer=clone(optimizer.state_dict()) if optimizer is not None else None,
         scheduler=clone(scheduler.state_dict()) if scheduler is not None else None,
         scaler=clone(scaler.state_dict()) if enabled_scaler and scaler is not None else None,
-        rng=capture_rng(generators) if rng else None,
+        rng=gather_rng(capture_rng(generators)) if rng else None,
         extra=clone(dict(extra or {})),
     )
 
@@ -256,8 +257,9 @@ def restore_(
         problems.append("an optimizer was given, but the state holds no optimizer state")
     elif optimizer is not None and state.optimizer is not None:
         problems += optimizer_problems(state.optimizer, optimizer)
-    if rng and state.rng is not None:
-        problems += rng_problems(state.rng, generators)
+    own_rng = rank_rng(state.rng) if rng and state.rng is not None else None
+    if own_rng is not None:
+        problems += rng_problems(own_rng, generators)
     if problems:
         raise StateMismatchError(
             f"state (step {state.step}) does not fit the live objects:\n  - "
@@ -284,5 +286,7 @@ def restore_(
             log.warning("state (step %d) holds no GradScaler state: scaler left fresh", state.step)
         else:
             scaler.load_state_dict(thaw(state.scaler, on_tensor=torch.Tensor.clone))
-    if rng and state.rng is not None:
-        restore_rng_(state.rng, generators)
+    if own_rng is not None:
+        restore_rng_(own_rng, generators)
+    elif rng and state.rng is not None:
+        reseed_rank(state.rng, step=state.step)

@@ -29,6 +29,7 @@ from torch import nn
 
 from keisei_fn.capture import restore_
 from keisei_fn.codec import EncodedState, decode_state, dumps, encode_state, loads
+from keisei_fn.distributed import on_rank_zero
 from keisei_fn.errors import (
     CheckpointExistsError,
     CheckpointNotFoundError,
@@ -89,6 +90,9 @@ def save_state(
     checkpoint. Re-saving an identical state at a committed, valid step writes nothing and
     returns the existing meta; ``kind="final"`` over an identical periodic checkpoint rewrites
     only the sidecar. An incomplete or corrupt checkpoint at that step is replaced.
+    Under ``torch.distributed`` with several ranks, call it on every rank: rank 0 writes, and
+    every rank returns the same meta (or raises the same error) once the checkpoint is
+    committed (see ``keisei_fn.distributed``).
 
     Args:
         state: the snapshot (``state.step`` must be > 0).
@@ -113,7 +117,10 @@ def save_state(
     if state.step <= 0:
         raise SpecError(f"a checkpoint needs step > 0 (completed timesteps), got {state.step}")
     stem = Path(run_dir) / checkpoint_stem(prefix, state.step)
-    return _commit(encode_state(state), stem, kind=kind, overwrite=overwrite)
+    return on_rank_zero(
+        lambda: _commit(encode_state(state), stem, kind=kind, overwrite=overwrite),
+        others=lambda: read_listed(stem)[0],
+    )
 
 
 def save_final_model(state: TrainState, run_dir: PathLike) -> CheckpointMeta:
@@ -127,7 +134,10 @@ def save_final_model(state: TrainState, run_dir: PathLike) -> CheckpointMeta:
     """
     weights_only = state.replace(optimizer=None, scheduler=None, scaler=None, rng=None, extra={})
     stem = Path(run_dir) / FINAL_MODEL
-    return _commit(encode_state(weights_only), stem, kind="final_model", overwrite=True)
+    return on_rank_zero(
+        lambda: _commit(encode_state(weights_only), stem, kind="final_model", overwrite=True),
+        others=lambda: read_listed(stem)[0],
+    )
 
 
 def _existing(stem: Path) -> tuple[CheckpointMeta, dict[str, Any]] | None:

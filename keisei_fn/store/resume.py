@@ -14,6 +14,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from keisei_fn.distributed import on_rank_zero
 from keisei_fn.errors import CheckpointNotFoundError
 from keisei_fn.state import TrainState
 from keisei_fn.store._fs import write_durably
@@ -89,7 +90,7 @@ def resume(
         if parent_latest is not None:
             stem = parent_latest.parent / parent_latest.name.removesuffix(".safetensors")
             log.warning("no checkpoint in %s; resuming from the parent's %s", run_dir, stem)
-            _copy_pair(stem, run_dir)
+            on_rank_zero(lambda: _copy_pair(stem, run_dir))
     if latest_checkpoint(run_dir, prefix=prefix) is None:
         return None
     try:

@@ -21,6 +21,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from keisei_fn.distributed import on_rank_zero
 from keisei_fn.errors import SpecError
 from keisei_fn.meta import CheckpointMeta
 from keisei_fn.store._fs import unlink_durably
@@ -187,7 +188,10 @@ def prune(
     Returns:
         The plan; ``delete`` also lists removed leftovers (as file names).
     """
-    run_dir = Path(run_dir)
+    return on_rank_zero(lambda: _prune(Path(run_dir), policy, dry_run=dry_run, prefix=prefix))
+
+
+def _prune(run_dir: Path, policy: RetentionPolicy, *, dry_run: bool, prefix: str) -> PrunePlan:
     scan = scan_run_dir(run_dir)
     pending = {r.get("checkpoint", "") for r in pending_publications(run_dir).values()}
     plan = plan_prune(scan.valid, policy, protected=pending, prefix=prefix)
