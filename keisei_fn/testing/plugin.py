@@ -1,7 +1,8 @@
 """The ``keisei_fn`` pytest plugin: namespaced Hypothesis profiles for keisei_fn's users.
 
-Registers the Hypothesis profiles ``keisei-dev`` (25 examples, no deadline) and ``keisei-ci``
-(40 derandomized examples, no deadline, slow data generation allowed) when pytest starts, if
+Registers the Hypothesis profiles ``keisei-dev`` (25 examples, no deadline), ``keisei-ci``
+(40 derandomized examples, no deadline, slow data generation allowed) and ``keisei-slow`` (300
+examples, for nightly runs) when pytest starts, if
 Hypothesis is installed, and loads the one named by the environment variable
 ``KEISEI_FN_HYPOTHESIS_PROFILE``; any other value (or none) leaves Hypothesis's own choice alone,
 and so does an explicit ``--hypothesis-profile``. Without Hypothesis the plugin does nothing.
@@ -26,7 +27,7 @@ __all__ = ["PROFILES", "PROFILE_ENV", "pytest_configure"]
 #: The environment variable that selects a profile.
 PROFILE_ENV = "KEISEI_FN_HYPOTHESIS_PROFILE"
 #: The profiles this plugin registers.
-PROFILES = ("keisei-dev", "keisei-ci")
+PROFILES = ("keisei-dev", "keisei-ci", "keisei-slow")
 
 
 @pytest.hookimpl(tryfirst=True)
@@ -48,6 +49,7 @@ def pytest_configure(config: pytest.Config) -> None:
         derandomize=True,
         suppress_health_check=[HealthCheck.too_slow],
     )
+    settings.register_profile("keisei-slow", max_examples=300, deadline=None)
     chosen = os.environ.get(PROFILE_ENV)
     if chosen in PROFILES and not config.getoption("hypothesis_profile", None):
         settings.load_profile(chosen)
