@@ -64,7 +64,7 @@ def analyze(
 
     Raises:
         SpecError: for ``top_k < 1``.
-        keisei_fn.shogi.InvalidPositionError: for a malformed SFEN.
+        InvalidPositionError: for a malformed SFEN.
     """
     from keisei_fn import shogi
 

@@ -15,6 +15,7 @@ __all__ = [
     "IllegalMoveError",
     "IncompleteCheckpointError",
     "IntegrityError",
+    "InvalidPositionError",
     "KeiseiFnError",
     "SpecError",
     "StateMismatchError",
@@ -66,3 +67,7 @@ class IllegalMoveError(KeiseiFnError, ValueError):
 
 class UnsupportedValueError(KeiseiFnError, TypeError):
     """A non-tensor value that a checkpoint cannot store exactly (e.g. an arbitrary object)."""
+
+
+class InvalidPositionError(KeiseiFnError, ValueError):
+    """An SFEN string does not describe a valid Shogi position."""
