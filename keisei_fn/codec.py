@@ -204,8 +204,15 @@ def _hashable(key: Any) -> Any:
 
 
 def dumps(data: Any) -> bytes:
-    """Canonical JSON bytes of plain JSON data: sorted keys, so equal data gives equal bytes."""
-    return orjson.dumps(data, option=orjson.OPT_SORT_KEYS)
+    """Canonical JSON bytes of plain JSON data: sorted keys, so equal data gives equal bytes.
+
+    Raises:
+        UnsupportedValueError: for what JSON cannot hold (e.g. a step beyond 64 bits).
+    """
+    try:
+        return orjson.dumps(data, option=orjson.OPT_SORT_KEYS)
+    except orjson.JSONEncodeError as exc:
+        raise UnsupportedValueError(f"cannot write as JSON: {exc}") from exc
 
 
 def loads(raw: bytes | str) -> Any:

@@ -310,3 +310,9 @@ def test_state_header_holds_the_counters() -> None:
 def test_any_int_round_trips(value: int) -> None:
     back = _through_json(value)
     assert type(back) is int and back == value
+
+
+def test_counters_beyond_64_bits_are_refused_typed() -> None:
+    state = TrainState(spec=None, step=2**64, model={})
+    with pytest.raises(UnsupportedValueError, match="JSON"):
+        dumps(encode_state(state).header)

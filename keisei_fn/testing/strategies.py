@@ -324,7 +324,7 @@ def _model(
     return model, list(model.values())
 
 
-def _tie(draw: st.DrawFn, model: dict[str, torch.Tensor]) -> None:
+def _tie_(draw: st.DrawFn, model: dict[str, torch.Tensor]) -> None:
     """Maybe make one key share another's tensor (tied weights), in place."""
     layouts = {k: (t.shape, t.dtype) for k, t in model.items() if t.numel()}
     pairs = [(a, b) for a in layouts for b in layouts if a < b and layouts[a] == layouts[b]]
@@ -511,7 +511,7 @@ def train_states(
     spec = draw(specs if specs is not None else st.none() | model_specs())
     model, params = draw(_model(spec))
     optimizer = draw(st.none() | _optimizer(params))
-    _tie(draw, model)
+    _tie_(draw, model)
     return TrainState(
         spec=spec,
         step=draw(steps if steps is not None else st.integers(1, 2**40)),
