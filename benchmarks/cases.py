@@ -17,7 +17,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -62,6 +62,7 @@ class Row:
         extra_ms: paired median of ours - baseline, where the target is a difference.
         target: the target, if the issues set one.
         met: whether the target is met.
+        samples_ms: every round's time of each variant involved.
     """
 
     group: str
@@ -73,6 +74,7 @@ class Row:
     extra_ms: float | None = None
     target: str | None = None
     met: bool | None = None
+    samples_ms: dict[str, list[float]] = field(default_factory=dict)
 
 
 def compared(
@@ -95,6 +97,7 @@ def compared(
         ratio=ratio,
         target=None if minimum is None else f">= {minimum:g}x",
         met=None if minimum is None else ratio >= minimum,
+        samples_ms=samples.ms(ours, baseline),
     )
 
 
@@ -385,6 +388,7 @@ def listing_rows(sizes: list[int], scratch: Path, repeat: int) -> list[Row]:
                 ours_ms=latest,
                 target=None if limit is None else f"<= {limit:g} ms",
                 met=None if limit is None else latest <= limit,
+                samples_ms=samples.ms("latest_checkpoint"),
             )
         )
         rows.append(
@@ -392,6 +396,7 @@ def listing_rows(sizes: list[int], scratch: Path, repeat: int) -> list[Row]:
                 group=group,
                 measure="list_checkpoints",
                 ours_ms=samples.median_ms("list_checkpoints"),
+                samples_ms=samples.ms("list_checkpoints"),
             )
         )
     return rows
@@ -438,6 +443,7 @@ def import_rows(repeat: int) -> list[Row]:
             extra_ms=extra,
             target="<= import torch + 50 ms",
             met=extra <= 50.0,
+            samples_ms=samples.ms("import keisei_fn", "import torch"),
         ),
         Row(
             group=group,
@@ -445,6 +451,7 @@ def import_rows(repeat: int) -> list[Row]:
             ours_ms=own,
             target="<= 50 ms",
             met=own <= 50.0,
+            samples_ms=samples.ms("import keisei_fn after import torch"),
         ),
     ]
 

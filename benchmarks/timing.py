@@ -16,6 +16,10 @@ class Samples:
 
     seconds: Mapping[str, list[float]]
 
+    def ms(self, *variants: str) -> dict[str, list[float]]:
+        """The samples of ``variants`` in milliseconds, rounded to the microsecond."""
+        return {name: [round(s * 1e3, 3) for s in self.seconds[name]] for name in variants}
+
     def median_ms(self, variant: str) -> float:
         """The median time of ``variant`` in milliseconds."""
         return statistics.median(self.seconds[variant]) * 1e3

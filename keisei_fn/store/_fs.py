@@ -108,7 +108,7 @@ def read_bounded(path: Path, *, limit: int) -> bytes:
         size = os.fstat(f.fileno()).st_size
         if size > limit:
             raise IntegrityError(f"{path}: {size} bytes is larger than the {limit}-byte limit")
-        return f.read(limit + 1)
+        return f.read(size + 1)
 
 
 def hash_file(path: Path) -> tuple[int, str]:

@@ -291,7 +291,9 @@ def load_state(
         source: either file of the pair, their common stem, or a run directory (its latest
             valid checkpoint, falling back past a corrupt newest one with a warning).
         map_location: device for model and optimizer tensors (RNG states stay on the CPU).
-        verify: check the weights digest (hashing overlaps reading; a few % of the load).
+        verify: check the weights digest (BLAKE3 of the memory-mapped file on all cores: most
+            of the load time; ``verify=False`` maps the file lazily). Loaded tensors are
+            copy-on-write views of the file, which the store never writes over in place.
         prefix: the resume prefix, when ``source`` is a run directory.
 
     Returns:

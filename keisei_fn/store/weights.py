@@ -10,8 +10,8 @@ library's — and its digest too.
 Writing builds only the header in memory: the tensors' bytes go from their own memory to the
 file in ``writev`` batches of 8 MiB, each followed by a hint that starts the device's writeback
 (so the disk works while the next batches are copied), while a worker thread hashes the same
-memory with BLAKE3. Every step releases the GIL, so a background saver running this does not
-stall the training thread.
+memory with BLAKE3. The long steps (writev, BLAKE3, fsync) release the GIL, so a background
+saver running this does not stall the training thread.
 
 Reading maps the file copy-on-write (as ``safetensors`` does), hashes the mapping with BLAKE3 on
 all cores when a digest is given, checks the header strictly (size bound, dtypes, shapes, offsets
@@ -164,8 +164,9 @@ def _start_writeback(fd: int, offset: int, size: int) -> None:
     """Start writing a just-written range to the device, without waiting for it.
 
     On Linux, ``POSIX_FADV_DONTNEED`` on dirty pages starts their writeback and leaves them
-    cached (only clean pages are dropped): ``sync_file_range(SYNC_FILE_RANGE_WRITE)`` through
-    the standard library. Elsewhere nothing is done; the fsync writes everything.
+    cached (only clean pages are dropped): the effect of ``sync_file_range(...,
+    SYNC_FILE_RANGE_WRITE)``, which ``os`` does not offer. Elsewhere nothing is done here; the
+    fsync writes everything.
     """
     if hasattr(os, "posix_fadvise"):
         os.posix_fadvise(fd, offset, size, os.POSIX_FADV_DONTNEED)
