@@ -24,5 +24,5 @@ lint: setup
 test: lint
 	$(PY) -m pytest
 
-bench: setup
+bench: setup  # python -m benchmarks --help for options (--quick, --sections, --repeat)
 	$(PY) -m benchmarks

@@ -8,9 +8,9 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from benchmarks import cases, report
+from benchmarks import cases, loop, report
 
-SECTIONS = ("save", "load", "capture", "breakdown", "listing", "import")
+SECTIONS = ("save", "load", "capture", "breakdown", "listing", "import", "loop")
 DEFAULT_OUT = Path(__file__).parent / "results" / "latest.json"
 
 
@@ -102,6 +102,13 @@ def main(argv: list[str] | None = None) -> None:
     if "import" in args.sections:
         progress("import keisei_fn vs import torch")
         rows += cases.import_rows(max(args.repeat, 11))
+
+    if "loop" in args.sections:
+        progress("training loop: no checkpoints vs foreground vs background")
+        with cases.scratch_dir(parent) as scratch:
+            rows += loop.loop_rows(
+                scratch, max(3, args.repeat // 2), steps=10 if args.quick else 20
+            )
 
     print(report.rows_table(rows))
     for title, parts in (("save_state part", save_parts), ("load_state part", load_parts)):
