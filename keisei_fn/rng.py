@@ -27,7 +27,7 @@ import torch
 from keisei_fn.errors import StateMismatchError
 from keisei_fn.state import thaw
 
-__all__ = ["Generators", "capture_rng", "restore_rng_", "rng_problems"]
+__all__ = ["Generators", "capture_rng", "numpy_legacy_state", "restore_rng_", "rng_problems"]
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +47,25 @@ def _generator_state(name: str, gen: Any) -> dict[str, Any]:
     )
 
 
+def numpy_legacy_state(source: np.random.RandomState | None = None) -> dict[str, Any]:
+    """The MT19937 state of NumPy's global generator (or of ``source``) as the RNG part stores
+    it: the 624-word key as a uint32 tensor, the rest as plain numbers.
+
+    Example:
+        >>> numpy_legacy_state(np.random.RandomState(0))["key"].shape
+        torch.Size([624])
+    """
+    generator = source if source is not None else np.random
+    raw = generator.get_state(legacy=False)
+    return {
+        "bit_generator": raw["bit_generator"],
+        "key": torch.from_numpy(raw["state"]["key"].copy()),
+        "pos": int(raw["state"]["pos"]),
+        "has_gauss": int(raw["has_gauss"]),
+        "gauss": float(raw["gauss"]),
+    }
+
+
 def capture_rng(generators: Generators | None = None) -> dict[str, Any]:
     """Snapshot the global RNGs and the named user generators.
 
@@ -59,16 +78,9 @@ def capture_rng(generators: Generators | None = None) -> dict[str, Any]:
     Raises:
         StateMismatchError: for an unsupported generator type.
     """
-    numpy_state = np.random.get_state(legacy=False)
     state: dict[str, Any] = {
         "python": random.getstate(),
-        "numpy": {
-            "bit_generator": numpy_state["bit_generator"],
-            "key": torch.from_numpy(numpy_state["state"]["key"].copy()),
-            "pos": int(numpy_state["state"]["pos"]),
-            "has_gauss": int(numpy_state["has_gauss"]),
-            "gauss": float(numpy_state["gauss"]),
-        },
+        "numpy": numpy_legacy_state(),
         "torch": torch.get_rng_state(),
         "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
         "generators": {

@@ -185,15 +185,8 @@ _HAND_ORDER: Final[tuple[int, ...]] = (
 # Keisei's drop index k of each cshogi hand piece (move_drop_hand_piece).
 _HAND_PIECE_TO_K: Final[dict[int, int]] = {hp: k for k, hp in enumerate(_HAND_ORDER)}
 # Keisei's drop index k of each droppable cshogi piece type (a drop's move_from is 81 + type - 1).
-_DROP_TYPE_TO_K: Final[dict[int, int]] = {
-    cshogi.PAWN: 0,
-    cshogi.LANCE: 1,
-    cshogi.KNIGHT: 2,
-    cshogi.SILVER: 3,
-    cshogi.GOLD: 4,
-    cshogi.BISHOP: 5,
-    cshogi.ROOK: 6,
-}
+# Keisei's unpromoted planes 0..6 are P, L, N, S, G, B, R: the drop order too.
+_DROP_TYPE_TO_K: Final[dict[int, int]] = {t: p for t, p in _TYPE_TO_PLANE.items() if p < 7}
 _HAND_MAX: Final = np.array([18, 4, 4, 4, 4, 2, 2], dtype=np.float32)
 _HAND_INDEX: Final = np.array(_HAND_ORDER, dtype=np.int64)
 _K_LETTERS: Final = "PLNSGBR"

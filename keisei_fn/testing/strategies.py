@@ -37,6 +37,7 @@ from keisei_fn.codec import DTYPE_NAMES
 from keisei_fn.features import FEATURE_SPECS
 from keisei_fn.meta import FORMAT_VERSION, KINDS, CheckpointMeta
 from keisei_fn.nets import build_model
+from keisei_fn.rng import numpy_legacy_state
 from keisei_fn.spec import ModelSpec
 from keisei_fn.state import GameStats, TrainState
 
@@ -436,16 +437,9 @@ def _rng(seed: int) -> dict[str, Any]:
     """An RNG part shaped like ``keisei_fn.capture``'s, from ``seed`` (global RNGs untouched):
     Python's tuple state, NumPy's MT19937 key, torch's byte state, and a user PCG64 generator
     (128-bit integers)."""
-    numpy_state = np.random.RandomState(seed).get_state(legacy=False)
     return {
         "python": random.Random(seed).getstate(),
-        "numpy": {
-            "bit_generator": numpy_state["bit_generator"],
-            "key": torch.from_numpy(numpy_state["state"]["key"].copy()),
-            "pos": int(numpy_state["state"]["pos"]),
-            "has_gauss": int(numpy_state["has_gauss"]),
-            "gauss": float(numpy_state["gauss"]),
-        },
+        "numpy": numpy_legacy_state(np.random.RandomState(seed)),
         "torch": torch.Generator().manual_seed(seed).get_state(),
         "cuda": [],
         "generators": {
