@@ -15,7 +15,7 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 demo: setup
-	$(VENV)/bin/keisei-fn info
+	$(VENV)/bin/keisei-fn demo
 
 lint: setup
 	$(VENV)/bin/ruff check .
