@@ -31,10 +31,20 @@ def digest(tensors: dict[str, torch.Tensor]) -> str:
 
 
 def main() -> None:
-    run_dir, out_dir, steps = Path(sys.argv[1]), Path(sys.argv[2]), int(sys.argv[3])
-    save_at = int(sys.argv[4]) if len(sys.argv) > 4 else None
     torch.set_num_threads(1)
     dist.init_process_group("gloo")
+    try:
+        train(
+            Path(sys.argv[1]),
+            Path(sys.argv[2]),
+            int(sys.argv[3]),
+            int(sys.argv[4]) if len(sys.argv) > 4 else None,
+        )
+    finally:  # a process group left alive at exit can abort the interpreter
+        dist.destroy_process_group()
+
+
+def train(run_dir: Path, out_dir: Path, steps: int, save_at: int | None) -> None:
     rank = dist.get_rank()
     random.seed(rank)
     np.random.seed(rank)
@@ -76,7 +86,6 @@ def main() -> None:
             }
         )
     )
-    dist.destroy_process_group()
 
 
 if __name__ == "__main__":
