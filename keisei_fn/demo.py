@@ -14,7 +14,6 @@ exactly from its last checkpoint.
 
 from __future__ import annotations
 
-import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -128,25 +127,6 @@ def _pool(n: int, seed: int) -> tuple[Tensor, Tensor]:
 
     boards = shogi.random_positions(n, seed=seed, stride=3)
     return shogi.encode_observations(boards), shogi.legal_masks(boards).float()
-
-
-def _start_wandb(config: DemoConfig, say: Print) -> Any:
-    """An offline/online W&B run for publishing, or None (disabled, or wandb missing)."""
-    if config.wandb == "disabled":
-        return None
-    try:
-        import wandb
-    except ImportError:
-        say("wandb is not installed: publishing is skipped")
-        return None
-    os.environ.setdefault("WANDB_MODE", config.wandb)
-    os.environ.setdefault("WANDB_SILENT", "true")
-    return wandb.init(
-        project="keisei-shogi-rl",
-        name=config.run_dir.name,
-        dir=str(config.run_dir),
-        config={"spec": config.spec.to_json(), "lr": config.lr, "batch_size": config.batch_size},
-    )
 
 
 def run_demo(config: DemoConfig, *, say: Print = print, progress: bool | None = None) -> DemoResult:
@@ -278,11 +258,15 @@ def _publish(config: DemoConfig, metas: tuple[Any, ...], say: Print) -> tuple[st
     if config.wandb == "disabled":
         say("W&B disabled: publishing skipped")
         return ()
-    from keisei_fn.publish import publish
+    from keisei_fn.publish import publish, wandb_run
 
-    run = _start_wandb(config, say)
     statuses = []
-    try:
+    with wandb_run(
+        mode=config.wandb,
+        name=config.run_dir.name,
+        directory=config.run_dir,
+        config={"spec": config.spec.to_json(), "lr": config.lr, "batch_size": config.batch_size},
+    ) as run:
         for meta in metas:
             result = publish(meta, run_name=config.run_dir.name, run=run)
             say(
@@ -290,7 +274,4 @@ def _publish(config: DemoConfig, metas: tuple[Any, ...], say: Print) -> tuple[st
                 + (f" ({result.reason})" if result.reason else "")
             )
             statuses.append(result.status)
-    finally:
-        if run is not None:
-            run.finish()
     return tuple(statuses)

@@ -215,9 +215,9 @@ def cmd_convert(args: argparse.Namespace) -> int:
 
 def cmd_publish(args: argparse.Namespace) -> int:
     """Publish one checkpoint to W&B (offline unless WANDB_MODE or --wandb says otherwise)."""
-    from keisei_fn.publish import publish
+    from keisei_fn.publish import publish, wandb_run
 
-    with _wandb_run(args) as run:
+    with wandb_run(mode=args.wandb, project=args.project, name=args.run_name) as run:
         result = publish(args.path, run_name=args.run_name, run=run)
     print(
         f"{result.status}: {result.artifact_name} {list(result.aliases)} {result.reason}".rstrip()
@@ -227,39 +227,15 @@ def cmd_publish(args: argparse.Namespace) -> int:
 
 def cmd_flush(args: argparse.Namespace) -> int:
     """Publish what the run directory's outbox holds pending."""
-    from keisei_fn.publish import flush_outbox
+    from keisei_fn.publish import flush_outbox, wandb_run
 
-    with _wandb_run(args) as run:
+    with wandb_run(mode=args.wandb, project=args.project) as run:
         results = flush_outbox(args.run_dir, run=run)
     for result in results:
         print(f"{result.status}: {result.artifact_name} {result.reason}".rstrip())
     if not results:
         print("outbox empty")
     return 1 if any(r.status == "failed" for r in results) else 0
-
-
-class _wandb_run:
-    """A W&B run for the publish commands (offline by default), finished on exit."""
-
-    def __init__(self, args: argparse.Namespace) -> None:
-        self.args = args
-        self.run: Any = None
-
-    def __enter__(self) -> Any:
-        import os
-
-        os.environ.setdefault("WANDB_MODE", self.args.wandb)
-        os.environ.setdefault("WANDB_SILENT", "true")
-        try:
-            import wandb
-        except ImportError:
-            return None
-        self.run = wandb.init(project=self.args.project, name=getattr(self.args, "run_name", None))
-        return self.run
-
-    def __exit__(self, *exc: object) -> None:
-        if self.run is not None:
-            self.run.finish()
 
 
 def cmd_analyze(args: argparse.Namespace) -> int:

@@ -1,7 +1,8 @@
 """Publishing checkpoints to Weights & Biases (wandb is imported only when publishing).
 
-Submodules: ``plan`` (pure: artifact names, aliases, metadata) and ``upload`` (the edge:
-``publish``, ``flush_outbox``, retries and the durable outbox in the run directory's ledger).
+Submodules: ``plan`` (pure: artifact names, aliases, metadata), ``upload`` (the edge:
+``publish``, ``flush_outbox``, retries and the durable outbox in the run directory's ledger) and
+``session`` (``wandb_run``: a run to publish into).
 
 Example:
     >>> from keisei_fn.publish import artifact_name
@@ -17,6 +18,7 @@ from keisei_fn.publish.plan import (
     sanitize_metadata,
     sanitize_name,
 )
+from keisei_fn.publish.session import wandb_run
 from keisei_fn.publish.upload import (
     PUBLISH_ENV,
     PublishResult,
@@ -37,4 +39,5 @@ __all__ = [
     "publishing_enabled",
     "sanitize_metadata",
     "sanitize_name",
+    "wandb_run",
 ]
