@@ -33,7 +33,7 @@ from keisei_fn.errors import StateMismatchError
 from keisei_fn.nets import canonical_state_dict, unwrap_model
 from keisei_fn.rng import Generators, capture_rng, restore_rng_, rng_problems
 from keisei_fn.spec import ModelSpec
-from keisei_fn.state import GameStats, TrainState, thaw
+from keisei_fn.state import GameStats, TrainState, thaw, view_key
 
 __all__ = ["capture", "model_problems", "optimizer_problems", "restore_"]
 
@@ -72,15 +72,8 @@ class _Cloner:
     def __call__(self, value: Any) -> Any:
         if isinstance(value, torch.Tensor):
             value = value.detach()
-            key = (
-                value.untyped_storage().data_ptr(),
-                value.storage_offset(),
-                tuple(value.shape),
-                value.stride(),
-                value.dtype,
-                value.device,
-            )
-            if key[0] == 0 or value.numel() == 0:  # no storage to share
+            key = view_key(value)
+            if key is None:  # no storage to share
                 return value.clone(memory_format=torch.contiguous_format)
             if key not in self._seen:
                 self._seen[key] = value.clone(memory_format=torch.contiguous_format)

@@ -45,7 +45,7 @@ from keisei_fn.errors import (
     UnsupportedValueError,
 )
 from keisei_fn.spec import ModelSpec
-from keisei_fn.state import GameStats, TrainState
+from keisei_fn.state import GameStats, TrainState, view_key
 
 __all__ = [
     "DTYPE_NAMES",
@@ -283,16 +283,16 @@ class _TensorTable:
             )
         if tensor.layout != torch.strided:
             raise UnsupportedValueError(f"tensor {name!r} is {tensor.layout}; convert it to dense")
-        ptr = tensor.untyped_storage().data_ptr() if tensor.numel() else 0
-        view = (ptr, tensor.storage_offset(), tuple(tensor.shape), tensor.stride(), tensor.dtype)
-        if ptr and view in self._views:
+        view = view_key(tensor)
+        ptr = view[0] if view is not None else 0
+        if view is not None and view in self._views:
             self.aliases[name] = self._views[view]
             return name
         if ptr in self._storages or not _dense(tensor) or tensor.device.type != "cpu":
             # another view of shared memory, a strided view or a device tensor: store a copy
             tensor = tensor.detach().to("cpu", copy=True, memory_format=torch.contiguous_format)
         self.tensors[name] = tensor.detach()
-        if ptr:
+        if view is not None:
             self._views[view] = name
             self._storages.add(ptr)
         return name

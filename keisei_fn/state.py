@@ -26,7 +26,15 @@ import torch
 from keisei_fn.errors import StateMismatchError
 from keisei_fn.spec import ModelSpec
 
-__all__ = ["FrozenList", "GameStats", "TrainState", "freeze", "iter_tensors", "thaw"]
+__all__ = [
+    "FrozenList",
+    "GameStats",
+    "TrainState",
+    "freeze",
+    "iter_tensors",
+    "thaw",
+    "view_key",
+]
 
 
 class FrozenList(tuple[Any, ...]):
@@ -91,6 +99,27 @@ def iter_tensors(value: Any, path: tuple[Any, ...] = ()) -> Iterator[tuple[tuple
     elif isinstance(value, (list, tuple)):
         for i, v in enumerate(value):
             yield from iter_tensors(v, (*path, i))
+
+
+def view_key(tensor: torch.Tensor) -> tuple[Any, ...] | None:
+    """Which view of which memory a tensor is: equal keys mean the same elements of the same
+    storage, seen the same way (tied weights). None for a tensor with no storage to share.
+
+    Example:
+        >>> w = torch.zeros(2, 3)
+        >>> view_key(w) == view_key(w.view(2, 3)), view_key(w) == view_key(w.t())
+        (True, False)
+    """
+    if tensor.numel() == 0 or tensor.untyped_storage().data_ptr() == 0:
+        return None
+    return (
+        tensor.untyped_storage().data_ptr(),
+        tensor.storage_offset(),
+        tuple(tensor.shape),
+        tensor.stride(),
+        tensor.dtype,
+        tensor.device,
+    )
 
 
 def _check_count(owner: str, name: str, value: Any) -> None:

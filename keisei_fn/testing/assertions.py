@@ -26,7 +26,7 @@ from typing import Any
 
 import torch
 
-from keisei_fn.state import FrozenList, TrainState, iter_tensors
+from keisei_fn.state import FrozenList, TrainState, iter_tensors, view_key
 from keisei_fn.store.checkpoints import load_state, save_state
 
 __all__ = ["assert_roundtrip", "assert_states_equal"]
@@ -215,14 +215,7 @@ def _tied_groups(state: TrainState) -> set[frozenset[str]]:
     groups: dict[tuple[Any, ...], set[str]] = {}
     parts = {name: getattr(state, name) for name in _PARTS}
     for path, tensor in iter_tensors(parts):
-        if tensor.numel():
-            view = (
-                tensor.untyped_storage().data_ptr(),
-                tensor.storage_offset(),
-                tuple(tensor.shape),
-                tensor.stride(),
-                tensor.dtype,
-            )
+        if (view := view_key(tensor)) is not None:
             groups.setdefault(view, set()).add(_show_path(path))
     return {frozenset(g) for g in groups.values() if len(g) > 1}
 
