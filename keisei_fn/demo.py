@@ -27,6 +27,7 @@ from torch import Tensor, nn
 from keisei_fn.capture import capture, restore_
 from keisei_fn.errors import SpecError
 from keisei_fn.nets import build_model
+from keisei_fn.paths import RunPath
 from keisei_fn.spec import ModelSpec
 from keisei_fn.store.checkpointer import Checkpointer
 from keisei_fn.store.checkpoints import save_final_model, save_state
@@ -93,7 +94,7 @@ class DemoResult:
     """How the demo ended."""
 
     step: int
-    resumed_from: Path | None
+    resumed_from: RunPath | None
     train_legal_mass: float
     heldout_legal_mass: float
     reached_target: bool

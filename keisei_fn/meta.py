@@ -19,7 +19,6 @@ import platform
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
-from pathlib import Path
 from typing import Any
 
 import blake3
@@ -28,6 +27,7 @@ import torch
 
 from keisei_fn.codec import DTYPE_NAMES, dumps, loads
 from keisei_fn.errors import IntegrityError, UnsupportedFormatError
+from keisei_fn.paths import PathArg, RunPath, run_path
 from keisei_fn.spec import ModelSpec
 from keisei_fn.state import GameStats, freeze
 
@@ -201,7 +201,7 @@ class CheckpointMeta:
             ``"extra/table"``: a meta never loads tensors).
     """
 
-    path: Path
+    path: RunPath
     name: str
     format_version: int
     kind: str
@@ -218,23 +218,23 @@ class CheckpointMeta:
     extra: Mapping[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "path", Path(self.path))
+        object.__setattr__(self, "path", run_path(self.path))
         object.__setattr__(self, "tensors", freeze(dict(self.tensors)))
         object.__setattr__(self, "versions", freeze(dict(self.versions)))
         object.__setattr__(self, "extra", freeze(dict(self.extra)))
 
     @property
-    def weights_path(self) -> Path:
+    def weights_path(self) -> RunPath:
         """``<run_dir>/<name>.safetensors``."""
         return self.path.parent / (self.name + ".safetensors")
 
     @property
-    def sidecar_path(self) -> Path:
+    def sidecar_path(self) -> RunPath:
         """``<run_dir>/<name>.json``."""
         return self.path.parent / (self.name + ".json")
 
     @property
-    def run_dir(self) -> Path:
+    def run_dir(self) -> RunPath:
         """The directory holding the pair."""
         return self.path.parent
 
@@ -246,8 +246,10 @@ class CheckpointMeta:
     @property
     def total_bytes(self) -> int:
         """Weights plus sidecar bytes on disk (sidecar size read lazily)."""
+        from keisei_fn.store._fs import file_size
+
         try:
-            return self.weights_size + self.sidecar_path.stat().st_size
+            return self.weights_size + file_size(self.sidecar_path)
         except OSError:
             return self.weights_size
 
@@ -256,7 +258,7 @@ class CheckpointMeta:
         return replace(self, **changes)
 
     @classmethod
-    def from_sidecar(cls, sidecar: Mapping[str, Any], *, run_dir: Path) -> CheckpointMeta:
+    def from_sidecar(cls, sidecar: Mapping[str, Any], *, run_dir: PathArg) -> CheckpointMeta:
         """Build the meta from a checked sidecar (see :func:`check_sidecar`).
 
         Raises:
@@ -268,7 +270,7 @@ class CheckpointMeta:
         try:
             spec = state.get("spec")
             return cls(
-                path=Path(run_dir) / sidecar["name"],
+                path=run_path(run_dir) / sidecar["name"],
                 name=sidecar["name"],
                 format_version=sidecar["format_version"],
                 kind=sidecar["kind"],

@@ -170,12 +170,26 @@ def test_failed_write_removes_the_partial_file(
     assert list(tmp_path.iterdir()) == []
 
 
-def test_an_existing_file_is_neither_overwritten_nor_removed(tmp_path: Path) -> None:
+def test_an_existing_file_is_replaced_atomically_never_in_place(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     path = tmp_path / "w.safetensors"
-    path.write_bytes(b"keep")
-    with pytest.raises(FileExistsError):
-        write_weights({"a": torch.ones(2)}, path)
-    assert path.read_bytes() == b"keep"
+    size, digest = write_weights({"a": torch.zeros(1000)}, path)
+    old = read_weights(path, size=size, digest=digest)  # a live mapping of the old file
+    monkeypatch.setattr(weights.os, "fsync", lambda fd: (_ for _ in ()).throw(OSError(5, "EIO")))
+    with pytest.raises(OSError, match="EIO"):
+        write_weights({"a": torch.ones(1000)}, path)
+    monkeypatch.undo()
+    assert hash_file(path) == (size, digest) and sorted(p.name for p in tmp_path.iterdir()) == [
+        "w.safetensors"
+    ]
+    seen = []
+    new_size, new_digest = write_weights(
+        {"a": torch.ones(1000)}, path, before_replace=lambda: seen.append(hash_file(path))
+    )
+    assert seen == [(size, digest)]  # called while the old file was still in place
+    assert hash_file(path) == (new_size, new_digest) != (size, digest)
+    assert old["a"].sum().item() == 0  # the old mapping still shows the old bytes
 
 
 def test_unsupported_dtype_writes_nothing(tmp_path: Path) -> None:

@@ -14,6 +14,7 @@ import orjson
 
 from keisei_fn.cli.table import human_age, human_bytes, render_table
 from keisei_fn.info import model_info
+from keisei_fn.paths import RunPath, run_path
 from keisei_fn.precision import precision_policy
 from keisei_fn.spec import ModelSpec
 
@@ -30,7 +31,7 @@ def _spec_from_args(args: argparse.Namespace) -> ModelSpec | None:
     return ModelSpec.from_config(None, args)
 
 
-def _publish_status(run_dir: Path) -> dict[str, str]:
+def _publish_status(run_dir: RunPath) -> dict[str, str]:
     """Checkpoint name → its latest publication event."""
     from keisei_fn.store.ledger import read_ledger
 
@@ -43,11 +44,12 @@ def _publish_status(run_dir: Path) -> dict[str, str]:
 
 def cmd_ls(args: argparse.Namespace) -> int:
     """A table of a run directory's checkpoints, including invalid and incomplete ones."""
+    from keisei_fn.store._fs import is_directory
     from keisei_fn.store.checkpoints import verify_checkpoint
     from keisei_fn.store.listing import scan_run_dir
 
-    run_dir = Path(args.run_dir)
-    if not run_dir.is_dir():
+    run_dir = run_path(args.run_dir)
+    if not is_directory(run_dir):
         raise FileNotFoundError(f"no run directory {run_dir}")
     scan = scan_run_dir(run_dir)
     published = _publish_status(run_dir)
@@ -153,11 +155,12 @@ def _print_spec(spec: ModelSpec, info: dict[str, Any]) -> None:
 
 def cmd_verify(args: argparse.Namespace) -> int:
     """Verify one checkpoint or every checkpoint of a run directory; exit 1 on any problem."""
+    from keisei_fn.store._fs import is_directory
     from keisei_fn.store.checkpoints import verify_checkpoint
     from keisei_fn.store.listing import scan_run_dir
 
-    path = Path(args.path)
-    if not path.is_dir():
+    path = run_path(args.path)
+    if not is_directory(path):
         meta = verify_checkpoint(path)
         print(f"ok  {meta.name} (step {meta.step}, {human_bytes(meta.weights_size)})")
         return 0

@@ -34,6 +34,7 @@ import logging
 import os
 import socket
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
@@ -42,8 +43,10 @@ from typing import Any, Literal
 
 from keisei_fn.errors import IntegrityError
 from keisei_fn.meta import CheckpointMeta
+from keisei_fn.paths import PathArg, RunPath, is_remote, run_path
 from keisei_fn.publish.plan import Publication, plan_publication
 from keisei_fn.state import thaw
+from keisei_fn.store._fs import copy_file
 from keisei_fn.store.checkpoints import resolve_stem
 from keisei_fn.store.ledger import append_ledger, pending_publications, read_ledger
 from keisei_fn.store.listing import read_listed
@@ -167,7 +170,7 @@ def _current_meta(checkpoint: CheckpointMeta | str | os.PathLike[str]) -> Checkp
     return current
 
 
-def _build_artifact(wandb: Any, run_dir: Path, plan: Publication) -> Any:
+def _build_artifact(wandb: Any, run_dir: RunPath, plan: Publication) -> Any:
     artifact = wandb.Artifact(
         plan.artifact,
         type=plan.type,
@@ -175,12 +178,17 @@ def _build_artifact(wandb: Any, run_dir: Path, plan: Publication) -> Any:
         metadata=thaw(plan.metadata),
     )
     stem = run_dir / plan.checkpoint
-    for path in (weights_path(stem), sidecar_path(stem)):
-        artifact.add_file(str(path), name=path.name)
+    with tempfile.TemporaryDirectory(prefix="keisei-fn-publish-") as staging:
+        for path in (weights_path(stem), sidecar_path(stem)):
+            local = path
+            if is_remote(path):  # W&B adds local files: fetch a copy (W&B copies it again)
+                local = Path(staging) / path.name
+                copy_file(path, local)
+            artifact.add_file(str(local), name=path.name)
     return artifact
 
 
-def _discard_staged(artifact: Any | None, run_dir: Path, plan: Publication) -> None:
+def _discard_staged(artifact: Any | None, run_dir: RunPath, plan: Publication) -> None:
     """Remove W&B's staged copies of an artifact that was not logged."""
     if artifact is None:
         return
@@ -192,7 +200,13 @@ def _discard_staged(artifact: Any | None, run_dir: Path, plan: Publication) -> N
 
 
 def _upload(
-    wandb: Any, run: Any, run_dir: Path, plan: Publication, tries: int, backoff: float, sleep: Sleep
+    wandb: Any,
+    run: Any,
+    run_dir: RunPath,
+    plan: Publication,
+    tries: int,
+    backoff: float,
+    sleep: Sleep,
 ) -> tuple[Status, str]:
     """Log the artifact, retrying transient errors; ``(status, reason)``."""
     artifact = None
@@ -232,13 +246,13 @@ def _upload(
     return status, reason
 
 
-def _latest_event(run_dir: Path, key: tuple[str, str]) -> str | None:
+def _latest_event(run_dir: RunPath, key: tuple[str, str]) -> str | None:
     records = read_ledger(run_dir)
     events = [r.get("event") for r in records if (r.get("artifact"), r.get("digest")) == key]
     return events[-1] if events else None
 
 
-def _record_outcome(run_dir: Path, plan: Publication, status: Status, reason: str) -> None:
+def _record_outcome(run_dir: RunPath, plan: Publication, status: Status, reason: str) -> None:
     try:
         append_ledger(
             run_dir,
@@ -257,7 +271,7 @@ def _record_outcome(run_dir: Path, plan: Publication, status: Status, reason: st
 def _deliver(
     wandb: Any,
     run: Any,
-    run_dir: Path,
+    run_dir: RunPath,
     plan: Publication,
     *,
     record_pending: bool,
@@ -367,7 +381,7 @@ def publish(
     )
 
 
-def _pending_plan(run_dir: Path, record: Mapping[str, Any]) -> Publication:
+def _pending_plan(run_dir: RunPath, record: Mapping[str, Any]) -> Publication:
     """The publication a pending ledger record describes, its checkpoint still on disk."""
     plan = Publication.from_record(record)
     parsed = parse_stem(plan.checkpoint)
@@ -383,7 +397,7 @@ def _pending_plan(run_dir: Path, record: Mapping[str, Any]) -> Publication:
 
 
 def flush_outbox(
-    run_dir: str | os.PathLike[str],
+    run_dir: PathArg,
     *,
     run: Any = None,
     enabled: bool | None = None,
@@ -398,7 +412,7 @@ def flush_outbox(
     not retried forever); a version already marked published is never logged again.
 
     Args:
-        run_dir: the run directory.
+        run_dir: the run directory (local or an fsspec URL).
         run: the W&B run; ``wandb.run`` when None.
         enabled, retries, backoff, sleep: as for :func:`publish`.
 
@@ -413,7 +427,7 @@ def flush_outbox(
         >>> flush_outbox("runs/does-not-exist")
         []
     """
-    run_dir = Path(run_dir)
+    run_dir = run_path(run_dir)
     try:
         pending = pending_publications(run_dir)
     except OSError as exc:

@@ -1,24 +1,70 @@
-"""File primitives of the store: durable atomic writes, bounded reads, hashing.
+"""File primitives of the store, for local run directories and fsspec URLs alike.
 
-Write protocol (design.md): temp file in the same directory → write → flush → fsync → rename →
-fsync the directory. Temp names start with a dot and end with a random suffix, so they never
-match the checkpoint name grammar. Nothing is ever written over in place: loaded tensors may be
-views of an old file's memory.
+A run directory is either a local :class:`pathlib.Path` or a :class:`upath.UPath` over an fsspec
+filesystem (see ``keisei_fn.paths``). Every function here takes either and does what the medium
+allows:
+
+- **Local:** temp file in the same directory → write → flush → fsync → rename → fsync the
+  directory. Temp names start with a dot and end with a random suffix, so they never match the
+  checkpoint name grammar. Nothing is ever written over in place: loaded tensors may be views of
+  an old file's memory.
+- **Object stores:** an object appears whole or not at all when its upload completes (a single
+  PUT, or a multipart upload that is completed on close); there is no rename. So objects are
+  written straight to their final names and a failed upload is aborted, never completed. The
+  store's order — weights first, sidecar last — makes the sidecar the commit marker there too.
+  Transient errors of whole-object calls are retried here with backoff, on top of the
+  backend's own retries (s3fs, botocore's ``AWS_MAX_ATTEMPTS``).
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import secrets
+import time
 from collections.abc import Callable, Iterator
+from functools import partial
 from pathlib import Path
+from typing import IO, Any, TypeVar
 
 import blake3
+from upath import UPath
 
 from keisei_fn.errors import IntegrityError
+from keisei_fn.paths import PathArg, RunPath, is_remote, run_path
+
+__all__ = ["PathArg", "RunPath", "is_remote", "run_path"]  # re-exported for the store
 
 TEMP_SUFFIX = ".tmp"
+#: Delays between tries of a whole-object call on a transient error.
+RETRY_DELAYS = (0.5, 2.0)
+_TRANSIENT_ERRNOS = frozenset(
+    getattr(errno, name)
+    for name in ("ECONNRESET", "ECONNREFUSED", "ECONNABORTED", "ETIMEDOUT", "EPIPE", "EAGAIN")
+    if hasattr(errno, name)
+)
+T = TypeVar("T")
+
+
+def retrying(call: Callable[[], T], *, what: str) -> T:
+    """``call()``, tried again after :data:`RETRY_DELAYS` on a transient error.
+
+    Transient: connection and timeout errors (``ConnectionError``, ``TimeoutError`` and
+    ``OSError`` with a network errno). Everything else, ``FileNotFoundError`` included, is
+    raised at once; the last error after the last try.
+    """
+    for delay in (*RETRY_DELAYS, None):
+        try:
+            return call()
+        except OSError as exc:
+            transient = isinstance(exc, ConnectionError | TimeoutError) or (
+                exc.errno in _TRANSIENT_ERRNOS
+            )
+            if not transient or delay is None:
+                raise
+            time.sleep(delay)
+    raise AssertionError(what)  # pragma: no cover - the loop returns or raises
 
 
 def temp_path(final: Path) -> Path:
@@ -34,15 +80,6 @@ def is_temp_name(name: str) -> bool:
 def fsync_dir(directory: Path) -> None:
     """Make renames and unlinks in ``directory`` durable."""
     fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def fsync_file(path: Path) -> None:
-    """Flush a written file's data to the device."""
-    fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
     finally:
@@ -66,54 +103,195 @@ def commit_file(temp: Path, final: Path) -> None:
     fsync_dir(final.parent)
 
 
-def write_durably(final: Path, write: Callable[[Path], None]) -> None:
-    """Atomically create or replace ``final``: ``write(temp)`` fills a temp file, then it is
-    fsynced and renamed over ``final``, and the directory is fsynced. On any failure the temp
-    file is removed and ``final`` is untouched."""
-    with removing_on_failure(temp_path(final)) as temp:
-        write(temp)
-        fsync_file(temp)
+@contextlib.contextmanager
+def writing(final: RunPath) -> Iterator[IO[bytes]]:
+    """A binary file whose contents atomically become ``final`` when the block succeeds.
+
+    Local: a temp file, fsynced and renamed over ``final``, then the directory is fsynced.
+    Object store: an upload to ``final`` that completes on success and is aborted on failure.
+    Either way a failure (KeyboardInterrupt included) leaves ``final`` as it was.
+    """
+    if is_remote(final):
+        file = final.fs.open(final.path, "wb")
+        try:
+            yield file
+        except BaseException:
+            discard = getattr(file, "discard", None)  # s3fs: abort the multipart upload
+            with contextlib.suppress(Exception):
+                if discard is not None:
+                    discard()
+            raise
+        file.close()
+        return
+    with removing_on_failure(temp_path(final)) as temp, open(temp, "xb") as file:
+        yield file
+        file.flush()
+        os.fsync(file.fileno())
         commit_file(temp, final)
 
 
-def write_bytes_durably(final: Path, data: bytes) -> None:
-    """:func:`write_durably` for bytes."""
+def write_bytes_durably(final: RunPath, data: bytes) -> None:
+    """Atomically create or replace ``final`` with ``data`` (see :func:`writing`)."""
+    if is_remote(final):
+        retrying(lambda: final.fs.pipe_file(final.path, data), what=f"write {final}")
+        return
+    with writing(final) as file:
+        file.write(data)
 
-    def write(temp: Path) -> None:
-        with open(temp, "xb") as f:
-            f.write(data)
 
-    write_durably(final, write)
-
-
-def unlink_durably(*paths: Path) -> None:
-    """Remove files that exist (missing ones are fine) and fsync their directories."""
+def unlink_durably(*paths: RunPath) -> None:
+    """Remove files that exist (missing ones are fine); local directories are fsynced."""
     dirs = set()
     for path in paths:
         with contextlib.suppress(FileNotFoundError):
-            path.unlink()
-            dirs.add(path.parent)
+            if is_remote(path):
+                retrying(partial(path.fs.rm_file, path.path), what=f"remove {path}")
+            else:
+                path.unlink()
+                dirs.add(path.parent)
     for directory in dirs:
         fsync_dir(directory)
 
 
-def read_bounded(path: Path, *, limit: int) -> bytes:
+def make_dirs(directory: RunPath) -> None:
+    """Create a local directory and its parents; object stores have no directories."""
+    if not is_remote(directory):
+        directory.mkdir(parents=True, exist_ok=True)
+
+
+def _info(path: UPath) -> dict[str, Any]:
+    """Fresh (uncached) fsspec info of a remote path; FileNotFoundError when absent."""
+    path.fs.invalidate_cache(path.path)
+    info: dict[str, Any] = retrying(lambda: path.fs.info(path.path), what=f"stat {path}")
+    return info
+
+
+def file_size(path: RunPath) -> int:
+    """Byte size of a file.
+
+    Raises:
+        FileNotFoundError: when it does not exist.
+        IsADirectoryError: when it is a directory.
+    """
+    if not is_remote(path):
+        if path.is_dir():
+            raise IsADirectoryError(errno.EISDIR, "is a directory", str(path))
+        return path.stat().st_size
+    info = _info(path)
+    if info.get("type") == "directory":
+        raise IsADirectoryError(errno.EISDIR, "is a directory", str(path))
+    return int(info["size"])
+
+
+def file_exists(path: RunPath) -> bool:
+    """Whether a file (not a directory) exists at ``path``."""
+    try:
+        file_size(path)
+    except (FileNotFoundError, IsADirectoryError):
+        return False
+    return True
+
+
+def is_directory(path: RunPath) -> bool:
+    """Whether ``path`` is a directory (on an object store: a prefix with objects under it)."""
+    if not is_remote(path):
+        return path.is_dir()
+    path.fs.invalidate_cache(path.path)
+    return bool(retrying(lambda: path.fs.isdir(path.path), what=f"stat {path}"))
+
+
+def list_file_names(directory: RunPath) -> list[str]:
+    """Names of the files directly in ``directory``; a missing directory has none.
+
+    Raises:
+        NotADirectoryError: when ``directory`` is a file.
+    """
+    if not is_remote(directory):
+        try:
+            with os.scandir(directory) as it:
+                return [e.name for e in it if e.is_file(follow_symlinks=False)]
+        except FileNotFoundError:
+            return []
+    fs, root = directory.fs, directory.path.rstrip("/")
+    fs.invalidate_cache(root)
+    try:
+        entries = retrying(lambda: fs.ls(root, detail=True), what=f"list {directory}")
+    except FileNotFoundError:
+        return []
+    names = []
+    for entry in entries:
+        name = str(entry["name"]).rstrip("/")
+        if name == root or name == root.lstrip("/"):  # listing a file lists the file itself
+            raise NotADirectoryError(errno.ENOTDIR, "not a directory", str(directory))
+        if entry.get("type") == "file":
+            names.append(name.rsplit("/", 1)[-1])
+    return names
+
+
+def read_bounded(path: RunPath, *, limit: int) -> bytes:
     """Read a whole small file, refusing one larger than ``limit`` bytes before reading it.
 
     Raises:
         FileNotFoundError: when it does not exist.
+        IsADirectoryError: when it is a directory.
         IntegrityError: when it is larger than ``limit``.
     """
+    size = file_size(path)
+    if size > limit:
+        raise IntegrityError(f"{path}: {size} bytes is larger than the {limit}-byte limit")
+    if is_remote(path):
+        data: bytes = retrying(lambda: path.fs.cat_file(path.path), what=f"read {path}")
+        return data
     with open(path, "rb") as f:
-        size = os.fstat(f.fileno()).st_size
-        if size > limit:
-            raise IntegrityError(f"{path}: {size} bytes is larger than the {limit}-byte limit")
-        return f.read(size + 1)
+        return f.read(limit + 1)
 
 
-def hash_file(path: Path) -> tuple[int, str]:
-    """``(size, "blake3:<hex>")`` of a file, hashed from a memory map with all cores."""
-    hasher = blake3.blake3(max_threads=blake3.blake3.AUTO)
+def read_into(path: RunPath, buffer: bytearray) -> None:
+    """Fill ``buffer`` with the first ``len(buffer)`` bytes of a remote or local file.
+
+    Raises:
+        IntegrityError: when the file is shorter than the buffer.
+    """
+
+    def read() -> int:
+        with open_reading(path) as file:
+            view, done = memoryview(buffer), 0
+            while done < len(buffer) and (chunk := file.read(min(1 << 24, len(buffer) - done))):
+                view[done : done + len(chunk)] = chunk
+                done += len(chunk)
+            return done
+
+    done = retrying(read, what=f"read {path}")
+    if done != len(buffer):
+        raise IntegrityError(f"{path}: {done} bytes read, {len(buffer)} expected")
+
+
+def open_reading(path: RunPath) -> IO[bytes]:
+    """The file opened for binary reading (FileNotFoundError when absent)."""
+    if is_remote(path):
+        file: IO[bytes] = path.fs.open(path.path, "rb")
+        return file
+    return open(path, "rb")
+
+
+def copy_file(source: RunPath, target: RunPath) -> None:
+    """Copy a file between any two places, atomically at ``target`` (see :func:`writing`)."""
+    with open_reading(source) as fin, writing(target) as fout:
+        while chunk := fin.read(1 << 24):
+            fout.write(chunk)
+
+
+def hash_file(path: RunPath) -> tuple[int, str]:
+    """``(size, "blake3:<hex>")`` of a file: local files hashed from a memory map with all
+    cores, remote ones streamed."""
+    hasher = hash_chunks()
+    if is_remote(path):
+        size = 0
+        with open_reading(path) as file:
+            while chunk := file.read(1 << 24):
+                hasher.update(chunk)
+                size += len(chunk)
+        return size, "blake3:" + hasher.hexdigest()
     size = path.stat().st_size
     if size:
         hasher.update_mmap(path)

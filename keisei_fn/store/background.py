@@ -21,14 +21,13 @@ Example:
 
 from __future__ import annotations
 
-import os
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor
-from pathlib import Path
 from types import TracebackType
 from typing import Any
 
 from keisei_fn.meta import CheckpointMeta
+from keisei_fn.paths import PathArg, run_path
 from keisei_fn.state import TrainState
 from keisei_fn.store.checkpoints import save_state
 
@@ -69,8 +68,8 @@ class AsyncSaver:
         save_options: keyword options of ``save_state`` (``kind``, ``prefix``, ``overwrite``).
     """
 
-    def __init__(self, run_dir: str | os.PathLike[str], **save_options: Any) -> None:
-        self.run_dir = Path(run_dir)
+    def __init__(self, run_dir: PathArg, **save_options: Any) -> None:
+        self.run_dir = run_path(run_dir)
         self._options = save_options
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="keisei-fn-save")
         self._last: SaveHandle | None = None

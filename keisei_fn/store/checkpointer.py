@@ -18,11 +18,11 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, replace
-from pathlib import Path
 from typing import Any, Literal
 
 from keisei_fn.errors import SpecError
 from keisei_fn.meta import CheckpointMeta
+from keisei_fn.paths import RunPath, run_path
 from keisei_fn.state import TrainState
 from keisei_fn.store.checkpoints import save_state
 from keisei_fn.store.names import RESUME_PREFIX
@@ -106,13 +106,13 @@ class Checkpointer:
         'skipped'
     """
 
-    run_dir: Path
+    run_dir: RunPath
     interval: int
     retention: RetentionPolicy | None = None
     prefix: str = RESUME_PREFIX
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "run_dir", Path(self.run_dir))
+        object.__setattr__(self, "run_dir", run_path(self.run_dir))
         _positive("Checkpointer.interval", self.interval)
 
     def replace(self, **changes: Any) -> Checkpointer:

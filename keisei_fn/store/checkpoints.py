@@ -20,8 +20,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -42,9 +40,13 @@ from keisei_fn.meta import CheckpointMeta, build_sidecar
 from keisei_fn.nets import build_model
 from keisei_fn.state import TrainState, thaw
 from keisei_fn.store._fs import (
-    commit_file,
+    PathArg,
+    RunPath,
+    file_exists,
     hash_file,
-    temp_path,
+    is_directory,
+    make_dirs,
+    run_path,
     unlink_durably,
     write_bytes_durably,
 )
@@ -58,7 +60,7 @@ from keisei_fn.store.names import (
     sidecar_path,
     weights_path,
 )
-from keisei_fn.store.weights import read_weights, write_weights
+from keisei_fn.store.weights import read_weights, weights_digest, write_weights
 
 __all__ = [
     "load_model",
@@ -71,13 +73,12 @@ __all__ = [
 
 log = logging.getLogger("keisei_fn.store")
 
-PathLike = str | os.PathLike[str]
 _LEGACY_SUFFIXES = (".pth", ".pt", ".ckpt", ".bin")
 
 
 def save_state(
     state: TrainState,
-    run_dir: PathLike,
+    run_dir: PathArg,
     *,
     kind: str = "periodic",
     prefix: str = RESUME_PREFIX,
@@ -85,18 +86,21 @@ def save_state(
 ) -> CheckpointMeta:
     """Durably and atomically save a TrainState as ``<prefix><step>.safetensors`` + ``.json``.
 
-    Weights first, sidecar last, each through temp file → fsync → rename → fsync directory; a
-    crash at any instant leaves either the previous state of the directory or the complete new
-    checkpoint. Re-saving an identical state at a committed, valid step writes nothing and
-    returns the existing meta; ``kind="final"`` over an identical periodic checkpoint rewrites
-    only the sidecar. An incomplete or corrupt checkpoint at that step is replaced.
+    Weights first, sidecar last, each through temp file → fsync → rename → fsync directory (on
+    an object store: each an upload that appears whole or not at all); a crash at any instant
+    leaves either the previous state of the directory or the complete new checkpoint (on an
+    object store, replacing a checkpoint at the same step uncommits the old one first: a crash
+    then leaves neither). Re-saving an identical state at a committed, valid step writes nothing
+    and returns the existing meta; ``kind="final"`` over an identical periodic checkpoint
+    rewrites only the sidecar. An incomplete or corrupt checkpoint at that step is replaced.
     Under ``torch.distributed`` with several ranks, call it on every rank: rank 0 writes, and
     every rank returns the same meta (or raises the same error) once the checkpoint is
     committed (see ``keisei_fn.distributed``).
 
     Args:
         state: the snapshot (``state.step`` must be > 0).
-        run_dir: the run directory (created if missing).
+        run_dir: the run directory (created if missing): a local path or an fsspec URL such as
+            ``s3://bucket/run`` (see ``keisei_fn.store._fs``).
         kind: ``"periodic"`` or ``"final"`` (the last full state of a run).
         prefix: file name prefix (ASCII letters and underscores); only ``checkpoint_ts`` is a
             resume point by default.
@@ -116,14 +120,14 @@ def save_state(
         raise SpecError(f"save_state kind must be 'periodic' or 'final', got {kind!r}")
     if state.step <= 0:
         raise SpecError(f"a checkpoint needs step > 0 (completed timesteps), got {state.step}")
-    stem = Path(run_dir) / checkpoint_stem(prefix, state.step)
+    stem = run_path(run_dir) / checkpoint_stem(prefix, state.step)
     return on_rank_zero(
         lambda: _commit(encode_state(state), stem, kind=kind, overwrite=overwrite),
         others=lambda: read_listed(stem)[0],
     )
 
 
-def save_final_model(state: TrainState, run_dir: PathLike) -> CheckpointMeta:
+def save_final_model(state: TrainState, run_dir: PathArg) -> CheckpointMeta:
     """Save the model weights (+ spec, step, episodes, stats) as ``final_model.*``.
 
     Optimizer, scheduler, scaler, RNG and ``extra`` are left out: this is the artifact to play
@@ -133,14 +137,14 @@ def save_final_model(state: TrainState, run_dir: PathLike) -> CheckpointMeta:
         UnsupportedDtypeError: for weights that cannot be stored; OSError on I/O failure.
     """
     weights_only = state.replace(optimizer=None, scheduler=None, scaler=None, rng=None, extra={})
-    stem = Path(run_dir) / FINAL_MODEL
+    stem = run_path(run_dir) / FINAL_MODEL
     return on_rank_zero(
         lambda: _commit(encode_state(weights_only), stem, kind="final_model", overwrite=True),
         others=lambda: read_listed(stem)[0],
     )
 
 
-def _existing(stem: Path) -> tuple[CheckpointMeta, dict[str, Any]] | None:
+def _existing(stem: RunPath) -> tuple[CheckpointMeta, dict[str, Any]] | None:
     """The committed checkpoint at ``stem`` if it is listed-valid, else None."""
     try:
         return read_listed(stem)
@@ -148,15 +152,15 @@ def _existing(stem: Path) -> tuple[CheckpointMeta, dict[str, Any]] | None:
         return None
 
 
-def _commit(encoded: EncodedState, stem: Path, *, kind: str, overwrite: bool) -> CheckpointMeta:
-    stem.parent.mkdir(parents=True, exist_ok=True)
+def _commit(
+    encoded: EncodedState, stem: RunPath, *, kind: str, overwrite: bool
+) -> CheckpointMeta:
+    make_dirs(stem.parent)
     header_bytes = dumps(encoded.header)
     header = loads(header_bytes)  # the JSON exactly as it will be read back
-    existing = _existing(stem)
-    temp = temp_path(weights_path(stem))
-    size, digest = write_weights(encoded.tensors, temp)
-    try:
-        sidecar = build_sidecar(
+
+    def sidecar_for(size: int, digest: str) -> dict[str, Any]:
+        return build_sidecar(
             header,
             name=stem.name,
             kind=kind,
@@ -165,30 +169,33 @@ def _commit(encoded: EncodedState, stem: Path, *, kind: str, overwrite: bool) ->
             weights_size=size,
             weights_digest=digest,
         )
-        if existing is not None:
-            old_meta, old = existing
-            same = (
-                dumps(old["state"]) == header_bytes  # by bytes: 1 == 1.0 == True, 0.0 == -0.0
-                and old["weights"]["digest"] == digest
-                and hash_file(weights_path(stem)) == (size, digest)
+
+    existing = _existing(stem)
+    if existing is not None:
+        old_meta, old = existing
+        size, digest = weights_digest(encoded.tensors)
+        same = (
+            dumps(old["state"]) == header_bytes  # by bytes: 1 == 1.0 == True, 0.0 == -0.0
+            and old["weights"]["digest"] == digest
+            and hash_file(weights_path(stem)) == (size, digest)
+        )
+        if same:
+            if kind == old_meta.kind or (kind, old_meta.kind) == ("periodic", "final"):
+                return old_meta
+            sidecar = sidecar_for(size, digest)  # now known as final
+            write_bytes_durably(sidecar_path(stem), dumps(sidecar))
+            return CheckpointMeta.from_sidecar(sidecar, run_dir=stem.parent)
+        if not overwrite:
+            raise CheckpointExistsError(
+                f"{sidecar_path(stem)} already holds a different state at step "
+                f"{old_meta.step}; pass overwrite=True to replace it"
             )
-            if same:
-                temp.unlink()
-                if kind == old_meta.kind or (kind, old_meta.kind) == ("periodic", "final"):
-                    return old_meta
-                write_bytes_durably(sidecar_path(stem), dumps(sidecar))  # now known as final
-                return CheckpointMeta.from_sidecar(sidecar, run_dir=stem.parent)
-            if not overwrite:
-                raise CheckpointExistsError(
-                    f"{sidecar_path(stem)} already holds a different state at step "
-                    f"{old_meta.step}; pass overwrite=True to replace it"
-                )
-        unlink_durably(sidecar_path(stem))  # uncommit whatever was there first
-        commit_file(temp, weights_path(stem))
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            temp.unlink()
-        raise
+    written = write_weights(
+        encoded.tensors,
+        weights_path(stem),
+        before_replace=lambda: unlink_durably(sidecar_path(stem)),  # uncommit what was there
+    )
+    sidecar = sidecar_for(*written)
     try:
         write_bytes_durably(sidecar_path(stem), dumps(sidecar))
     except BaseException:  # e.g. a full disk: leave no orphan weights behind either
@@ -198,16 +205,16 @@ def _commit(encoded: EncodedState, stem: Path, *, kind: str, overwrite: bool) ->
     return CheckpointMeta.from_sidecar(sidecar, run_dir=stem.parent)
 
 
-def resolve_stem(source: PathLike) -> Path:
+def resolve_stem(source: PathArg) -> RunPath:
     """The checkpoint stem a user path names: either file of the pair, or the stem itself.
 
     Raises:
         UnsupportedFormatError: for a legacy ``.pth``/``.pt`` file.
         CheckpointNotFoundError: when nothing exists there.
     """
-    path = Path(source)
+    path = run_path(source)
     if path.suffix in _LEGACY_SUFFIXES:
-        if not path.exists():
+        if not file_exists(path):
             raise CheckpointNotFoundError(f"no such file: {path}")
         raise UnsupportedFormatError(
             f"{path} is a pickled torch checkpoint; it is never loaded directly (it could run "
@@ -218,13 +225,13 @@ def resolve_stem(source: PathLike) -> Path:
         if path.name.endswith(suffix):
             path = path.parent / path.name[: -len(suffix)]
             break
-    if not (sidecar_path(path).exists() or weights_path(path).exists()):
+    if not (file_exists(sidecar_path(path)) or file_exists(weights_path(path))):
         raise CheckpointNotFoundError(f"no checkpoint at {source}")
     return path
 
 
 def _load_stem(
-    stem: Path, *, verify: bool, map_location: str | torch.device
+    stem: RunPath, *, verify: bool, map_location: str | torch.device
 ) -> tuple[TrainState, CheckpointMeta]:
     meta, sidecar = read_listed(stem)
     tensors = read_weights(
@@ -260,15 +267,15 @@ def _to_device(state: TrainState, device: torch.device) -> TrainState:
 
 
 def load_state_with_meta(
-    source: PathLike,
+    source: PathArg,
     *,
     map_location: str | torch.device = "cpu",
     verify: bool = True,
     prefix: str = RESUME_PREFIX,
 ) -> tuple[TrainState, CheckpointMeta]:
     """Like :func:`load_state`, also returning the meta of the checkpoint that was loaded."""
-    path = Path(source)
-    if not path.is_dir():
+    path = run_path(source)
+    if not is_directory(path):
         return _load_stem(resolve_stem(path), verify=verify, map_location=map_location)
     for stem in resume_candidates(path, prefix):
         try:
@@ -279,7 +286,7 @@ def load_state_with_meta(
 
 
 def load_state(
-    source: PathLike,
+    source: PathArg,
     *,
     map_location: str | torch.device = "cpu",
     verify: bool = True,
@@ -289,11 +296,13 @@ def load_state(
 
     Args:
         source: either file of the pair, their common stem, or a run directory (its latest
-            valid checkpoint, falling back past a corrupt newest one with a warning).
+            valid checkpoint, falling back past a corrupt newest one with a warning); local
+            or an fsspec URL such as ``s3://bucket/run``.
         map_location: device for model and optimizer tensors (RNG states stay on the CPU).
         verify: check the weights digest (BLAKE3 of the memory-mapped file on all cores: most
             of the load time; ``verify=False`` maps the file lazily). Loaded tensors are
-            copy-on-write views of the file, which the store never writes over in place.
+            copy-on-write views of a local file, which the store never writes over in place
+            (a remote file is downloaded into memory).
         prefix: the resume prefix, when ``source`` is a run directory.
 
     Returns:
@@ -309,7 +318,7 @@ def load_state(
 
 
 def load_model(
-    source: PathLike, *, device: str | torch.device = "cpu"
+    source: PathArg, *, device: str | torch.device = "cpu"
 ) -> tuple[nn.Module, CheckpointMeta]:
     """Build the network a checkpoint records and load its weights — the notebook entry point.
 
@@ -325,9 +334,9 @@ def load_model(
         SpecError: the checkpoint holds an arbitrary model (no spec): use ``load_state``.
         and every error of :func:`load_state`.
     """
-    path = Path(source)
+    path = run_path(source)
     state = meta = None
-    if path.is_dir() and sidecar_path(path / FINAL_MODEL).exists():
+    if is_directory(path) and file_exists(sidecar_path(path / FINAL_MODEL)):
         try:
             state, meta = _load_stem(path / FINAL_MODEL, verify=True, map_location="cpu")
         except (IntegrityError, IncompleteCheckpointError) as exc:
@@ -346,7 +355,7 @@ def load_model(
     return model.to(device).eval(), meta
 
 
-def verify_checkpoint(path: PathLike) -> CheckpointMeta:
+def verify_checkpoint(path: PathArg) -> CheckpointMeta:
     """Fully verify one checkpoint: sidecar, weights size and digest, header consistency.
 
     Raises:

@@ -1,9 +1,10 @@
 """The run directory's publication ledger: an append-only JSONL file the store owns.
 
 Publishing (``keisei_fn.publish``) records its intents and outcomes here; retention reads it so
-that a checkpoint still pending publication is never deleted. Each append is one line written
-with a single ``write`` on an ``O_APPEND`` descriptor and fsynced; a torn last line (a crash
-mid-append) is ignored when reading.
+that a checkpoint still pending publication is never deleted. Locally each append is one line
+written with a single ``write`` on an ``O_APPEND`` descriptor and fsynced; a torn last line (a
+crash mid-append) is ignored when reading. Object stores cannot append: there the ledger object
+is read and rewritten whole with the new line (one writer per run directory, as for saving).
 
 Record fields: ``event`` ("pending", "published", "failed"), ``artifact`` (artifact name),
 ``digest`` (weights digest), ``checkpoint`` (stem name), ``time`` (UTC ISO) and any extras.
@@ -20,8 +21,16 @@ from pathlib import Path
 from typing import Any
 
 import orjson
+from upath import UPath
 
-from keisei_fn.store._fs import fsync_dir
+from keisei_fn.store._fs import (
+    PathArg,
+    fsync_dir,
+    is_remote,
+    read_bounded,
+    run_path,
+    write_bytes_durably,
+)
 
 __all__ = ["LEDGER_NAME", "append_ledger", "pending_publications", "read_ledger"]
 
@@ -29,9 +38,11 @@ log = logging.getLogger("keisei_fn.store")
 
 LEDGER_NAME = "publications.jsonl"
 EVENTS = ("pending", "published", "failed")
+#: A ledger larger than this is refused unread (about a million records).
+MAX_LEDGER_BYTES = 512 * 1024 * 1024
 
 
-def append_ledger(run_dir: str | os.PathLike[str], record: Mapping[str, Any]) -> dict[str, Any]:
+def append_ledger(run_dir: PathArg, record: Mapping[str, Any]) -> dict[str, Any]:
     """Durably append one record (``time`` added when absent).
 
     Raises:
@@ -44,9 +55,12 @@ def append_ledger(run_dir: str | os.PathLike[str], record: Mapping[str, Any]) ->
     if not entry.get("artifact") or not entry.get("digest"):
         raise ValueError("a ledger record needs 'artifact' and 'digest'")
     entry.setdefault("time", datetime.now(UTC).isoformat(timespec="microseconds"))
-    path = Path(run_dir) / LEDGER_NAME
-    created = not path.exists()
+    path = run_path(run_dir) / LEDGER_NAME
     line = orjson.dumps(entry, option=orjson.OPT_SORT_KEYS) + b"\n"
+    if is_remote(path):
+        _append_remote(path, line)
+        return entry
+    created = not path.exists()
     fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
     try:
         # A torn previous line would swallow this one: start on a fresh line.
@@ -61,17 +75,28 @@ def append_ledger(run_dir: str | os.PathLike[str], record: Mapping[str, Any]) ->
     return entry
 
 
+def _append_remote(path: UPath, line: bytes) -> None:
+    """Append by rewriting the whole object (object stores have no append)."""
+    try:
+        old = read_bounded(path, limit=MAX_LEDGER_BYTES)
+    except FileNotFoundError:
+        old = b""
+    if old and not old.endswith(b"\n"):
+        old += b"\n"  # a torn previous line would swallow this one
+    write_bytes_durably(path, old + line)
+
+
 def _last_byte(path: Path) -> bytes:
     with open(path, "rb") as f:
         f.seek(-1, os.SEEK_END)
         return f.read(1)
 
 
-def read_ledger(run_dir: str | os.PathLike[str]) -> list[dict[str, Any]]:
+def read_ledger(run_dir: PathArg) -> list[dict[str, Any]]:
     """Every complete record, in order; unparsable lines (a torn append) are skipped."""
-    path = Path(run_dir) / LEDGER_NAME
+    path = run_path(run_dir) / LEDGER_NAME
     try:
-        raw = path.read_bytes()
+        raw = read_bounded(path, limit=MAX_LEDGER_BYTES)
     except FileNotFoundError:
         return []
     records = []
@@ -88,7 +113,7 @@ def read_ledger(run_dir: str | os.PathLike[str]) -> list[dict[str, Any]]:
     return records
 
 
-def pending_publications(run_dir: str | os.PathLike[str]) -> dict[tuple[str, str], dict[str, Any]]:
+def pending_publications(run_dir: PathArg) -> dict[tuple[str, str], dict[str, Any]]:
     """Publications whose latest event is ``pending``, by ``(artifact, digest)``."""
     latest: dict[tuple[str, str], dict[str, Any]] = {}
     for record in read_ledger(run_dir):

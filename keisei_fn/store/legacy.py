@@ -40,6 +40,7 @@ import contextlib
 import errno
 import logging
 import math
+import os
 import pickle
 import re
 import zipfile
@@ -66,9 +67,10 @@ from keisei_fn.errors import (
 from keisei_fn.features import FEATURE_SPECS
 from keisei_fn.meta import KINDS, CheckpointMeta
 from keisei_fn.nets import build_model, canonical_state_dict
+from keisei_fn.paths import PathArg
 from keisei_fn.spec import ModelSpec
 from keisei_fn.state import GameStats, TrainState
-from keisei_fn.store.checkpoints import PathLike, save_final_model, save_state
+from keisei_fn.store.checkpoints import save_final_model, save_state
 from keisei_fn.store.names import FINAL_MODEL, RESUME_PREFIX
 
 __all__ = ["import_legacy"]
@@ -98,8 +100,8 @@ _STATE_ENTRIES = frozenset(
 
 
 def import_legacy(
-    pth_path: PathLike,
-    run_dir: PathLike,
+    pth_path: str | os.PathLike[str],
+    run_dir: PathArg,
     *,
     spec: ModelSpec | None = None,
     kind: str | None = None,
@@ -112,8 +114,8 @@ def import_legacy(
     the same file returns the existing checkpoint.
 
     Args:
-        pth_path: the legacy file (``checkpoint_ts{N}.pth``, ``final_model.pth``, ...).
-        run_dir: the run directory to save into (created if missing).
+        pth_path: the legacy file (``checkpoint_ts{N}.pth``, ``final_model.pth``, ...), local.
+        run_dir: the run directory to save into (created if missing; local or a URL).
         spec: the architecture the file was trained with; inferred from the weights' shapes
             when None (a ResNet tower: ``stem``, ``res_blocks.{i}``, SE, heads).
         kind: force ``"periodic"``, ``"final"`` or ``"final_model"`` instead of deciding by

@@ -9,11 +9,9 @@ matches — checked on load. Anything else is incomplete: never loaded, never la
 from __future__ import annotations
 
 import logging
-import os
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from keisei_fn.errors import (
@@ -25,7 +23,16 @@ from keisei_fn.errors import (
     UnsupportedFormatError,
 )
 from keisei_fn.meta import CheckpointMeta, check_sidecar
-from keisei_fn.store._fs import is_temp_name, read_bounded
+from keisei_fn.store._fs import (
+    PathArg,
+    RunPath,
+    file_exists,
+    file_size,
+    is_temp_name,
+    list_file_names,
+    read_bounded,
+    run_path,
+)
 from keisei_fn.store.names import (
     RESUME_PREFIX,
     SIDECAR_SUFFIX,
@@ -44,7 +51,7 @@ MAX_SIDECAR_BYTES = 256 * 1024 * 1024
 KIND_ORDER = {"periodic": 0, "final": 1, "final_model": 2}
 
 
-def read_listed(stem: Path) -> tuple[CheckpointMeta, dict[str, Any]]:
+def read_listed(stem: RunPath) -> tuple[CheckpointMeta, dict[str, Any]]:
     """Check a checkpoint at the *listed* level and return its meta and parsed sidecar.
 
     Raises:
@@ -57,7 +64,7 @@ def read_listed(stem: Path) -> tuple[CheckpointMeta, dict[str, Any]]:
     try:
         raw = read_bounded(sidecar_file, limit=MAX_SIDECAR_BYTES)
     except FileNotFoundError:
-        if weights_file.exists():
+        if file_exists(weights_file):
             raise IncompleteCheckpointError(
                 f"{weights_file}: no sidecar {sidecar_file.name}; the save never committed"
             ) from None
@@ -72,8 +79,8 @@ def read_listed(stem: Path) -> tuple[CheckpointMeta, dict[str, Any]]:
             f"{sidecar_file}: records step {meta.step}, the name says {parsed.step}"
         )
     try:
-        size = weights_file.stat().st_size
-    except FileNotFoundError:
+        size = file_size(weights_file)
+    except (FileNotFoundError, IsADirectoryError):
         raise IncompleteCheckpointError(
             f"{sidecar_file}: its weights file {weights_file.name} is missing"
         ) from None
@@ -97,40 +104,35 @@ class RunDirScan:
     """
 
     valid: list[CheckpointMeta]
-    invalid: list[tuple[Path, KeiseiFnError]]
-    leftovers: list[Path]
-    unreadable: list[tuple[Path, KeiseiFnError]]
+    invalid: list[tuple[RunPath, KeiseiFnError]]
+    leftovers: list[RunPath]
+    unreadable: list[tuple[RunPath, KeiseiFnError]]
 
 
-def _entries(run_dir: Path) -> Iterator[str]:
+def _file_names(run_dir: RunPath) -> list[str]:
     try:
-        with os.scandir(run_dir) as it:
-            for entry in it:
-                if entry.is_file(follow_symlinks=False):
-                    yield entry.name
-    except FileNotFoundError:
-        return
+        return list_file_names(run_dir)
     except NotADirectoryError:
         raise CheckpointNotFoundError(f"{run_dir} is not a directory") from None
 
 
-def scan_run_dir(run_dir: str | os.PathLike[str]) -> RunDirScan:
+def scan_run_dir(run_dir: PathArg) -> RunDirScan:
     """Classify every checkpoint file of ``run_dir`` (a missing directory is empty).
 
     Raises:
         CheckpointNotFoundError: when ``run_dir`` is a file.
     """
-    run_dir = Path(run_dir)
+    run_dir = run_path(run_dir)
     stems: dict[str, set[str]] = {}
     leftovers = []
-    for name in _entries(run_dir):
+    for name in _file_names(run_dir):
         if is_temp_name(name):
             leftovers.append(run_dir / name)
         elif (split := split_file(name)) is not None:
             stems.setdefault(split[0], set()).add(split[1])
     valid: list[CheckpointMeta] = []
-    invalid: list[tuple[Path, KeiseiFnError]] = []
-    unreadable: list[tuple[Path, KeiseiFnError]] = []
+    invalid: list[tuple[RunPath, KeiseiFnError]] = []
+    unreadable: list[tuple[RunPath, KeiseiFnError]] = []
     for stem, suffixes in sorted(stems.items()):
         if SIDECAR_SUFFIX not in suffixes:
             leftovers.append(run_dir / (stem + WEIGHTS_SUFFIX))
@@ -142,28 +144,23 @@ def scan_run_dir(run_dir: str | os.PathLike[str]) -> RunDirScan:
         except (IntegrityError, IncompleteCheckpointError) as exc:
             invalid.append((run_dir / stem, exc))
     valid.sort(key=lambda m: (m.step, KIND_ORDER[m.kind], m.name))
-    return RunDirScan(valid, invalid, sorted(leftovers), unreadable)
+    return RunDirScan(valid, invalid, sorted(leftovers, key=str), unreadable)
 
 
-def resume_candidates(run_dir: Path, prefix: str = RESUME_PREFIX) -> Iterator[Path]:
+def resume_candidates(run_dir: RunPath, prefix: str = RESUME_PREFIX) -> Iterator[RunPath]:
     """Stems with ``prefix`` that have a sidecar, highest step first — by name only, unchecked.
 
     One regex over one ``listdir``; paths are built lazily, since "latest" usually needs only
     the first (10,000 checkpoints: ~30 ms).
     """
     sidecar = re.compile(re.escape(prefix) + r"(\d+)" + re.escape(SIDECAR_SUFFIX))
-    try:
-        names = os.listdir(run_dir)
-    except FileNotFoundError:
-        return
-    except NotADirectoryError:
-        raise CheckpointNotFoundError(f"{run_dir} is not a directory") from None
+    names = _file_names(run_dir)
     found = sorted(((int(m[1]), m[0]) for m in map(sidecar.fullmatch, names) if m), reverse=True)
     for _, name in found:
         yield run_dir / name[: -len(SIDECAR_SUFFIX)]
 
 
-def list_checkpoints(run_dir: str | os.PathLike[str]) -> list[CheckpointMeta]:
+def list_checkpoints(run_dir: PathArg) -> list[CheckpointMeta]:
     """Every listed-valid checkpoint of a run directory, sorted by step.
 
     Periodic checkpoints of every prefix, final checkpoints and the final model are included;
@@ -177,9 +174,7 @@ def list_checkpoints(run_dir: str | os.PathLike[str]) -> list[CheckpointMeta]:
     return scan_run_dir(run_dir).valid
 
 
-def latest_checkpoint(
-    run_dir: str | os.PathLike[str], *, prefix: str = RESUME_PREFIX
-) -> Path | None:
+def latest_checkpoint(run_dir: PathArg, *, prefix: str = RESUME_PREFIX) -> RunPath | None:
     """The weights path of the highest-step listed-valid resume checkpoint, or None.
 
     Never by modification time or name order; only ``prefix`` counts (other prefixes such as
@@ -190,7 +185,7 @@ def latest_checkpoint(
         >>> latest_checkpoint("runs/does-not-exist") is None
         True
     """
-    for stem in resume_candidates(Path(run_dir), prefix):
+    for stem in resume_candidates(run_path(run_dir), prefix):
         try:
             read_listed(stem)
         except (

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from pathlib import Path
 
 from keisei_fn.errors import SpecError
+from keisei_fn.paths import RunPath
 
 NAME_RE = re.compile(r"(?P<prefix>[A-Za-z_]+?)(?P<step>\d+)")
 PREFIX_RE = re.compile(r"[A-Za-z_]+")
@@ -55,11 +55,11 @@ def checkpoint_stem(prefix: str, step: int) -> str:
     return f"{prefix}{step}"
 
 
-def weights_path(stem: Path) -> Path:
+def weights_path(stem: RunPath) -> RunPath:
     """``stem`` + ``.safetensors`` (by concatenation: stems may contain dots)."""
     return stem.parent / (stem.name + WEIGHTS_SUFFIX)
 
 
-def sidecar_path(stem: Path) -> Path:
+def sidecar_path(stem: RunPath) -> RunPath:
     """``stem`` + ``.json``."""
     return stem.parent / (stem.name + SIDECAR_SUFFIX)

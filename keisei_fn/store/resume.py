@@ -10,14 +10,12 @@ Example:
 from __future__ import annotations
 
 import logging
-import os
 from dataclasses import dataclass
-from pathlib import Path
 
 from keisei_fn.distributed import on_rank_zero
 from keisei_fn.errors import CheckpointNotFoundError
 from keisei_fn.state import TrainState
-from keisei_fn.store._fs import write_durably
+from keisei_fn.store._fs import PathArg, RunPath, copy_file, is_remote, make_dirs, run_path
 from keisei_fn.store.checkpoints import load_state_with_meta, resolve_stem
 from keisei_fn.store.listing import latest_checkpoint
 from keisei_fn.store.names import RESUME_PREFIX, sidecar_path, weights_path
@@ -32,36 +30,29 @@ class Resumed:
     """A successful resume: the loaded state and the weights path it came from."""
 
     state: TrainState
-    path: Path
+    path: RunPath
 
 
-def _copy_pair(source_stem: Path, run_dir: Path) -> Path:
+def _copy_pair(source_stem: RunPath, run_dir: RunPath) -> RunPath:
     """Copy a checkpoint pair into ``run_dir`` with the durable protocol, sidecar last."""
-    run_dir.mkdir(parents=True, exist_ok=True)
+    make_dirs(run_dir)
     target = run_dir / source_stem.name
     for path_of in (weights_path, sidecar_path):
-        src = path_of(source_stem)
-
-        def write(temp: Path, src: Path = src) -> None:
-            with open(src, "rb") as fin, open(temp, "xb") as fout:
-                while chunk := fin.read(1 << 24):
-                    fout.write(chunk)
-
-        write_durably(path_of(target), write)
+        copy_file(path_of(source_stem), path_of(target))
     return target
 
 
 def resume(
-    run_dir: str | os.PathLike[str],
+    run_dir: PathArg,
     *,
-    resume: str | os.PathLike[str] | bool | None = "latest",
+    resume: PathArg | bool | None = "latest",
     search_parent: bool = True,
     prefix: str = RESUME_PREFIX,
 ) -> Resumed | None:
     """Decide where a run starts from and load it.
 
     Args:
-        run_dir: the run's directory.
+        run_dir: the run's directory (local or an fsspec URL).
         resume: ``"latest"``/None/True → the latest valid checkpoint (falling back past one that
             fails verification, with a warning), or a fresh start when there is none;
             ``"never"``/False → a fresh start; a path → exactly that checkpoint.
@@ -79,14 +70,15 @@ def resume(
     """
     if resume in ("never", False):
         return None
-    run_dir = Path(run_dir)
+    run_dir = run_path(run_dir)
     if resume not in ("latest", None, True):
         assert not isinstance(resume, bool)
         stem = resolve_stem(resume)
         state, meta = load_state_with_meta(stem)
         return Resumed(state=state, path=meta.weights_path)
     if latest_checkpoint(run_dir, prefix=prefix) is None and search_parent:
-        parent_latest = latest_checkpoint(run_dir.resolve().parent, prefix=prefix)
+        parent = run_dir.parent if is_remote(run_dir) else run_dir.resolve().parent
+        parent_latest = latest_checkpoint(parent, prefix=prefix)
         if parent_latest is not None:
             stem = parent_latest.parent / parent_latest.name.removesuffix(".safetensors")
             log.warning("no checkpoint in %s; resuming from the parent's %s", run_dir, stem)

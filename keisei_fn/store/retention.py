@@ -15,16 +15,14 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, replace
-from pathlib import Path
 from typing import Any
 
 from keisei_fn.distributed import on_rank_zero
 from keisei_fn.errors import SpecError
 from keisei_fn.meta import CheckpointMeta
-from keisei_fn.store._fs import unlink_durably
+from keisei_fn.store._fs import PathArg, RunPath, run_path, unlink_durably
 from keisei_fn.store.ledger import pending_publications
 from keisei_fn.store.listing import scan_run_dir
 from keisei_fn.store.names import RESUME_PREFIX, parse_stem, sidecar_path, weights_path
@@ -168,7 +166,7 @@ def plan_prune(
 
 
 def prune(
-    run_dir: str | os.PathLike[str],
+    run_dir: PathArg,
     policy: RetentionPolicy,
     *,
     dry_run: bool = False,
@@ -188,10 +186,10 @@ def prune(
     Returns:
         The plan; ``delete`` also lists removed leftovers (as file names).
     """
-    return on_rank_zero(lambda: _prune(Path(run_dir), policy, dry_run=dry_run, prefix=prefix))
+    return on_rank_zero(lambda: _prune(run_path(run_dir), policy, dry_run=dry_run, prefix=prefix))
 
 
-def _prune(run_dir: Path, policy: RetentionPolicy, *, dry_run: bool, prefix: str) -> PrunePlan:
+def _prune(run_dir: RunPath, policy: RetentionPolicy, *, dry_run: bool, prefix: str) -> PrunePlan:
     scan = scan_run_dir(run_dir)
     pending = {r.get("checkpoint", "") for r in pending_publications(run_dir).values()}
     plan = plan_prune(scan.valid, policy, protected=pending, prefix=prefix)

@@ -7,24 +7,26 @@ spaces to a multiple of 8, then the tensors' bytes back to back. Tensors are lai
 header is serialised the same way, so for the same tensors the file is byte-identical to the
 library's — and its digest too.
 
-Writing builds only the header in memory: the tensors' bytes go from their own memory to the
+Writing builds only the header in memory: the tensors' bytes go from their own memory to a local
 file in ``writev`` batches of 8 MiB, each followed by a hint that starts the device's writeback
 (so the disk works while the next batches are copied), while a worker thread hashes the same
 memory with BLAKE3. The long steps (writev, BLAKE3, fsync) release the GIL, so a background
-saver running this does not stall the training thread.
+saver running this does not stall the training thread. On an object store the same pieces are
+streamed into one upload.
 
-Reading maps the file copy-on-write (as ``safetensors`` does), hashes the mapping with BLAKE3 on
-all cores when a digest is given, checks the header strictly (size bound, dtypes, shapes, offsets
-tiling the data section exactly) and returns every tensor as a view of the mapping: no copy at
-all. Writing to a returned tensor copies the touched pages and never reaches the file. Files are
-never written over in place (design.md), so the mapping stays what was verified.
+Reading maps a local file copy-on-write (as ``safetensors`` does; a remote file is downloaded
+into one buffer), hashes the mapping with BLAKE3 on all cores when a digest is given, checks the
+header strictly (size bound, dtypes, shapes, offsets tiling the data section exactly) and
+returns every tensor as a view of the mapping: no copy at all. Writing to a returned tensor
+copies the touched pages and never reaches the file. Files are never written over in place
+(design.md), so the mapping stays what was verified.
 """
 
 from __future__ import annotations
 
 import math
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import cast
@@ -34,7 +36,17 @@ import torch
 
 from keisei_fn.codec import DTYPE_NAMES, DTYPES_BY_NAME
 from keisei_fn.errors import IntegrityError, UnsupportedDtypeError
-from keisei_fn.store._fs import hash_chunks, removing_on_failure
+from keisei_fn.store._fs import (
+    RunPath,
+    commit_file,
+    file_size,
+    hash_chunks,
+    is_remote,
+    read_into,
+    removing_on_failure,
+    temp_path,
+    writing,
+)
 
 MAX_HEADER_BYTES = 100 * 1024 * 1024
 
@@ -56,32 +68,69 @@ BATCH_BYTES = 8 << 20
 _IOV_MAX = os.sysconf("SC_IOV_MAX")
 
 
-def write_weights(tensors: dict[str, torch.Tensor], path: Path) -> tuple[int, str]:
-    """Write ``tensors`` to a new file at ``path`` (which must not exist) and fsync it.
+def write_weights(
+    tensors: dict[str, torch.Tensor],
+    path: RunPath,
+    *,
+    before_replace: Callable[[], None] | None = None,
+) -> tuple[int, str]:
+    """Atomically create or replace the weights file at ``path`` with ``tensors``.
 
     The digest is BLAKE3 of the whole file's bytes, hashed from the same memory while it is
     written (never by reading the file back). ``tensors`` must not change during the call.
+    Local files go through a temp file (fsynced, renamed, directory fsynced); on an object
+    store the upload is aborted on failure (see ``keisei_fn.store._fs.writing``).
+
+    Args:
+        tensors: name → tensor.
+        path: the file to create or replace.
+        before_replace: called right before ``path`` can change: locally once the temp file is
+            durable (just before the rename), on an object store before the upload starts.
 
     Returns:
         ``(size, "blake3:<hex>")`` of the written file.
 
     Raises:
         UnsupportedDtypeError: for a dtype a checkpoint cannot store (nothing is written).
-        FileExistsError: when ``path`` exists (it is left as it is).
-        OSError: when the disk is full or not writable (the partial file is removed).
+        OSError: when the disk is full or not writable (``path`` is left as it was).
     """
     header, buffers = _layout(tensors)
     chunks = [memoryview(header), *buffers]
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o666)
-    try:
-        with removing_on_failure(path), ThreadPoolExecutor(max_workers=1) as pool:
-            digest = pool.submit(_hash, chunks)
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        digest = pool.submit(_hash, chunks)
+        if is_remote(path):
+            if before_replace is not None:
+                before_replace()
+            with writing(path) as file:
+                for piece in _pieces(chunks):
+                    file.write(piece)
+        else:
+            _write_local(path, chunks, before_replace)
+        return sum(chunk.nbytes for chunk in chunks), digest.result()
+
+
+def weights_digest(tensors: dict[str, torch.Tensor]) -> tuple[int, str]:
+    """``(size, digest)`` that :func:`write_weights` would return, without writing anything."""
+    header, buffers = _layout(tensors)
+    chunks = [memoryview(header), *buffers]
+    return sum(chunk.nbytes for chunk in chunks), _hash(chunks)
+
+
+def _write_local(
+    final: Path, chunks: Sequence[memoryview], before_replace: Callable[[], None] | None
+) -> None:
+    """Write ``chunks`` to a new temp file beside ``final``, fsync it and rename it over."""
+    temp = temp_path(final)
+    fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o666)
+    with removing_on_failure(temp):
+        try:
             _write_all(fd, chunks)
-            found = digest.result()
             os.fsync(fd)
-    finally:
-        os.close(fd)
-    return sum(chunk.nbytes for chunk in chunks), found
+        finally:
+            os.close(fd)
+        if before_replace is not None:
+            before_replace()
+        commit_file(temp, final)
 
 
 def _layout(tensors: dict[str, torch.Tensor]) -> tuple[bytes, list[memoryview]]:
@@ -131,18 +180,23 @@ def _write_all(fd: int, chunks: Sequence[memoryview]) -> None:
         position += size
 
 
+def _pieces(chunks: Sequence[memoryview]) -> Iterator[memoryview]:
+    """The chunks cut into pieces of at most BATCH_BYTES."""
+    for chunk in chunks:
+        for start in range(0, chunk.nbytes, BATCH_BYTES):
+            yield chunk[start : start + BATCH_BYTES]
+
+
 def _batches(chunks: Sequence[memoryview]) -> Iterator[list[memoryview]]:
     """Pieces of at most BATCH_BYTES grouped into batches of about BATCH_BYTES."""
     batch: list[memoryview] = []
     size = 0
-    for chunk in chunks:
-        for start in range(0, chunk.nbytes, BATCH_BYTES):
-            piece = chunk[start : start + BATCH_BYTES]
-            batch.append(piece)
-            size += piece.nbytes
-            if size >= BATCH_BYTES or len(batch) == _IOV_MAX:
-                yield batch
-                batch, size = [], 0
+    for piece in _pieces(chunks):
+        batch.append(piece)
+        size += piece.nbytes
+        if size >= BATCH_BYTES or len(batch) == _IOV_MAX:
+            yield batch
+            batch, size = [], 0
     if batch:
         yield batch
 
@@ -172,7 +226,7 @@ def _start_writeback(fd: int, offset: int, size: int) -> None:
         os.posix_fadvise(fd, offset, size, os.POSIX_FADV_DONTNEED)
 
 
-def read_weights(path: Path, *, size: int, digest: str | None) -> dict[str, torch.Tensor]:
+def read_weights(path: RunPath, *, size: int, digest: str | None) -> dict[str, torch.Tensor]:
     """Read and (when ``digest`` is given) verify a weights file.
 
     Args:
@@ -181,24 +235,20 @@ def read_weights(path: Path, *, size: int, digest: str | None) -> dict[str, torc
         digest: the recorded digest, or None to skip hashing.
 
     Returns:
-        name → CPU tensor: copy-on-write views of one private memory map of the file.
+        name → CPU tensor: local files give copy-on-write views of one private memory map of
+        the file; remote files are downloaded once into memory and viewed there.
 
     Raises:
         FileNotFoundError: when the file is missing.
-        OSError: when it cannot be mapped.
+        OSError: when it cannot be mapped or downloaded.
         IntegrityError: naming the file, for any size, digest or header problem.
     """
-    actual = path.stat().st_size
+    actual = file_size(path)
     if actual != size:
         raise IntegrityError(f"{path}: size is {actual} bytes, the sidecar records {size}")
     if size < 8:
         raise IntegrityError(f"{path}: {size} bytes is too short for a safetensors file")
-    try:
-        mapped = torch.UntypedStorage.from_file(os.fspath(path), shared=False, nbytes=size)
-    except RuntimeError as exc:  # gone or shrunk since the stat, or not mappable
-        raise OSError(f"cannot map {path}: {exc}") from exc
-    storage = cast(torch.UntypedStorage, mapped)  # from_file's stub says a base class
-    data = torch.empty(0, dtype=torch.uint8).set_(storage).numpy().data
+    data = _download(path, size) if is_remote(path) else _map(path, size)
     if digest is not None:
         hasher = hash_chunks()
         hasher.update(data)
@@ -208,7 +258,24 @@ def read_weights(path: Path, *, size: int, digest: str | None) -> dict[str, torc
     return _parse(data, path)
 
 
-def _parse(data: memoryview, path: Path) -> dict[str, torch.Tensor]:
+def _map(path: Path, size: int) -> memoryview:
+    """A private copy-on-write memory map of a local file."""
+    try:
+        mapped = torch.UntypedStorage.from_file(os.fspath(path), shared=False, nbytes=size)
+    except RuntimeError as exc:  # gone or shrunk since the stat, or not mappable
+        raise OSError(f"cannot map {path}: {exc}") from exc
+    storage = cast(torch.UntypedStorage, mapped)  # from_file's stub says a base class
+    return torch.empty(0, dtype=torch.uint8).set_(storage).numpy().data
+
+
+def _download(path: RunPath, size: int) -> memoryview:
+    """A remote file's bytes in one writable buffer (tensors are views of it)."""
+    buffer = bytearray(size)
+    read_into(path, buffer)
+    return memoryview(buffer)
+
+
+def _parse(data: memoryview, path: RunPath) -> dict[str, torch.Tensor]:
     """Check the header strictly, then view every tensor in ``data`` (each its own storage,
     so that encoding a loaded state does not take them for views of one shared tensor)."""
     header_len = int.from_bytes(data[:8].tobytes(), "little")

@@ -27,6 +27,7 @@ from torch import nn
 
 from keisei_fn.capture import Scheduler, capture, restore_
 from keisei_fn.errors import SpecError
+from keisei_fn.paths import PathArg, RunPath
 from keisei_fn.rng import capture_rng, restore_rng_
 from keisei_fn.state import TrainState
 from keisei_fn.store import load_state, save_state
@@ -200,7 +201,7 @@ def _run_steps(
 
 
 def _resume(
-    setup: Setup, step_fn: StepFn, checkpoint: str | os.PathLike[str], *, stop: int, seed: int
+    setup: Setup, step_fn: StepFn, checkpoint: PathArg, *, stop: int, seed: int
 ) -> _Resumed:
     state = load_state(checkpoint)
     model, optimizer, scheduler, scaler = loop = _fresh_loop(setup, seed)
@@ -247,7 +248,7 @@ def _import_name(fn: object, what: str) -> str:
 
 
 def _resume_in_fresh_process(
-    setup: str, step_fn: str, checkpoint: Path, *, stop: int, seed: int
+    setup: str, step_fn: str, checkpoint: RunPath, *, stop: int, seed: int
 ) -> _Resumed:
     with tempfile.TemporaryDirectory(prefix="keisei-resume-") as tmp:
         job = Path(tmp) / "job.json"
