@@ -519,3 +519,25 @@ def test_metadata_sanitizer_is_pure():
         "h": ["nan"], "n": str(2**70), "t": [1, -0.0], "3": {"x": "-inf"}
     }  # fmt: skip
     assert math.isnan(metadata["h"][0]) and metadata["n"] == 2**70 and metadata[3]["x"] < 0
+
+
+def test_publish_and_flush_from_an_object_store_run_dir(offline, wandb_dir):
+    """A run directory on an fsspec URL: the files W&B logs are byte-identical to the objects."""
+    import uuid
+
+    from keisei_fn.paths import run_path
+    from keisei_fn.store import _fs
+
+    url = f"memory://publish-test/{uuid.uuid4().hex}"
+    meta = tiny_checkpoint(url, 1024)
+    flaky = FlakyRun(offline.run, [TimeoutError("slow")] * 3)
+    assert publish(meta, run_name=RUN_NAME, run=flaky, backoff=0).status == "queued"
+    assert prune(url, RetentionPolicy(keep_last=0)).delete == ()  # pending: protected
+    (flushed,) = flush_outbox(url, run=offline.run, backoff=0)
+    assert flushed.status == "published" and events(url) == ["pending", "published"]
+    (logged,) = offline.artifacts()
+    for path in (meta.weights_path, meta.sidecar_path):
+        data = _fs.read_bounded(run_path(str(path)), limit=1 << 30)
+        entry = logged["files"][path.name]
+        assert entry["size"] == len(data)
+        assert entry["digest"] == base64.b64encode(hashlib.md5(data).digest()).decode()

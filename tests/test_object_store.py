@@ -1,0 +1,229 @@
+"""Run directories on object storage: every store function on fsspec URLs.
+
+Each test runs twice: on ``memory://`` (fsspec's in-process filesystem) and on ``s3://`` against
+a real SeaweedFS server on loopback (the ``s3_url`` fixture of conftest.py), reached through
+s3fs configured the standard AWS way (``AWS_ENDPOINT_URL``, ``AWS_ACCESS_KEY_ID``, ...).
+"""
+
+from __future__ import annotations
+
+import io
+import uuid
+from collections.abc import Iterator
+from contextlib import redirect_stdout
+
+import fsspec
+import pytest
+import torch
+import upath.registry
+from fsspec.implementations.memory import MemoryFileSystem
+from upath.implementations.memory import MemoryPath
+
+from keisei_fn import (
+    ModelSpec,
+    RetentionPolicy,
+    build_model,
+    capture,
+    latest_checkpoint,
+    list_checkpoints,
+    load_model,
+    load_state,
+    prune,
+    resume,
+    save_final_model,
+    save_state,
+    verify_checkpoint,
+)
+from keisei_fn.cli import main as cli_main
+from keisei_fn.errors import IntegrityError
+from keisei_fn.paths import is_remote, run_path
+from keisei_fn.store import append_ledger, pending_publications, read_ledger, scan_run_dir
+from keisei_fn.store import _fs
+from keisei_fn.testing import assert_states_equal
+
+SPEC = ModelSpec(model_type="testmodel")
+
+
+@pytest.fixture(params=["memory", "s3"])
+def url(request: pytest.FixtureRequest) -> Iterator[str]:
+    """A fresh, empty run directory URL on each backend."""
+    if request.param == "s3":
+        yield request.getfixturevalue("s3_url")
+        return
+    root = f"keisei-test/{uuid.uuid4().hex}"
+    yield f"memory://{root}"
+    fs = MemoryFileSystem()
+    if fs.exists(root):
+        fs.rm(root, recursive=True)
+
+
+def trained_state(step: int, *, seed: int = 0):
+    """Keisei's test network and Adam after one real step: a 26 MB checkpoint."""
+    torch.manual_seed(seed)
+    model = build_model(SPEC, seed=seed)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    x = torch.randn(2, *SPEC.obs_shape)
+    policy, value = model(x)
+    (policy.logsumexp(-1).sum() + value.sum()).backward()
+    optimizer.step()
+    return capture(SPEC, model, optimizer, step=step, extra={"loss": float(step)})
+
+
+def raw(tensor: torch.Tensor) -> bytes:
+    return tensor.detach().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
+
+
+def objects(url: str) -> list[str]:
+    """Names of the objects directly under a URL, as the filesystem lists them."""
+    return sorted(_fs.list_file_names(run_path(url)))
+
+
+def test_round_trip_is_bit_exact_and_paths_stay_urls(url: str) -> None:
+    state = trained_state(10)
+    meta = save_state(state, url)
+    assert is_remote(meta.path) and str(meta.weights_path) == f"{url}/checkpoint_ts10.safetensors"
+    assert objects(url) == ["checkpoint_ts10.json", "checkpoint_ts10.safetensors"]  # no temps
+    assert_states_equal(load_state(url), state)
+    assert verify_checkpoint(f"{url}/checkpoint_ts10.json") == meta
+    model, loaded_meta = load_model(url)
+    assert loaded_meta == meta
+    for key, tensor in model.state_dict().items():
+        expected = state.model[key]
+        assert (tensor.dtype, tensor.shape) == (expected.dtype, expected.shape)
+        assert raw(tensor) == raw(expected)
+    assert save_state(state, url) == meta  # identical re-save: nothing written
+    final = save_final_model(state, url)
+    assert load_model(url)[1] == final
+
+
+def test_latest_list_prune_and_resume(url: str) -> None:
+    for step in (10, 20, 30):
+        save_state(trained_state(step, seed=step), url)
+    assert str(latest_checkpoint(url)) == f"{url}/checkpoint_ts30.safetensors"
+    assert [m.step for m in list_checkpoints(url)] == [10, 20, 30]
+    # An upload cut off after the weights (no sidecar) is never latest, and pruning removes it.
+    weights = run_path(url) / "checkpoint_ts40.safetensors"
+    weights.fs.pipe_file(weights.path, b"partial upload")
+    assert str(latest_checkpoint(url)) == f"{url}/checkpoint_ts30.safetensors"
+    assert scan_run_dir(url).leftovers == [weights]
+    plan = prune(url, RetentionPolicy(keep_last=1))
+    assert set(plan.delete) == {"checkpoint_ts10", "checkpoint_ts20", "checkpoint_ts40.safetensors"}
+    assert objects(url) == ["checkpoint_ts30.json", "checkpoint_ts30.safetensors"]
+    resumed = resume(url)
+    assert resumed is not None and resumed.state.step == 30
+    assert str(resumed.path) == f"{url}/checkpoint_ts30.safetensors"
+
+
+def test_a_corrupt_newest_checkpoint_falls_back(url: str, caplog: pytest.LogCaptureFixture) -> None:
+    save_state(trained_state(10), url)
+    newest = save_state(trained_state(20, seed=1), url)
+    data = bytearray(_fs.read_bounded(newest.weights_path, limit=1 << 30))
+    data[-1] ^= 0x01  # same size: listed-valid, fails verification
+    _fs.write_bytes_durably(newest.weights_path, bytes(data))
+    with pytest.raises(IntegrityError, match="digest"):
+        verify_checkpoint(newest.path)
+    assert load_state(url).step == 10
+    assert "falling back" in caplog.text
+
+
+def test_resume_copies_the_parents_latest_into_an_empty_run_dir(url: str) -> None:
+    state = trained_state(10)
+    save_state(state, url)
+    resumed = resume(f"{url}/child")
+    assert resumed is not None and str(resumed.path) == f"{url}/child/checkpoint_ts10.safetensors"
+    assert_states_equal(resumed.state, state)
+
+
+def test_the_publication_ledger_appends_without_append(url: str) -> None:
+    meta = save_state(trained_state(10), url)
+    record = {"artifact": "a", "digest": meta.weights_digest, "checkpoint": meta.name}
+    append_ledger(url, {"event": "pending", **record})
+    ledger = run_path(url) / "publications.jsonl"
+    ledger.fs.pipe_file(ledger.path, _fs.read_bounded(ledger, limit=1 << 20) + b'{"torn')
+    append_ledger(url, {"event": "published", **record})
+    assert [r["event"] for r in read_ledger(url)] == ["pending", "published"]
+    assert pending_publications(url) == {}
+
+
+def test_cli_ls_and_verify_on_a_url(url: str) -> None:
+    save_state(trained_state(10), url)
+    out = io.StringIO()
+    with redirect_stdout(out):
+        assert cli_main(["ls", "--verify", url]) == 0
+        assert cli_main(["verify", url]) == 0
+    assert "checkpoint_ts10" in out.getvalue() and "verified" in out.getvalue()
+
+
+# --- retries and failed uploads (fsspec's memory filesystem with injected faults) ------------
+
+
+class FlakyMemoryFileSystem(MemoryFileSystem):
+    """fsspec's memory filesystem whose whole-object writes fail the first ``failures`` times,
+    and whose streamed uploads can be cut off after ``cut_after`` bytes."""
+
+    protocol = "flakymem"
+    failures = 0
+    cut_after: int | None = None
+
+    @classmethod
+    def _strip_protocol(cls, path):
+        return super()._strip_protocol(path.replace("flakymem://", "memory://", 1))
+
+    def pipe_file(self, path, value, **kwargs):
+        if FlakyMemoryFileSystem.failures > 0:
+            FlakyMemoryFileSystem.failures -= 1
+            raise ConnectionResetError(104, "connection reset by peer")
+        return super().pipe_file(path, value, **kwargs)
+
+    def _open(self, path, mode="rb", **kwargs):
+        file = super()._open(path, mode, **kwargs)
+        if "w" in mode and FlakyMemoryFileSystem.cut_after is not None:
+            limit, write = FlakyMemoryFileSystem.cut_after, file.write
+
+            def cut_write(data):
+                if file.tell() + len(data) > limit:
+                    raise ConnectionResetError(104, "connection reset mid-upload")
+                return write(data)
+
+            file.write = cut_write
+        return file
+
+
+@pytest.fixture
+def flaky(monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
+    fsspec.register_implementation("flakymem", FlakyMemoryFileSystem, clobber=True)
+    upath.registry.register_implementation("flakymem", MemoryPath, clobber=True)
+    monkeypatch.setattr(_fs, "RETRY_DELAYS", (0.0, 0.0))
+    monkeypatch.setattr(FlakyMemoryFileSystem, "failures", 0)
+    monkeypatch.setattr(FlakyMemoryFileSystem, "cut_after", None)
+    root = f"flaky/{uuid.uuid4().hex}"
+    yield f"flakymem://{root}"
+    fs = MemoryFileSystem()
+    if fs.exists(root):
+        fs.rm(root, recursive=True)
+
+
+def test_transient_errors_are_retried(flaky: str) -> None:
+    FlakyMemoryFileSystem.failures = len(_fs.RETRY_DELAYS)  # the sidecar upload fails twice
+    meta = save_state(trained_state(10), flaky)
+    assert FlakyMemoryFileSystem.failures == 0
+    assert verify_checkpoint(meta.path) == meta
+
+
+def test_persistent_errors_surface_and_commit_nothing(flaky: str) -> None:
+    save_state(trained_state(10), flaky)
+    FlakyMemoryFileSystem.failures = len(_fs.RETRY_DELAYS) + 1
+    with pytest.raises(ConnectionResetError):
+        save_state(trained_state(20, seed=1), flaky)
+    assert [m.step for m in list_checkpoints(flaky)] == [10]
+    assert objects(flaky) == ["checkpoint_ts10.json", "checkpoint_ts10.safetensors"]
+
+
+def test_an_upload_cut_off_midway_commits_nothing(flaky: str) -> None:
+    save_state(trained_state(10), flaky)
+    FlakyMemoryFileSystem.cut_after = 5 << 20
+    with pytest.raises(ConnectionResetError, match="mid-upload"):
+        save_state(trained_state(20, seed=1), flaky)
+    FlakyMemoryFileSystem.cut_after = None
+    assert latest_checkpoint(flaky).name == "checkpoint_ts10.safetensors"
+    assert load_state(flaky).step == 10
