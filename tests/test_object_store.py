@@ -37,8 +37,7 @@ from keisei_fn import (
 from keisei_fn.cli import main as cli_main
 from keisei_fn.errors import IntegrityError
 from keisei_fn.paths import is_remote, run_path
-from keisei_fn.store import append_ledger, pending_publications, read_ledger, scan_run_dir
-from keisei_fn.store import _fs
+from keisei_fn.store import _fs, append_ledger, pending_publications, read_ledger, scan_run_dir
 from keisei_fn.testing import assert_states_equal
 
 SPEC = ModelSpec(model_type="testmodel")
