@@ -7,8 +7,10 @@ Every function of keisei_fn that takes a path takes either. Local paths stay pla
 ``gcsfs`` for ``gs://``).
 
 Example:
-    >>> run_path("runs/a"), run_path("memory://runs/a")
-    (PosixPath('runs/a'), MemoryPath('memory:///runs/a'))
+    >>> run_path("runs/a")
+    PosixPath('runs/a')
+    >>> str(run_path("memory://runs/a") / "checkpoint_ts10.json")
+    'memory://runs/a/checkpoint_ts10.json'
     >>> is_remote(run_path("s3://bucket/run"))
     True
 """
@@ -16,18 +18,21 @@ Example:
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
-from typing import TypeAlias
+from typing import TYPE_CHECKING, TypeAlias, cast
 
 from typing_extensions import TypeIs
-from upath import UPath
+
+if TYPE_CHECKING:
+    from upath import UPath
 
 __all__ = ["PathArg", "RunPath", "is_remote", "run_path"]
 
 #: A run directory or checkpoint file: local, or on an fsspec filesystem.
-RunPath: TypeAlias = Path | UPath
+RunPath: TypeAlias = "Path | UPath"
 #: What users may pass wherever a path is accepted.
-PathArg: TypeAlias = str | os.PathLike[str] | UPath
+PathArg: TypeAlias = "str | os.PathLike[str] | UPath"
 
 _LOCAL_PROTOCOLS = ("", "file", "local")
 
@@ -41,10 +46,15 @@ def run_path(path: PathArg) -> RunPath:
     Raises:
         ImportError: for a URL whose fsspec filesystem is not installed (e.g. ``s3fs``).
     """
-    if isinstance(path, UPath):
-        return Path(path.path) if path.protocol in _LOCAL_PROTOCOLS else path
-    text = os.fspath(path)
+    if "upath" in sys.modules:  # else nobody can have made a UPath: keep importing cheap
+        from upath import UPath
+
+        if isinstance(path, UPath):
+            return Path(path.path) if path.protocol in _LOCAL_PROTOCOLS else path
+    text = os.fspath(cast("str | os.PathLike[str]", path))  # UPaths were handled above
     if "://" in text:
+        from upath import UPath
+
         return run_path(UPath(text))
     return Path(text)
 

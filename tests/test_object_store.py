@@ -8,6 +8,10 @@ s3fs configured the standard AWS way (``AWS_ENDPOINT_URL``, ``AWS_ACCESS_KEY_ID`
 from __future__ import annotations
 
 import io
+import signal
+import subprocess
+import sys
+import time
 import uuid
 from collections.abc import Iterator
 from contextlib import redirect_stdout
@@ -226,3 +230,56 @@ def test_an_upload_cut_off_midway_commits_nothing(flaky: str) -> None:
     FlakyMemoryFileSystem.cut_after = None
     assert latest_checkpoint(flaky).name == "checkpoint_ts10.safetensors"
     assert load_state(flaky).step == 10
+
+
+# --- S3 only: real processes --------------------------------------------------------------
+
+KILLED_SAVER = """
+import sys, torch
+from keisei_fn import TrainState, save_state
+url = sys.argv[1]
+gen = torch.Generator().manual_seed(0)
+for step in range(1, 1000):
+    big = torch.randn(4 << 20, generator=gen)  # 16 MiB: a multipart upload each time
+    save_state(TrainState(spec=None, step=step, model={"w": big}), url)
+    print(step, flush=True)
+"""
+
+
+@pytest.mark.parametrize("kill_after_saves", [1, 2, 3])
+def test_s3_process_killed_during_upload_leaves_no_bad_latest(
+    s3_url: str, kill_after_saves: int
+) -> None:
+    """SIGKILL a process in the middle of an upload: whatever latest_checkpoint returns loads."""
+    proc = subprocess.Popen(
+        [sys.executable, "-c", KILLED_SAVER, s3_url], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        for _ in range(kill_after_saves):
+            assert proc.stdout is not None and proc.stdout.readline()
+        time.sleep(0.05 * kill_after_saves)  # somewhere inside the next upload
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.kill()
+        proc.wait(timeout=30)
+    latest = latest_checkpoint(s3_url)
+    assert latest is not None
+    state = load_state(latest.parent / latest.name.removesuffix(".safetensors"))
+    assert state.step >= kill_after_saves
+    listed = [m.step for m in list_checkpoints(s3_url)]
+    assert listed == list(range(1, len(listed) + 1)) and state.step == listed[-1]
+    prune(s3_url, RetentionPolicy(keep_last=1))
+    assert objects(s3_url) == [
+        f"checkpoint_ts{state.step}.{ext}" for ext in ("json", "safetensors")
+    ]
+
+
+def test_s3_cli_in_a_fresh_process(s3_url: str) -> None:
+    """The command line reaches S3 from the standard AWS environment variables alone."""
+    save_state(trained_state(10), s3_url)
+    for args in (["ls", "--verify", s3_url], ["verify", s3_url]):
+        done = subprocess.run(
+            [sys.executable, "-m", "keisei_fn", *args], capture_output=True, text=True, timeout=120
+        )
+        assert done.returncode == 0, done.stderr
+        assert "checkpoint_ts10" in done.stdout

@@ -26,13 +26,15 @@ import time
 from collections.abc import Callable, Iterator
 from functools import partial
 from pathlib import Path
-from typing import IO, Any, TypeVar
+from typing import IO, TYPE_CHECKING, Any, TypeVar
 
 import blake3
-from upath import UPath
 
 from keisei_fn.errors import IntegrityError
 from keisei_fn.paths import PathArg, RunPath, is_remote, run_path
+
+if TYPE_CHECKING:
+    from upath import UPath
 
 __all__ = ["PathArg", "RunPath", "is_remote", "run_path"]  # re-exported for the store
 

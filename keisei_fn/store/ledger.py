@@ -18,10 +18,9 @@ import os
 from collections.abc import Mapping
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import orjson
-from upath import UPath
 
 from keisei_fn.store._fs import (
     PathArg,
@@ -31,6 +30,9 @@ from keisei_fn.store._fs import (
     run_path,
     write_bytes_durably,
 )
+
+if TYPE_CHECKING:
+    from upath import UPath
 
 __all__ = ["LEDGER_NAME", "append_ledger", "pending_publications", "read_ledger"]
 
