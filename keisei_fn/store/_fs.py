@@ -24,6 +24,7 @@ import os
 import secrets
 import time
 from collections.abc import Callable, Iterator
+from datetime import UTC, datetime
 from functools import partial
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any, TypeVar
@@ -46,6 +47,8 @@ _TRANSIENT_ERRNOS = frozenset(
     for name in ("ECONNRESET", "ECONNREFUSED", "ECONNABORTED", "ETIMEDOUT", "EPIPE", "EAGAIN")
     if hasattr(errno, name)
 )
+#: Multipart uploads open longer than this are taken as abandoned (see abort_stale_uploads).
+STALE_UPLOAD_SECONDS = 3600.0
 T = TypeVar("T")
 
 
@@ -153,6 +156,40 @@ def unlink_durably(*paths: RunPath) -> None:
                 dirs.add(path.parent)
     for directory in dirs:
         fsync_dir(directory)
+
+
+def abort_stale_uploads(directory: RunPath, *, older_than: float | None = None) -> list[str]:
+    """Abort incomplete multipart uploads of objects directly in ``directory``.
+
+    A process killed mid-upload leaves its multipart upload open: invisible (no object, so
+    never listed or loaded) but holding storage until aborted. Only uploads started more than
+    ``older_than`` seconds ago (default :data:`STALE_UPLOAD_SECONDS`) are aborted, so a save in
+    progress elsewhere is left alone. Filesystems without multipart listing (and local
+    directories) have none.
+
+    Returns:
+        The names of the objects whose uploads were aborted.
+    """
+    if not is_remote(directory) or not hasattr(directory.fs, "list_multipart_uploads"):
+        return []
+    fs = directory.fs
+    limit = STALE_UPLOAD_SECONDS if older_than is None else older_than
+    bucket, _, prefix = directory.path.strip("/").partition("/")
+    prefix = f"{prefix}/" if prefix else ""
+    now = datetime.now(UTC)
+    aborted = []
+    uploads = retrying(partial(fs.list_multipart_uploads, bucket), what=f"list {directory}")
+    for upload in uploads:
+        key, started = str(upload.get("Key", "")), upload.get("Initiated")
+        name = key[len(prefix) :]
+        if not key.startswith(prefix) or "/" in name or not name:
+            continue
+        if isinstance(started, datetime) and (now - started).total_seconds() < limit:
+            continue
+        call = partial(fs.abort_mpu, bucket, key, upload["UploadId"])
+        retrying(call, what=f"abort the upload of {key}")
+        aborted.append(name)
+    return aborted
 
 
 def make_dirs(directory: RunPath) -> None:

@@ -2,8 +2,8 @@
 
 Never deleted, whatever the policy: the newest valid checkpoint, final checkpoints, the final
 model, and checkpoints whose publication is still pending in the run directory's ledger.
-Incomplete leftovers (temp files, weights without a sidecar, pairs that fail the listed check)
-are always removed by ``prune``.
+Incomplete leftovers (temp files, weights without a sidecar, pairs that fail the listed check,
+on S3 multipart uploads abandoned for an hour) are always removed by ``prune``.
 
 Example:
     >>> policy = RetentionPolicy(keep_last=2)
@@ -22,7 +22,13 @@ from typing import Any
 from keisei_fn.distributed import on_rank_zero
 from keisei_fn.errors import SpecError
 from keisei_fn.meta import CheckpointMeta
-from keisei_fn.store._fs import PathArg, RunPath, run_path, unlink_durably
+from keisei_fn.store._fs import (
+    PathArg,
+    RunPath,
+    abort_stale_uploads,
+    run_path,
+    unlink_durably,
+)
 from keisei_fn.store.ledger import pending_publications
 from keisei_fn.store.listing import scan_run_dir
 from keisei_fn.store.names import RESUME_PREFIX, parse_stem, sidecar_path, weights_path
@@ -201,6 +207,7 @@ def _prune(run_dir: RunPath, policy: RetentionPolicy, *, dry_run: bool, prefix: 
             unlink_durably(sidecar_path(stem))
             unlink_durably(weights_path(stem))
         unlink_durably(*scan.leftovers)
+        leftovers += [f"{name} (incomplete upload)" for name in abort_stale_uploads(run_dir)]
         if plan.delete or broken or leftovers:
             log.info(
                 "pruned %s: %d checkpoints, %d broken, %d leftovers",
