@@ -1,0 +1,1318 @@
+"""Sharded checkpoints of FSDP2 training through torch.distributed.checkpoint, never pickled.
+
+``save_sharded`` runs on every rank of an FSDP2 (``fully_shard``) job: every rank writes its own
+shards of the model and optimizer tensors, in parallel, through torch.distributed.checkpoint
+(DCP) and its HuggingFace safetensors writer; rank 0 writes the rest of the training state and,
+once every rank has finished and its files' digests are gathered, the sidecar: the commit
+marker. ``load_sharded`` reads it back on any number of ranks (resharding),
+``load_sharded_state`` as a plain, full TrainState in one process, and ``consolidate`` turns it
+into an ordinary single-file checkpoint that ``load_model`` reads on one CPU.
+
+On disk, in a run directory::
+
+    checkpoint_ts10240.json                   the sidecar: format version 2, layout "sharded"
+    checkpoint_ts10240.<token>.shards/        a fresh directory per save (random token)
+        shard-00001-model-00001-of-00001.safetensors    rank 0's shards, written by DCP
+        shard-00002-model-00001-of-00001.safetensors    rank 1's shards
+        state.safetensors                               rank 0: RNG, scheduler, extra tensors
+
+Every file is a safetensors file. DCP's sharding offsets are in each shard's safetensors
+metadata and the HF reader rebuilds DCP's metadata from those headers, so DCP's pickled
+``.metadata`` file is never written nor read. A re-save gets a new directory, so no file that
+a process may have mapped is ever written over.
+
+Tensors named ``model/<key>`` and ``optimizer/state/<fqn>/<name>`` are in the shards: sharded
+DTensors as every rank holds them, replicated plain tensors (BatchNorm buffers, Adam's ``step``)
+as rank 0 holds them, like a single-file save on rank 0. Every other tensor (``rng/...``,
+``scheduler/...``, ``extra/...``) is in ``state.safetensors``. The rest — optimizer
+param_groups, step, episodes, stats, spec, scheduler and extra JSON — is in the sidecar,
+encoded by ``keisei_fn.codec``.
+
+The sidecar is a version-1 sidecar (``keisei_fn.meta``) with ``format_version`` 2, ``"layout":
+"sharded"`` and a ``"shards"`` entry: the directory's name, the world size, and every file's size
+and BLAKE3 digest; ``"weights"`` holds their total size and the digest of that file table. An
+older keisei_fn refuses version 2 as a newer format ("unreadable", never pruned) instead of
+taking the checkpoint for a single-file one whose weights are missing.
+
+Example (one process also works, without FSDP or a process group):
+    >>> import tempfile, torch
+    >>> from keisei_fn import ModelSpec, build_model
+    >>> spec = ModelSpec(model_type="testmodel")
+    >>> model = build_model(spec, seed=0)
+    >>> optimizer = torch.optim.Adam(model.parameters())
+    >>> with tempfile.TemporaryDirectory() as run_dir:
+    ...     meta = save_sharded(model, optimizer, run_dir, step=2048, spec=spec)
+    ...     state = load_sharded_state(run_dir)
+    >>> meta.format_version, meta.name, state.step, sorted(state.optimizer["state"])[:2]
+    (2, 'checkpoint_ts2048', 2048, [0, 1])
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import os
+import secrets
+import shutil
+import warnings
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, TypeVar, cast
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from keisei_fn.capture import Scheduler
+from keisei_fn.codec import (
+    DTYPE_NAMES,
+    DTYPES_BY_NAME,
+    _tensor_name,
+    decode_json,
+    dumps,
+    encode_json,
+    loads,
+)
+from keisei_fn.distributed import gather_rng, rank_and_world, rank_rng, reseed_rank
+from keisei_fn.errors import (
+    CheckpointExistsError,
+    CheckpointNotFoundError,
+    IncompleteCheckpointError,
+    IntegrityError,
+    SpecError,
+    StateMismatchError,
+    UnsupportedDtypeError,
+    UnsupportedFormatError,
+    UnsupportedValueError,
+)
+from keisei_fn.meta import FORMAT_NAME, KINDS, CheckpointMeta, build_sidecar, digest_bytes
+from keisei_fn.rng import capture_rng, restore_rng_
+from keisei_fn.spec import ModelSpec
+from keisei_fn.state import GameStats, TrainState, thaw
+from keisei_fn.store._fs import (
+    PathArg,
+    fsync_dir,
+    hash_file,
+    is_remote,
+    read_bounded,
+    run_path,
+    write_bytes_durably,
+)
+from keisei_fn.store.checkpoints import save_state
+from keisei_fn.store.listing import MAX_SIDECAR_BYTES, read_listed, resume_candidates
+from keisei_fn.store.names import (
+    RESUME_PREFIX,
+    SIDECAR_SUFFIX,
+    WEIGHTS_SUFFIX,
+    checkpoint_stem,
+    parse_stem,
+    sidecar_path,
+    weights_path,
+)
+from keisei_fn.store.weights import read_weights, write_weights
+
+if TYPE_CHECKING:  # torch.distributed.checkpoint and DTensor take ~0.8 s to import: lazily
+    from torch.distributed.checkpoint.api import CheckpointException
+    from torch.distributed.checkpoint.metadata import ChunkStorageMetadata
+
+__all__ = [
+    "LAYOUT",
+    "SHARDED_FORMAT_VERSION",
+    "STATE_FILE",
+    "build_sharded_sidecar",
+    "check_sharded_sidecar",
+    "consolidate",
+    "load_sharded",
+    "load_sharded_state",
+    "load_sharded_state_with_meta",
+    "read_sharded",
+    "save_sharded",
+]
+
+log = logging.getLogger("keisei_fn.store")
+
+T = TypeVar("T")
+
+#: The sidecar format version of a sharded checkpoint (single-file checkpoints stay at 1).
+SHARDED_FORMAT_VERSION = 2
+LAYOUT = "sharded"
+SHARDS_SUFFIX = ".shards"
+#: Rank 0's file of the tensors that are not sharded (RNG, scheduler, extra).
+STATE_FILE = "state.safetensors"
+_DCP_SECTIONS = ("model/", "optimizer/")
+_DCP_SUFFIX = ".safetensors"  # the HF reader reads every file of the directory that ends so
+_NO_DIST_WARNING = "torch.distributed is disabled, unavailable or uninitialized"
+
+
+class _NotShardedError(UnsupportedFormatError):
+    """A valid single-file (version 1) checkpoint where a sharded one was looked for."""
+
+
+def _in_shards(name: str) -> bool:
+    """Whether a stored tensor goes through DCP (else: ``state.safetensors``)."""
+    return name.startswith(_DCP_SECTIONS)
+
+
+def _shard_file(rank: int) -> str:
+    """The file DCP's HF writer names for ``rank`` (its plan's 1-based index), one file each."""
+    return f"shard-{rank + 1:05d}-model-00001-of-00001{_DCP_SUFFIX}"
+
+
+# --- agreeing across ranks -------------------------------------------------------------------
+
+
+def _wire_error(exc: Exception) -> tuple[type[Exception], str]:
+    """An error as (class, message) that every rank can rebuild: its nearest class of ours or a
+    builtin one (they all take a single message)."""
+    for kind in type(exc).__mro__:
+        if (
+            kind.__module__ in ("keisei_fn.errors", "builtins")
+            and issubclass(kind, Exception)
+            and not issubclass(kind, UnicodeError)
+        ):
+            return kind, str(exc)
+    return RuntimeError, f"{type(exc).__name__}: {exc}"
+
+
+def _agreed(fn: Callable[[], T]) -> T:
+    """Run ``fn`` on every rank and return this rank's result — a collective.
+
+    When ``fn`` fails anywhere, every rank raises: a failing rank its own error, the others the
+    first failing rank's error type and message (prefixed ``"rank R: "``), so no rank is left
+    waiting in a later collective. Only the outcome travels between the ranks, not the result.
+    """
+    _, world = rank_and_world()
+    if world == 1:
+        return fn()
+    failure: Exception | None = None
+    result: Any = None
+    try:
+        result = fn()
+    except Exception as exc:  # re-raised on every rank below
+        failure = exc
+    outcomes: list[Any] = [None] * world
+    dist.all_gather_object(outcomes, None if failure is None else _wire_error(failure))
+    if failure is not None:
+        raise failure
+    for rank, outcome in enumerate(outcomes):
+        if outcome is not None:
+            kind, message = outcome
+            raise kind(f"rank {rank}: {message}")
+    return cast(T, result)
+
+
+def _everyone(fn: Callable[[], T]) -> list[T]:
+    """:func:`_agreed`, then every rank's result in rank order (results travel: keep them
+    small and plain)."""
+    value = _agreed(fn)
+    _, world = rank_and_world()
+    if world == 1:
+        return [value]
+    values: list[Any] = [None] * world
+    dist.all_gather_object(values, value)
+    return values
+
+
+def _from_rank_zero(fn: Callable[[], T]) -> T:
+    """Run ``fn`` on rank 0 only; every rank returns its result or raises its error."""
+    rank, _ = rank_and_world()
+    return cast(T, _everyone(lambda: fn() if rank == 0 else None)[0])
+
+
+def _failures(exc: CheckpointException) -> str:
+    return "; ".join(f"rank {r}: {f[0]!r}" for r, f in sorted(exc.failures.items()))
+
+
+def _no_dist() -> bool:
+    return not (dist.is_available() and dist.is_initialized())
+
+
+@contextlib.contextmanager
+def _quiet_single_process() -> Iterator[None]:
+    """Silence DCP's warning that it runs in a single process (which is what we ask for)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=_NO_DIST_WARNING)
+        yield
+
+
+# --- the sidecar -----------------------------------------------------------------------------
+
+
+def _manifest_digest(files: Mapping[str, Mapping[str, Any]]) -> str:
+    return digest_bytes(dumps({k: dict(v) for k, v in files.items()}))
+
+
+def build_sharded_sidecar(
+    header: Mapping[str, Any],
+    *,
+    name: str,
+    kind: str,
+    tensors: Mapping[str, torch.Tensor],
+    shards_dir: str,
+    world_size: int,
+    files: Mapping[str, tuple[int, str]],
+    created: str | None = None,
+) -> dict[str, Any]:
+    """Assemble a sharded checkpoint's sidecar (format version 2) with its own digest.
+
+    It is :func:`keisei_fn.meta.build_sidecar`'s sidecar plus ``"layout": "sharded"`` and
+    ``"shards"``; ``"weights"`` holds the files' total size and the digest of the file table.
+
+    Args:
+        header: the JSON state part (see :func:`save_sharded`).
+        name: the checkpoint's stem, e.g. ``"checkpoint_ts10240"``.
+        kind: ``"periodic"`` or ``"final"``.
+        tensors: every stored tensor under its stored name; for a DTensor the full (unsharded)
+            dtype and shape are recorded (meta tensors will do).
+        shards_dir: the shards directory's name (in the run directory).
+        world_size: the number of ranks that wrote it.
+        files: file name (in the shards directory) → (size, digest).
+        created: ISO-8601 UTC time; now when None.
+
+    Returns:
+        The sidecar, ready for ``keisei_fn.codec.dumps``.
+
+    Raises:
+        ValueError: for an unknown kind.
+
+    Example:
+        >>> s = build_sharded_sidecar({"step": 1}, name="checkpoint_ts1", kind="periodic",
+        ...     tensors={}, shards_dir="checkpoint_ts1.ab.shards", world_size=2, files={})
+        >>> s["format_version"], s["layout"], check_sharded_sidecar(dumps(s))["shards"]["dir"]
+        (2, 'sharded', 'checkpoint_ts1.ab.shards')
+    """
+    table = {f: {"size": size, "digest": digest} for f, (size, digest) in sorted(files.items())}
+    sidecar = build_sidecar(
+        header,
+        name=name,
+        kind=kind,
+        tensors=tensors,
+        aliases={},
+        weights_size=sum(size for size, _ in files.values()),
+        weights_digest=_manifest_digest(table),
+        created=created,
+    )
+    del sidecar["digest"]
+    sidecar["format_version"] = SHARDED_FORMAT_VERSION
+    sidecar["layout"] = LAYOUT
+    sidecar["shards"] = {"dir": shards_dir, "world_size": world_size, "files": table}
+    sidecar["digest"] = digest_bytes(dumps(sidecar))
+    return sidecar
+
+
+_REQUIRED = {
+    "format": str,
+    "format_version": int,
+    "name": str,
+    "kind": str,
+    "state": dict,
+    "tensors": dict,
+    "aliases": dict,
+    "weights": dict,
+    "created": str,
+    "versions": dict,
+    "digest": str,
+}
+
+
+def check_sharded_sidecar(
+    raw: bytes, *, name: str | None = None, where: str = "sidecar"
+) -> dict[str, Any]:
+    """Parse and check a sharded checkpoint's sidecar: JSON, own digest, format and version,
+    canonical bytes, name, and a well-formed ``"shards"`` entry that matches ``"weights"``.
+
+    Args:
+        raw: the file's bytes.
+        name: the expected checkpoint name (the file's stem), if known.
+        where: the file, for error messages.
+
+    Returns:
+        The parsed sidecar.
+
+    Raises:
+        IntegrityError: unparsable, a field missing or mistyped, a digest or name mismatch.
+        UnsupportedFormatError: another format, a newer version, or a single-file (version 1)
+            checkpoint (load that with ``keisei_fn.load_state``).
+    """
+    try:
+        sidecar = loads(raw)
+    except IntegrityError as exc:
+        raise IntegrityError(f"{where}: {exc}") from exc
+    if not isinstance(sidecar, dict):
+        raise UnsupportedFormatError(f"{where}: not a {FORMAT_NAME} sidecar")
+    recorded = sidecar.get("digest")
+    if isinstance(recorded, str):
+        actual = digest_bytes(dumps({k: v for k, v in sidecar.items() if k != "digest"}))
+        if recorded != actual:
+            raise IntegrityError(
+                f"{where}: the sidecar was modified (digest {actual}, recorded {recorded})"
+            )
+    if sidecar.get("format") != FORMAT_NAME:
+        found = sidecar.get("format")
+        raise UnsupportedFormatError(f"{where}: not a {FORMAT_NAME} sidecar (format {found!r})")
+    for key, kind in _REQUIRED.items():
+        if not isinstance(sidecar.get(key), kind) or isinstance(sidecar.get(key), bool):
+            raise IntegrityError(f"{where}: field {key!r} is missing or not a {kind.__name__}")
+    version = sidecar["format_version"]
+    if version > SHARDED_FORMAT_VERSION:
+        raise UnsupportedFormatError(
+            f"{where}: format version {version} is newer than this keisei_fn reads "
+            f"({SHARDED_FORMAT_VERSION}); upgrade keisei_fn"
+        )
+    if dumps(sidecar) != raw:
+        raise IntegrityError(f"{where}: the sidecar is not in canonical form; it was edited")
+    if version < SHARDED_FORMAT_VERSION:
+        raise _NotShardedError(
+            f"{where}: a single-file checkpoint (format version {version}), not a sharded "
+            "one; load it with keisei_fn.load_state"
+        )
+    if sidecar.get("layout") != LAYOUT:
+        raise UnsupportedFormatError(f"{where}: unknown layout {sidecar.get('layout')!r}")
+    if name is not None and sidecar["name"] != name:
+        raise IntegrityError(f"{where}: sidecar is for {sidecar['name']!r}, file is {name!r}")
+    if sidecar["kind"] not in KINDS:
+        raise IntegrityError(f"{where}: unknown kind {sidecar['kind']!r}")
+    _check_shards_entry(sidecar, where)
+    return sidecar
+
+
+def _check_shards_entry(sidecar: dict[str, Any], where: str) -> None:
+    shards = sidecar.get("shards")
+    problem = None
+    if not isinstance(shards, dict):
+        problem = "field 'shards' is missing or not a dict"
+    elif not _plain_name(shards.get("dir")) or not str(shards["dir"]).startswith(
+        sidecar["name"] + "."
+    ):
+        problem = f"shards directory {shards.get('dir')!r} is not a name for this checkpoint"
+    elif type(shards.get("world_size")) is not int or shards["world_size"] < 1:
+        problem = f"world size {shards.get('world_size')!r} is not an int >= 1"
+    elif not isinstance(shards.get("files"), dict) or not all(
+        _plain_name(f)
+        and isinstance(v, dict)
+        and type(v.get("size")) is int
+        and v["size"] >= 0
+        and isinstance(v.get("digest"), str)
+        for f, v in shards["files"].items()
+    ):
+        problem = "the shards' file table is malformed"
+    elif sidecar["weights"].get("size") != sum(
+        v["size"] for v in shards["files"].values()
+    ) or sidecar["weights"].get("digest") != _manifest_digest(shards["files"]):
+        problem = "the weights entry does not match the shards' file table"
+    if problem is not None:
+        raise IntegrityError(f"{where}: {problem}")
+
+
+def _plain_name(value: Any) -> bool:
+    """A file name that stays inside its directory and is not hidden."""
+    return (
+        isinstance(value, str)
+        and value not in ("", ".", "..")
+        and "/" not in value
+        and (not value.startswith("."))
+    )
+
+
+def _shards_path(stem: Path, sidecar: Mapping[str, Any]) -> Path:
+    return stem.parent / str(sidecar["shards"]["dir"])
+
+
+def _local(path: PathArg) -> Path:
+    """``path`` as a local path.
+
+    Raises:
+        SpecError: for an fsspec URL: DCP's HF storage writes and reads local files only (a
+            network file system mounted on every node works).
+    """
+    resolved = run_path(path)
+    if is_remote(resolved):
+        raise SpecError(
+            f"{path}: sharded checkpoints live on local or mounted file systems only (DCP's "
+            "safetensors storage writes local files); consolidate them to upload"
+        )
+    return resolved
+
+
+def _shard_dirs(stem: Path) -> list[Path]:
+    """Every ``<stem>.<token>.shards`` directory, committed or not."""
+    try:
+        names = os.listdir(stem.parent)
+    except (FileNotFoundError, NotADirectoryError):
+        return []
+    return [
+        stem.parent / n
+        for n in names
+        if n.startswith(stem.name + ".") and n.endswith(SHARDS_SUFFIX) and n.count(".") == 2
+    ]
+
+
+def read_sharded(stem: Path) -> tuple[CheckpointMeta, dict[str, Any]]:
+    """Check a sharded checkpoint at the *listed* level: the sidecar checks (digest, format,
+    name, step), every shard file exists with its recorded size, and the shards directory holds
+    nothing the sidecar does not list (DCP's reader would read any ``*.safetensors`` there).
+    Digests are not checked here.
+
+    Args:
+        stem: the checkpoint's path without suffix, e.g. ``run_dir / "checkpoint_ts10240"``.
+
+    Returns:
+        ``(meta, parsed sidecar)``; ``meta.format_version`` is 2.
+
+    Raises:
+        CheckpointNotFoundError: no sidecar and no shards.
+        IncompleteCheckpointError: shards without a sidecar (never committed), or a shard
+            file or the shards directory missing.
+        IntegrityError: a corrupt or edited sidecar, a size mismatch, an unexpected file.
+        UnsupportedFormatError: a newer format, or a single-file checkpoint.
+    """
+    sidecar_file = sidecar_path(stem)
+    try:
+        raw = read_bounded(sidecar_file, limit=MAX_SIDECAR_BYTES)
+    except FileNotFoundError:
+        if _shard_dirs(stem):
+            raise IncompleteCheckpointError(
+                f"{stem}: shards but no sidecar {sidecar_file.name}; the save never committed"
+            ) from None
+        raise CheckpointNotFoundError(f"no checkpoint {stem} ({SIDECAR_SUFFIX})") from None
+    except IsADirectoryError as exc:
+        raise IntegrityError(f"{sidecar_file} is a directory") from exc
+    sidecar = check_sharded_sidecar(raw, name=stem.name, where=str(sidecar_file))
+    meta = CheckpointMeta.from_sidecar(sidecar, run_dir=stem.parent)
+    parsed = parse_stem(stem.name)
+    if parsed is not None and parsed.step is not None and parsed.step != meta.step:
+        raise IntegrityError(
+            f"{sidecar_file}: records step {meta.step}, the name says {parsed.step}"
+        )
+    shards = _shards_path(stem, sidecar)
+    files = sidecar["shards"]["files"]
+    try:
+        present = set(os.listdir(shards))
+    except FileNotFoundError:
+        raise IncompleteCheckpointError(
+            f"{sidecar_file}: its shards directory {shards.name} is missing"
+        ) from None
+    except NotADirectoryError:
+        raise IntegrityError(f"{shards} is not a directory") from None
+    for name, record in files.items():
+        path = shards / name
+        try:
+            size = path.stat().st_size
+        except FileNotFoundError:
+            raise IncompleteCheckpointError(
+                f"{sidecar_file}: its shard file {path} is missing"
+            ) from None
+        if size != record["size"]:
+            raise IntegrityError(
+                f"{path}: size is {size} bytes, the sidecar records {record['size']}"
+            )
+    unexpected = sorted(n for n in present - set(files) if not n.startswith("."))
+    if unexpected:
+        raise IntegrityError(f"{shards}: holds {unexpected}, which the sidecar does not list")
+    return meta, sidecar
+
+
+# --- encoding --------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class _Encoded:
+    """A rank's training state as stored: the sidecar's JSON part, the tensors that go through
+    DCP (under their stored names) and rank 0's small-file tensors."""
+
+    header: dict[str, Any]
+    sharded: dict[str, torch.Tensor]
+    small: dict[str, torch.Tensor]
+
+    def for_dcp(self, rank: int) -> dict[str, torch.Tensor]:
+        """What this rank hands DCP: its DTensor shards; plain tensors only from rank 0."""
+        from torch.distributed.tensor import DTensor
+
+        return {k: t for k, t in self.sharded.items() if rank == 0 or isinstance(t, DTensor)}
+
+
+def _table(
+    section: str, table: dict[str, torch.Tensor]
+) -> Callable[[tuple[Any, ...], torch.Tensor], str]:
+    def add(path: tuple[Any, ...], tensor: torch.Tensor) -> str:
+        name = _tensor_name(section, path)
+        if name in table:
+            raise UnsupportedValueError(f"two entries would both be stored as {name!r}")
+        table[name] = tensor
+        return name
+
+    return add
+
+
+def _flatten(
+    model_state: Mapping[str, Any], optim_state: Mapping[str, Any] | None
+) -> tuple[dict[str, torch.Tensor], Any]:
+    """The tensors of ``get_state_dict``'s result under their stored names, and the
+    optimizer's JSON (tensors as references)."""
+    tensors: dict[str, torch.Tensor] = {}
+    for key, value in model_state.items():
+        if not isinstance(value, torch.Tensor):
+            raise UnsupportedValueError(
+                f"model state {key!r} is a {type(value).__name__}, not a tensor"
+            )
+        tensors[_tensor_name("model", (key,))] = value
+    optim_json = (
+        encode_json(optim_state, tensor_ref=_table("optimizer", tensors))
+        if optim_state is not None
+        else None
+    )
+    return tensors, optim_json
+
+
+def _check_storable(tensors: Mapping[str, torch.Tensor]) -> None:
+    for name, tensor in tensors.items():
+        if tensor.dtype not in DTYPE_NAMES:
+            raise UnsupportedDtypeError(
+                f"tensor {name!r} has dtype {tensor.dtype}, which cannot be stored losslessly"
+            )
+        if tensor.layout != torch.strided:
+            raise UnsupportedValueError(f"tensor {name!r} is {tensor.layout}; convert it to dense")
+
+
+def _encode(
+    model_state: Mapping[str, Any],
+    optim_state: Mapping[str, Any] | None,
+    *,
+    spec: ModelSpec | None,
+    step: int,
+    episodes: int,
+    stats: GameStats,
+    scheduler_state: Mapping[str, Any] | None,
+    rng: Mapping[str, Any],
+    extra: Mapping[str, Any],
+) -> _Encoded:
+    sharded, optim_json = _flatten(model_state, optim_state)
+    small: dict[str, torch.Tensor] = {}
+    header = {
+        "spec": spec.to_json() if spec is not None else None,
+        "step": step,
+        "episodes": episodes,
+        "stats": stats.to_json(),
+        "model": list(model_state),
+        "optimizer": optim_json,
+        "scheduler": (
+            encode_json(scheduler_state, tensor_ref=_table("scheduler", small))
+            if scheduler_state is not None
+            else None
+        ),
+        "scaler": None,
+        "rng": encode_json(rng, tensor_ref=_table("rng", small)),
+        "extra": encode_json(extra, tensor_ref=_table("extra", small)),
+    }
+    _check_storable(sharded)
+    _check_storable(small)
+    if len(list(model_state)) != len(set(model_state)):
+        raise UnsupportedValueError("the model state has duplicate keys")
+    header = loads(dumps(header))  # the JSON exactly as it will be read back
+    return _Encoded(header, sharded, small)
+
+
+def _live_state(
+    model: nn.Module, optimizer: torch.optim.Optimizer | None
+) -> tuple[dict[str, Any], dict[str, Any] | None]:
+    """``get_state_dict``: the model's and optimizer's state as this rank holds it (DTensor
+    shards under FSDP2). An optimizer without state yet gets it from ``get_state_dict``: one
+    step with zero gradients and lr 0 (parameters unchanged, Adam's step counts 1)."""
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_state_dict
+
+    if optimizer is None:
+        return dict(get_model_state_dict(model)), None
+    model_state, optim_state = get_state_dict(model, optimizer)
+    return dict(model_state), dict(optim_state)
+
+
+# --- saving ----------------------------------------------------------------------------------
+
+
+def save_sharded(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer | None,
+    run_dir: PathArg,
+    *,
+    step: int,
+    spec: ModelSpec | None = None,
+    episodes: int = 0,
+    stats: GameStats | None = None,
+    extra: Mapping[str, Any] | None = None,
+    scheduler: Scheduler | None = None,
+    prefix: str = RESUME_PREFIX,
+    kind: str = "periodic",
+    overwrite: bool = False,
+) -> CheckpointMeta:
+    """Save an FSDP2 training run as a sharded checkpoint — a collective: call it on every rank.
+
+    Every rank writes its shards of the model and optimizer (``get_state_dict``) through DCP
+    into a fresh ``<run_dir>/<prefix><step>.<token>.shards/``; rank 0 writes the other tensors
+    (every rank's RNG states, scheduler and extra tensors) into ``state.safetensors`` there.
+    Once every rank has written and hashed its files, rank 0 writes the sidecar
+    ``<prefix><step>.json`` durably, last: the commit marker. A crash (or a killed rank) at any
+    instant leaves either the previous state of the run directory or the complete new
+    checkpoint; a half-written shards directory is never referenced by a sidecar. In one
+    process without a process group it saves a plain model the same way.
+
+    Args:
+        model: the model (``fully_shard``-ed, or plain in one process).
+        optimizer: its optimizer, or None. Without state yet it gets one (a zero-lr step, as
+            ``get_state_dict`` does).
+        run_dir: the run directory (created if missing; shared by every rank).
+        step: completed timesteps (> 0; the name uses it).
+        spec: the model's architecture, or None for an arbitrary model.
+        episodes: completed episodes.
+        stats: game results.
+        extra: JSON-able user state (tensors in it go to ``state.safetensors``), as rank 0
+            has it.
+        scheduler: an LR scheduler (rank 0's state is stored).
+        prefix: file name prefix (ASCII letters and underscores).
+        kind: ``"periodic"`` or ``"final"``.
+        overwrite: replace a valid checkpoint at the same step (its files are removed after
+            the new sidecar is committed).
+
+    Returns:
+        The committed checkpoint's meta (``format_version`` 2), the same on every rank.
+
+    Raises:
+        SpecError: for a bad step, prefix or kind (on every rank, before anything is written).
+        CheckpointExistsError: a valid checkpoint exists at this step and not ``overwrite``.
+        UnsupportedDtypeError, UnsupportedValueError: the state cannot be stored exactly
+            (before anything is written).
+        IntegrityError: the shards directory does not hold what the ranks wrote.
+        OSError: an I/O failure (the new shards directory is removed).
+        Every error is raised on every rank.
+
+    Example:
+        >>> save_sharded(torch.nn.Linear(2, 2), None, "runs/x", step=0)
+        Traceback (most recent call last):
+        ...
+        keisei_fn.errors.SpecError: a checkpoint needs step > 0 (completed timesteps), got 0
+    """
+    if kind not in ("periodic", "final"):
+        raise SpecError(f"save_sharded kind must be 'periodic' or 'final', got {kind!r}")
+    if isinstance(step, bool) or not isinstance(step, int) or step <= 0:
+        raise SpecError(f"a checkpoint needs step > 0 (completed timesteps), got {step!r}")
+    stem = _local(run_dir) / checkpoint_stem(prefix, step)
+    from torch.distributed.checkpoint.api import CheckpointException
+    from torch.distributed.checkpoint.hf_storage import HuggingFaceStorageWriter
+    from torch.distributed.checkpoint.state_dict_saver import save as dcp_save
+
+    rank, world = rank_and_world()
+    model_state, optim_state = _live_state(model, optimizer)
+    rng = gather_rng(capture_rng())
+    encoded = _agreed(
+        lambda: _encode(
+            model_state,
+            optim_state,
+            spec=spec,
+            step=step,
+            episodes=episodes,
+            stats=stats if stats is not None else GameStats(),
+            scheduler_state=scheduler.state_dict() if scheduler is not None else None,
+            rng=rng,
+            extra=dict(extra or {}),
+        )
+    )
+    token = _from_rank_zero(lambda: secrets.token_hex(8))
+    shards = stem.parent / f"{stem.name}.{token}{SHARDS_SUFFIX}"
+    state_file = _from_rank_zero(lambda: _start(stem, shards, encoded, overwrite=overwrite))
+    committed = False
+    try:
+        try:
+            with _quiet_single_process():
+                dcp_save(
+                    encoded.for_dcp(rank),
+                    storage_writer=HuggingFaceStorageWriter(str(shards), save_distributed=True),
+                    no_dist=_no_dist(),
+                )
+        except CheckpointException as exc:  # raised on every rank, a BaseException
+            raise OSError(f"{shards}: writing the shards failed: {_failures(exc)}") from exc
+        written = _everyone(lambda: _hash_own(shards, rank))
+        sidecar = _from_rank_zero(
+            lambda: _commit(
+                stem,
+                shards,
+                encoded,
+                kind=kind,
+                world=world,
+                files=[{STATE_FILE: state_file}, *written],
+            )
+        )
+        committed = True
+    finally:
+        if not committed and rank == 0:
+            shutil.rmtree(shards, ignore_errors=True)
+    return CheckpointMeta.from_sidecar(sidecar, run_dir=stem.parent)
+
+
+def _existing(stem: Path) -> Path | None:
+    """The shards directory or weights file of a committed, listed-valid checkpoint at
+    ``stem`` (None when there is none or it is incomplete or corrupt).
+
+    Raises:
+        UnsupportedFormatError: a newer format is there (never replaced without overwrite).
+    """
+    try:
+        _, sidecar = read_sharded(stem)
+        return _shards_path(stem, sidecar)
+    except _NotShardedError:
+        try:
+            return cast(Path, read_listed(stem)[0].weights_path)
+        except (IntegrityError, IncompleteCheckpointError):
+            return None
+    except (CheckpointNotFoundError, IncompleteCheckpointError, IntegrityError):
+        return None
+
+
+def _start(stem: Path, shards: Path, encoded: _Encoded, *, overwrite: bool) -> tuple[int, str]:
+    """Rank 0, before DCP: refuse to replace a valid checkpoint, make the shards directory,
+    write ``state.safetensors``."""
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        found = _existing(stem)
+    except UnsupportedFormatError as exc:
+        if not overwrite:
+            raise CheckpointExistsError(
+                f"{sidecar_path(stem)} holds a checkpoint this keisei_fn cannot read ({exc}); "
+                "pass overwrite=True to replace it"
+            ) from exc
+        found = None
+    if found is not None and not overwrite:
+        raise CheckpointExistsError(
+            f"{sidecar_path(stem)} already holds a valid checkpoint; pass overwrite=True to "
+            "replace it"
+        )
+    shards.mkdir()
+    try:
+        return write_weights(encoded.small, shards / STATE_FILE)
+    except BaseException:
+        shutil.rmtree(shards, ignore_errors=True)
+        raise
+
+
+def _hash_own(shards: Path, rank: int) -> dict[str, tuple[int, str]]:
+    """The file this rank wrote through DCP (none when it had nothing to write), hashed."""
+    own = shards / _shard_file(rank)
+    return {own.name: hash_file(own)} if own.exists() else {}
+
+
+def _commit(
+    stem: Path,
+    shards: Path,
+    encoded: _Encoded,
+    *,
+    kind: str,
+    world: int,
+    files: list[dict[str, tuple[int, str]]],
+) -> dict[str, Any]:
+    """Rank 0, after every rank wrote: check the directory, write the sidecar last."""
+    table: dict[str, tuple[int, str]] = {}
+    for written in files:
+        for name, record in written.items():
+            if name in table:
+                raise IntegrityError(f"{shards / name}: written by two ranks")
+            table[name] = record
+    fsync_dir(shards)
+    present = sorted(os.listdir(shards))
+    if present != sorted(table):
+        raise IntegrityError(
+            f"{shards}: holds {present}, the ranks wrote {sorted(table)}; this torch version's "
+            "DCP writer names or writes files differently than keisei_fn expects"
+        )
+    fsync_dir(stem.parent)  # the shards directory's entry, before the sidecar can be
+    sidecar = build_sharded_sidecar(
+        encoded.header,
+        name=stem.name,
+        kind=kind,
+        tensors={**encoded.sharded, **encoded.small},
+        shards_dir=shards.name,
+        world_size=world,
+        files=table,
+    )
+    write_bytes_durably(sidecar_path(stem), dumps(sidecar))
+    _remove_stale(stem, keep=shards)
+    return sidecar
+
+
+def _remove_stale(stem: Path, *, keep: Path) -> None:
+    """After a commit: the files of whatever was at ``stem`` before, and shards directories of
+    saves at this step that never committed (best effort: leftovers are harmless)."""
+    for directory in _shard_dirs(stem):
+        if directory != keep:
+            shutil.rmtree(directory, ignore_errors=True)
+    with contextlib.suppress(OSError):
+        weights_path(stem).unlink(missing_ok=True)
+
+
+# --- loading ---------------------------------------------------------------------------------
+
+
+def _candidates(source: PathArg, prefix: str) -> tuple[bool, list[Path]]:
+    """``(explicit, stems)``: the one checkpoint ``source`` names, or a run directory's
+    resume checkpoints, highest step first.
+
+    Raises:
+        CheckpointNotFoundError: nothing there.
+    """
+    path = _local(source)
+    if path.name.endswith(SHARDS_SUFFIX) and path.is_dir():
+        return True, [path.parent / path.name.split(".", 1)[0]]
+    if path.is_dir():
+        return False, [cast(Path, stem) for stem in resume_candidates(path, prefix)]
+    for suffix in (SIDECAR_SUFFIX, WEIGHTS_SUFFIX):
+        if path.name.endswith(suffix):
+            path = path.parent / path.name[: -len(suffix)]
+            break
+    if not (sidecar_path(path).exists() or _shard_dirs(path)):
+        raise CheckpointNotFoundError(f"no checkpoint at {source}")
+    return True, [path]
+
+
+def _tiles(chunks: list[ChunkStorageMetadata], shape: list[int]) -> bool:
+    """Whether the non-empty chunks lie inside ``shape`` and cover it exactly once."""
+    boxes = [(list(c.offsets), list(c.sizes)) for c in chunks if math.prod(c.sizes) > 0]
+    for offsets, sizes in boxes:
+        if len(offsets) != len(shape) or len(sizes) != len(shape):
+            return False
+        if not all(o >= 0 and o + s <= d for o, s, d in zip(offsets, sizes, shape, strict=True)):
+            return False
+    if sum(math.prod(sizes) for _, sizes in boxes) != math.prod(shape):
+        return False
+    for i, (a_off, a_size) in enumerate(boxes):
+        for b_off, b_size in boxes[i + 1 :]:
+            if all(
+                ao < bo + bs and bo < ao + as_
+                for ao, as_, bo, bs in zip(a_off, a_size, b_off, b_size, strict=True)
+            ):
+                return False
+    return True
+
+
+def _check_chunks(shards: Path, sidecar: Mapping[str, Any]) -> None:
+    """The shards' DCP metadata (from their safetensors headers) against the sidecar: every
+    sharded tensor has its recorded dtype and full shape and its chunks tile it exactly."""
+    from torch.distributed.checkpoint.hf_storage import HuggingFaceStorageReader
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    try:
+        metadata = HuggingFaceStorageReader(str(shards)).read_metadata()
+    except Exception as exc:  # safetensors' SafetensorError, JSON and key errors of headers
+        raise IntegrityError(f"{shards}: the shards' headers do not read: {exc!r}") from exc
+    recorded = sidecar["tensors"]
+    found = metadata.state_dict_metadata
+    for name in found:
+        if name not in recorded:
+            raise IntegrityError(
+                f"{shards}: the shards hold {name!r}, the sidecar does not list it"
+            )
+    for name, info in recorded.items():
+        if not _in_shards(name):
+            continue
+        entry = found.get(name)
+        if not isinstance(entry, TensorStorageMetadata):
+            raise IntegrityError(f"{shards}: no shard holds tensor {name!r}")
+        if entry.properties.dtype != DTYPES_BY_NAME.get(info["dtype"]) or list(entry.size) != list(
+            info["shape"]
+        ):
+            raise IntegrityError(
+                f"{shards}: tensor {name!r} is {entry.properties.dtype}{list(entry.size)} in the "
+                f"shards, {info['dtype']}{info['shape']} in the sidecar"
+            )
+        if not _tiles(entry.chunks, list(info["shape"])):
+            raise IntegrityError(f"{shards}: the shards of {name!r} do not cover it exactly once")
+
+
+@dataclass(frozen=True, slots=True)
+class _Checked:
+    """A checkpoint checked for loading: its meta, sidecar, shards directory and the tensors
+    of its small file."""
+
+    meta: CheckpointMeta
+    sidecar: dict[str, Any]
+    shards: Path
+    small: dict[str, torch.Tensor]
+
+
+def _prepare(stem: Path, *, verify: bool, rank: int, world: int) -> _Checked:
+    """One rank's part of checking a checkpoint before loading: the listed check, the digests
+    of every ``world``-th file from ``rank`` on, the shards' chunks, and the small file."""
+    meta, sidecar = read_sharded(stem)
+    shards = _shards_path(stem, sidecar)
+    files = sidecar["shards"]["files"]
+    if verify:
+        for name in sorted(files)[rank::world]:
+            path = shards / name
+            try:
+                size, digest = hash_file(path)
+            except FileNotFoundError:
+                raise IncompleteCheckpointError(f"{path} is missing") from None
+            if (size, digest) != (files[name]["size"], files[name]["digest"]):
+                raise IntegrityError(
+                    f"{path}: digest is {digest} ({size} bytes), the sidecar records "
+                    f"{files[name]['digest']} ({files[name]['size']} bytes)"
+                )
+    _check_chunks(shards, sidecar)
+    if STATE_FILE not in files:
+        raise IntegrityError(f"{sidecar_path(stem)}: the shards' file table lacks {STATE_FILE}")
+    small = read_weights(shards / STATE_FILE, size=files[STATE_FILE]["size"], digest=None)
+    expected = {k: v for k, v in sidecar["tensors"].items() if not _in_shards(k)}
+    found = {k: {"dtype": DTYPE_NAMES[t.dtype], "shape": list(t.shape)} for k, t in small.items()}
+    if expected != found:
+        raise IntegrityError(f"{shards / STATE_FILE}: tensors do not match the sidecar's list")
+    return _Checked(meta, sidecar, shards, small)
+
+
+def _dcp_load(targets: dict[str, torch.Tensor], shards: Path, *, no_dist: bool) -> None:
+    from torch.distributed.checkpoint.api import CheckpointException
+    from torch.distributed.checkpoint.hf_storage import HuggingFaceStorageReader
+    from torch.distributed.checkpoint.state_dict_loader import load as dcp_load
+
+    try:
+        with _quiet_single_process():
+            dcp_load(targets, storage_reader=HuggingFaceStorageReader(str(shards)), no_dist=no_dist)
+    except CheckpointException as exc:  # raised on every rank, a BaseException
+        raise IntegrityError(f"{shards}: the shards do not load: {_failures(exc)}") from exc
+
+
+def _first_valid(
+    source: PathArg,
+    prefix: str,
+    check: Callable[[Path], T],
+    *,
+    alone: bool,
+) -> T:
+    """``check`` the checkpoint ``source`` names, or a run directory's newest sharded resume
+    checkpoints until one passes (falling back past corrupt ones with a warning; single-file
+    ones are skipped). ``alone``: no collectives, else rank 0 lists the candidates."""
+    if alone:
+        explicit, stems = _candidates(source, prefix)
+    else:
+        explicit, stems = _from_rank_zero(lambda: _candidates(source, prefix))
+    for stem in stems:
+        try:
+            return check(stem)
+        except (IntegrityError, IncompleteCheckpointError, UnsupportedFormatError) as exc:
+            if explicit:
+                raise
+            if isinstance(exc, _NotShardedError):
+                log.info("skipping single-file checkpoint %s", stem)
+            else:
+                log.warning(
+                    "checkpoint %s is not usable, falling back to an older one: %s", stem, exc
+                )
+    raise CheckpointNotFoundError(f"no valid sharded {prefix}* checkpoint in {source}")
+
+
+def load_sharded(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer | None,
+    source: PathArg,
+    *,
+    scheduler: Scheduler | None = None,
+    verify: bool = True,
+    rng: bool = True,
+    prefix: str = RESUME_PREFIX,
+) -> CheckpointMeta:
+    """Load a sharded checkpoint into an FSDP2 job, in place — a collective: call it on every
+    rank, with any number of ranks (resharding: each rank reads the parts of the shards that
+    its own shards need).
+
+    The ranks split the digest checks between them and agree on the outcome, then load through
+    DCP into ``get_state_dict``'s structure and ``set_state_dict``. The optimizer's param_groups
+    and non-tensor state come from the sidecar. Each rank gets its own RNG state back when the
+    world size is the one saved; otherwise a warning is logged and each rank is reseeded
+    deterministically from ``(step, rank)``.
+
+    Args:
+        model: the model, built and sharded the same way as the saved one (any world size).
+        optimizer: its optimizer (same type and param groups), or None.
+        source: a run directory (its newest valid sharded ``prefix`` checkpoint, falling back
+            past corrupt ones with a warning; single-file checkpoints are skipped), a
+            checkpoint's stem or sidecar path, or its shards directory.
+        scheduler: an LR scheduler to restore; left fresh with a warning when none was saved.
+        verify: check every file's BLAKE3 digest (shared between the ranks).
+        rng: restore (or reseed) the RNGs.
+        prefix: the resume prefix, when ``source`` is a run directory.
+
+    Returns:
+        The loaded checkpoint's meta, the same on every rank.
+
+    Raises:
+        CheckpointNotFoundError: nothing there (or no valid sharded checkpoint in the directory).
+        IntegrityError: a corrupt or missing shard, naming the file.
+        IncompleteCheckpointError: a save that never committed, or a missing file.
+        UnsupportedFormatError: a single-file checkpoint (use ``load_state``), a newer format.
+        StateMismatchError: listing every key, dtype, shape and param group that does not fit
+            the live model and optimizer, before anything is changed.
+        Every error is raised on every rank.
+    """
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        set_model_state_dict,
+        set_state_dict,
+    )
+
+    rank, world = rank_and_world()
+
+    def check(stem: Path) -> _Checked:
+        return _agreed(lambda: _prepare(stem, verify=verify, rank=rank, world=world))
+
+    checked = _first_valid(source, prefix, check, alone=False)
+    meta, sidecar = checked.meta, checked.sidecar
+    model_state, optim_state = _live_state(model, optimizer)
+    targets = _agreed(lambda: _targets(sidecar, model_state, optim_state))
+    _dcp_load(targets, checked.shards, no_dist=_no_dist())
+    header = sidecar["state"]
+    lookup = {**targets, **checked.small}
+    loaded_model: dict[str, Any] = {
+        key: targets[_tensor_name("model", (key,))] for key in header["model"]
+    }
+    if optimizer is not None:
+        loaded_optim = decode_json(header["optimizer"], tensors=lookup)
+        # not strict: params the saved optimizer kept no state for (no gradient yet) stay
+        # without state, as Optimizer.load_state_dict does; the model's keys were checked
+        set_state_dict(
+            model,
+            optimizer,
+            model_state_dict=loaded_model,
+            optim_state_dict=loaded_optim,
+            options=StateDictOptions(strict=False),
+        )
+    else:
+        set_model_state_dict(model, loaded_model)
+    if scheduler is not None:
+        if header["scheduler"] is None:
+            log.warning("checkpoint %s holds no scheduler state: scheduler left fresh", meta.name)
+        else:
+            saved = decode_json(header["scheduler"], tensors=lookup)
+            scheduler.load_state_dict(thaw(saved, on_tensor=torch.Tensor.clone))
+    if rng and header["rng"] is not None:
+        saved_rng = decode_json(header["rng"], tensors=lookup)
+        own = rank_rng(saved_rng)
+        if own is not None:
+            restore_rng_(own)
+        else:
+            reseed_rank(saved_rng, step=meta.step)
+    return meta
+
+
+def _describe(dtype: str, shape: Any) -> str:
+    return f"{dtype}{list(shape)}"
+
+
+def _targets(
+    sidecar: Mapping[str, Any],
+    model_state: Mapping[str, Any],
+    optim_state: Mapping[str, Any] | None,
+) -> dict[str, torch.Tensor]:
+    """The live tensors DCP loads into, by stored name, after checking that every saved tensor
+    has a live counterpart of its dtype and full shape (all problems in one error)."""
+    live, live_optim = _flatten(model_state, optim_state)
+    header = sidecar["state"]
+    recorded = sidecar["tensors"]
+    problems = [
+        f"missing key {k!r} (in the model, not in the checkpoint)"
+        for k in model_state
+        if k not in header["model"]
+    ]
+    problems += [
+        f"unexpected key {k!r} (in the checkpoint, not in the model)"
+        for k in header["model"]
+        if k not in model_state
+    ]
+    if optim_state is not None and header["optimizer"] is None:
+        problems.append("an optimizer was given, but the checkpoint holds no optimizer state")
+    elif optim_state is not None:
+        problems += _group_problems(header["optimizer"], live_optim)
+    targets: dict[str, torch.Tensor] = {}
+    for name, info in recorded.items():
+        if not _in_shards(name):
+            continue
+        tensor = live.get(name)
+        if tensor is None:
+            if name.startswith("optimizer/") and optim_state is not None:
+                problems.append(f"{name!r}: in the checkpoint, not in the live optimizer's state")
+            continue
+        saved = _describe(info["dtype"], info["shape"])
+        have = _describe(DTYPE_NAMES.get(tensor.dtype, str(tensor.dtype)), tensor.shape)
+        if saved != have:
+            problems.append(f"{name!r}: checkpoint has {saved}, live {have}")
+        targets[name] = tensor
+    if problems:
+        raise StateMismatchError(
+            f"checkpoint {sidecar['name']} does not fit the live objects:\n  - "
+            + "\n  - ".join(problems)
+        )
+    return targets
+
+
+def _group_problems(saved: Any, live: Any) -> list[str]:
+    saved_groups = [g.get("params") for g in saved.get("param_groups", [])]
+    live_groups = [g.get("params") for g in live.get("param_groups", [])]
+    if len(saved_groups) != len(live_groups):
+        return [
+            f"optimizer: checkpoint has {len(saved_groups)} param groups, "
+            f"the optimizer {len(live_groups)}"
+        ]
+    problems = [
+        f"optimizer param group {i}: checkpoint has params {s}, the optimizer {g}"
+        for i, (s, g) in enumerate(zip(saved_groups, live_groups, strict=True))
+        if s != g
+    ]
+    for i, (s, g) in enumerate(zip(saved["param_groups"], live["param_groups"], strict=True)):
+        if missing := sorted(set(s) - set(g)):
+            problems.append(
+                f"optimizer param group {i}: the checkpoint's {missing} are not in the live "
+                "optimizer's group (create the LR scheduler before loading)"
+            )
+    return problems
+
+
+def _by_index(optim_state: Mapping[str, Any]) -> dict[str, Any]:
+    """An FQN-keyed optimizer state (``get_state_dict``'s) in ``optimizer.state_dict()``'s
+    layout: params numbered consecutively through the param groups, state keyed by number."""
+    ids: dict[str, int] = {}
+    groups = []
+    for group in optim_state["param_groups"]:
+        params = []
+        for fqn in group["params"]:
+            if fqn in ids:
+                raise IntegrityError(f"optimizer param {fqn!r} is in two param groups")
+            ids[fqn] = len(ids)
+            params.append(ids[fqn])
+        groups.append({**{k: v for k, v in group.items() if k != "params"}, "params": params})
+    state = {}
+    for fqn, entry in optim_state["state"].items():
+        if fqn not in ids:
+            raise IntegrityError(f"optimizer state for {fqn!r}, which no param group lists")
+        state[ids[fqn]] = entry
+    return {"state": dict(sorted(state.items())), "param_groups": groups}
+
+
+def _decode(sidecar: Mapping[str, Any], tensors: Mapping[str, torch.Tensor]) -> TrainState:
+    """The full TrainState of a sharded checkpoint, from its sidecar and full tensors."""
+    header = sidecar["state"]
+    used: set[str] = set()
+
+    class _Tracking(dict[str, torch.Tensor]):
+        def __getitem__(self, key: str) -> torch.Tensor:
+            used.add(key)
+            return super().__getitem__(key)
+
+    lookup = _Tracking(tensors)
+    try:
+        model = {key: lookup[_tensor_name("model", (key,))] for key in header["model"]}
+        parts = {
+            name: decode_json(header[name], tensors=lookup)
+            for name in ("optimizer", "scheduler", "scaler", "rng", "extra")
+        }
+        if parts["optimizer"] is not None:
+            parts["optimizer"] = _by_index(parts["optimizer"])
+        spec = header["spec"]
+        state = TrainState(
+            spec=ModelSpec.from_json(spec) if spec is not None else None,
+            step=header["step"],
+            episodes=header["episodes"],
+            stats=GameStats.from_json(header["stats"]),
+            model=model,
+            **parts,
+        )
+    except (IntegrityError, SpecError):
+        raise
+    except (KeyError, TypeError, ValueError) as exc:
+        raise IntegrityError(f"checkpoint {sidecar['name']} does not decode: {exc!r}") from exc
+    unused = sorted(set(tensors) - used)
+    if unused:
+        raise IntegrityError(
+            f"checkpoint {sidecar['name']} holds tensors no field refers to: {unused[:5]}"
+        )
+    return state
+
+
+def _load_full(source: PathArg, *, verify: bool, prefix: str) -> tuple[TrainState, CheckpointMeta]:
+    def check(stem: Path) -> tuple[TrainState, CheckpointMeta]:
+        checked = _prepare(stem, verify=verify, rank=0, world=1)
+        targets = {
+            name: torch.empty(tuple(info["shape"]), dtype=DTYPES_BY_NAME[info["dtype"]])
+            for name, info in checked.sidecar["tensors"].items()
+            if _in_shards(name)
+        }
+        _dcp_load(targets, checked.shards, no_dist=True)
+        return _decode(checked.sidecar, {**targets, **checked.small}), checked.meta
+
+    return _first_valid(source, prefix, check, alone=True)
+
+
+def load_sharded_state(
+    source: PathArg, *, verify: bool = True, prefix: str = RESUME_PREFIX
+) -> TrainState:
+    """Load a sharded checkpoint, written by any number of ranks, as one full TrainState — in
+    one process, without a process group (inside one, it reads alone and never communicates).
+
+    The result is laid out like ``load_state``'s for a single-file checkpoint and like
+    ``keisei_fn.capture`` of the unsharded model: ``model`` is the canonical full state dict,
+    ``optimizer`` is ``optimizer.state_dict()``'s layout (params numbered through the param
+    groups), ``rng`` holds every saved rank's RNG state (``{"world_size", "ranks"}``).
+
+    Args:
+        source: as for :func:`load_sharded`.
+        verify: check every file's BLAKE3 digest.
+        prefix: the resume prefix, when ``source`` is a run directory.
+
+    Returns:
+        The snapshot, bit-exact.
+
+    Raises:
+        CheckpointNotFoundError, IntegrityError, IncompleteCheckpointError,
+        UnsupportedFormatError: as for :func:`load_sharded`.
+
+    Example:
+        >>> load_sharded_state("runs/none/checkpoint_ts1")
+        Traceback (most recent call last):
+        ...
+        keisei_fn.errors.CheckpointNotFoundError: no checkpoint at runs/none/checkpoint_ts1
+    """
+    return _load_full(source, verify=verify, prefix=prefix)[0]
+
+
+def load_sharded_state_with_meta(
+    source: PathArg, *, verify: bool = True, prefix: str = RESUME_PREFIX
+) -> tuple[TrainState, CheckpointMeta]:
+    """Like :func:`load_sharded_state`, also returning the meta of the checkpoint loaded."""
+    return _load_full(source, verify=verify, prefix=prefix)
+
+
+def consolidate(sharded: PathArg, out_run_dir: PathArg) -> CheckpointMeta:
+    """Turn a sharded checkpoint into an ordinary single-file one in another run directory.
+
+    Loads it with :func:`load_sharded_state` and saves it with ``save_state`` under the same
+    prefix, step and kind: ``<out_run_dir>/<prefix><step>.safetensors`` + ``.json``, which
+    ``keisei_fn.load_model`` and ``load_state`` read on one CPU. Call it in one process, or on
+    every rank of a job (each rank reads the whole checkpoint; rank 0 writes).
+
+    Args:
+        sharded: as ``source`` for :func:`load_sharded`.
+        out_run_dir: the run directory to write to (not the sharded checkpoint's own).
+
+    Returns:
+        The single-file checkpoint's meta.
+
+    Raises:
+        SpecError: ``out_run_dir`` is the sharded checkpoint's run directory (same name).
+        CheckpointExistsError: a different checkpoint is there at that step.
+        and every error of :func:`load_sharded_state`.
+    """
+    state, meta = _load_full(sharded, verify=True, prefix=RESUME_PREFIX)
+    out = run_path(out_run_dir)
+    if not is_remote(out) and out.resolve() == cast(Path, meta.run_dir).resolve():
+        raise SpecError(
+            f"consolidate {meta.name} into another run directory than {meta.run_dir}: "
+            "both would be named the same"
+        )
+    parsed = parse_stem(meta.name)
+    prefix = parsed.prefix if parsed is not None and parsed.step is not None else RESUME_PREFIX
+    return save_state(state, out, kind=meta.kind, prefix=prefix)
