@@ -13,6 +13,8 @@ Example:
     2216516
 """
 
+from typing import TYPE_CHECKING, Any
+
 from keisei_fn import errors
 from keisei_fn.capture import capture, restore_
 from keisei_fn.features import FEATURE_SPECS, FeatureSpec, get_feature_spec, register_feature_set
@@ -52,7 +54,22 @@ from keisei_fn.store import (
     verify_checkpoint,
 )
 
+if TYPE_CHECKING:
+    from keisei_fn.store.sharded import consolidate, load_sharded, save_sharded
+
 __version__ = "0.1.0"
+
+#: Sharded (FSDP) checkpoint functions: imported on first use, as they load torch.distributed.
+_SHARDED = frozenset({"consolidate", "load_sharded", "save_sharded"})
+
+
+def __getattr__(name: str) -> Any:
+    if name in _SHARDED:
+        from keisei_fn.store import sharded
+
+        return getattr(sharded, name)
+    raise AttributeError(f"module 'keisei_fn' has no attribute {name!r}")
+
 
 __all__ = [
     "FEATURE_SPECS",
@@ -76,6 +93,7 @@ __all__ = [
     "canonical_state_dict",
     "capture",
     "checkpoint_due",
+    "consolidate",
     "errors",
     "flush_outbox",
     "get_feature_spec",
@@ -83,6 +101,7 @@ __all__ = [
     "latest_checkpoint",
     "list_checkpoints",
     "load_model",
+    "load_sharded",
     "load_state",
     "make_scaler",
     "model_info",
@@ -97,6 +116,7 @@ __all__ = [
     "resume",
     "round_interval",
     "save_final_model",
+    "save_sharded",
     "save_state",
     "unwrap_model",
     "verify_checkpoint",

@@ -6,6 +6,12 @@ file's size and BLAKE3 digest, the creation time (UTC), the library versions, an
 digest**: BLAKE3 of its canonical bytes without the ``digest`` field, so an edit to the sidecar
 is detected too.
 
+A sharded checkpoint (``keisei_fn.store.sharded``) has a format-version-2 sidecar: the same
+fields plus ``"layout": "sharded"`` and ``"shards"`` (its directory, the world size, every
+file's size and digest); its ``"weights"`` hold the files' total size and the digest of that file
+table. Single-file checkpoints are still written as version 1, so an older keisei_fn reads them
+and refuses a sharded one as a newer format instead of taking it for an incomplete checkpoint.
+
 Example:
     >>> sidecar = build_sidecar({"step": 1}, name="checkpoint_ts1", kind="periodic",
     ...     tensors={}, aliases={}, weights_size=8, weights_digest="blake3:00")
@@ -35,14 +41,20 @@ __all__ = [
     "FORMAT_NAME",
     "FORMAT_VERSION",
     "KINDS",
+    "SHARDED_FORMAT_VERSION",
     "CheckpointMeta",
+    "build_sharded_sidecar",
     "build_sidecar",
     "check_sidecar",
     "digest_bytes",
 ]
 
 FORMAT_NAME = "keisei_fn.checkpoint"
+#: The format version of single-file checkpoints.
 FORMAT_VERSION = 1
+#: The format version of sharded checkpoints (``"layout": "sharded"``); the newest one read.
+SHARDED_FORMAT_VERSION = 2
+SHARDED = "sharded"
 #: periodic: a resume point; final: the last full state of a run; final_model: weights only.
 KINDS = ("periodic", "final", "final_model")
 _REQUIRED = {
@@ -122,6 +134,103 @@ def build_sidecar(
     return sidecar
 
 
+def _manifest_digest(files: Mapping[str, Mapping[str, Any]]) -> str:
+    """The digest of a sharded checkpoint's file table."""
+    return digest_bytes(dumps({k: dict(v) for k, v in files.items()}))
+
+
+def build_sharded_sidecar(
+    header: Mapping[str, Any],
+    *,
+    name: str,
+    kind: str,
+    tensors: Mapping[str, torch.Tensor],
+    shards_dir: str,
+    world_size: int,
+    files: Mapping[str, tuple[int, str]],
+    created: str | None = None,
+) -> dict[str, Any]:
+    """Assemble a sharded checkpoint's sidecar (format version 2) with its own digest.
+
+    It is :func:`build_sidecar`'s sidecar plus ``"layout": "sharded"`` and ``"shards"``;
+    ``"weights"`` holds the files' total size and the digest of the file table.
+
+    Args:
+        header: the JSON state part.
+        name: the checkpoint's stem, e.g. ``"checkpoint_ts10240"``.
+        kind: ``"periodic"`` or ``"final"``.
+        tensors: every stored tensor under its stored name; for a DTensor the full (unsharded)
+            dtype and shape are recorded (meta tensors will do).
+        shards_dir: the shards directory's name (in the run directory).
+        world_size: the number of ranks that wrote it.
+        files: file name (in the shards directory) → (size, digest).
+        created: ISO-8601 UTC time; now when None.
+
+    Raises:
+        ValueError: for an unknown kind.
+
+    Example:
+        >>> s = build_sharded_sidecar({"step": 1}, name="checkpoint_ts1", kind="periodic",
+        ...     tensors={}, shards_dir="checkpoint_ts1.ab.shards", world_size=2, files={})
+        >>> s["format_version"], s["layout"], check_sidecar(dumps(s))["shards"]["dir"]
+        (2, 'sharded', 'checkpoint_ts1.ab.shards')
+    """
+    table = {f: {"size": size, "digest": digest} for f, (size, digest) in sorted(files.items())}
+    sidecar = build_sidecar(
+        header,
+        name=name,
+        kind=kind,
+        tensors=tensors,
+        aliases={},
+        weights_size=sum(size for size, _ in files.values()),
+        weights_digest=_manifest_digest(table),
+        created=created,
+    )
+    del sidecar["digest"]
+    sidecar["format_version"] = SHARDED_FORMAT_VERSION
+    sidecar["layout"] = SHARDED
+    sidecar["shards"] = {"dir": shards_dir, "world_size": world_size, "files": table}
+    sidecar["digest"] = digest_bytes(dumps(sidecar))
+    return sidecar
+
+
+def _plain_name(value: Any) -> bool:
+    """A file name that stays inside its directory and is not hidden."""
+    return isinstance(value, str) and value not in ("", ".", "..") and "/" not in value and (
+        not value.startswith(".")
+    )
+
+
+def _shards_problem(sidecar: Mapping[str, Any]) -> str | None:
+    """What is wrong with a version-2 sidecar's ``"layout"`` and ``"shards"`` entries."""
+    shards = sidecar.get("shards")
+    if sidecar.get("layout") != SHARDED:
+        return f"unknown layout {sidecar.get('layout')!r}"
+    if not isinstance(shards, dict):
+        return "field 'shards' is missing or not a dict"
+    if not _plain_name(shards.get("dir")) or not str(shards["dir"]).startswith(
+        sidecar["name"] + "."
+    ):
+        return f"shards directory {shards.get('dir')!r} is not a name for this checkpoint"
+    if type(shards.get("world_size")) is not int or shards["world_size"] < 1:
+        return f"world size {shards.get('world_size')!r} is not an int >= 1"
+    files = shards.get("files")
+    if not isinstance(files, dict) or not all(
+        _plain_name(f)
+        and isinstance(v, dict)
+        and type(v.get("size")) is int
+        and v["size"] >= 0
+        and isinstance(v.get("digest"), str)
+        for f, v in files.items()
+    ):
+        return "the shards' file table is malformed"
+    if sidecar["weights"].get("size") != sum(v["size"] for v in files.values()) or sidecar[
+        "weights"
+    ].get("digest") != _manifest_digest(files):
+        return "the weights entry does not match the shards' file table"
+    return None
+
+
 def check_sidecar(raw: bytes, *, name: str | None = None, where: str = "sidecar") -> dict[str, Any]:
     """Parse and check a sidecar's bytes: JSON, own digest, known format version, canonical
     bytes (so every changed byte is detected), name.
@@ -161,10 +270,10 @@ def check_sidecar(raw: bytes, *, name: str | None = None, where: str = "sidecar"
     for key, kind in _REQUIRED.items():
         if not isinstance(sidecar.get(key), kind) or isinstance(sidecar.get(key), bool):
             raise IntegrityError(f"{where}: field {key!r} is missing or not a {kind.__name__}")
-    if sidecar["format_version"] > FORMAT_VERSION:
+    if sidecar["format_version"] > SHARDED_FORMAT_VERSION:
         raise UnsupportedFormatError(
             f"{where}: format version {sidecar['format_version']} is newer than this "
-            f"keisei_fn reads ({FORMAT_VERSION}); upgrade keisei_fn"
+            f"keisei_fn reads ({SHARDED_FORMAT_VERSION}); upgrade keisei_fn"
         )
     if dumps(sidecar) != raw:  # same values, other bytes (whitespace, "1E5" for "1e5", ...)
         raise IntegrityError(f"{where}: the sidecar is not in canonical form; it was edited")
@@ -172,6 +281,11 @@ def check_sidecar(raw: bytes, *, name: str | None = None, where: str = "sidecar"
         raise IntegrityError(f"{where}: sidecar is for {sidecar['name']!r}, file is {name!r}")
     if sidecar["kind"] not in KINDS:
         raise IntegrityError(f"{where}: unknown kind {sidecar['kind']!r}")
+    if sidecar["format_version"] == SHARDED_FORMAT_VERSION:
+        if problem := _shards_problem(sidecar):
+            raise IntegrityError(f"{where}: {problem}")
+    elif "shards" in sidecar or "layout" in sidecar:
+        raise IntegrityError(f"{where}: a version-1 sidecar with a shards entry")
     return sidecar
 
 
@@ -199,6 +313,8 @@ class CheckpointMeta:
         versions: library versions that wrote it.
         extra: the user's JSON state (a tensor in it appears as its stored name, e.g.
             ``"extra/table"``: a meta never loads tensors).
+        shards_dir: a sharded checkpoint's shards directory name (None: a single file).
+        world_size: how many ranks wrote a sharded checkpoint (1 for a single file).
     """
 
     path: RunPath
@@ -216,6 +332,8 @@ class CheckpointMeta:
     created: str
     versions: Mapping[str, str] = field(default_factory=dict)
     extra: Mapping[str, Any] = field(default_factory=dict)
+    shards_dir: str | None = None
+    world_size: int = 1
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "path", run_path(self.path))
@@ -224,8 +342,15 @@ class CheckpointMeta:
         object.__setattr__(self, "extra", freeze(dict(self.extra)))
 
     @property
+    def sharded(self) -> bool:
+        """Whether this is a sharded checkpoint (its tensors in a shards directory)."""
+        return self.shards_dir is not None
+
+    @property
     def weights_path(self) -> RunPath:
-        """``<run_dir>/<name>.safetensors``."""
+        """``<run_dir>/<name>.safetensors``, or a sharded checkpoint's shards directory."""
+        if self.shards_dir is not None:
+            return self.path.parent / self.shards_dir
         return self.path.parent / (self.name + ".safetensors")
 
     @property
@@ -285,6 +410,8 @@ class CheckpointMeta:
                 created=sidecar["created"],
                 versions=sidecar["versions"],
                 extra=decode_json(state.get("extra") or {}, tensors=_TensorNames()),
+                shards_dir=sidecar["shards"]["dir"] if "shards" in sidecar else None,
+                world_size=sidecar["shards"]["world_size"] if "shards" in sidecar else 1,
             )
         except (KeyError, TypeError, AttributeError) as exc:
             raise IntegrityError(f"sidecar {sidecar.get('name')!r} is malformed: {exc!r}") from exc

@@ -22,7 +22,7 @@ import torch
 import keisei_fn as kf
 from keisei_fn.errors import IncompleteCheckpointError, IntegrityError
 from keisei_fn.store import sharded
-from keisei_fn.store.listing import scan_run_dir
+from keisei_fn.store.listing import read_listed, scan_run_dir
 from keisei_fn.store.weights import read_weights
 from keisei_fn.testing import assert_states_equal
 
@@ -74,7 +74,7 @@ def test_save_on_2_then_load_on_1_2_and_3_ranks_is_bit_exact(jobs):
     reference = kf.load_state(out / "reference")  # the 2-rank job's full state when saving
     assert reference.step == 3 and reference.spec == kf.ModelSpec(model_type="testmodel")
 
-    one = sharded.load_sharded_state(run)  # one process, no process group: the latest
+    one = kf.load_state(run)  # one process, no process group: the latest, in full
     assert_states_equal(reference, one.replace(rng=None))
     assert isinstance(one.optimizer["param_groups"][0]["betas"], tuple)
     assert one.rng is not None and one.rng["world_size"] == 2
@@ -92,7 +92,7 @@ def test_save_on_2_then_load_on_1_2_and_3_ranks_is_bit_exact(jobs):
 
 def test_sidecar_records_the_sharded_layout(jobs):
     run = jobs["run"]
-    meta, sidecar = sharded.read_sharded(run / "checkpoint_ts3")
+    meta, sidecar = read_listed(run / "checkpoint_ts3")
     assert meta.format_version == sidecar["format_version"] == 2
     assert sidecar["layout"] == "sharded" and sidecar["shards"]["world_size"] == 2
     shards = run / sidecar["shards"]["dir"]
@@ -110,11 +110,15 @@ def test_sidecar_records_the_sharded_layout(jobs):
     }
     assert sidecar["tensors"]["optimizer/state/value_head.4.bias/exp_avg"]["shape"] == [1]
     assert sidecar["tensors"]["rng/ranks/1/torch"]["dtype"] == "U8"
-    # an older keisei_fn sees a newer format: unreadable, never invalid (so never pruned)
+    # the store lists, verifies and picks it as latest like any checkpoint
     scan = scan_run_dir(run)
-    assert not scan.invalid and not scan.leftovers
-    seen = {stem.name for stem, _ in scan.unreadable} | {m.name for m in scan.valid}
-    assert seen == {"checkpoint_ts2", "checkpoint_ts3"}
+    assert not scan.invalid and not scan.leftovers and not scan.unreadable
+    assert [(m.name, m.sharded, m.world_size) for m in scan.valid] == [
+        ("checkpoint_ts2", True, 2),
+        ("checkpoint_ts3", True, 2),
+    ]
+    assert meta.weights_path == shards == kf.latest_checkpoint(run)
+    assert kf.verify_checkpoint(shards) == kf.verify_checkpoint(run / "checkpoint_ts3.json") == meta
 
 
 def raw(tensor: torch.Tensor) -> torch.Tensor:
@@ -124,7 +128,7 @@ def raw(tensor: torch.Tensor) -> torch.Tensor:
 def test_consolidate_gives_a_single_file_checkpoint_for_load_model(jobs, tmp_path):
     meta = sharded.consolidate(jobs["run"] / "checkpoint_ts3.json", tmp_path / "single")
     assert (meta.name, meta.format_version, meta.kind) == ("checkpoint_ts3", 1, "periodic")
-    assert_states_equal(sharded.load_sharded_state(jobs["run"]), kf.load_state(tmp_path / "single"))
+    assert_states_equal(kf.load_state(jobs["run"]), kf.load_state(tmp_path / "single"))
     model, loaded = kf.load_model(tmp_path / "single")  # one CPU, no process group
     assert loaded.name == "checkpoint_ts3"
     expected, found = kf.load_state(jobs["out"] / "reference").model, model.state_dict()
@@ -146,8 +150,8 @@ def test_a_corrupt_shard_raises_integrity_error_on_every_rank(jobs, tmp_path):
         assert report["fallback_step"] == 2  # a run directory falls back past it
     corrupt = jobs["out"] / "corrupt_run"
     with pytest.raises(IntegrityError, match=re.escape(broken)):
-        sharded.load_sharded_state(corrupt / "checkpoint_ts3")
-    assert sharded.load_sharded_state(corrupt).step == 2
+        kf.load_state(corrupt / "checkpoint_ts3")
+    assert kf.load_state(corrupt).step == 2
 
 
 def test_nothing_pickled_is_written(jobs):
@@ -186,8 +190,8 @@ def test_a_rank_killed_mid_save_leaves_the_previous_checkpoint_latest(tmp_path, 
     if killed == 0:  # nobody was left to clean up: the half-written shards stay, unreferenced
         assert len(half) == 1 and (half[0] / SHARD.format(1)).exists()
         with pytest.raises(IncompleteCheckpointError, match="never committed"):
-            sharded.read_sharded(run / "checkpoint_ts2")
-    state = sharded.load_sharded_state(run)  # the latest is still step 1, and it loads
+            read_listed(run / "checkpoint_ts2")
+    state = kf.load_state(run)  # the latest is still step 1, and it loads
     assert state.step == 1 and state.rng is not None and state.rng["world_size"] == 2
 
 
@@ -209,7 +213,7 @@ def test_one_process_round_trip_matches_capture(tmp_path):
     expected = kf.capture(spec, model, optimizer, step=5, extra=extra)
     meta = sharded.save_sharded(model, optimizer, tmp_path, step=5, spec=spec, extra=extra)
     assert meta.format_version == 2 and meta.step == 5
-    assert_states_equal(expected, sharded.load_sharded_state(tmp_path / "checkpoint_ts5"))
+    assert_states_equal(expected, kf.load_state(tmp_path / "checkpoint_ts5"))
 
     fresh, fresh_optimizer = plain_job(seed=1)
     torch.rand(3)  # the load puts the RNG back where it was when saving
@@ -236,11 +240,54 @@ def test_one_process_errors(tmp_path):
     edited = sidecar.read_bytes().replace(b'"episodes":0', b'"episodes":1')
     sidecar.write_bytes(edited)
     with pytest.raises(IntegrityError, match="modified"):
-        sharded.load_sharded_state(sidecar)
+        kf.load_state(sidecar)
 
     single = tmp_path / "single"
     kf.save_state(kf.capture(None, model, optimizer, step=7), single)
     with pytest.raises(kf.errors.UnsupportedFormatError, match="single-file"):
-        sharded.load_sharded_state(single / "checkpoint_ts7")
+        sharded.load_sharded(model, optimizer, single / "checkpoint_ts7")
     with pytest.raises(kf.errors.CheckpointNotFoundError, match="no valid sharded"):
-        sharded.load_sharded_state(single)  # a run directory without sharded checkpoints
+        sharded.load_sharded(model, optimizer, single)  # no sharded checkpoint in the run dir
+
+
+def test_prune_and_resume_treat_sharded_checkpoints_like_any_other(tmp_path):
+    model, optimizer = plain_job()
+    run = tmp_path / "run"
+    for step in (3, 5):
+        sharded.save_sharded(model, optimizer, run, step=step)
+    orphan = run / "checkpoint_ts4.0badc0de.shards"  # a save killed before its sidecar
+    orphan.mkdir()
+    (orphan / SHARD.format(1)).write_bytes(b"half")
+    pending = run / "checkpoint_ts9.0badc0de.shards"  # newer than any commit: maybe in progress
+    pending.mkdir()
+    assert scan_run_dir(run).leftovers == [orphan]
+    plan = kf.prune(run, kf.RetentionPolicy(keep_last=1))
+    assert set(plan.delete) == {"checkpoint_ts3", orphan.name}
+    assert sorted(p.name for p in run.iterdir() if p != pending) == sorted(
+        ["checkpoint_ts5.json", kf.latest_checkpoint(run).name]
+    )
+    resumed = kf.resume(tmp_path / "run" / "child")  # copied from the parent, shards and all
+    assert resumed is not None and resumed.state.step == 5
+    assert kf.list_checkpoints(run / "child")[0].sharded
+
+
+def test_cli_and_publish_on_a_sharded_run(tmp_path):
+    spec = kf.ModelSpec(model_type="testmodel")
+    model, optimizer = plain_job()
+    sharded.save_sharded(model, optimizer, tmp_path / "run", step=5, spec=spec)
+
+    def cli(*args: str) -> subprocess.CompletedProcess[str]:
+        command = [sys.executable, "-m", "keisei_fn", *map(str, args)]
+        return subprocess.run(command, capture_output=True, text=True, timeout=120)
+
+    listed = cli("ls", "--verify", tmp_path / "run")
+    assert listed.returncode == 0 and "periodic (1 shards)" in listed.stdout
+    assert "verified" in listed.stdout
+    assert cli("verify", tmp_path / "run").returncode == 0
+    done = cli("consolidate", tmp_path / "run", tmp_path / "single")
+    assert done.returncode == 0, done.stderr
+    loaded, meta = kf.load_model(tmp_path / "single")
+    assert meta.name == "checkpoint_ts5" and not meta.sharded
+    assert_states_equal(kf.capture(spec, model, step=5), kf.capture(spec, loaded, step=5))
+    result = kf.publish(tmp_path / "run" / "checkpoint_ts5", run_name="r", run=object())
+    assert result.status == "failed" and "consolidate" in result.reason

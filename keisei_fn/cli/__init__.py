@@ -103,6 +103,13 @@ def build_parser() -> argparse.ArgumentParser:
     _add_spec_options(p)
     p.set_defaults(run=commands.cmd_convert)
 
+    p = sub.add_parser(
+        "consolidate", help="turn a sharded (FSDP) checkpoint into a single-file one"
+    )
+    p.add_argument("sharded", help="the sharded checkpoint (or its run directory: the latest)")
+    p.add_argument("out_run_dir", help="the run directory to write the single file into")
+    p.set_defaults(run=commands.cmd_consolidate)
+
     p = sub.add_parser("publish", help="publish a checkpoint to W&B")
     p.add_argument("path")
     p.add_argument("--run-name", required=True, help="Keisei run name (artifact name prefix)")

@@ -44,7 +44,7 @@ def _publish_status(run_dir: RunPath) -> dict[str, str]:
 
 def cmd_ls(args: argparse.Namespace) -> int:
     """A table of a run directory's checkpoints, including invalid and incomplete ones."""
-    from keisei_fn.store._fs import is_directory
+    from keisei_fn.store._fs import file_size, is_directory
     from keisei_fn.store.checkpoints import verify_checkpoint
     from keisei_fn.store.listing import scan_run_dir
 
@@ -66,7 +66,7 @@ def cmd_ls(args: argparse.Namespace) -> int:
             [
                 meta.name,
                 str(meta.step),
-                meta.kind,
+                f"{meta.kind} ({meta.world_size} shards)" if meta.sharded else meta.kind,
                 human_bytes(meta.total_bytes),
                 human_age(meta.created),
                 integrity,
@@ -76,7 +76,8 @@ def cmd_ls(args: argparse.Namespace) -> int:
     for path, error in (*scan.invalid, *scan.unreadable):
         rows.append([path.name, "?", "?", "?", "?", f"INVALID: {type(error).__name__}", "-"])
     for path in scan.leftovers:
-        rows.append([path.name, "?", "?", human_bytes(path.stat().st_size), "?", "incomplete", "-"])
+        size = "-" if is_directory(path) else human_bytes(file_size(path))
+        rows.append([path.name, "?", "?", size, "?", "incomplete", "-"])
     if not rows:
         print(f"{run_dir}: no checkpoints")
         return 0
@@ -289,3 +290,12 @@ def cmd_demo(args: argparse.Namespace) -> int:
     print()
     cmd_analyze(argparse.Namespace(checkpoint=config.run_dir, sfen=None, top_k=5))
     return 0 if result.reached_target else 1
+
+
+def cmd_consolidate(args: argparse.Namespace) -> int:
+    """Turn a sharded (FSDP) checkpoint into a single-file one in another run directory."""
+    from keisei_fn.store.sharded import consolidate
+
+    meta = consolidate(args.sharded, args.out_run_dir)
+    print(f"wrote {meta.weights_path} ({human_bytes(meta.weights_size)}, step {meta.step})")
+    return 0

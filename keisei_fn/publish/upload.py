@@ -41,7 +41,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Literal
 
-from keisei_fn.errors import IntegrityError
+from keisei_fn.errors import IntegrityError, UnsupportedFormatError
 from keisei_fn.meta import CheckpointMeta
 from keisei_fn.paths import PathArg, RunPath, is_remote, run_path
 from keisei_fn.publish.plan import Publication, plan_publication
@@ -159,9 +159,15 @@ def _describe(exc: BaseException) -> str:
 
 def _current_meta(checkpoint: CheckpointMeta | str | os.PathLike[str]) -> CheckpointMeta:
     """The checkpoint as it is on disk now, checked at the listed level."""
+    path = checkpoint.path if isinstance(checkpoint, CheckpointMeta) else resolve_stem(checkpoint)
+    current = read_listed(path)[0]
+    if current.sharded:
+        raise UnsupportedFormatError(
+            f"{current.sidecar_path} is a sharded checkpoint: consolidate it into a single file "
+            "first (keisei_fn.consolidate, or `keisei-fn consolidate`), then publish that"
+        )
     if not isinstance(checkpoint, CheckpointMeta):
-        return read_listed(resolve_stem(checkpoint))[0]
-    current = read_listed(checkpoint.path)[0]
+        return current
     if current.weights_digest != checkpoint.weights_digest:
         raise IntegrityError(
             f"{checkpoint.weights_path}: weights digest is {current.weights_digest}, the meta "

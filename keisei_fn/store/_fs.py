@@ -22,6 +22,7 @@ import contextlib
 import errno
 import os
 import secrets
+import shutil
 import time
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
@@ -144,16 +145,20 @@ def write_bytes_durably(final: RunPath, data: bytes) -> None:
         file.write(data)
 
 
-def unlink_durably(*paths: RunPath) -> None:
-    """Remove files that exist (missing ones are fine); local directories are fsynced."""
+def remove_durably(*paths: RunPath) -> None:
+    """Remove files (and local directory trees) that exist, missing ones are fine; local
+    parent directories are fsynced."""
     dirs = set()
     for path in paths:
         with contextlib.suppress(FileNotFoundError):
             if is_remote(path):
                 retrying(partial(path.fs.rm_file, path.path), what=f"remove {path}")
+                continue
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path)
             else:
                 path.unlink()
-                dirs.add(path.parent)
+            dirs.add(path.parent)
     for directory in dirs:
         fsync_dir(directory)
 

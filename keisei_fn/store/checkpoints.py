@@ -46,17 +46,18 @@ from keisei_fn.store._fs import (
     hash_file,
     is_directory,
     make_dirs,
+    remove_durably,
     run_path,
-    unlink_durably,
     write_bytes_durably,
 )
-from keisei_fn.store.listing import read_listed, resume_candidates
+from keisei_fn.store.listing import read_listed, resume_candidates, shard_dirs
 from keisei_fn.store.names import (
     FINAL_MODEL,
     RESUME_PREFIX,
     SIDECAR_SUFFIX,
     WEIGHTS_SUFFIX,
     checkpoint_stem,
+    shards_stem,
     sidecar_path,
     weights_path,
 )
@@ -193,26 +194,29 @@ def _commit(
     written = write_weights(
         encoded.tensors,
         weights_path(stem),
-        before_replace=lambda: unlink_durably(sidecar_path(stem)),  # uncommit what was there
+        before_replace=lambda: remove_durably(sidecar_path(stem)),  # uncommit what was there
     )
     sidecar = sidecar_for(*written)
     try:
         write_bytes_durably(sidecar_path(stem), dumps(sidecar))
     except BaseException:  # e.g. a full disk: leave no orphan weights behind either
         with contextlib.suppress(OSError):
-            unlink_durably(weights_path(stem))
+            remove_durably(weights_path(stem))
         raise
     return CheckpointMeta.from_sidecar(sidecar, run_dir=stem.parent)
 
 
 def resolve_stem(source: PathArg) -> RunPath:
-    """The checkpoint stem a user path names: either file of the pair, or the stem itself.
+    """The checkpoint stem a user path names: either file of the pair, a sharded checkpoint's
+    shards directory, or the stem itself.
 
     Raises:
         UnsupportedFormatError: for a legacy ``.pth``/``.pt`` file.
         CheckpointNotFoundError: when nothing exists there.
     """
     path = run_path(source)
+    if (stem := shards_stem(path.name)) is not None:  # a sharded checkpoint's directory
+        return path.parent / stem
     if path.suffix in _LEGACY_SUFFIXES:
         if not file_exists(path):
             raise CheckpointNotFoundError(f"no such file: {path}")
@@ -225,7 +229,9 @@ def resolve_stem(source: PathArg) -> RunPath:
         if path.name.endswith(suffix):
             path = path.parent / path.name[: -len(suffix)]
             break
-    if not (file_exists(sidecar_path(path)) or file_exists(weights_path(path))):
+    if not (
+        file_exists(sidecar_path(path)) or file_exists(weights_path(path)) or shard_dirs(path)
+    ):
         raise CheckpointNotFoundError(f"no checkpoint at {source}")
     return path
 
@@ -234,6 +240,20 @@ def _load_stem(
     stem: RunPath, *, verify: bool, map_location: str | torch.device
 ) -> tuple[TrainState, CheckpointMeta]:
     meta, sidecar = read_listed(stem)
+    if meta.sharded:
+        from keisei_fn.store.sharded import load_full
+
+        state, meta = load_full(stem, verify=verify)
+    else:
+        state = _read_single_file(stem, meta, sidecar, verify=verify)
+    if torch.device(map_location).type != "cpu":
+        state = _to_device(state, torch.device(map_location))
+    return state, meta
+
+
+def _read_single_file(
+    stem: RunPath, meta: CheckpointMeta, sidecar: dict[str, Any], *, verify: bool
+) -> TrainState:
     tensors = read_weights(
         weights_path(stem), size=meta.weights_size, digest=meta.weights_digest if verify else None
     )
@@ -246,10 +266,7 @@ def _load_stem(
         list(recorded[k][1]) != found[k][1] for k in recorded
     ):
         raise IntegrityError(f"{weights_path(stem)}: tensors do not match the sidecar's list")
-    state = decode_state(tensors, sidecar["aliases"], sidecar["state"])
-    if torch.device(map_location).type != "cpu":
-        state = _to_device(state, torch.device(map_location))
-    return state, meta
+    return decode_state(tensors, sidecar["aliases"], sidecar["state"])
 
 
 def _to_device(state: TrainState, device: torch.device) -> TrainState:
@@ -297,7 +314,8 @@ def load_state(
     Args:
         source: either file of the pair, their common stem, or a run directory (its latest
             valid checkpoint, falling back past a corrupt newest one with a warning); local
-            or an fsspec URL such as ``s3://bucket/run``.
+            or an fsspec URL such as ``s3://bucket/run``. A sharded checkpoint (FSDP, see
+            ``keisei_fn.store.sharded``) loads as one full state, whatever its world size.
         map_location: device for model and optimizer tensors (RNG states stay on the CPU).
         verify: check the weights digest (BLAKE3 of the memory-mapped file on all cores: most
             of the load time; ``verify=False`` maps the file lazily). Loaded tensors are

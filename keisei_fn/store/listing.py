@@ -2,13 +2,15 @@
 
 Validity has two levels (design.md). *Listed*: the sidecar parses, verifies its own digest, has
 a known format version, matches its file name and step, and the weights file exists with the
-recorded size — cheap, used to list and to choose "latest". *Verified*: the weights digest
-matches — checked on load. Anything else is incomplete: never loaded, never latest.
+recorded size (for a sharded checkpoint: every file of its shards directory, and nothing else
+there) — cheap, used to list and to choose "latest". *Verified*: the digests match — checked on
+load. Anything else is incomplete: never loaded, never latest.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -28,6 +30,7 @@ from keisei_fn.store._fs import (
     RunPath,
     file_exists,
     file_size,
+    is_remote,
     is_temp_name,
     list_file_names,
     read_bounded,
@@ -38,6 +41,7 @@ from keisei_fn.store.names import (
     SIDECAR_SUFFIX,
     WEIGHTS_SUFFIX,
     parse_stem,
+    shards_stem,
     sidecar_path,
     split_file,
     weights_path,
@@ -64,9 +68,10 @@ def read_listed(stem: RunPath) -> tuple[CheckpointMeta, dict[str, Any]]:
     try:
         raw = read_bounded(sidecar_file, limit=MAX_SIDECAR_BYTES)
     except FileNotFoundError:
-        if file_exists(weights_file):
+        written = [weights_file] if file_exists(weights_file) else shard_dirs(stem)
+        if written:
             raise IncompleteCheckpointError(
-                f"{weights_file}: no sidecar {sidecar_file.name}; the save never committed"
+                f"{written[0]}: no sidecar {sidecar_file.name}; the save never committed"
             ) from None
         raise CheckpointNotFoundError(f"no checkpoint {stem} (.safetensors/.json)") from None
     except IsADirectoryError as exc:
@@ -78,6 +83,9 @@ def read_listed(stem: RunPath) -> tuple[CheckpointMeta, dict[str, Any]]:
         raise IntegrityError(
             f"{sidecar_file}: records step {meta.step}, the name says {parsed.step}"
         )
+    if meta.sharded:
+        _check_shards(meta, sidecar)
+        return meta, sidecar
     try:
         size = file_size(weights_file)
     except (FileNotFoundError, IsADirectoryError):
@@ -91,6 +99,41 @@ def read_listed(stem: RunPath) -> tuple[CheckpointMeta, dict[str, Any]]:
     return meta, sidecar
 
 
+def _check_shards(meta: CheckpointMeta, sidecar: dict[str, Any]) -> None:
+    """Every file a sharded checkpoint's sidecar lists exists with its size, and its shards
+    directory holds nothing else (DCP's reader would read any ``*.safetensors`` there)."""
+    shards, files = meta.weights_path, sidecar["shards"]["files"]
+    try:
+        present = set(list_file_names(shards))
+    except NotADirectoryError:
+        raise IntegrityError(f"{shards} is not a directory") from None
+    for name, record in files.items():
+        if name not in present:
+            raise IncompleteCheckpointError(
+                f"{meta.sidecar_path}: its shard file {shards / name} is missing"
+            )
+        size = file_size(shards / name)
+        if size != record["size"]:
+            raise IntegrityError(
+                f"{shards / name}: size is {size} bytes, the sidecar records {record['size']}"
+            )
+    unexpected = sorted(n for n in present - set(files) if not n.startswith("."))
+    if unexpected:
+        raise IntegrityError(f"{shards}: holds {unexpected}, which the sidecar does not list")
+
+
+def shard_dirs(stem: RunPath) -> list[RunPath]:
+    """Every shards directory ``<stem>.<token>.shards`` beside ``stem``, committed or not."""
+    if is_remote(stem) or not stem.parent.is_dir():
+        return []  # sharded checkpoints are written to local (or mounted) file systems only
+    with os.scandir(stem.parent) as entries:
+        return sorted(
+            stem.parent / e.name
+            for e in entries
+            if e.is_dir(follow_symlinks=False) and shards_stem(e.name) == stem.name
+        )
+
+
 @dataclass(frozen=True, slots=True)
 class RunDirScan:
     """Everything found in a run directory.
@@ -98,7 +141,8 @@ class RunDirScan:
     Attributes:
         valid: listed-valid checkpoints, sorted by (step, kind, name).
         invalid: (path, error) for checkpoints that fail the listed check.
-        leftovers: files that can never become valid: temp files, weights without a sidecar.
+        leftovers: what can never become valid: temp files, weights without a sidecar, shards
+            directories no sidecar refers to (up to the newest valid step).
         unreadable: (path, error) for checkpoints that may be fine but cannot be read here (a
             newer format version, an unregistered model type): never pruned.
     """
@@ -144,7 +188,32 @@ def scan_run_dir(run_dir: PathArg) -> RunDirScan:
         except (IntegrityError, IncompleteCheckpointError) as exc:
             invalid.append((run_dir / stem, exc))
     valid.sort(key=lambda m: (m.step, KIND_ORDER[m.kind], m.name))
+    leftovers += _stale_shard_dirs(run_dir, valid, unreadable)
     return RunDirScan(valid, invalid, sorted(leftovers, key=str), unreadable)
+
+
+def _stale_shard_dirs(
+    run_dir: RunPath,
+    valid: list[CheckpointMeta],
+    unreadable: list[tuple[RunPath, KeiseiFnError]],
+) -> list[RunPath]:
+    """Shards directories no valid sidecar refers to, of a step no later than the newest valid
+    checkpoint's (a save in progress writes a newer step: its directory is left alone)."""
+    if is_remote(run_dir) or not run_dir.is_dir():
+        return []
+    newest = max((m.step for m in valid), default=-1)
+    referenced = {m.shards_dir for m in valid}
+    keep = {stem.name for stem, _ in unreadable}
+    stale: list[RunPath] = []
+    with os.scandir(run_dir) as entries:
+        for entry in entries:
+            stem = shards_stem(entry.name)
+            if stem is None or entry.name in referenced or stem in keep:
+                continue
+            parsed = parse_stem(stem)
+            if parsed is not None and (parsed.step or 0) <= newest:
+                stale.append(run_dir / entry.name)
+    return stale
 
 
 def resume_candidates(run_dir: RunPath, prefix: str = RESUME_PREFIX) -> Iterator[RunPath]:
@@ -175,7 +244,8 @@ def list_checkpoints(run_dir: PathArg) -> list[CheckpointMeta]:
 
 
 def latest_checkpoint(run_dir: PathArg, *, prefix: str = RESUME_PREFIX) -> RunPath | None:
-    """The weights path of the highest-step listed-valid resume checkpoint, or None.
+    """The weights path of the highest-step listed-valid resume checkpoint, or None (for a
+    sharded checkpoint: its shards directory).
 
     Never by modification time or name order; only ``prefix`` counts (other prefixes such as
     ``initial_eval_checkpoint_ts`` and the final model are not resume points). Only the sidecars
@@ -187,7 +257,7 @@ def latest_checkpoint(run_dir: PathArg, *, prefix: str = RESUME_PREFIX) -> RunPa
     """
     for stem in resume_candidates(run_path(run_dir), prefix):
         try:
-            read_listed(stem)
+            meta = read_listed(stem)[0]
         except (
             IntegrityError,
             IncompleteCheckpointError,
@@ -196,5 +266,5 @@ def latest_checkpoint(run_dir: PathArg, *, prefix: str = RESUME_PREFIX) -> RunPa
         ) as exc:
             log.warning("skipping %s: %s", stem, exc)
             continue
-        return weights_path(stem)
+        return meta.weights_path
     return None

@@ -1,4 +1,5 @@
-"""Checkpoint file names: ``<prefix><step>.safetensors`` / ``.json`` and ``final_model.*``."""
+"""Checkpoint file names: ``<prefix><step>.safetensors`` / ``.json`` and ``final_model.*``, and
+the shards directories of sharded checkpoints, ``<prefix><step>.<token>.shards``."""
 
 from __future__ import annotations
 
@@ -12,6 +13,8 @@ NAME_RE = re.compile(r"(?P<prefix>[A-Za-z_]+?)(?P<step>\d+)")
 PREFIX_RE = re.compile(r"[A-Za-z_]+")
 WEIGHTS_SUFFIX = ".safetensors"
 SIDECAR_SUFFIX = ".json"
+SHARDS_SUFFIX = ".shards"
+SHARDS_RE = re.compile(r"(?P<stem>[A-Za-z_]+?\d+|final_model)\.(?P<token>[0-9a-f]+)\.shards")
 FINAL_MODEL = "final_model"
 #: Keisei's periodic checkpoints: the only prefix that counts as a resume point by default.
 RESUME_PREFIX = "checkpoint_ts"
@@ -42,6 +45,17 @@ def split_file(name: str) -> tuple[str, str] | None:
         if name.endswith(suffix) and parse_stem(name[: -len(suffix)]) is not None:
             return name[: -len(suffix)], suffix
     return None
+
+
+def shards_stem(name: str) -> str | None:
+    """The checkpoint stem a shards directory name belongs to, else None.
+
+    Example:
+        >>> shards_stem("checkpoint_ts10.9f2c.shards"), shards_stem("checkpoint_ts10.json")
+        ('checkpoint_ts10', None)
+    """
+    match = SHARDS_RE.fullmatch(name)
+    return match["stem"] if match is not None else None
 
 
 def checkpoint_stem(prefix: str, step: int) -> str:

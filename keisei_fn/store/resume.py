@@ -15,10 +15,18 @@ from dataclasses import dataclass
 from keisei_fn.distributed import on_rank_zero
 from keisei_fn.errors import CheckpointNotFoundError
 from keisei_fn.state import TrainState
-from keisei_fn.store._fs import PathArg, RunPath, copy_file, is_remote, make_dirs, run_path
+from keisei_fn.store._fs import (
+    PathArg,
+    RunPath,
+    copy_file,
+    is_remote,
+    list_file_names,
+    make_dirs,
+    run_path,
+)
 from keisei_fn.store.checkpoints import load_state_with_meta, resolve_stem
-from keisei_fn.store.listing import latest_checkpoint
-from keisei_fn.store.names import RESUME_PREFIX, sidecar_path, weights_path
+from keisei_fn.store.listing import latest_checkpoint, read_listed
+from keisei_fn.store.names import RESUME_PREFIX
 
 __all__ = ["Resumed", "resume"]
 
@@ -33,13 +41,17 @@ class Resumed:
     path: RunPath
 
 
-def _copy_pair(source_stem: RunPath, run_dir: RunPath) -> RunPath:
-    """Copy a checkpoint pair into ``run_dir`` with the durable protocol, sidecar last."""
+def _copy_checkpoint(source_stem: RunPath, run_dir: RunPath) -> None:
+    """Copy a checkpoint into ``run_dir`` with the durable protocol, sidecar last."""
+    meta = read_listed(source_stem)[0]
     make_dirs(run_dir)
-    target = run_dir / source_stem.name
-    for path_of in (weights_path, sidecar_path):
-        copy_file(path_of(source_stem), path_of(target))
-    return target
+    if meta.sharded:
+        make_dirs(run_dir / meta.weights_path.name)
+        for name in list_file_names(meta.weights_path):
+            copy_file(meta.weights_path / name, run_dir / meta.weights_path.name / name)
+    else:
+        copy_file(meta.weights_path, run_dir / meta.weights_path.name)
+    copy_file(meta.sidecar_path, run_dir / meta.sidecar_path.name)
 
 
 def resume(
@@ -80,9 +92,9 @@ def resume(
         parent = run_dir.parent if is_remote(run_dir) else run_dir.resolve().parent
         parent_latest = latest_checkpoint(parent, prefix=prefix)
         if parent_latest is not None:
-            stem = parent_latest.parent / parent_latest.name.removesuffix(".safetensors")
+            stem = resolve_stem(parent_latest)
             log.warning("no checkpoint in %s; resuming from the parent's %s", run_dir, stem)
-            on_rank_zero(lambda: _copy_pair(stem, run_dir))
+            on_rank_zero(lambda: _copy_checkpoint(stem, run_dir))
     if latest_checkpoint(run_dir, prefix=prefix) is None:
         return None
     try:

@@ -3,7 +3,8 @@
 Never deleted, whatever the policy: the newest valid checkpoint, final checkpoints, the final
 model, and checkpoints whose publication is still pending in the run directory's ledger.
 Incomplete leftovers (temp files, weights without a sidecar, pairs that fail the listed check,
-on S3 multipart uploads abandoned for an hour) are always removed by ``prune``.
+shards directories no sidecar refers to, on S3 multipart uploads abandoned for an hour) are
+always removed by ``prune``.
 
 Example:
     >>> policy = RetentionPolicy(keep_last=2)
@@ -26,11 +27,11 @@ from keisei_fn.store._fs import (
     PathArg,
     RunPath,
     abort_stale_uploads,
+    remove_durably,
     run_path,
-    unlink_durably,
 )
 from keisei_fn.store.ledger import pending_publications
-from keisei_fn.store.listing import scan_run_dir
+from keisei_fn.store.listing import scan_run_dir, shard_dirs
 from keisei_fn.store.names import RESUME_PREFIX, parse_stem, sidecar_path, weights_path
 
 __all__ = ["PrunePlan", "RetentionPolicy", "plan_prune", "prune"]
@@ -204,9 +205,9 @@ def _prune(run_dir: RunPath, policy: RetentionPolicy, *, dry_run: bool, prefix: 
     if not dry_run:
         for name in (*plan.delete, *broken):
             stem = run_dir / name
-            unlink_durably(sidecar_path(stem))
-            unlink_durably(weights_path(stem))
-        unlink_durably(*scan.leftovers)
+            remove_durably(sidecar_path(stem))  # uncommit first
+            remove_durably(weights_path(stem), *shard_dirs(stem))
+        remove_durably(*scan.leftovers)
         leftovers += [f"{name} (incomplete upload)" for name in abort_stale_uploads(run_dir)]
         if plan.delete or broken or leftovers:
             log.info(

@@ -4,9 +4,9 @@
 shards of the model and optimizer tensors, in parallel, through torch.distributed.checkpoint
 (DCP) and its HuggingFace safetensors writer; rank 0 writes the rest of the training state and,
 once every rank has finished and its files' digests are gathered, the sidecar: the commit
-marker. ``load_sharded`` reads it back on any number of ranks (resharding),
-``load_sharded_state`` as a plain, full TrainState in one process, and ``consolidate`` turns it
-into an ordinary single-file checkpoint that ``load_model`` reads on one CPU.
+marker. ``load_sharded`` reads it back on any number of ranks (resharding), ``load_state`` as a
+plain, full TrainState in one process (like any checkpoint), and ``consolidate`` turns it into
+an ordinary single-file checkpoint that ``load_model`` reads on one CPU.
 
 On disk, in a run directory::
 
@@ -28,21 +28,22 @@ as rank 0 holds them, like a single-file save on rank 0. Every other tensor (``r
 param_groups, step, episodes, stats, spec, scheduler and extra JSON — is in the sidecar,
 encoded by ``keisei_fn.codec``.
 
-The sidecar is a version-1 sidecar (``keisei_fn.meta``) with ``format_version`` 2, ``"layout":
-"sharded"`` and a ``"shards"`` entry: the directory's name, the world size, and every file's size
-and BLAKE3 digest; ``"weights"`` holds their total size and the digest of that file table. An
-older keisei_fn refuses version 2 as a newer format ("unreadable", never pruned) instead of
-taking the checkpoint for a single-file one whose weights are missing.
+The sidecar has format version 2 with ``"layout": "sharded"`` and a ``"shards"`` entry (see
+``keisei_fn.meta.build_sharded_sidecar``). The rest of the store treats a sharded checkpoint like
+any other: ``list_checkpoints``, ``latest_checkpoint`` (which returns its shards directory),
+``verify_checkpoint``, ``prune``, ``resume``, and ``load_state``/``load_model`` (in full, in one
+process). Sharded checkpoints live on local or mounted file systems: DCP's safetensors storage
+writes local files.
 
 Example (one process also works, without FSDP or a process group):
     >>> import tempfile, torch
-    >>> from keisei_fn import ModelSpec, build_model
+    >>> from keisei_fn import ModelSpec, build_model, load_state
     >>> spec = ModelSpec(model_type="testmodel")
     >>> model = build_model(spec, seed=0)
     >>> optimizer = torch.optim.Adam(model.parameters())
     >>> with tempfile.TemporaryDirectory() as run_dir:
     ...     meta = save_sharded(model, optimizer, run_dir, step=2048, spec=spec)
-    ...     state = load_sharded_state(run_dir)
+    ...     state = load_state(run_dir)
     >>> meta.format_version, meta.name, state.step, sorted(state.optimizer["state"])[:2]
     (2, 'checkpoint_ts2048', 2048, [0, 1])
 """
@@ -58,6 +59,7 @@ import shutil
 import warnings
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar, cast
 
@@ -87,7 +89,7 @@ from keisei_fn.errors import (
     UnsupportedFormatError,
     UnsupportedValueError,
 )
-from keisei_fn.meta import FORMAT_NAME, KINDS, CheckpointMeta, build_sidecar, digest_bytes
+from keisei_fn.meta import CheckpointMeta, build_sharded_sidecar
 from keisei_fn.rng import capture_rng, restore_rng_
 from keisei_fn.spec import ModelSpec
 from keisei_fn.state import GameStats, TrainState, thaw
@@ -96,18 +98,18 @@ from keisei_fn.store._fs import (
     fsync_dir,
     hash_file,
     is_remote,
-    read_bounded,
+    remove_durably,
     run_path,
     write_bytes_durably,
 )
-from keisei_fn.store.checkpoints import save_state
-from keisei_fn.store.listing import MAX_SIDECAR_BYTES, read_listed, resume_candidates
+from keisei_fn.store.checkpoints import resolve_stem, save_state
+from keisei_fn.store.listing import read_listed, resume_candidates, shard_dirs
 from keisei_fn.store.names import (
     RESUME_PREFIX,
-    SIDECAR_SUFFIX,
-    WEIGHTS_SUFFIX,
+    SHARDS_SUFFIX,
     checkpoint_stem,
     parse_stem,
+    shards_stem,
     sidecar_path,
     weights_path,
 )
@@ -117,28 +119,12 @@ if TYPE_CHECKING:  # torch.distributed.checkpoint and DTensor take ~0.8 s to imp
     from torch.distributed.checkpoint.api import CheckpointException
     from torch.distributed.checkpoint.metadata import ChunkStorageMetadata
 
-__all__ = [
-    "LAYOUT",
-    "SHARDED_FORMAT_VERSION",
-    "STATE_FILE",
-    "build_sharded_sidecar",
-    "check_sharded_sidecar",
-    "consolidate",
-    "load_sharded",
-    "load_sharded_state",
-    "load_sharded_state_with_meta",
-    "read_sharded",
-    "save_sharded",
-]
+__all__ = ["STATE_FILE", "consolidate", "load_full", "load_sharded", "save_sharded"]
 
 log = logging.getLogger("keisei_fn.store")
 
 T = TypeVar("T")
 
-#: The sidecar format version of a sharded checkpoint (single-file checkpoints stay at 1).
-SHARDED_FORMAT_VERSION = 2
-LAYOUT = "sharded"
-SHARDS_SUFFIX = ".shards"
 #: Rank 0's file of the tensors that are not sharded (RNG, scheduler, extra).
 STATE_FILE = "state.safetensors"
 _DCP_SECTIONS = ("model/", "optimizer/")
@@ -237,189 +223,6 @@ def _quiet_single_process() -> Iterator[None]:
         yield
 
 
-# --- the sidecar -----------------------------------------------------------------------------
-
-
-def _manifest_digest(files: Mapping[str, Mapping[str, Any]]) -> str:
-    return digest_bytes(dumps({k: dict(v) for k, v in files.items()}))
-
-
-def build_sharded_sidecar(
-    header: Mapping[str, Any],
-    *,
-    name: str,
-    kind: str,
-    tensors: Mapping[str, torch.Tensor],
-    shards_dir: str,
-    world_size: int,
-    files: Mapping[str, tuple[int, str]],
-    created: str | None = None,
-) -> dict[str, Any]:
-    """Assemble a sharded checkpoint's sidecar (format version 2) with its own digest.
-
-    It is :func:`keisei_fn.meta.build_sidecar`'s sidecar plus ``"layout": "sharded"`` and
-    ``"shards"``; ``"weights"`` holds the files' total size and the digest of the file table.
-
-    Args:
-        header: the JSON state part (see :func:`save_sharded`).
-        name: the checkpoint's stem, e.g. ``"checkpoint_ts10240"``.
-        kind: ``"periodic"`` or ``"final"``.
-        tensors: every stored tensor under its stored name; for a DTensor the full (unsharded)
-            dtype and shape are recorded (meta tensors will do).
-        shards_dir: the shards directory's name (in the run directory).
-        world_size: the number of ranks that wrote it.
-        files: file name (in the shards directory) → (size, digest).
-        created: ISO-8601 UTC time; now when None.
-
-    Returns:
-        The sidecar, ready for ``keisei_fn.codec.dumps``.
-
-    Raises:
-        ValueError: for an unknown kind.
-
-    Example:
-        >>> s = build_sharded_sidecar({"step": 1}, name="checkpoint_ts1", kind="periodic",
-        ...     tensors={}, shards_dir="checkpoint_ts1.ab.shards", world_size=2, files={})
-        >>> s["format_version"], s["layout"], check_sharded_sidecar(dumps(s))["shards"]["dir"]
-        (2, 'sharded', 'checkpoint_ts1.ab.shards')
-    """
-    table = {f: {"size": size, "digest": digest} for f, (size, digest) in sorted(files.items())}
-    sidecar = build_sidecar(
-        header,
-        name=name,
-        kind=kind,
-        tensors=tensors,
-        aliases={},
-        weights_size=sum(size for size, _ in files.values()),
-        weights_digest=_manifest_digest(table),
-        created=created,
-    )
-    del sidecar["digest"]
-    sidecar["format_version"] = SHARDED_FORMAT_VERSION
-    sidecar["layout"] = LAYOUT
-    sidecar["shards"] = {"dir": shards_dir, "world_size": world_size, "files": table}
-    sidecar["digest"] = digest_bytes(dumps(sidecar))
-    return sidecar
-
-
-_REQUIRED = {
-    "format": str,
-    "format_version": int,
-    "name": str,
-    "kind": str,
-    "state": dict,
-    "tensors": dict,
-    "aliases": dict,
-    "weights": dict,
-    "created": str,
-    "versions": dict,
-    "digest": str,
-}
-
-
-def check_sharded_sidecar(
-    raw: bytes, *, name: str | None = None, where: str = "sidecar"
-) -> dict[str, Any]:
-    """Parse and check a sharded checkpoint's sidecar: JSON, own digest, format and version,
-    canonical bytes, name, and a well-formed ``"shards"`` entry that matches ``"weights"``.
-
-    Args:
-        raw: the file's bytes.
-        name: the expected checkpoint name (the file's stem), if known.
-        where: the file, for error messages.
-
-    Returns:
-        The parsed sidecar.
-
-    Raises:
-        IntegrityError: unparsable, a field missing or mistyped, a digest or name mismatch.
-        UnsupportedFormatError: another format, a newer version, or a single-file (version 1)
-            checkpoint (load that with ``keisei_fn.load_state``).
-    """
-    try:
-        sidecar = loads(raw)
-    except IntegrityError as exc:
-        raise IntegrityError(f"{where}: {exc}") from exc
-    if not isinstance(sidecar, dict):
-        raise UnsupportedFormatError(f"{where}: not a {FORMAT_NAME} sidecar")
-    recorded = sidecar.get("digest")
-    if isinstance(recorded, str):
-        actual = digest_bytes(dumps({k: v for k, v in sidecar.items() if k != "digest"}))
-        if recorded != actual:
-            raise IntegrityError(
-                f"{where}: the sidecar was modified (digest {actual}, recorded {recorded})"
-            )
-    if sidecar.get("format") != FORMAT_NAME:
-        found = sidecar.get("format")
-        raise UnsupportedFormatError(f"{where}: not a {FORMAT_NAME} sidecar (format {found!r})")
-    for key, kind in _REQUIRED.items():
-        if not isinstance(sidecar.get(key), kind) or isinstance(sidecar.get(key), bool):
-            raise IntegrityError(f"{where}: field {key!r} is missing or not a {kind.__name__}")
-    version = sidecar["format_version"]
-    if version > SHARDED_FORMAT_VERSION:
-        raise UnsupportedFormatError(
-            f"{where}: format version {version} is newer than this keisei_fn reads "
-            f"({SHARDED_FORMAT_VERSION}); upgrade keisei_fn"
-        )
-    if dumps(sidecar) != raw:
-        raise IntegrityError(f"{where}: the sidecar is not in canonical form; it was edited")
-    if version < SHARDED_FORMAT_VERSION:
-        raise _NotShardedError(
-            f"{where}: a single-file checkpoint (format version {version}), not a sharded "
-            "one; load it with keisei_fn.load_state"
-        )
-    if sidecar.get("layout") != LAYOUT:
-        raise UnsupportedFormatError(f"{where}: unknown layout {sidecar.get('layout')!r}")
-    if name is not None and sidecar["name"] != name:
-        raise IntegrityError(f"{where}: sidecar is for {sidecar['name']!r}, file is {name!r}")
-    if sidecar["kind"] not in KINDS:
-        raise IntegrityError(f"{where}: unknown kind {sidecar['kind']!r}")
-    _check_shards_entry(sidecar, where)
-    return sidecar
-
-
-def _check_shards_entry(sidecar: dict[str, Any], where: str) -> None:
-    shards = sidecar.get("shards")
-    problem = None
-    if not isinstance(shards, dict):
-        problem = "field 'shards' is missing or not a dict"
-    elif not _plain_name(shards.get("dir")) or not str(shards["dir"]).startswith(
-        sidecar["name"] + "."
-    ):
-        problem = f"shards directory {shards.get('dir')!r} is not a name for this checkpoint"
-    elif type(shards.get("world_size")) is not int or shards["world_size"] < 1:
-        problem = f"world size {shards.get('world_size')!r} is not an int >= 1"
-    elif not isinstance(shards.get("files"), dict) or not all(
-        _plain_name(f)
-        and isinstance(v, dict)
-        and type(v.get("size")) is int
-        and v["size"] >= 0
-        and isinstance(v.get("digest"), str)
-        for f, v in shards["files"].items()
-    ):
-        problem = "the shards' file table is malformed"
-    elif sidecar["weights"].get("size") != sum(
-        v["size"] for v in shards["files"].values()
-    ) or sidecar["weights"].get("digest") != _manifest_digest(shards["files"]):
-        problem = "the weights entry does not match the shards' file table"
-    if problem is not None:
-        raise IntegrityError(f"{where}: {problem}")
-
-
-def _plain_name(value: Any) -> bool:
-    """A file name that stays inside its directory and is not hidden."""
-    return (
-        isinstance(value, str)
-        and value not in ("", ".", "..")
-        and "/" not in value
-        and (not value.startswith("."))
-    )
-
-
-def _shards_path(stem: Path, sidecar: Mapping[str, Any]) -> Path:
-    return stem.parent / str(sidecar["shards"]["dir"])
-
-
 def _local(path: PathArg) -> Path:
     """``path`` as a local path.
 
@@ -436,81 +239,18 @@ def _local(path: PathArg) -> Path:
     return resolved
 
 
-def _shard_dirs(stem: Path) -> list[Path]:
-    """Every ``<stem>.<token>.shards`` directory, committed or not."""
-    try:
-        names = os.listdir(stem.parent)
-    except (FileNotFoundError, NotADirectoryError):
-        return []
-    return [
-        stem.parent / n
-        for n in names
-        if n.startswith(stem.name + ".") and n.endswith(SHARDS_SUFFIX) and n.count(".") == 2
-    ]
-
-
-def read_sharded(stem: Path) -> tuple[CheckpointMeta, dict[str, Any]]:
-    """Check a sharded checkpoint at the *listed* level: the sidecar checks (digest, format,
-    name, step), every shard file exists with its recorded size, and the shards directory holds
-    nothing the sidecar does not list (DCP's reader would read any ``*.safetensors`` there).
-    Digests are not checked here.
-
-    Args:
-        stem: the checkpoint's path without suffix, e.g. ``run_dir / "checkpoint_ts10240"``.
-
-    Returns:
-        ``(meta, parsed sidecar)``; ``meta.format_version`` is 2.
+def _read_sharded(stem: Path) -> tuple[CheckpointMeta, dict[str, Any]]:
+    """``read_listed`` for a checkpoint that must be sharded.
 
     Raises:
-        CheckpointNotFoundError: no sidecar and no shards.
-        IncompleteCheckpointError: shards without a sidecar (never committed), or a shard
-            file or the shards directory missing.
-        IntegrityError: a corrupt or edited sidecar, a size mismatch, an unexpected file.
-        UnsupportedFormatError: a newer format, or a single-file checkpoint.
+        _NotShardedError: for a single-file checkpoint; and every error of ``read_listed``.
     """
-    sidecar_file = sidecar_path(stem)
-    try:
-        raw = read_bounded(sidecar_file, limit=MAX_SIDECAR_BYTES)
-    except FileNotFoundError:
-        if _shard_dirs(stem):
-            raise IncompleteCheckpointError(
-                f"{stem}: shards but no sidecar {sidecar_file.name}; the save never committed"
-            ) from None
-        raise CheckpointNotFoundError(f"no checkpoint {stem} ({SIDECAR_SUFFIX})") from None
-    except IsADirectoryError as exc:
-        raise IntegrityError(f"{sidecar_file} is a directory") from exc
-    sidecar = check_sharded_sidecar(raw, name=stem.name, where=str(sidecar_file))
-    meta = CheckpointMeta.from_sidecar(sidecar, run_dir=stem.parent)
-    parsed = parse_stem(stem.name)
-    if parsed is not None and parsed.step is not None and parsed.step != meta.step:
-        raise IntegrityError(
-            f"{sidecar_file}: records step {meta.step}, the name says {parsed.step}"
+    meta, sidecar = read_listed(stem)
+    if not meta.sharded:
+        raise _NotShardedError(
+            f"{meta.sidecar_path}: a single-file checkpoint, not a sharded one; load it with "
+            "keisei_fn.load_state"
         )
-    shards = _shards_path(stem, sidecar)
-    files = sidecar["shards"]["files"]
-    try:
-        present = set(os.listdir(shards))
-    except FileNotFoundError:
-        raise IncompleteCheckpointError(
-            f"{sidecar_file}: its shards directory {shards.name} is missing"
-        ) from None
-    except NotADirectoryError:
-        raise IntegrityError(f"{shards} is not a directory") from None
-    for name, record in files.items():
-        path = shards / name
-        try:
-            size = path.stat().st_size
-        except FileNotFoundError:
-            raise IncompleteCheckpointError(
-                f"{sidecar_file}: its shard file {path} is missing"
-            ) from None
-        if size != record["size"]:
-            raise IntegrityError(
-                f"{path}: size is {size} bytes, the sidecar records {record['size']}"
-            )
-    unexpected = sorted(n for n in present - set(files) if not n.startswith("."))
-    if unexpected:
-        raise IntegrityError(f"{shards}: holds {unexpected}, which the sidecar does not list")
     return meta, sidecar
 
 
@@ -749,23 +489,17 @@ def save_sharded(
     return CheckpointMeta.from_sidecar(sidecar, run_dir=stem.parent)
 
 
-def _existing(stem: Path) -> Path | None:
-    """The shards directory or weights file of a committed, listed-valid checkpoint at
-    ``stem`` (None when there is none or it is incomplete or corrupt).
+def _existing(stem: Path) -> bool:
+    """Whether a committed, listed-valid checkpoint (of either layout) is at ``stem``.
 
     Raises:
         UnsupportedFormatError: a newer format is there (never replaced without overwrite).
     """
     try:
-        _, sidecar = read_sharded(stem)
-        return _shards_path(stem, sidecar)
-    except _NotShardedError:
-        try:
-            return cast(Path, read_listed(stem)[0].weights_path)
-        except (IntegrityError, IncompleteCheckpointError):
-            return None
+        read_listed(stem)
     except (CheckpointNotFoundError, IncompleteCheckpointError, IntegrityError):
-        return None
+        return False
+    return True
 
 
 def _start(stem: Path, shards: Path, encoded: _Encoded, *, overwrite: bool) -> tuple[int, str]:
@@ -780,8 +514,8 @@ def _start(stem: Path, shards: Path, encoded: _Encoded, *, overwrite: bool) -> t
                 f"{sidecar_path(stem)} holds a checkpoint this keisei_fn cannot read ({exc}); "
                 "pass overwrite=True to replace it"
             ) from exc
-        found = None
-    if found is not None and not overwrite:
+        found = False
+    if found and not overwrite:
         raise CheckpointExistsError(
             f"{sidecar_path(stem)} already holds a valid checkpoint; pass overwrite=True to "
             "replace it"
@@ -841,11 +575,8 @@ def _commit(
 def _remove_stale(stem: Path, *, keep: Path) -> None:
     """After a commit: the files of whatever was at ``stem`` before, and shards directories of
     saves at this step that never committed (best effort: leftovers are harmless)."""
-    for directory in _shard_dirs(stem):
-        if directory != keep:
-            shutil.rmtree(directory, ignore_errors=True)
     with contextlib.suppress(OSError):
-        weights_path(stem).unlink(missing_ok=True)
+        remove_durably(weights_path(stem), *(d for d in shard_dirs(stem) if d != keep))
 
 
 # --- loading ---------------------------------------------------------------------------------
@@ -859,17 +590,9 @@ def _candidates(source: PathArg, prefix: str) -> tuple[bool, list[Path]]:
         CheckpointNotFoundError: nothing there.
     """
     path = _local(source)
-    if path.name.endswith(SHARDS_SUFFIX) and path.is_dir():
-        return True, [path.parent / path.name.split(".", 1)[0]]
-    if path.is_dir():
+    if path.is_dir() and shards_stem(path.name) is None:
         return False, [cast(Path, stem) for stem in resume_candidates(path, prefix)]
-    for suffix in (SIDECAR_SUFFIX, WEIGHTS_SUFFIX):
-        if path.name.endswith(suffix):
-            path = path.parent / path.name[: -len(suffix)]
-            break
-    if not (sidecar_path(path).exists() or _shard_dirs(path)):
-        raise CheckpointNotFoundError(f"no checkpoint at {source}")
-    return True, [path]
+    return True, [cast(Path, resolve_stem(path))]
 
 
 def _tiles(chunks: list[ChunkStorageMetadata], shape: list[int]) -> bool:
@@ -940,8 +663,8 @@ class _Checked:
 def _prepare(stem: Path, *, verify: bool, rank: int, world: int) -> _Checked:
     """One rank's part of checking a checkpoint before loading: the listed check, the digests
     of every ``world``-th file from ``rank`` on, the shards' chunks, and the small file."""
-    meta, sidecar = read_sharded(stem)
-    shards = _shards_path(stem, sidecar)
+    meta, sidecar = _read_sharded(stem)
+    shards = cast(Path, meta.weights_path)
     files = sidecar["shards"]["files"]
     if verify:
         for name in sorted(files)[rank::world]:
@@ -1233,63 +956,34 @@ def _decode(sidecar: Mapping[str, Any], tensors: Mapping[str, torch.Tensor]) -> 
     return state
 
 
-def _load_full(source: PathArg, *, verify: bool, prefix: str) -> tuple[TrainState, CheckpointMeta]:
-    def check(stem: Path) -> tuple[TrainState, CheckpointMeta]:
-        checked = _prepare(stem, verify=verify, rank=0, world=1)
-        targets = {
-            name: torch.empty(tuple(info["shape"]), dtype=DTYPES_BY_NAME[info["dtype"]])
-            for name, info in checked.sidecar["tensors"].items()
-            if _in_shards(name)
-        }
-        _dcp_load(targets, checked.shards, no_dist=True)
-        return _decode(checked.sidecar, {**targets, **checked.small}), checked.meta
+def load_full(stem: PathArg, *, verify: bool) -> tuple[TrainState, CheckpointMeta]:
+    """A sharded checkpoint, written by any number of ranks, as one full TrainState, read in
+    this process alone (``load_state`` calls it for sharded checkpoints).
 
-    return _first_valid(source, prefix, check, alone=True)
-
-
-def load_sharded_state(
-    source: PathArg, *, verify: bool = True, prefix: str = RESUME_PREFIX
-) -> TrainState:
-    """Load a sharded checkpoint, written by any number of ranks, as one full TrainState — in
-    one process, without a process group (inside one, it reads alone and never communicates).
-
-    The result is laid out like ``load_state``'s for a single-file checkpoint and like
-    ``keisei_fn.capture`` of the unsharded model: ``model`` is the canonical full state dict,
-    ``optimizer`` is ``optimizer.state_dict()``'s layout (params numbered through the param
-    groups), ``rng`` holds every saved rank's RNG state (``{"world_size", "ranks"}``).
-
-    Args:
-        source: as for :func:`load_sharded`.
-        verify: check every file's BLAKE3 digest.
-        prefix: the resume prefix, when ``source`` is a run directory.
-
-    Returns:
-        The snapshot, bit-exact.
+    The result is laid out like a single-file checkpoint's and like ``keisei_fn.capture`` of
+    the unsharded model: ``model`` is the canonical full state dict, ``optimizer`` is
+    ``optimizer.state_dict()``'s layout (params numbered through the param groups), ``rng``
+    holds every saved rank's RNG state (``{"world_size", "ranks"}``).
 
     Raises:
-        CheckpointNotFoundError, IntegrityError, IncompleteCheckpointError,
-        UnsupportedFormatError: as for :func:`load_sharded`.
-
-    Example:
-        >>> load_sharded_state("runs/none/checkpoint_ts1")
-        Traceback (most recent call last):
-        ...
-        keisei_fn.errors.CheckpointNotFoundError: no checkpoint at runs/none/checkpoint_ts1
+        SpecError: for a URL (sharded checkpoints are local).
+        IntegrityError, IncompleteCheckpointError, UnsupportedFormatError: as ``load_state``.
     """
-    return _load_full(source, verify=verify, prefix=prefix)[0]
-
-
-def load_sharded_state_with_meta(
-    source: PathArg, *, verify: bool = True, prefix: str = RESUME_PREFIX
-) -> tuple[TrainState, CheckpointMeta]:
-    """Like :func:`load_sharded_state`, also returning the meta of the checkpoint loaded."""
-    return _load_full(source, verify=verify, prefix=prefix)
+    checked = _prepare(_local(stem), verify=verify, rank=0, world=1)
+    targets = {
+        name: torch.empty(tuple(info["shape"]), dtype=DTYPES_BY_NAME[info["dtype"]])
+        for name, info in checked.sidecar["tensors"].items()
+        if _in_shards(name)
+    }
+    _dcp_load(targets, checked.shards, no_dist=True)
+    return _decode(checked.sidecar, {**targets, **checked.small}), checked.meta
 
 
 def consolidate(sharded: PathArg, out_run_dir: PathArg) -> CheckpointMeta:
     """Turn a sharded checkpoint into an ordinary single-file one in another run directory.
 
-    Loads it with :func:`load_sharded_state` and saves it with ``save_state`` under the same
+    Loads it with ``load_state`` (in full, in this process) and saves it with ``save_state``
+    under the same
     prefix, step and kind: ``<out_run_dir>/<prefix><step>.safetensors`` + ``.json``, which
     ``keisei_fn.load_model`` and ``load_state`` read on one CPU. Call it in one process, or on
     every rank of a job (each rank reads the whole checkpoint; rank 0 writes).
@@ -1304,9 +998,11 @@ def consolidate(sharded: PathArg, out_run_dir: PathArg) -> CheckpointMeta:
     Raises:
         SpecError: ``out_run_dir`` is the sharded checkpoint's run directory (same name).
         CheckpointExistsError: a different checkpoint is there at that step.
-        and every error of :func:`load_sharded_state`.
+        and every error of ``load_state``.
     """
-    state, meta = _load_full(sharded, verify=True, prefix=RESUME_PREFIX)
+    state, meta = _first_valid(
+        sharded, RESUME_PREFIX, partial(load_full, verify=True), alone=True
+    )
     out = run_path(out_run_dir)
     if not is_remote(out) and out.resolve() == cast(Path, meta.run_dir).resolve():
         raise SpecError(
