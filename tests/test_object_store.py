@@ -283,3 +283,32 @@ def test_s3_cli_in_a_fresh_process(s3_url: str) -> None:
         )
         assert done.returncode == 0, done.stderr
         assert "checkpoint_ts10" in done.stdout
+
+
+def test_s3_prune_aborts_abandoned_multipart_uploads(
+    s3_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An upload whose process died is invisible but holds storage: prune aborts it once it is
+    older than STALE_UPLOAD_SECONDS, and leaves younger ones (a save in progress) alone."""
+    save_state(trained_state(10), s3_url)
+    directory = run_path(s3_url)
+    fs, bucket = directory.fs, directory.path.strip("/").split("/", 1)[0]
+    key = f"{directory.path.strip('/').split('/', 1)[1]}/checkpoint_ts20.safetensors"
+    upload = fs.call_s3("create_multipart_upload", Bucket=bucket, Key=key)  # its process died
+    fs.call_s3(
+        "upload_part", Bucket=bucket, Key=key, UploadId=upload["UploadId"], PartNumber=1, Body=b"x"
+    )
+
+    def open_uploads() -> list[str]:
+        prefix = directory.path.strip("/").split("/", 1)[1] + "/"
+        return [u["Key"] for u in fs.list_multipart_uploads(bucket) if u["Key"].startswith(prefix)]
+
+    assert len(open_uploads()) == 1
+    assert str(latest_checkpoint(s3_url)).endswith("checkpoint_ts10.safetensors")
+    assert prune(s3_url, RetentionPolicy(keep_last=1)).delete == ()  # young: left alone
+    assert len(open_uploads()) == 1
+    monkeypatch.setattr(_fs, "STALE_UPLOAD_SECONDS", 0.0)
+    plan = prune(s3_url, RetentionPolicy(keep_last=1))
+    assert plan.delete == ("checkpoint_ts20.safetensors (incomplete upload)",)
+    assert open_uploads() == []
+    assert objects(s3_url) == ["checkpoint_ts10.json", "checkpoint_ts10.safetensors"]
