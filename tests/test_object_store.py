@@ -24,6 +24,8 @@ from fsspec.implementations.memory import MemoryFileSystem
 from upath.implementations.memory import MemoryPath
 
 from keisei_fn import (
+    AsyncSaver,
+    Checkpointer,
     ModelSpec,
     RetentionPolicy,
     build_model,
@@ -146,6 +148,20 @@ def test_the_publication_ledger_appends_without_append(url: str) -> None:
     append_ledger(url, {"event": "published", **record})
     assert [r["event"] for r in read_ledger(url)] == ["pending", "published"]
     assert pending_publications(url) == {}
+
+
+def test_loop_helpers_on_a_url(url: str) -> None:
+    """Checkpointer (with retention) and AsyncSaver take URLs like paths."""
+    checkpointer = Checkpointer(run_dir=url, interval=10, retention=RetentionPolicy(keep_last=1))
+    last = 0
+    for step in (10, 20):
+        result = checkpointer.maybe_save(trained_state(step), step=step, last_saved=last)
+        assert result.status == "saved", result.reason
+        last = result.last_saved
+    assert [m.step for m in list_checkpoints(url)] == [20]
+    with AsyncSaver(url) as saver:
+        meta = saver.save(trained_state(30)).wait()
+    assert verify_checkpoint(meta.path) == meta
 
 
 def test_cli_ls_and_verify_on_a_url(url: str) -> None:
