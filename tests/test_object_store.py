@@ -7,6 +7,7 @@ s3fs configured the standard AWS way (``AWS_ENDPOINT_URL``, ``AWS_ACCESS_KEY_ID`
 
 from __future__ import annotations
 
+import gc
 import io
 import signal
 import subprocess
@@ -28,6 +29,7 @@ from keisei_fn import (
     Checkpointer,
     ModelSpec,
     RetentionPolicy,
+    TrainState,
     build_model,
     capture,
     latest_checkpoint,
@@ -328,3 +330,31 @@ def test_s3_prune_aborts_abandoned_multipart_uploads(
     assert plan.delete == ("checkpoint_ts20.safetensors (incomplete upload)",)
     assert open_uploads() == []
     assert objects(s3_url) == ["checkpoint_ts10.json", "checkpoint_ts10.safetensors"]
+
+
+def test_s3_an_interrupted_multipart_upload_is_aborted(
+    s3_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Ctrl-C in the middle of a multipart upload: aborted, never completed, nothing visible."""
+    from keisei_fn.store import weights
+
+    save_state(TrainState(spec=None, step=1, model={"w": torch.zeros(4)}), s3_url)
+    pieces = weights._pieces
+
+    def interrupted(chunks):
+        for number, piece in enumerate(pieces(chunks)):
+            if number == 8:  # 64 MiB in: s3fs has started a multipart upload (50 MiB blocks)
+                raise KeyboardInterrupt
+            yield piece
+
+    monkeypatch.setattr(weights, "_pieces", interrupted)
+    big = TrainState(spec=None, step=2, model={"w": torch.ones(20 << 20)})  # 80 MiB
+    with pytest.raises(KeyboardInterrupt):
+        save_state(big, s3_url)
+    directory = run_path(s3_url)
+    bucket, prefix = directory.path.strip("/").split("/", 1)
+    uploads = directory.fs.call_s3("list_multipart_uploads", Bucket=bucket, Prefix=prefix)
+    assert not uploads.get("Uploads")
+    assert objects(s3_url) == ["checkpoint_ts1.json", "checkpoint_ts1.safetensors"]
+    gc.collect()  # the abandoned file object must not complete the upload when collected
+    assert objects(s3_url) == ["checkpoint_ts1.json", "checkpoint_ts1.safetensors"]

@@ -126,6 +126,7 @@ def writing(final: RunPath) -> Iterator[IO[bytes]]:
             with contextlib.suppress(Exception):
                 if discard is not None:
                     discard()
+            file.closed = True  # never closed, so never completed (not even when collected)
             raise
         file.close()
         return
