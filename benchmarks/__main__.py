@@ -8,9 +8,11 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from benchmarks import cases, loop, report
+from benchmarks import cases, loop, object_store, report, sharded_bench
 
-SECTIONS = ("save", "load", "capture", "breakdown", "listing", "import", "loop")
+SECTIONS = (
+    "save", "load", "capture", "breakdown", "s3", "sharded", "listing", "import", "loop"
+)  # fmt: skip
 DEFAULT_OUT = Path(__file__).parent / "results" / "latest.json"
 
 
@@ -94,11 +96,19 @@ def main(argv: list[str] | None = None) -> None:
                 progress(f"model {name}: save_state and load_state breakdown")
                 save_parts[group] = cases.save_breakdown(subject, scratch, args.repeat)
                 load_parts[group] = cases.load_breakdown(subject, scratch, args.repeat)
+            if "s3" in args.sections:
+                progress(f"model {name}: save and load on S3 (SeaweedFS) vs local disk")
+                rows += object_store.s3_rows(group, subject, scratch, args.repeat)
         del subject
     if "listing" in args.sections:
         progress(f"listing over {args.listing} checkpoints (making them first)")
         with cases.scratch_dir(parent) as scratch:
             rows += cases.listing_rows(args.listing, scratch, args.repeat)
+    if "sharded" in args.sections:
+        model = "test" if args.quick else "default"
+        progress(f"sharded save (FSDP2 under torchrun) of the {model} model: 2 processes vs 1")
+        with cases.scratch_dir(parent) as scratch:
+            rows += sharded_bench.sharded_rows(scratch, args.repeat, model)
     if "import" in args.sections:
         progress("import keisei_fn vs import torch")
         rows += cases.import_rows(max(args.repeat, 11))

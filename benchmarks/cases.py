@@ -289,8 +289,7 @@ SAVE_PARTS = [
     (weights, "_write_all"),
     (weights, "_hash"),
     (checkpoints, "build_sidecar"),
-    (checkpoints, "unlink_durably"),
-    (checkpoints, "commit_file"),
+    (checkpoints, "remove_durably"),
     (checkpoints, "write_bytes_durably"),
     (CheckpointMeta, "from_sidecar"),
 ]
@@ -299,8 +298,9 @@ LOAD_PARTS = [
     (checkpoints, "read_weights"),
     (checkpoints, "decode_state"),
 ]
-#: Parts that run inside ``write_weights`` (``_hash`` in its worker thread, overlapping).
-INSIDE_WRITE = ("_layout", "_write_all", "_hash")
+#: Parts that run inside ``write_weights`` (``_hash`` in its worker thread, overlapping;
+#: ``remove_durably`` uncommits the old sidecar just before the rename).
+INSIDE_WRITE = ("_layout", "_write_all", "_hash", "remove_durably")
 
 
 def breakdown(

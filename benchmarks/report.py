@@ -25,6 +25,8 @@ NOTES = [
     "directory after each rename; torch.save + fsync is one file, no rename.",
     "import keisei_fn vs import torch: the import timed inside fresh interpreters (start-up "
     "left out), paired median difference; bytecode caches allowed.",
+    "S3 rows: a SeaweedFS server on loopback through s3fs (a ratio < 1: S3 is slower); the "
+    "cost of the protocol and client, not of a network.",
 ]
 
 PART_LABELS = {
@@ -35,11 +37,10 @@ PART_LABELS = {
     "write_weights": "write_weights (total)",
     "_layout": "  - header + tensor views",
     "_write_all": "  - writev into the page cache",
-    "weights_rest": "  - rest: hash wait, fsync, open/close",
+    "weights_rest": "  - rest: hash wait, fsync, rename + fsync dir, uncommit",
     "_hash": "  - BLAKE3 in the worker (overlaps writev)",
     "build_sidecar": "build_sidecar (dict + own digest)",
-    "unlink_durably": "unlink_durably (old sidecar)",
-    "commit_file": "commit weights: rename + fsync dir",
+    "remove_durably": "  - remove_durably (old sidecar, before the rename)",
     "write_bytes_durably": "sidecar: write, fsync, rename, fsync dir",
     "from_sidecar": "CheckpointMeta.from_sidecar",
     "read_listed": "read_listed (sidecar read + checks + meta)",
