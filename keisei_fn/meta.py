@@ -196,8 +196,11 @@ def build_sharded_sidecar(
 
 def _plain_name(value: Any) -> bool:
     """A file name that stays inside its directory and is not hidden."""
-    return isinstance(value, str) and value not in ("", ".", "..") and "/" not in value and (
-        not value.startswith(".")
+    return (
+        isinstance(value, str)
+        and value not in ("", ".", "..")
+        and "/" not in value
+        and (not value.startswith("."))
     )
 
 

@@ -153,9 +153,7 @@ def _existing(stem: RunPath) -> tuple[CheckpointMeta, dict[str, Any]] | None:
         return None
 
 
-def _commit(
-    encoded: EncodedState, stem: RunPath, *, kind: str, overwrite: bool
-) -> CheckpointMeta:
+def _commit(encoded: EncodedState, stem: RunPath, *, kind: str, overwrite: bool) -> CheckpointMeta:
     make_dirs(stem.parent)
     header_bytes = dumps(encoded.header)
     header = loads(header_bytes)  # the JSON exactly as it will be read back
@@ -229,9 +227,7 @@ def resolve_stem(source: PathArg) -> RunPath:
         if path.name.endswith(suffix):
             path = path.parent / path.name[: -len(suffix)]
             break
-    if not (
-        file_exists(sidecar_path(path)) or file_exists(weights_path(path)) or shard_dirs(path)
-    ):
+    if not (file_exists(sidecar_path(path)) or file_exists(weights_path(path)) or shard_dirs(path)):
         raise CheckpointNotFoundError(f"no checkpoint at {source}")
     return path
 

@@ -1000,9 +1000,7 @@ def consolidate(sharded: PathArg, out_run_dir: PathArg) -> CheckpointMeta:
         CheckpointExistsError: a different checkpoint is there at that step.
         and every error of ``load_state``.
     """
-    state, meta = _first_valid(
-        sharded, RESUME_PREFIX, partial(load_full, verify=True), alone=True
-    )
+    state, meta = _first_valid(sharded, RESUME_PREFIX, partial(load_full, verify=True), alone=True)
     out = run_path(out_run_dir)
     if not is_remote(out) and out.resolve() == cast(Path, meta.run_dir).resolve():
         raise SpecError(
