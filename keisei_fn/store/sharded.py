@@ -73,6 +73,7 @@ from keisei_fn.codec import (
     DTYPES_BY_NAME,
     _tensor_name,
     decode_json,
+    decode_state,
     dumps,
     encode_json,
     loads,
@@ -917,43 +918,12 @@ def _by_index(optim_state: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def _decode(sidecar: Mapping[str, Any], tensors: Mapping[str, torch.Tensor]) -> TrainState:
-    """The full TrainState of a sharded checkpoint, from its sidecar and full tensors."""
-    header = sidecar["state"]
-    used: set[str] = set()
-
-    class _Tracking(dict[str, torch.Tensor]):
-        def __getitem__(self, key: str) -> torch.Tensor:
-            used.add(key)
-            return super().__getitem__(key)
-
-    lookup = _Tracking(tensors)
-    try:
-        model = {key: lookup[_tensor_name("model", (key,))] for key in header["model"]}
-        parts = {
-            name: decode_json(header[name], tensors=lookup)
-            for name in ("optimizer", "scheduler", "scaler", "rng", "extra")
-        }
-        if parts["optimizer"] is not None:
-            parts["optimizer"] = _by_index(parts["optimizer"])
-        spec = header["spec"]
-        state = TrainState(
-            spec=ModelSpec.from_json(spec) if spec is not None else None,
-            step=header["step"],
-            episodes=header["episodes"],
-            stats=GameStats.from_json(header["stats"]),
-            model=model,
-            **parts,
-        )
-    except (IntegrityError, SpecError):
-        raise
-    except (KeyError, TypeError, ValueError) as exc:
-        raise IntegrityError(f"checkpoint {sidecar['name']} does not decode: {exc!r}") from exc
-    unused = sorted(set(tensors) - used)
-    if unused:
-        raise IntegrityError(
-            f"checkpoint {sidecar['name']} holds tensors no field refers to: {unused[:5]}"
-        )
-    return state
+    """The full TrainState of a sharded checkpoint, from its sidecar and full tensors, with
+    the optimizer state in ``optimizer.state_dict()``'s layout."""
+    state = decode_state(tensors, {}, sidecar["state"])
+    if state.optimizer is None:
+        return state
+    return state.replace(optimizer=_by_index(state.optimizer))
 
 
 def load_full(stem: PathArg, *, verify: bool) -> tuple[TrainState, CheckpointMeta]:
