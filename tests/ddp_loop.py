@@ -18,6 +18,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
+from torchrun_exit import run_then_exit
 
 import keisei_fn as kf
 
@@ -89,4 +90,4 @@ def train(run_dir: Path, out_dir: Path, steps: int, save_at: int | None) -> None
 
 
 if __name__ == "__main__":
-    main()
+    run_then_exit(main)

@@ -12,6 +12,8 @@ allows:
   PUT, or a multipart upload that is completed on close); there is no rename. So objects are
   written straight to their final names and a failed upload is aborted, never completed. The
   store's order — weights first, sidecar last — makes the sidecar the commit marker there too.
+  (fsspec's ``memory://`` filesystem, for tests, is not atomic: a failed write may leave a
+  partial object, which the sidecar check still never takes for a checkpoint.)
   Transient errors of whole-object calls are retried here with backoff, on top of the
   backend's own retries (s3fs, botocore's ``AWS_MAX_ATTEMPTS``).
 """
@@ -122,11 +124,9 @@ def writing(final: RunPath) -> Iterator[IO[bytes]]:
         try:
             yield file
         except BaseException:
-            discard = getattr(file, "discard", None)  # s3fs: abort the multipart upload
             with contextlib.suppress(Exception):
-                if discard is not None:
-                    discard()
-            file.closed = True  # never closed, so never completed (not even when collected)
+                file.discard()  # s3fs: abort the multipart upload
+                file.closed = True  # never completed, not even when garbage-collected
             raise
         file.close()
         return
