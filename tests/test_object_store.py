@@ -307,7 +307,7 @@ def test_s3_prune_aborts_abandoned_multipart_uploads(
     s3_url: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """An upload whose process died is invisible but holds storage: prune aborts it once it is
-    older than STALE_UPLOAD_SECONDS, and leaves younger ones (a save in progress) alone."""
+    older than ABANDONED_AFTER_SECONDS, and leaves younger ones (a save in progress) alone."""
     save_state(trained_state(10), s3_url)
     directory = run_path(s3_url)
     fs, bucket = directory.fs, directory.path.strip("/").split("/", 1)[0]
@@ -325,7 +325,7 @@ def test_s3_prune_aborts_abandoned_multipart_uploads(
     assert str(latest_checkpoint(s3_url)).endswith("checkpoint_ts10.safetensors")
     assert prune(s3_url, RetentionPolicy(keep_last=1)).delete == ()  # young: left alone
     assert len(open_uploads()) == 1
-    monkeypatch.setattr(_fs, "STALE_UPLOAD_SECONDS", 0.0)
+    monkeypatch.setattr(_fs, "ABANDONED_AFTER_SECONDS", 0.0)
     plan = prune(s3_url, RetentionPolicy(keep_last=1))
     assert plan.delete == ("checkpoint_ts20.safetensors (incomplete upload)",)
     assert open_uploads() == []

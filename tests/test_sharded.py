@@ -13,6 +13,7 @@ import os
 import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -258,7 +259,9 @@ def test_prune_and_resume_treat_sharded_checkpoints_like_any_other(tmp_path):
     orphan = run / "checkpoint_ts4.0badc0de.shards"  # a save killed before its sidecar
     orphan.mkdir()
     (orphan / SHARD.format(1)).write_bytes(b"half")
-    pending = run / "checkpoint_ts9.0badc0de.shards"  # newer than any commit: maybe in progress
+    hours_ago = time.time() - 2 * 3600
+    os.utime(orphan, (hours_ago, hours_ago))  # abandoned
+    pending = run / "checkpoint_ts2.0badc0de.shards"  # young: maybe a save in progress
     pending.mkdir()
     assert scan_run_dir(run).leftovers == [orphan]
     plan = kf.prune(run, kf.RetentionPolicy(keep_last=1))

@@ -50,8 +50,9 @@ _TRANSIENT_ERRNOS = frozenset(
     for name in ("ECONNRESET", "ECONNREFUSED", "ECONNABORTED", "ETIMEDOUT", "EPIPE", "EAGAIN")
     if hasattr(errno, name)
 )
-#: Multipart uploads open longer than this are taken as abandoned (see abort_stale_uploads).
-STALE_UPLOAD_SECONDS = 3600.0
+#: An unfinished write (an open S3 multipart upload, an uncommitted shards directory) older
+#: than this is taken as abandoned by its process, and pruned.
+ABANDONED_AFTER_SECONDS = 3600.0
 T = TypeVar("T")
 
 
@@ -164,38 +165,56 @@ def remove_durably(*paths: RunPath) -> None:
         fsync_dir(directory)
 
 
-def abort_stale_uploads(directory: RunPath, *, older_than: float | None = None) -> list[str]:
-    """Abort incomplete multipart uploads of objects directly in ``directory``.
+def abort_stale_uploads(directory: RunPath) -> list[str]:
+    """Abort incomplete multipart uploads of objects directly in ``directory`` (S3).
 
     A process killed mid-upload leaves its multipart upload open: invisible (no object, so
     never listed or loaded) but holding storage until aborted. Only uploads started more than
-    ``older_than`` seconds ago (default :data:`STALE_UPLOAD_SECONDS`) are aborted, so a save in
-    progress elsewhere is left alone. Filesystems without multipart listing (and local
-    directories) have none.
+    :data:`ABANDONED_AFTER_SECONDS` ago are aborted, so a save in progress elsewhere is left
+    alone. Filesystems without S3's multipart calls (and local directories) have none.
 
     Returns:
         The names of the objects whose uploads were aborted.
     """
-    if not is_remote(directory) or not hasattr(directory.fs, "list_multipart_uploads"):
+    if not is_remote(directory) or not hasattr(directory.fs, "call_s3"):
         return []
-    fs = directory.fs
-    limit = STALE_UPLOAD_SECONDS if older_than is None else older_than
+    call_s3 = directory.fs.call_s3
     bucket, _, prefix = directory.path.strip("/").partition("/")
     prefix = f"{prefix}/" if prefix else ""
     now = datetime.now(UTC)
     aborted = []
-    uploads = retrying(partial(fs.list_multipart_uploads, bucket), what=f"list {directory}")
-    for upload in uploads:
+    for upload in _multipart_uploads(call_s3, bucket, prefix, what=str(directory)):
         key, started = str(upload.get("Key", "")), upload.get("Initiated")
         name = key[len(prefix) :]
-        if not key.startswith(prefix) or "/" in name or not name:
+        if "/" in name or not name:
             continue
-        if isinstance(started, datetime) and (now - started).total_seconds() < limit:
+        if isinstance(started, datetime) and (now - started).total_seconds() < (
+            ABANDONED_AFTER_SECONDS
+        ):
             continue
-        call = partial(fs.abort_mpu, bucket, key, upload["UploadId"])
-        retrying(call, what=f"abort the upload of {key}")
+        abort = partial(
+            call_s3, "abort_multipart_upload", Bucket=bucket, Key=key, UploadId=upload["UploadId"]
+        )
+        retrying(abort, what=f"abort the upload of {key}")
         aborted.append(name)
     return aborted
+
+
+def _multipart_uploads(
+    call_s3: Callable[..., Any], bucket: str, prefix: str, *, what: str
+) -> Iterator[dict[str, Any]]:
+    """Every open multipart upload under ``prefix``, page by page."""
+    markers: dict[str, str] = {}
+    while True:
+        list_page = partial(call_s3, "list_multipart_uploads", Bucket=bucket, Prefix=prefix)
+        page = retrying(partial(list_page, **markers), what=f"list the uploads in {what}")
+        yield from page.get("Uploads", [])
+        if not page.get("IsTruncated"):
+            return
+        markers = {
+            "KeyMarker": page.get("NextKeyMarker", ""),
+            "UploadIdMarker": page.get("NextUploadIdMarker", ""),
+        }
 
 
 def make_dirs(directory: RunPath) -> None:

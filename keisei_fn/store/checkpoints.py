@@ -227,7 +227,11 @@ def resolve_stem(source: PathArg) -> RunPath:
         if path.name.endswith(suffix):
             path = path.parent / path.name[: -len(suffix)]
             break
-    if not (file_exists(sidecar_path(path)) or file_exists(weights_path(path)) or shard_dirs(path)):
+    if not (
+        file_exists(sidecar_path(path))
+        or file_exists(weights_path(path))
+        or shard_dirs(path.parent, path.name)
+    ):
         raise CheckpointNotFoundError(f"no checkpoint at {source}")
     return path
 

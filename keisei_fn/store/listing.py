@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -26,6 +27,7 @@ from keisei_fn.errors import (
 )
 from keisei_fn.meta import CheckpointMeta, check_sidecar
 from keisei_fn.store._fs import (
+    ABANDONED_AFTER_SECONDS,
     PathArg,
     RunPath,
     file_exists,
@@ -68,7 +70,9 @@ def read_listed(stem: RunPath) -> tuple[CheckpointMeta, dict[str, Any]]:
     try:
         raw = read_bounded(sidecar_file, limit=MAX_SIDECAR_BYTES)
     except FileNotFoundError:
-        written = [weights_file] if file_exists(weights_file) else shard_dirs(stem)
+        written = (
+            [weights_file] if file_exists(weights_file) else shard_dirs(stem.parent, stem.name)
+        )
         if written:
             raise IncompleteCheckpointError(
                 f"{written[0]}: no sidecar {sidecar_file.name}; the save never committed"
@@ -122,15 +126,18 @@ def _check_shards(meta: CheckpointMeta, sidecar: dict[str, Any]) -> None:
         raise IntegrityError(f"{shards}: holds {unexpected}, which the sidecar does not list")
 
 
-def shard_dirs(stem: RunPath) -> list[RunPath]:
-    """Every shards directory ``<stem>.<token>.shards`` beside ``stem``, committed or not."""
-    if is_remote(stem) or not stem.parent.is_dir():
+def shard_dirs(run_dir: RunPath, name: str | None = None) -> list[RunPath]:
+    """The shards directories ``<name>.<token>.shards`` in ``run_dir`` (of every checkpoint
+    name when ``name`` is None), committed or not."""
+    if is_remote(run_dir) or not run_dir.is_dir():
         return []  # sharded checkpoints are written to local (or mounted) file systems only
-    with os.scandir(stem.parent) as entries:
+    with os.scandir(run_dir) as entries:
         return sorted(
-            stem.parent / e.name
+            run_dir / e.name
             for e in entries
-            if e.is_dir(follow_symlinks=False) and shards_stem(e.name) == stem.name
+            if e.is_dir(follow_symlinks=False)
+            and (stem := shards_stem(e.name)) is not None
+            and name in (None, stem)
         )
 
 
@@ -142,7 +149,7 @@ class RunDirScan:
         valid: listed-valid checkpoints, sorted by (step, kind, name).
         invalid: (path, error) for checkpoints that fail the listed check.
         leftovers: what can never become valid: temp files, weights without a sidecar, shards
-            directories no sidecar refers to (up to the newest valid step).
+            directories no sidecar refers to (once abandoned: see ``ABANDONED_AFTER_SECONDS``).
         unreadable: (path, error) for checkpoints that may be fine but cannot be read here (a
             newer format version, an unregistered model type): never pruned.
     """
@@ -197,23 +204,18 @@ def _stale_shard_dirs(
     valid: list[CheckpointMeta],
     unreadable: list[tuple[RunPath, KeiseiFnError]],
 ) -> list[RunPath]:
-    """Shards directories no valid sidecar refers to, of a step no later than the newest valid
-    checkpoint's (a save in progress writes a newer step: its directory is left alone)."""
-    if is_remote(run_dir) or not run_dir.is_dir():
-        return []
-    newest = max((m.step for m in valid), default=-1)
+    """Shards directories no valid sidecar refers to, untouched for ABANDONED_AFTER_SECONDS
+    (a save in progress is younger), of checkpoints that this keisei_fn can read."""
     referenced = {m.shards_dir for m in valid}
     keep = {stem.name for stem, _ in unreadable}
-    stale: list[RunPath] = []
-    with os.scandir(run_dir) as entries:
-        for entry in entries:
-            stem = shards_stem(entry.name)
-            if stem is None or entry.name in referenced or stem in keep:
-                continue
-            parsed = parse_stem(stem)
-            if parsed is not None and (parsed.step or 0) <= newest:
-                stale.append(run_dir / entry.name)
-    return stale
+    now = time.time()
+    return [
+        directory
+        for directory in shard_dirs(run_dir)
+        if directory.name not in referenced
+        and shards_stem(directory.name) not in keep
+        and now - directory.stat().st_mtime > ABANDONED_AFTER_SECONDS
+    ]
 
 
 def resume_candidates(run_dir: RunPath, prefix: str = RESUME_PREFIX) -> Iterator[RunPath]:

@@ -3,8 +3,8 @@
 Never deleted, whatever the policy: the newest valid checkpoint, final checkpoints, the final
 model, and checkpoints whose publication is still pending in the run directory's ledger.
 Incomplete leftovers (temp files, weights without a sidecar, pairs that fail the listed check,
-shards directories no sidecar refers to, on S3 multipart uploads abandoned for an hour) are
-always removed by ``prune``.
+and, once abandoned for an hour, shards directories no sidecar refers to and open S3 multipart
+uploads) are always removed by ``prune``.
 
 Example:
     >>> policy = RetentionPolicy(keep_last=2)
@@ -31,7 +31,7 @@ from keisei_fn.store._fs import (
     run_path,
 )
 from keisei_fn.store.ledger import pending_publications
-from keisei_fn.store.listing import scan_run_dir, shard_dirs
+from keisei_fn.store.listing import scan_run_dir
 from keisei_fn.store.names import RESUME_PREFIX, parse_stem, sidecar_path, weights_path
 
 __all__ = ["PrunePlan", "RetentionPolicy", "plan_prune", "prune"]
@@ -203,10 +203,11 @@ def _prune(run_dir: RunPath, policy: RetentionPolicy, *, dry_run: bool, prefix: 
     leftovers = [p.name for p in scan.leftovers]
     broken = [stem.name for stem, _ in scan.invalid]
     if not dry_run:
+        owned = {meta.name: meta.weights_path for meta in scan.valid}  # file or shards dir
         for name in (*plan.delete, *broken):
             stem = run_dir / name
             remove_durably(sidecar_path(stem))  # uncommit first
-            remove_durably(weights_path(stem), *shard_dirs(stem))
+            remove_durably(owned.get(name, weights_path(stem)))
         remove_durably(*scan.leftovers)
         leftovers += [f"{name} (incomplete upload)" for name in abort_stale_uploads(run_dir)]
         if plan.delete or broken or leftovers:

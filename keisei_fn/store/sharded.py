@@ -84,6 +84,7 @@ from keisei_fn.errors import (
     CheckpointNotFoundError,
     IncompleteCheckpointError,
     IntegrityError,
+    KeiseiFnError,
     SpecError,
     StateMismatchError,
     UnsupportedDtypeError,
@@ -166,9 +167,10 @@ def _wire_error(exc: Exception) -> tuple[type[Exception], str]:
 def _agreed(fn: Callable[[], T]) -> T:
     """Run ``fn`` on every rank and return this rank's result — a collective.
 
-    When ``fn`` fails anywhere, every rank raises: a failing rank its own error, the others the
-    first failing rank's error type and message (prefixed ``"rank R: "``), so no rank is left
-    waiting in a later collective. Only the outcome travels between the ranks, not the result.
+    When ``fn`` fails anywhere, every rank raises the error of the lowest failing rank: that
+    rank its own exception, the others its type and message (prefixed ``"rank R: "``), so every
+    rank takes the same path (a fallback or a raise) and none is left waiting in a later
+    collective. Only the outcome travels between the ranks, not the result.
     """
     _, world = rank_and_world()
     if world == 1:
@@ -181,10 +183,10 @@ def _agreed(fn: Callable[[], T]) -> T:
         failure = exc
     outcomes: list[Any] = [None] * world
     dist.all_gather_object(outcomes, None if failure is None else _wire_error(failure))
-    if failure is not None:
-        raise failure
     for rank, outcome in enumerate(outcomes):
         if outcome is not None:
+            if rank == dist.get_rank() and failure is not None:
+                raise failure
             kind, message = outcome
             raise kind(f"rank {rank}: {message}")
     return cast(T, result)
@@ -443,7 +445,7 @@ def save_sharded(
     from torch.distributed.checkpoint.state_dict_saver import save as dcp_save
 
     rank, world = rank_and_world()
-    model_state, optim_state = _live_state(model, optimizer)
+    model_state, optim_state = _agreed(lambda: _live_state(model, optimizer))
     rng = gather_rng(capture_rng())
     encoded = _agreed(
         lambda: _encode(
@@ -485,9 +487,18 @@ def save_sharded(
         )
         committed = True
     finally:
-        if not committed and rank == 0:
+        if not committed and rank == 0 and not _referenced(stem, shards):
             shutil.rmtree(shards, ignore_errors=True)
     return CheckpointMeta.from_sidecar(sidecar, run_dir=stem.parent)
+
+
+def _referenced(stem: Path, shards: Path) -> bool:
+    """Whether the sidecar at ``stem`` commits ``shards`` (a failure after the sidecar was
+    written must not remove what it refers to)."""
+    try:
+        return read_listed(stem)[0].shards_dir == shards.name
+    except (KeiseiFnError, OSError):
+        return False
 
 
 def _existing(stem: Path) -> bool:
@@ -577,7 +588,9 @@ def _remove_stale(stem: Path, *, keep: Path) -> None:
     """After a commit: the files of whatever was at ``stem`` before, and shards directories of
     saves at this step that never committed (best effort: leftovers are harmless)."""
     with contextlib.suppress(OSError):
-        remove_durably(weights_path(stem), *(d for d in shard_dirs(stem) if d != keep))
+        remove_durably(
+            weights_path(stem), *(d for d in shard_dirs(stem.parent, stem.name) if d != keep)
+        )
 
 
 # --- loading ---------------------------------------------------------------------------------
@@ -787,7 +800,7 @@ def load_sharded(
 
     checked = _first_valid(source, prefix, check, alone=False)
     meta, sidecar = checked.meta, checked.sidecar
-    model_state, optim_state = _live_state(model, optimizer)
+    model_state, optim_state = _agreed(lambda: _live_state(model, optimizer))
     targets = _agreed(lambda: _targets(sidecar, model_state, optim_state))
     _dcp_load(targets, checked.shards, no_dist=_no_dist())
     header = sidecar["state"]
