@@ -22,6 +22,7 @@ Example:
 from __future__ import annotations
 
 import platform
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
@@ -211,10 +212,10 @@ def _shards_problem(sidecar: Mapping[str, Any]) -> str | None:
         return f"unknown layout {sidecar.get('layout')!r}"
     if not isinstance(shards, dict):
         return "field 'shards' is missing or not a dict"
-    if not _plain_name(shards.get("dir")) or not str(shards["dir"]).startswith(
-        sidecar["name"] + "."
-    ):
-        return f"shards directory {shards.get('dir')!r} is not a name for this checkpoint"
+    directory = shards.get("dir")
+    pattern = re.escape(sidecar["name"]) + r"\.[0-9a-f]+\.shards"
+    if not isinstance(directory, str) or not re.fullmatch(pattern, directory):
+        return f"shards directory {directory!r} is not a name for this checkpoint"
     if type(shards.get("world_size")) is not int or shards["world_size"] < 1:
         return f"world size {shards.get('world_size')!r} is not an int >= 1"
     files = shards.get("files")

@@ -294,3 +294,30 @@ def test_cli_and_publish_on_a_sharded_run(tmp_path):
     assert_states_equal(kf.capture(spec, model, step=5), kf.capture(spec, loaded, step=5))
     result = kf.publish(tmp_path / "run" / "checkpoint_ts5", run_name="r", run=object())
     assert result.status == "failed" and "consolidate" in result.reason
+
+
+def test_grad_scaler_state_is_saved_and_restored(tmp_path):
+    model, optimizer = plain_job()
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0, growth_interval=3)
+    scaler.scale(torch.ones(1))  # the scale exists once something was scaled
+    scaler.update(new_scale=512.0)
+    sharded.save_sharded(model, optimizer, tmp_path, step=5, scaler=scaler)
+    assert kf.load_state(tmp_path).scaler == scaler.state_dict()
+    fresh_model, fresh_optimizer = plain_job(seed=1)
+    fresh = torch.amp.GradScaler("cpu", init_scale=2.0**16, growth_interval=3)
+    sharded.load_sharded(fresh_model, fresh_optimizer, tmp_path, scaler=fresh)
+    assert fresh.state_dict() == scaler.state_dict() and fresh.get_scale() == 512.0
+
+
+def test_verify_checks_every_file_without_loading(tmp_path):
+    model, optimizer = plain_job()
+    meta = sharded.save_sharded(model, optimizer, tmp_path, step=5)
+    assert kf.verify_checkpoint(tmp_path / "checkpoint_ts5") == meta
+    shard = meta.weights_path / SHARD.format(1)
+    data = bytearray(shard.read_bytes())
+    data[-1] ^= 1
+    shard.write_bytes(bytes(data))
+    with pytest.raises(IntegrityError, match=re.escape(SHARD.format(1))):
+        kf.verify_checkpoint(meta.path)
+    (meta.weights_path / "extra.safetensors").write_bytes(b"")  # DCP would read it: refused
+    assert kf.list_checkpoints(tmp_path) == []

@@ -386,4 +386,9 @@ def verify_checkpoint(path: PathArg) -> CheckpointMeta:
         ...
         keisei_fn.errors.CheckpointNotFoundError: no checkpoint at runs/none/checkpoint_ts1
     """
-    return _load_stem(resolve_stem(path), verify=True, map_location="cpu")[1]
+    stem = resolve_stem(path)
+    if read_listed(stem)[0].sharded:  # every file's digest and the shards' layout, not loaded
+        from keisei_fn.store.sharded import verify_sharded
+
+        return verify_sharded(stem)
+    return _load_stem(stem, verify=True, map_location="cpu")[1]

@@ -4,7 +4,9 @@ Publishing (``keisei_fn.publish``) records its intents and outcomes here; retent
 that a checkpoint still pending publication is never deleted. Locally each append is one line
 written with a single ``write`` on an ``O_APPEND`` descriptor and fsynced; a torn last line (a
 crash mid-append) is ignored when reading. Object stores cannot append: there the ledger object
-is read and rewritten whole with the new line (one writer per run directory, as for saving).
+is read and rewritten whole with the new line, so two processes appending to one remote run
+directory at the same instant can lose a record — publish and flush from one process at a time
+there (the training process, or a ``keisei-fn flush`` after it).
 
 Record fields: ``event`` ("pending", "published", "failed"), ``artifact`` (artifact name),
 ``digest`` (weights digest), ``checkpoint`` (stem name), ``time`` (UTC ISO) and any extras.

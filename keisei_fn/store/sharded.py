@@ -121,7 +121,14 @@ if TYPE_CHECKING:  # torch.distributed.checkpoint and DTensor take ~0.8 s to imp
     from torch.distributed.checkpoint.api import CheckpointException
     from torch.distributed.checkpoint.metadata import ChunkStorageMetadata
 
-__all__ = ["STATE_FILE", "consolidate", "load_full", "load_sharded", "save_sharded"]
+__all__ = [
+    "STATE_FILE",
+    "consolidate",
+    "load_full",
+    "load_sharded",
+    "save_sharded",
+    "verify_sharded",
+]
 
 log = logging.getLogger("keisei_fn.store")
 
@@ -328,11 +335,16 @@ def _encode(
     episodes: int,
     stats: GameStats,
     scheduler_state: Mapping[str, Any] | None,
+    scaler_state: Mapping[str, Any] | None,
     rng: Mapping[str, Any],
     extra: Mapping[str, Any],
 ) -> _Encoded:
     sharded, optim_json = _flatten(model_state, optim_state)
     small: dict[str, torch.Tensor] = {}
+
+    def tree(section: str, value: Mapping[str, Any] | None) -> Any:
+        return None if value is None else encode_json(value, tensor_ref=_table(section, small))
+
     header = {
         "spec": spec.to_json() if spec is not None else None,
         "step": step,
@@ -340,14 +352,10 @@ def _encode(
         "stats": stats.to_json(),
         "model": list(model_state),
         "optimizer": optim_json,
-        "scheduler": (
-            encode_json(scheduler_state, tensor_ref=_table("scheduler", small))
-            if scheduler_state is not None
-            else None
-        ),
-        "scaler": None,
-        "rng": encode_json(rng, tensor_ref=_table("rng", small)),
-        "extra": encode_json(extra, tensor_ref=_table("extra", small)),
+        "scheduler": tree("scheduler", scheduler_state),
+        "scaler": tree("scaler", scaler_state),
+        "rng": tree("rng", rng),
+        "extra": tree("extra", extra),
     }
     _check_storable(sharded)
     _check_storable(small)
@@ -385,6 +393,7 @@ def save_sharded(
     stats: GameStats | None = None,
     extra: Mapping[str, Any] | None = None,
     scheduler: Scheduler | None = None,
+    scaler: torch.amp.GradScaler | None = None,
     prefix: str = RESUME_PREFIX,
     kind: str = "periodic",
     overwrite: bool = False,
@@ -412,6 +421,7 @@ def save_sharded(
         extra: JSON-able user state (tensors in it go to ``state.safetensors``), as rank 0
             has it.
         scheduler: an LR scheduler (rank 0's state is stored).
+        scaler: the fp16 ``GradScaler`` (rank 0's state; a disabled one is stored as None).
         prefix: file name prefix (ASCII letters and underscores).
         kind: ``"periodic"`` or ``"final"``.
         overwrite: replace a valid checkpoint at the same step (its files are removed after
@@ -456,6 +466,9 @@ def save_sharded(
             episodes=episodes,
             stats=stats if stats is not None else GameStats(),
             scheduler_state=scheduler.state_dict() if scheduler is not None else None,
+            scaler_state=scaler.state_dict()
+            if scaler is not None and scaler.is_enabled()
+            else None,
             rng=rng,
             extra=dict(extra or {}),
         )
@@ -750,6 +763,7 @@ def load_sharded(
     source: PathArg,
     *,
     scheduler: Scheduler | None = None,
+    scaler: torch.amp.GradScaler | None = None,
     verify: bool = True,
     rng: bool = True,
     prefix: str = RESUME_PREFIX,
@@ -771,6 +785,8 @@ def load_sharded(
             past corrupt ones with a warning; single-file checkpoints are skipped), a
             checkpoint's stem or sidecar path, or its shards directory.
         scheduler: an LR scheduler to restore; left fresh with a warning when none was saved.
+        scaler: an enabled ``GradScaler`` to restore; left fresh with a warning when none was
+            saved.
         verify: check every file's BLAKE3 digest (shared between the ranks).
         rng: restore (or reseed) the RNGs.
         prefix: the resume prefix, when ``source`` is a run directory.
@@ -827,6 +843,12 @@ def load_sharded(
         else:
             saved = decode_json(header["scheduler"], tensors=lookup)
             scheduler.load_state_dict(thaw(saved, on_tensor=torch.Tensor.clone))
+    if scaler is not None and scaler.is_enabled():
+        if header["scaler"] is None:
+            log.warning("checkpoint %s holds no GradScaler state: scaler left fresh", meta.name)
+        else:
+            saved = decode_json(header["scaler"], tensors=lookup)
+            scaler.load_state_dict(thaw(saved, on_tensor=torch.Tensor.clone))
     if rng and header["rng"] is not None:
         saved_rng = decode_json(header["rng"], tensors=lookup)
         own = rank_rng(saved_rng)
@@ -937,6 +959,18 @@ def _decode(sidecar: Mapping[str, Any], tensors: Mapping[str, torch.Tensor]) -> 
     if state.optimizer is None:
         return state
     return state.replace(optimizer=_by_index(state.optimizer))
+
+
+def verify_sharded(stem: PathArg) -> CheckpointMeta:
+    """Fully verify a sharded checkpoint without loading it: sidecar, every file's size and
+    digest, the shards' headers against the sidecar (each tensor covered exactly once), and
+    the small state file (``verify_checkpoint`` calls it for sharded checkpoints).
+
+    Raises:
+        SpecError: for a URL (sharded checkpoints are local).
+        IntegrityError, IncompleteCheckpointError, UnsupportedFormatError: naming the file.
+    """
+    return _prepare(_local(stem), verify=True, rank=0, world=1).meta
 
 
 def load_full(stem: PathArg, *, verify: bool) -> tuple[TrainState, CheckpointMeta]:
