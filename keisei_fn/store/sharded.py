@@ -61,6 +61,7 @@ from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
+from types import ModuleType
 from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 import torch
@@ -215,6 +216,22 @@ def _from_rank_zero(fn: Callable[[], T]) -> T:
     """Run ``fn`` on rank 0 only; every rank returns its result or raises its error."""
     rank, _ = rank_and_world()
     return cast(T, _everyone(lambda: fn() if rank == 0 else None)[0])
+
+
+def _hf_storage() -> ModuleType:
+    """torch.distributed.checkpoint's safetensors storage (imported on first use: ~0.8 s).
+
+    Raises:
+        SpecError: on a torch without it (sharded saves need torch >= 2.9).
+    """
+    try:
+        from torch.distributed.checkpoint import hf_storage
+    except ImportError as exc:
+        raise SpecError(
+            "sharded checkpoints need torch.distributed.checkpoint's safetensors storage "
+            f"(torch >= 2.9); this is torch {torch.__version__}"
+        ) from exc
+    return hf_storage
 
 
 def _failures(exc: CheckpointException) -> str:
@@ -450,8 +467,8 @@ def save_sharded(
     if isinstance(step, bool) or not isinstance(step, int) or step <= 0:
         raise SpecError(f"a checkpoint needs step > 0 (completed timesteps), got {step!r}")
     stem = _local(run_dir) / checkpoint_stem(prefix, step)
+    writer = _hf_storage().HuggingFaceStorageWriter
     from torch.distributed.checkpoint.api import CheckpointException
-    from torch.distributed.checkpoint.hf_storage import HuggingFaceStorageWriter
     from torch.distributed.checkpoint.state_dict_saver import save as dcp_save
 
     rank, world = rank_and_world()
@@ -482,7 +499,7 @@ def save_sharded(
             with _quiet_single_process():
                 dcp_save(
                     encoded.for_dcp(rank),
-                    storage_writer=HuggingFaceStorageWriter(str(shards), save_distributed=True),
+                    storage_writer=writer(str(shards), save_distributed=True),
                     no_dist=_no_dist(),
                 )
         except CheckpointException as exc:  # raised on every rank, a BaseException
@@ -579,8 +596,8 @@ def _commit(
     present = sorted(os.listdir(shards))
     if present != sorted(table):
         raise IntegrityError(
-            f"{shards}: holds {present}, the ranks wrote {sorted(table)}; this torch version's "
-            "DCP writer names or writes files differently than keisei_fn expects"
+            f"{shards}: holds {present}, the ranks wrote {sorted(table)}: is the run directory "
+            "shared by every node? (else this torch's DCP writer names its files differently)"
         )
     fsync_dir(stem.parent)  # the shards directory's entry, before the sidecar can be
     sidecar = build_sharded_sidecar(
@@ -645,11 +662,10 @@ def _tiles(chunks: list[ChunkStorageMetadata], shape: list[int]) -> bool:
 def _check_chunks(shards: Path, sidecar: Mapping[str, Any]) -> None:
     """The shards' DCP metadata (from their safetensors headers) against the sidecar: every
     sharded tensor has its recorded dtype and full shape and its chunks tile it exactly."""
-    from torch.distributed.checkpoint.hf_storage import HuggingFaceStorageReader
     from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
     try:
-        metadata = HuggingFaceStorageReader(str(shards)).read_metadata()
+        metadata = _hf_storage().HuggingFaceStorageReader(str(shards)).read_metadata()
     except Exception as exc:  # safetensors' SafetensorError, JSON and key errors of headers
         raise IntegrityError(f"{shards}: the shards' headers do not read: {exc!r}") from exc
     recorded = sidecar["tensors"]
@@ -718,12 +734,12 @@ def _prepare(stem: Path, *, verify: bool, rank: int, world: int) -> _Checked:
 
 def _dcp_load(targets: dict[str, torch.Tensor], shards: Path, *, no_dist: bool) -> None:
     from torch.distributed.checkpoint.api import CheckpointException
-    from torch.distributed.checkpoint.hf_storage import HuggingFaceStorageReader
     from torch.distributed.checkpoint.state_dict_loader import load as dcp_load
 
     try:
         with _quiet_single_process():
-            dcp_load(targets, storage_reader=HuggingFaceStorageReader(str(shards)), no_dist=no_dist)
+            reader = _hf_storage().HuggingFaceStorageReader(str(shards))
+            dcp_load(targets, storage_reader=reader, no_dist=no_dist)
     except CheckpointException as exc:  # raised on every rank, a BaseException
         raise IntegrityError(f"{shards}: the shards do not load: {_failures(exc)}") from exc
 

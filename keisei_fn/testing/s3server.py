@@ -177,7 +177,8 @@ class S3Server:
         """``weed``: the binary (default :func:`find_weed`); ``buckets``: created (and warmed up)
         before :meth:`start` returns; ``startup_timeout``: seconds until :meth:`start` gives up;
         ``stop_grace``: seconds between SIGTERM and SIGKILL; ``volume_size_limit_mb``: size of
-        SeaweedFS's volume files (default 30 GiB; small keeps disk use near the data written)."""
+        SeaweedFS's volume files (SeaweedFS's own default is 30 GiB; small keeps disk use near the
+        data written)."""
         self.weed = Path(weed) if weed is not None else find_weed()
         self.buckets = tuple(buckets)
         self.startup_timeout = startup_timeout
