@@ -358,3 +358,12 @@ def test_s3_an_interrupted_multipart_upload_is_aborted(
     assert objects(s3_url) == ["checkpoint_ts1.json", "checkpoint_ts1.safetensors"]
     gc.collect()  # the abandoned file object must not complete the upload when collected
     assert objects(s3_url) == ["checkpoint_ts1.json", "checkpoint_ts1.safetensors"]
+
+
+def test_a_run_dir_emptied_of_every_object_lists_as_empty(url: str) -> None:
+    """SeaweedFS keeps listing an emptied prefix as a directory (for about two minutes)."""
+    save_state(trained_state(10), url)
+    directory = run_path(url)
+    _fs.remove_durably(*(directory / name for name in objects(url)))
+    assert objects(url) == [] and list_checkpoints(url) == [] and latest_checkpoint(url) is None
+    assert save_state(trained_state(20), url).step == 20

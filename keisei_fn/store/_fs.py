@@ -284,9 +284,12 @@ def list_file_names(directory: RunPath) -> list[str]:
         return []
     names = []
     for entry in entries:
-        name = str(entry["name"]).rstrip("/")
-        if name == root or name == root.lstrip("/"):  # listing a file lists the file itself
-            raise NotADirectoryError(errno.ENOTDIR, "not a directory", str(directory))
+        listed = str(entry["name"])
+        name = listed.rstrip("/")
+        if name in (root, root.lstrip("/")):  # the directory itself, or a file listing itself
+            if entry.get("type") == "file" and not listed.endswith("/"):  # "dir/": a marker
+                raise NotADirectoryError(errno.ENOTDIR, "not a directory", str(directory))
+            continue
         if entry.get("type") == "file":
             names.append(name.rsplit("/", 1)[-1])
     return names
