@@ -11,6 +11,9 @@ identity of the single-process behaviour. With several ranks:
   model and optimizer, logs a warning and reseeds each rank deterministically from
   ``(step, rank)`` — never silently wrong.
 
+``agreed``/``gathered``/``on_rank_zero`` are the collectives the store builds on: whatever
+fails on one rank fails on every rank, so no rank waits forever for the others.
+
 The collectives exchange Python objects between the job's own ranks in memory
 (``torch.distributed`` pickles them for transport); nothing is ever unpickled from a file.
 """
@@ -27,7 +30,15 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-__all__ = ["gather_rng", "on_rank_zero", "rank_and_world", "rank_rng", "reseed_rank"]
+__all__ = [
+    "agreed",
+    "gather_rng",
+    "gathered",
+    "on_rank_zero",
+    "rank_and_world",
+    "rank_rng",
+    "reseed_rank",
+]
 
 log = logging.getLogger("keisei_fn.distributed")
 
@@ -121,6 +132,68 @@ def reseed_rank(rng: Mapping[str, Any], *, step: int) -> None:
     torch.manual_seed(seed)
 
 
+def _wire_error(exc: Exception) -> tuple[type[Exception], str]:
+    """An error as (class, message) that every rank can rebuild: its nearest class of ours or a
+    builtin one (they all take a single message)."""
+    for kind in type(exc).__mro__:
+        if (
+            kind.__module__ in ("keisei_fn.errors", "builtins")
+            and issubclass(kind, Exception)
+            and not issubclass(kind, UnicodeError)
+        ):
+            return kind, str(exc)
+    return RuntimeError, f"{type(exc).__name__}: {exc}"
+
+
+def agreed(fn: Callable[[], T]) -> T:
+    """Run ``fn`` on every rank and return this rank's result — a collective.
+
+    When ``fn`` fails anywhere, every rank raises the error of the lowest failing rank: that
+    rank its own exception, the others its type and message (prefixed ``"rank R: "``), so every
+    rank takes the same path (a fallback or a raise) and none is left waiting in a later
+    collective. Only the outcome travels between the ranks, not the result.
+
+    Example:
+        >>> agreed(lambda: 42)
+        42
+    """
+    _, world = rank_and_world()
+    if world == 1:
+        return fn()
+    failure: Exception | None = None
+    result: Any = None
+    try:
+        result = fn()
+    except Exception as exc:  # re-raised on every rank below
+        failure = exc
+    outcomes: list[Any] = [None] * world
+    dist.all_gather_object(outcomes, None if failure is None else _wire_error(failure))
+    for rank, outcome in enumerate(outcomes):
+        if outcome is not None:
+            if rank == dist.get_rank() and failure is not None:
+                raise failure
+            kind, message = outcome
+            raise kind(f"rank {rank}: {message}")
+    return cast(T, result)
+
+
+def gathered(fn: Callable[[], T]) -> list[T]:
+    """:func:`agreed`, then every rank's result in rank order (results travel between the
+    ranks: keep them small and plain).
+
+    Example:
+        >>> gathered(lambda: "only rank")
+        ['only rank']
+    """
+    value = agreed(fn)
+    _, world = rank_and_world()
+    if world == 1:
+        return [value]
+    values: list[Any] = [None] * world
+    dist.all_gather_object(values, value)
+    return values
+
+
 def on_rank_zero(fn: Callable[[], T], *, others: Callable[[], T] | None = None) -> T:
     """Run ``fn`` on rank 0 only; once it finished, every rank returns (or raises) alike — a
     collective: call it on every rank.
@@ -128,27 +201,19 @@ def on_rank_zero(fn: Callable[[], T], *, others: Callable[[], T] | None = None) 
     Args:
         fn: the work, done by rank 0.
         others: how the other ranks get the result after rank 0 succeeded (e.g. read the
-            committed checkpoint's meta back); by default rank 0's result is broadcast.
+            committed checkpoint's meta back); by default rank 0's result is sent to them.
+
+    Raises:
+        Rank 0's error, on every rank (see :func:`agreed`).
 
     Example:
         >>> on_rank_zero(lambda: 42)
         42
     """
-    _, world = rank_and_world()
+    rank, world = rank_and_world()
     if world == 1:
         return fn()
-    outcome: list[Any] = [None]
-    result: Any = None
-    if dist.get_rank() == 0:
-        try:
-            result = fn()
-            outcome[0] = (True, None if others is not None else result)
-        except Exception as exc:  # re-raised on every rank below
-            outcome[0] = (False, exc)
-    dist.broadcast_object_list(outcome, src=0)
-    ok, value = outcome[0]
-    if not ok:
-        raise value
-    if dist.get_rank() == 0:
-        return cast(T, result)
-    return others() if others is not None else cast(T, value)
+    if others is None:
+        return cast(T, gathered(lambda: fn() if rank == 0 else None)[0])
+    result = agreed(lambda: fn() if rank == 0 else None)
+    return cast(T, result) if rank == 0 else others()

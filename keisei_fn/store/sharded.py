@@ -79,7 +79,15 @@ from keisei_fn.codec import (
     encode_json,
     loads,
 )
-from keisei_fn.distributed import gather_rng, rank_and_world, rank_rng, reseed_rank
+from keisei_fn.distributed import (
+    agreed,
+    gather_rng,
+    gathered,
+    on_rank_zero,
+    rank_and_world,
+    rank_rng,
+    reseed_rank,
+)
 from keisei_fn.errors import (
     CheckpointExistsError,
     CheckpointNotFoundError,
@@ -156,66 +164,7 @@ def _shard_file(rank: int) -> str:
     return f"shard-{rank + 1:05d}-model-00001-of-00001{_DCP_SUFFIX}"
 
 
-# --- agreeing across ranks -------------------------------------------------------------------
-
-
-def _wire_error(exc: Exception) -> tuple[type[Exception], str]:
-    """An error as (class, message) that every rank can rebuild: its nearest class of ours or a
-    builtin one (they all take a single message)."""
-    for kind in type(exc).__mro__:
-        if (
-            kind.__module__ in ("keisei_fn.errors", "builtins")
-            and issubclass(kind, Exception)
-            and not issubclass(kind, UnicodeError)
-        ):
-            return kind, str(exc)
-    return RuntimeError, f"{type(exc).__name__}: {exc}"
-
-
-def _agreed(fn: Callable[[], T]) -> T:
-    """Run ``fn`` on every rank and return this rank's result — a collective.
-
-    When ``fn`` fails anywhere, every rank raises the error of the lowest failing rank: that
-    rank its own exception, the others its type and message (prefixed ``"rank R: "``), so every
-    rank takes the same path (a fallback or a raise) and none is left waiting in a later
-    collective. Only the outcome travels between the ranks, not the result.
-    """
-    _, world = rank_and_world()
-    if world == 1:
-        return fn()
-    failure: Exception | None = None
-    result: Any = None
-    try:
-        result = fn()
-    except Exception as exc:  # re-raised on every rank below
-        failure = exc
-    outcomes: list[Any] = [None] * world
-    dist.all_gather_object(outcomes, None if failure is None else _wire_error(failure))
-    for rank, outcome in enumerate(outcomes):
-        if outcome is not None:
-            if rank == dist.get_rank() and failure is not None:
-                raise failure
-            kind, message = outcome
-            raise kind(f"rank {rank}: {message}")
-    return cast(T, result)
-
-
-def _everyone(fn: Callable[[], T]) -> list[T]:
-    """:func:`_agreed`, then every rank's result in rank order (results travel: keep them
-    small and plain)."""
-    value = _agreed(fn)
-    _, world = rank_and_world()
-    if world == 1:
-        return [value]
-    values: list[Any] = [None] * world
-    dist.all_gather_object(values, value)
-    return values
-
-
-def _from_rank_zero(fn: Callable[[], T]) -> T:
-    """Run ``fn`` on rank 0 only; every rank returns its result or raises its error."""
-    rank, _ = rank_and_world()
-    return cast(T, _everyone(lambda: fn() if rank == 0 else None)[0])
+# --- DCP -------------------------------------------------------------------------------------
 
 
 def _hf_storage() -> ModuleType:
@@ -472,9 +421,9 @@ def save_sharded(
     from torch.distributed.checkpoint.state_dict_saver import save as dcp_save
 
     rank, world = rank_and_world()
-    model_state, optim_state = _agreed(lambda: _live_state(model, optimizer))
+    model_state, optim_state = agreed(lambda: _live_state(model, optimizer))
     rng = gather_rng(capture_rng())
-    encoded = _agreed(
+    encoded = agreed(
         lambda: _encode(
             model_state,
             optim_state,
@@ -490,9 +439,9 @@ def save_sharded(
             extra=dict(extra or {}),
         )
     )
-    token = _from_rank_zero(lambda: secrets.token_hex(8))
+    token = on_rank_zero(lambda: secrets.token_hex(8))
     shards = stem.parent / f"{stem.name}.{token}{SHARDS_SUFFIX}"
-    state_file = _from_rank_zero(lambda: _start(stem, shards, encoded, overwrite=overwrite))
+    state_file = on_rank_zero(lambda: _start(stem, shards, encoded, overwrite=overwrite))
     committed = False
     try:
         try:
@@ -504,8 +453,8 @@ def save_sharded(
                 )
         except CheckpointException as exc:  # raised on every rank, a BaseException
             raise OSError(f"{shards}: writing the shards failed: {_failures(exc)}") from exc
-        written = _everyone(lambda: _hash_own(shards, rank))
-        sidecar = _from_rank_zero(
+        written = gathered(lambda: _hash_own(shards, rank))
+        sidecar = on_rank_zero(
             lambda: _commit(
                 stem,
                 shards,
@@ -757,7 +706,7 @@ def _first_valid(
     if alone:
         explicit, stems = _candidates(source, prefix)
     else:
-        explicit, stems = _from_rank_zero(lambda: _candidates(source, prefix))
+        explicit, stems = on_rank_zero(lambda: _candidates(source, prefix))
     for stem in stems:
         try:
             return check(stem)
@@ -828,12 +777,12 @@ def load_sharded(
     rank, world = rank_and_world()
 
     def check(stem: Path) -> _Checked:
-        return _agreed(lambda: _prepare(stem, verify=verify, rank=rank, world=world))
+        return agreed(lambda: _prepare(stem, verify=verify, rank=rank, world=world))
 
     checked = _first_valid(source, prefix, check, alone=False)
     meta, sidecar = checked.meta, checked.sidecar
-    model_state, optim_state = _agreed(lambda: _live_state(model, optimizer))
-    targets = _agreed(lambda: _targets(sidecar, model_state, optim_state))
+    model_state, optim_state = agreed(lambda: _live_state(model, optimizer))
+    targets = agreed(lambda: _targets(sidecar, model_state, optim_state))
     _dcp_load(targets, checked.shards, no_dist=_no_dist())
     header = sidecar["state"]
     lookup = {**targets, **checked.small}
