@@ -38,16 +38,14 @@ from keisei_fn.errors import (
 )
 from keisei_fn.meta import CheckpointMeta, build_sidecar
 from keisei_fn.nets import build_model
+from keisei_fn.paths import PathArg, RunPath, run_path
 from keisei_fn.state import TrainState, thaw
 from keisei_fn.store._fs import (
-    PathArg,
-    RunPath,
     file_exists,
     hash_file,
     is_directory,
     make_dirs,
     remove_durably,
-    run_path,
     write_bytes_durably,
 )
 from keisei_fn.store.listing import read_listed, resume_candidates, shard_dirs

@@ -24,12 +24,10 @@ from typing import TYPE_CHECKING, Any
 
 import orjson
 
+from keisei_fn.paths import PathArg, is_remote, run_path
 from keisei_fn.store._fs import (
-    PathArg,
     fsync_dir,
-    is_remote,
     read_bounded,
-    run_path,
     write_bytes_durably,
 )
 

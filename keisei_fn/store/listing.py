@@ -26,17 +26,14 @@ from keisei_fn.errors import (
     UnsupportedFormatError,
 )
 from keisei_fn.meta import CheckpointMeta, check_sidecar
+from keisei_fn.paths import PathArg, RunPath, is_remote, run_path
 from keisei_fn.store._fs import (
     ABANDONED_AFTER_SECONDS,
-    PathArg,
-    RunPath,
     file_exists,
     file_size,
-    is_remote,
     is_temp_name,
     list_file_names,
     read_bounded,
-    run_path,
 )
 from keisei_fn.store.names import (
     RESUME_PREFIX,

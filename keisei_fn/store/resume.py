@@ -14,15 +14,12 @@ from dataclasses import dataclass
 
 from keisei_fn.distributed import on_rank_zero
 from keisei_fn.errors import CheckpointNotFoundError, SpecError
+from keisei_fn.paths import PathArg, RunPath, is_remote, run_path
 from keisei_fn.state import TrainState
 from keisei_fn.store._fs import (
-    PathArg,
-    RunPath,
     copy_file,
-    is_remote,
     list_file_names,
     make_dirs,
-    run_path,
 )
 from keisei_fn.store.checkpoints import load_state_with_meta, resolve_stem
 from keisei_fn.store.listing import latest_checkpoint, read_listed

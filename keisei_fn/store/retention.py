@@ -23,12 +23,10 @@ from typing import Any
 from keisei_fn.distributed import on_rank_zero
 from keisei_fn.errors import SpecError
 from keisei_fn.meta import CheckpointMeta
+from keisei_fn.paths import PathArg, RunPath, run_path
 from keisei_fn.store._fs import (
-    PathArg,
-    RunPath,
     abort_stale_uploads,
     remove_durably,
-    run_path,
 )
 from keisei_fn.store.ledger import pending_publications
 from keisei_fn.store.listing import scan_run_dir

@@ -101,16 +101,14 @@ from keisei_fn.errors import (
     UnsupportedValueError,
 )
 from keisei_fn.meta import CheckpointMeta, build_sharded_sidecar
+from keisei_fn.paths import PathArg, is_remote, run_path
 from keisei_fn.rng import capture_rng, restore_rng_
 from keisei_fn.spec import ModelSpec
 from keisei_fn.state import GameStats, TrainState, thaw
 from keisei_fn.store._fs import (
-    PathArg,
     fsync_dir,
     hash_file,
-    is_remote,
     remove_durably,
-    run_path,
     write_bytes_durably,
 )
 from keisei_fn.store.checkpoints import resolve_stem, save_state

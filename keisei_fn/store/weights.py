@@ -36,12 +36,11 @@ import torch
 
 from keisei_fn.codec import DTYPE_NAMES, DTYPES_BY_NAME
 from keisei_fn.errors import IntegrityError, UnsupportedDtypeError
+from keisei_fn.paths import RunPath, is_remote
 from keisei_fn.store._fs import (
-    RunPath,
     commit_file,
     file_size,
     hash_chunks,
-    is_remote,
     read_into,
     removing_on_failure,
     temp_path,
