@@ -8,16 +8,18 @@ uploads, a download into memory instead of a memory map), not of a network.
 from __future__ import annotations
 
 import os
+import sys
 import uuid
 from pathlib import Path
 
-from keisei_fn.testing.s3server import DEFAULT_BUCKET, S3Server
+import s3fs
 
 from benchmarks.cases import Row, Trained, clear, compared
 from benchmarks.timing import run_rounds
 from keisei_fn import load_state, save_state
 from keisei_fn.paths import run_path
 from keisei_fn.store._fs import list_file_names, remove_durably
+from keisei_fn.testing.s3server import DEFAULT_BUCKET, S3Server
 
 
 def s3_rows(group: str, subject: Trained, scratch: Path, repeat: int) -> list[Row]:
@@ -27,6 +29,7 @@ def s3_rows(group: str, subject: Trained, scratch: Path, repeat: int) -> list[Ro
     with S3Server() as server:
         saved_env = {k: os.environ.get(k) for k in server.env()}
         os.environ.update(server.env())
+        s3fs.S3FileSystem.clear_instance_cache()  # a cached client would keep an old endpoint
         try:
             remote = f"s3://{DEFAULT_BUCKET}/bench-{uuid.uuid4().hex}"
 
@@ -51,6 +54,9 @@ def s3_rows(group: str, subject: Trained, scratch: Path, repeat: int) -> list[Ro
                 },
                 repeat=repeat,
             )
+        except Exception:
+            print(f"S3 server log, last lines:\n{server.log_tail()}", file=sys.stderr)
+            raise
         finally:
             for key, value in saved_env.items():
                 if value is None:
