@@ -165,7 +165,11 @@ def main(argv: list[str] | None = None) -> None:
     if args[:1] == ["--worker"]:
         out, scratch, repeat, model = args[1:5]
         _worker(Path(out), Path(scratch), int(repeat), model)
-        return
+        # Skip interpreter finalization: gloo's threads can abort it even after
+        # destroy_process_group (pytorch/pytorch#190489); the results are written.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
     parser = argparse.ArgumentParser(prog="python -m benchmarks.sharded_bench", description=__doc__)
     parser.add_argument("--repeat", type=int, default=5, help="timed saves per job (default 5)")
     parser.add_argument("--model", default="default", help="test, default or large")
