@@ -3,7 +3,9 @@
 Submodules: ``checkpoints`` (save/load/verify), ``listing`` (validity, list, latest),
 ``resume``, ``retention`` (RetentionPolicy, plan_prune, prune), ``checkpointer`` (the
 loop-facing helper), ``background`` (AsyncSaver), ``ledger`` (the publication ledger),
-``legacy`` (Keisei ``.pth`` import).
+``legacy`` (Keisei ``.pth`` import), ``sharded`` (FSDP2 checkpoints through DCP; imported on
+first use), ``weights`` (the safetensors file), ``names`` and ``_fs`` (file primitives for local
+paths and fsspec URLs alike).
 """
 
 from keisei_fn.store.background import AsyncSaver, SaveHandle

@@ -763,7 +763,9 @@ def load_sharded(
         IncompleteCheckpointError: a save that never committed, or a missing file.
         UnsupportedFormatError: a single-file checkpoint (use ``load_state``), a newer format.
         StateMismatchError: listing every key, dtype, shape and param group that does not fit
-            the live model and optimizer, before anything is changed.
+            the live model and optimizer, before the model or a loaded value is changed (an
+            optimizer without state has by then been given zero state, as ``get_state_dict``
+            does).
         Every error is raised on every rank.
     """
     from torch.distributed.checkpoint.state_dict import (
