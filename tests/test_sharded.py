@@ -321,3 +321,20 @@ def test_verify_checks_every_file_without_loading(tmp_path):
         kf.verify_checkpoint(meta.path)
     (meta.weights_path / "extra.safetensors").write_bytes(b"")  # DCP would read it: refused
     assert kf.list_checkpoints(tmp_path) == []
+
+
+def test_a_shards_directory_names_its_checkpoint_only_when_committed(tmp_path):
+    model, optimizer = plain_job()
+    meta = sharded.save_sharded(model, optimizer, tmp_path, step=5)
+    latest = kf.latest_checkpoint(tmp_path)
+    assert latest == meta.weights_path
+    assert kf.load_state(latest).step == 5 and kf.verify_checkpoint(latest) == meta
+    assert kf.resume(tmp_path, resume=latest).state.step == 5
+    stale = tmp_path / "checkpoint_ts5.0badc0de.shards"  # an uncommitted save of that step
+    stale.mkdir()
+    with pytest.raises(IncompleteCheckpointError, match="never committed"):
+        kf.load_state(stale)
+    done = subprocess.run(
+        [sys.executable, "-m", "keisei_fn", "verify", str(latest)], capture_output=True, text=True
+    )
+    assert done.returncode == 0 and "ok  checkpoint_ts5" in done.stdout

@@ -156,12 +156,11 @@ def _print_spec(spec: ModelSpec, info: dict[str, Any]) -> None:
 
 def cmd_verify(args: argparse.Namespace) -> int:
     """Verify one checkpoint or every checkpoint of a run directory; exit 1 on any problem."""
-    from keisei_fn.store._fs import is_directory
     from keisei_fn.store.checkpoints import verify_checkpoint
-    from keisei_fn.store.listing import scan_run_dir
+    from keisei_fn.store.listing import is_run_dir, scan_run_dir
 
     path = run_path(args.path)
-    if not is_directory(path):
+    if not is_run_dir(path):
         meta = verify_checkpoint(path)
         print(f"ok  {meta.name} (step {meta.step}, {human_bytes(meta.weights_size)})")
         return 0

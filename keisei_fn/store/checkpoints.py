@@ -43,12 +43,11 @@ from keisei_fn.state import TrainState, thaw
 from keisei_fn.store._fs import (
     file_exists,
     hash_file,
-    is_directory,
     make_dirs,
     remove_durably,
     write_bytes_durably,
 )
-from keisei_fn.store.listing import read_listed, resume_candidates, shard_dirs
+from keisei_fn.store.listing import is_run_dir, read_listed, resume_candidates, shard_dirs
 from keisei_fn.store.names import (
     FINAL_MODEL,
     RESUME_PREFIX,
@@ -209,10 +208,16 @@ def resolve_stem(source: PathArg) -> RunPath:
     Raises:
         UnsupportedFormatError: for a legacy ``.pth``/``.pt`` file.
         CheckpointNotFoundError: when nothing exists there.
+        IncompleteCheckpointError: for a shards directory that no sidecar commits.
     """
     path = run_path(source)
-    if (stem := shards_stem(path.name)) is not None:  # a sharded checkpoint's directory
-        return path.parent / stem
+    if (name := shards_stem(path.name)) is not None:  # a sharded checkpoint's directory
+        meta = read_listed(path.parent / name)[0]
+        if meta.shards_dir != path.name:
+            raise IncompleteCheckpointError(
+                f"{path} was never committed: {meta.sidecar_path.name} refers to {meta.shards_dir}"
+            )
+        return meta.path
     if path.suffix in _LEGACY_SUFFIXES:
         if not file_exists(path):
             raise CheckpointNotFoundError(f"no such file: {path}")
@@ -290,7 +295,7 @@ def load_state_with_meta(
 ) -> tuple[TrainState, CheckpointMeta]:
     """Like :func:`load_state`, also returning the meta of the checkpoint that was loaded."""
     path = run_path(source)
-    if not is_directory(path):
+    if not is_run_dir(path):
         return _load_stem(resolve_stem(path), verify=verify, map_location=map_location)
     for stem in resume_candidates(path, prefix):
         try:
@@ -352,7 +357,7 @@ def load_model(
     """
     path = run_path(source)
     state = meta = None
-    if is_directory(path) and file_exists(sidecar_path(path / FINAL_MODEL)):
+    if is_run_dir(path) and file_exists(sidecar_path(path / FINAL_MODEL)):
         try:
             state, meta = _load_stem(path / FINAL_MODEL, verify=True, map_location="cpu")
         except (IntegrityError, IncompleteCheckpointError) as exc:

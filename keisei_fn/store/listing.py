@@ -31,6 +31,7 @@ from keisei_fn.store._fs import (
     ABANDONED_AFTER_SECONDS,
     file_exists,
     file_size,
+    is_directory,
     is_temp_name,
     list_file_names,
     read_bounded,
@@ -121,6 +122,11 @@ def _check_shards(meta: CheckpointMeta, sidecar: dict[str, Any]) -> None:
     unexpected = sorted(n for n in present - set(files) if not n.startswith("."))
     if unexpected:
         raise IntegrityError(f"{shards}: holds {unexpected}, which the sidecar does not list")
+
+
+def is_run_dir(path: RunPath) -> bool:
+    """Whether ``path`` is a run directory (a directory, but not a sharded checkpoint's)."""
+    return shards_stem(path.name) is None and is_directory(path)
 
 
 def shard_dirs(run_dir: RunPath, name: str | None = None) -> list[RunPath]:
