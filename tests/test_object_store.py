@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import gc
 import io
+import os
 import signal
 import subprocess
 import sys
@@ -292,15 +293,30 @@ def test_s3_process_killed_during_upload_leaves_no_bad_latest(
     ]
 
 
-def test_s3_cli_in_a_fresh_process(s3_url: str) -> None:
-    """The command line reaches S3 from the standard AWS environment variables alone."""
+def test_s3_cli_in_a_fresh_process(s3_url: str, tmp_path) -> None:
+    """The command line reaches S3 from the standard AWS environment variables alone: ls,
+    verify, prune, info and publish (W&B offline) on an s3:// run directory."""
     save_state(trained_state(10), s3_url)
-    for args in (["ls", "--verify", s3_url], ["verify", s3_url]):
+    save_state(trained_state(20, seed=1), s3_url)
+    wandb = {"WANDB_MODE": "offline", "WANDB_DIR": str(tmp_path), "WANDB_SILENT": "true"}
+    for args, expected in (
+        (["ls", "--verify", s3_url], "verified"),
+        (["verify", s3_url], "ok       checkpoint_ts20"),
+        (["prune", s3_url, "--keep-last", "1"], "checkpoint_ts10"),
+        (["info", f"{s3_url}/checkpoint_ts20"], "checkpoint_ts20"),
+        (["publish", f"{s3_url}/checkpoint_ts20", "--run-name", "r"], "published"),
+    ):
         done = subprocess.run(
-            [sys.executable, "-m", "keisei_fn", *args], capture_output=True, text=True, timeout=120
+            [sys.executable, "-m", "keisei_fn", *args],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            env={**os.environ, **wandb},
         )
         assert done.returncode == 0, done.stderr
-        assert "checkpoint_ts10" in done.stdout
+        assert expected in done.stdout, done.stdout
+    assert [m.step for m in list_checkpoints(s3_url)] == [20]
+    assert [r["event"] for r in read_ledger(s3_url)] == ["pending", "published"]
 
 
 def test_s3_prune_aborts_abandoned_multipart_uploads(
