@@ -12,10 +12,10 @@ allows:
   PUT, or a multipart upload that is completed on close); there is no rename. So objects are
   written straight to their final names and a failed upload is aborted, never completed. The
   store's order — weights first, sidecar last — makes the sidecar the commit marker there too.
-  (fsspec's ``memory://`` filesystem, for tests, is not atomic: a failed write may leave a
-  partial object, which the sidecar check still never takes for a checkpoint.)
   Transient errors of whole-object calls are retried here with backoff, on top of the
-  backend's own retries (s3fs, botocore's ``AWS_MAX_ATTEMPTS``).
+  backend's own retries (s3fs, botocore's ``AWS_MAX_ATTEMPTS``). fsspec's ``memory://``
+  filesystem, for tests, is not atomic: a failed write may leave a partial object, which the
+  sidecar check still never takes for a checkpoint.
 """
 
 from __future__ import annotations
@@ -35,12 +35,10 @@ from typing import IO, TYPE_CHECKING, Any, TypeVar
 import blake3
 
 from keisei_fn.errors import IntegrityError
-from keisei_fn.paths import PathArg, RunPath, is_remote, run_path
+from keisei_fn.paths import RunPath, is_remote
 
 if TYPE_CHECKING:
     from upath import UPath
-
-__all__ = ["PathArg", "RunPath", "is_remote", "run_path"]  # re-exported for the store
 
 TEMP_SUFFIX = ".tmp"
 #: Delays between tries of a whole-object call on a transient error.
