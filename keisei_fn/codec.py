@@ -50,12 +50,16 @@ from keisei_fn.state import GameStats, TrainState, view_key
 __all__ = [
     "DTYPE_NAMES",
     "EncodedState",
+    "Store",
+    "check_storable",
     "decode_json",
     "decode_state",
     "dumps",
+    "encode_header",
     "encode_json",
     "encode_state",
     "loads",
+    "tensor_name",
 ]
 
 _TAGS = ("__float__", "__int__", "__tuple__", "__items__", "__tensor__")
@@ -227,8 +231,14 @@ def loads(raw: bytes | str) -> Any:
         raise IntegrityError(f"invalid JSON: {exc}") from exc
 
 
-def _tensor_name(section: str, path: tuple[Any, ...]) -> str:
-    # "/" separates path parts; "%" and "/" inside a part are escaped so names never collide.
+def tensor_name(section: str, path: tuple[Any, ...]) -> str:
+    """The stored name of a tensor at ``path`` in a state section, e.g. ``"model/stem.weight"``:
+    "/" separates path parts; "%" and "/" inside a part are escaped so names never collide.
+
+    Example:
+        >>> tensor_name("optimizer", ("state", 0, "exp_avg"))
+        'optimizer/state/0/exp_avg'
+    """
     parts = (str(p).replace("%", "%25").replace("/", "%2F") for p in path)
     return "/".join((section, *parts))
 
@@ -263,6 +273,23 @@ def _dense(tensor: torch.Tensor) -> bool:
     return tensor.stride() == tuple(reversed(expected))
 
 
+def check_storable(name: str, tensor: torch.Tensor) -> None:
+    """Raise unless a checkpoint can store ``tensor`` exactly.
+
+    Raises:
+        UnsupportedDtypeError: for complex128, complex32, float8_e8m0fnu and other dtypes that
+            cannot be stored losslessly.
+        UnsupportedValueError: for a sparse or otherwise non-strided tensor.
+    """
+    if tensor.dtype not in DTYPE_NAMES:
+        raise UnsupportedDtypeError(
+            f"tensor {name!r} has dtype {tensor.dtype}, which cannot be stored losslessly; "
+            f"supported: {', '.join(str(d).removeprefix('torch.') for d in DTYPE_NAMES)}"
+        )
+    if tensor.layout != torch.strided:
+        raise UnsupportedValueError(f"tensor {name!r} is {tensor.layout}; convert it to dense")
+
+
 class _TensorTable:
     """Names every tensor, storing each distinct view once and recording exact aliases."""
 
@@ -276,13 +303,7 @@ class _TensorTable:
         base, n = name, 1
         while name in self.tensors or name in self.aliases:  # e.g. keys 0 and "0" in one dict
             name, n = f"{base}#{n}", n + 1
-        if tensor.dtype not in DTYPE_NAMES:
-            raise UnsupportedDtypeError(
-                f"tensor {name!r} has dtype {tensor.dtype}, which cannot be stored losslessly; "
-                f"supported: {', '.join(str(d).removeprefix('torch.') for d in DTYPE_NAMES)}"
-            )
-        if tensor.layout != torch.strided:
-            raise UnsupportedValueError(f"tensor {name!r} is {tensor.layout}; convert it to dense")
+        check_storable(name, tensor)
         view = view_key(tensor)
         ptr = view[0] if view is not None else 0
         if view is not None and view in self._views:
@@ -309,15 +330,31 @@ def encode_state(state: TrainState) -> EncodedState:
         UnsupportedValueError: for non-JSON values outside the tensors.
     """
     table = _TensorTable()
+    return EncodedState(table.tensors, table.aliases, encode_header(state, table.add))
+
+
+#: Keeps a tensor under a stored name and returns the name for the header to record.
+Store = Callable[[str, torch.Tensor], str]
+
+
+def encode_header(state: TrainState, store: Store) -> dict[str, Any]:
+    """The JSON state part of ``state``, handing every tensor to ``store(name, tensor)``, which
+    keeps it and returns the name the header records (``encode_state`` stores each storage
+    once; sharded checkpoints split the tensors between DCP and a small file).
+
+    Raises:
+        UnsupportedValueError: for non-JSON values outside the tensors; and whatever ``store``
+            raises.
+    """
     for key, tensor in state.model.items():
-        table.add(_tensor_name("model", (key,)), tensor)
+        store(tensor_name("model", (key,)), tensor)
 
     def tree(section: str, value: Any) -> Any:
         if value is None:
             return None
-        return encode_json(value, tensor_ref=lambda p, t: table.add(_tensor_name(section, p), t))
+        return encode_json(value, tensor_ref=lambda p, t: store(tensor_name(section, p), t))
 
-    header = {
+    return {
         "spec": state.spec.to_json() if state.spec is not None else None,
         "step": state.step,
         "episodes": state.episodes,
@@ -329,7 +366,6 @@ def encode_state(state: TrainState) -> EncodedState:
         "rng": tree("rng", state.rng),
         "extra": tree("extra", state.extra),
     }
-    return EncodedState(table.tensors, table.aliases, header)
 
 
 def decode_state(
@@ -353,7 +389,7 @@ def decode_state(
                 return super().__getitem__(key)
 
         lookup = _Tracking(resolved)
-        model = {key: lookup[_tensor_name("model", (key,))] for key in header["model"]}
+        model = {key: lookup[tensor_name("model", (key,))] for key in header["model"]}
         parts = {
             name: decode_json(header[name], tensors=lookup)
             for name in ("optimizer", "scheduler", "scaler", "rng", "extra")

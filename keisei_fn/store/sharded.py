@@ -72,12 +72,14 @@ from keisei_fn.capture import Scheduler
 from keisei_fn.codec import (
     DTYPE_NAMES,
     DTYPES_BY_NAME,
-    _tensor_name,
+    Store,
+    check_storable,
     decode_json,
     decode_state,
     dumps,
-    encode_json,
+    encode_header,
     loads,
+    tensor_name,
 )
 from keisei_fn.distributed import (
     agreed,
@@ -96,7 +98,6 @@ from keisei_fn.errors import (
     KeiseiFnError,
     SpecError,
     StateMismatchError,
-    UnsupportedDtypeError,
     UnsupportedFormatError,
     UnsupportedValueError,
 )
@@ -247,17 +248,19 @@ class _Encoded:
         return {k: t for k, t in self.sharded.items() if rank == 0 or isinstance(t, DTensor)}
 
 
-def _table(
-    section: str, table: dict[str, torch.Tensor]
-) -> Callable[[tuple[Any, ...], torch.Tensor], str]:
-    def add(path: tuple[Any, ...], tensor: torch.Tensor) -> str:
-        name = _tensor_name(section, path)
+def _storing(sharded: dict[str, torch.Tensor], small: dict[str, torch.Tensor]) -> Store:
+    """A ``store`` for ``codec.encode_header`` that files each tensor under its stored name:
+    model and optimizer tensors in ``sharded`` (they go through DCP), the rest in ``small``."""
+
+    def store(name: str, tensor: torch.Tensor) -> str:
+        check_storable(name, tensor)
+        table = sharded if _in_shards(name) else small
         if name in table:
             raise UnsupportedValueError(f"two entries would both be stored as {name!r}")
         table[name] = tensor
         return name
 
-    return add
+    return store
 
 
 def _flatten(
@@ -266,67 +269,18 @@ def _flatten(
     """The tensors of ``get_state_dict``'s result under their stored names, and the
     optimizer's JSON (tensors as references)."""
     tensors: dict[str, torch.Tensor] = {}
-    for key, value in model_state.items():
-        if not isinstance(value, torch.Tensor):
-            raise UnsupportedValueError(
-                f"model state {key!r} is a {type(value).__name__}, not a tensor"
-            )
-        tensors[_tensor_name("model", (key,))] = value
-    optim_json = (
-        encode_json(optim_state, tensor_ref=_table("optimizer", tensors))
-        if optim_state is not None
-        else None
-    )
-    return tensors, optim_json
+    state = TrainState(spec=None, step=0, model=model_state, optimizer=optim_state, rng=None)
+    header = encode_header(state, _storing(tensors, tensors))
+    return tensors, header["optimizer"]
 
 
-def _check_storable(tensors: Mapping[str, torch.Tensor]) -> None:
-    for name, tensor in tensors.items():
-        if tensor.dtype not in DTYPE_NAMES:
-            raise UnsupportedDtypeError(
-                f"tensor {name!r} has dtype {tensor.dtype}, which cannot be stored losslessly"
-            )
-        if tensor.layout != torch.strided:
-            raise UnsupportedValueError(f"tensor {name!r} is {tensor.layout}; convert it to dense")
-
-
-def _encode(
-    model_state: Mapping[str, Any],
-    optim_state: Mapping[str, Any] | None,
-    *,
-    spec: ModelSpec | None,
-    step: int,
-    episodes: int,
-    stats: GameStats,
-    scheduler_state: Mapping[str, Any] | None,
-    scaler_state: Mapping[str, Any] | None,
-    rng: Mapping[str, Any],
-    extra: Mapping[str, Any],
-) -> _Encoded:
-    sharded, optim_json = _flatten(model_state, optim_state)
+def _encode(state: TrainState) -> _Encoded:
+    """A rank's training state (``model``/``optimizer`` as ``get_state_dict`` gives them) as
+    stored: the sidecar's JSON part, the tensors for DCP and rank 0's small-file tensors."""
+    sharded: dict[str, torch.Tensor] = {}
     small: dict[str, torch.Tensor] = {}
-
-    def tree(section: str, value: Mapping[str, Any] | None) -> Any:
-        return None if value is None else encode_json(value, tensor_ref=_table(section, small))
-
-    header = {
-        "spec": spec.to_json() if spec is not None else None,
-        "step": step,
-        "episodes": episodes,
-        "stats": stats.to_json(),
-        "model": list(model_state),
-        "optimizer": optim_json,
-        "scheduler": tree("scheduler", scheduler_state),
-        "scaler": tree("scaler", scaler_state),
-        "rng": tree("rng", rng),
-        "extra": tree("extra", extra),
-    }
-    _check_storable(sharded)
-    _check_storable(small)
-    if len(list(model_state)) != len(set(model_state)):
-        raise UnsupportedValueError("the model state has duplicate keys")
-    header = loads(dumps(header))  # the JSON exactly as it will be read back
-    return _Encoded(header, sharded, small)
+    header = encode_header(state, _storing(sharded, small))
+    return _Encoded(loads(dumps(header)), sharded, small)  # the JSON as it will be read back
 
 
 def _live_state(
@@ -423,18 +377,18 @@ def save_sharded(
     rng = gather_rng(capture_rng())
     encoded = agreed(
         lambda: _encode(
-            model_state,
-            optim_state,
-            spec=spec,
-            step=step,
-            episodes=episodes,
-            stats=stats if stats is not None else GameStats(),
-            scheduler_state=scheduler.state_dict() if scheduler is not None else None,
-            scaler_state=scaler.state_dict()
-            if scaler is not None and scaler.is_enabled()
-            else None,
-            rng=rng,
-            extra=dict(extra or {}),
+            TrainState(
+                spec=spec,
+                step=step,
+                episodes=episodes,
+                stats=stats if stats is not None else GameStats(),
+                model=model_state,
+                optimizer=optim_state,
+                scheduler=scheduler.state_dict() if scheduler is not None else None,
+                scaler=scaler.state_dict() if scaler is not None and scaler.is_enabled() else None,
+                rng=rng,
+                extra=dict(extra or {}),
+            )
         )
     )
     token = on_rank_zero(lambda: secrets.token_hex(8))
@@ -787,7 +741,7 @@ def load_sharded(
     header = sidecar["state"]
     lookup = {**targets, **checked.small}
     loaded_model: dict[str, Any] = {
-        key: targets[_tensor_name("model", (key,))] for key in header["model"]
+        key: targets[tensor_name("model", (key,))] for key in header["model"]
     }
     if optimizer is not None:
         loaded_optim = decode_json(header["optimizer"], tensors=lookup)
