@@ -13,7 +13,7 @@ import logging
 from dataclasses import dataclass
 
 from keisei_fn.distributed import on_rank_zero
-from keisei_fn.errors import CheckpointNotFoundError, SpecError
+from keisei_fn.errors import CheckpointNotFoundError
 from keisei_fn.paths import PathArg, RunPath, is_remote, run_path
 from keisei_fn.state import TrainState
 from keisei_fn.store._fs import (
@@ -41,11 +41,6 @@ class Resumed:
 def _copy_checkpoint(source_stem: RunPath, run_dir: RunPath) -> None:
     """Copy a checkpoint into ``run_dir`` with the durable protocol, sidecar last."""
     meta = read_listed(source_stem)[0]
-    if meta.sharded and is_remote(run_dir):
-        raise SpecError(
-            f"{meta.sidecar_path} is sharded and sharded checkpoints stay on local or mounted "
-            f"file systems: consolidate it before resuming in {run_dir}"
-        )
     make_dirs(run_dir)
     if meta.sharded:
         make_dirs(run_dir / meta.weights_path.name)
