@@ -283,7 +283,7 @@ SAVE_PARTS = [
     (checkpoints, "encode_state"),
     (checkpoints, "dumps"),
     (checkpoints, "loads"),
-    (checkpoints, "_existing"),
+    (checkpoints, "committed"),
     (checkpoints, "write_weights"),
     (weights, "_layout"),
     (weights, "_write_all"),

@@ -33,7 +33,7 @@ PART_LABELS = {
     "encode_state": "encode_state (tensors + JSON state)",
     "dumps": "codec.dumps (header and sidecar JSON)",
     "loads": "codec.loads (header round trip)",
-    "_existing": "check for an existing checkpoint",
+    "committed": "check for an existing checkpoint",
     "write_weights": "write_weights (total)",
     "_layout": "  - header + tensor views",
     "_write_all": "  - writev into the page cache",

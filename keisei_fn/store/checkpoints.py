@@ -47,7 +47,13 @@ from keisei_fn.store._fs import (
     remove_durably,
     write_bytes_durably,
 )
-from keisei_fn.store.listing import is_run_dir, read_listed, resume_candidates, shard_dirs
+from keisei_fn.store.listing import (
+    committed,
+    is_run_dir,
+    read_listed,
+    resume_candidates,
+    shard_dirs,
+)
 from keisei_fn.store.names import (
     FINAL_MODEL,
     RESUME_PREFIX,
@@ -142,14 +148,6 @@ def save_final_model(state: TrainState, run_dir: PathArg) -> CheckpointMeta:
     )
 
 
-def _existing(stem: RunPath) -> tuple[CheckpointMeta, dict[str, Any]] | None:
-    """The committed checkpoint at ``stem`` if it is listed-valid, else None."""
-    try:
-        return read_listed(stem)
-    except (CheckpointNotFoundError, IncompleteCheckpointError, IntegrityError):
-        return None
-
-
 def _commit(encoded: EncodedState, stem: RunPath, *, kind: str, overwrite: bool) -> CheckpointMeta:
     make_dirs(stem.parent)
     header_bytes = dumps(encoded.header)
@@ -166,7 +164,7 @@ def _commit(encoded: EncodedState, stem: RunPath, *, kind: str, overwrite: bool)
             weights_digest=digest,
         )
 
-    existing = _existing(stem)
+    existing = committed(stem)
     if existing is not None:
         old_meta, old = existing
         size, digest = weights_digest(encoded.tensors)

@@ -101,6 +101,21 @@ def read_listed(stem: RunPath) -> tuple[CheckpointMeta, dict[str, Any]]:
     return meta, sidecar
 
 
+def committed(stem: RunPath) -> tuple[CheckpointMeta, dict[str, Any]] | None:
+    """The listed-valid checkpoint at ``stem``, or None when there is none or it is incomplete
+    or corrupt (the usual case before a save: one stat, no directory scan).
+
+    Raises:
+        UnsupportedFormatError, SpecError: a checkpoint this keisei_fn cannot read is there.
+    """
+    if not file_exists(sidecar_path(stem)):
+        return None
+    try:
+        return read_listed(stem)
+    except (CheckpointNotFoundError, IncompleteCheckpointError, IntegrityError):
+        return None
+
+
 def _check_shards(meta: CheckpointMeta, sidecar: dict[str, Any]) -> None:
     """Every file a sharded checkpoint's sidecar lists exists with its size, and its shards
     directory holds nothing else (DCP's reader would read any ``*.safetensors`` there)."""

@@ -113,7 +113,7 @@ from keisei_fn.store._fs import (
     write_bytes_durably,
 )
 from keisei_fn.store.checkpoints import resolve_stem, save_state
-from keisei_fn.store.listing import read_listed, resume_candidates, shard_dirs
+from keisei_fn.store.listing import committed, read_listed, resume_candidates, shard_dirs
 from keisei_fn.store.names import (
     RESUME_PREFIX,
     SHARDS_SUFFIX,
@@ -432,25 +432,12 @@ def _referenced(stem: Path, shards: Path) -> bool:
         return False
 
 
-def _existing(stem: Path) -> bool:
-    """Whether a committed, listed-valid checkpoint (of either layout) is at ``stem``.
-
-    Raises:
-        UnsupportedFormatError: a newer format is there (never replaced without overwrite).
-    """
-    try:
-        read_listed(stem)
-    except (CheckpointNotFoundError, IncompleteCheckpointError, IntegrityError):
-        return False
-    return True
-
-
 def _start(stem: Path, shards: Path, encoded: _Encoded, *, overwrite: bool) -> tuple[int, str]:
     """Rank 0, before DCP: refuse to replace a valid checkpoint, make the shards directory,
     write ``state.safetensors``."""
     stem.parent.mkdir(parents=True, exist_ok=True)
     try:
-        found = _existing(stem)
+        found = committed(stem) is not None
     except UnsupportedFormatError as exc:
         if not overwrite:
             raise CheckpointExistsError(
