@@ -48,6 +48,8 @@ _TRANSIENT_ERRNOS = frozenset(
     for name in ("ECONNRESET", "ECONNREFUSED", "ECONNABORTED", "ETIMEDOUT", "EPIPE", "EAGAIN")
     if hasattr(errno, name)
 )
+#: Bytes per read when a file is streamed (copied, hashed or downloaded).
+CHUNK_BYTES = 16 << 20
 #: An unfinished write (an open S3 multipart upload, an uncommitted shards directory) older
 #: than this is taken as abandoned by its process, and pruned.
 ABANDONED_AFTER_SECONDS = 3600.0
@@ -311,6 +313,17 @@ def read_bounded(path: RunPath, *, limit: int) -> bytes:
         return f.read(limit + 1)
 
 
+def read_chunks(path: RunPath) -> Iterator[bytes]:
+    """A local or remote file's bytes, in pieces of at most :data:`CHUNK_BYTES`.
+
+    Raises:
+        FileNotFoundError: when it does not exist.
+    """
+    with path.fs.open(path.path, "rb") if is_remote(path) else open(path, "rb") as file:
+        while chunk := file.read(CHUNK_BYTES):
+            yield chunk
+
+
 def read_into(path: RunPath, buffer: bytearray) -> None:
     """Fill ``buffer`` with the first ``len(buffer)`` bytes of a remote or local file.
 
@@ -319,31 +332,25 @@ def read_into(path: RunPath, buffer: bytearray) -> None:
     """
 
     def read() -> int:
-        with open_reading(path) as file:
-            view, done = memoryview(buffer), 0
-            while done < len(buffer) and (chunk := file.read(min(1 << 24, len(buffer) - done))):
-                view[done : done + len(chunk)] = chunk
-                done += len(chunk)
-            return done
+        view, done = memoryview(buffer), 0
+        for chunk in read_chunks(path):
+            taken = min(len(chunk), len(buffer) - done)
+            view[done : done + taken] = chunk[:taken]
+            done += taken
+            if done == len(buffer):
+                break
+        return done
 
     done = retrying(read, what=f"read {path}")
     if done != len(buffer):
         raise IntegrityError(f"{path}: {done} bytes read, {len(buffer)} expected")
 
 
-def open_reading(path: RunPath) -> IO[bytes]:
-    """The file opened for binary reading (FileNotFoundError when absent)."""
-    if is_remote(path):
-        file: IO[bytes] = path.fs.open(path.path, "rb")
-        return file
-    return open(path, "rb")
-
-
 def copy_file(source: RunPath, target: RunPath) -> None:
     """Copy a file between any two places, atomically at ``target`` (see :func:`writing`)."""
-    with open_reading(source) as fin, writing(target) as fout:
-        while chunk := fin.read(1 << 24):
-            fout.write(chunk)
+    with writing(target) as file:
+        for chunk in read_chunks(source):
+            file.write(chunk)
 
 
 def hash_file(path: RunPath) -> tuple[int, str]:
@@ -352,10 +359,9 @@ def hash_file(path: RunPath) -> tuple[int, str]:
     hasher = hash_chunks()
     if is_remote(path):
         size = 0
-        with open_reading(path) as file:
-            while chunk := file.read(1 << 24):
-                hasher.update(chunk)
-                size += len(chunk)
+        for chunk in read_chunks(path):
+            hasher.update(chunk)
+            size += len(chunk)
         return size, "blake3:" + hasher.hexdigest()
     size = path.stat().st_size
     if size:
