@@ -64,7 +64,7 @@ from keisei_fn.store.names import (
     sidecar_path,
     weights_path,
 )
-from keisei_fn.store.weights import read_weights, weights_digest, write_weights
+from keisei_fn.store.weights import check_listed, read_weights, weights_digest, write_weights
 
 __all__ = [
     "load_model",
@@ -258,15 +258,7 @@ def _read_single_file(
     tensors = read_weights(
         weights_path(stem), size=meta.weights_size, digest=meta.weights_digest if verify else None
     )
-    recorded = {k: (v["dtype"], v["shape"]) for k, v in sidecar["tensors"].items()}
-    found = {
-        k: (meta.tensors[k][0] if k in meta.tensors else "?", list(t.shape))
-        for k, t in tensors.items()
-    }
-    if recorded.keys() != found.keys() or any(
-        list(recorded[k][1]) != found[k][1] for k in recorded
-    ):
-        raise IntegrityError(f"{weights_path(stem)}: tensors do not match the sidecar's list")
+    check_listed(tensors, sidecar["tensors"], weights_path(stem))
     return decode_state(tensors, sidecar["aliases"], sidecar["state"])
 
 

@@ -123,7 +123,7 @@ from keisei_fn.store.names import (
     sidecar_path,
     weights_path,
 )
-from keisei_fn.store.weights import read_weights, write_weights
+from keisei_fn.store.weights import check_listed, read_weights, write_weights
 
 if TYPE_CHECKING:  # torch.distributed.checkpoint and DTensor take ~0.8 s to import: lazily
     from torch.distributed.checkpoint.api import CheckpointException
@@ -614,9 +614,7 @@ def _prepare(stem: Path, *, verify: bool, rank: int, world: int) -> _Checked:
         raise IntegrityError(f"{sidecar_path(stem)}: the shards' file table lacks {STATE_FILE}")
     small = read_weights(shards / STATE_FILE, size=files[STATE_FILE]["size"], digest=None)
     expected = {k: v for k, v in sidecar["tensors"].items() if not _in_shards(k)}
-    found = {k: {"dtype": DTYPE_NAMES[t.dtype], "shape": list(t.shape)} for k, t in small.items()}
-    if expected != found:
-        raise IntegrityError(f"{shards / STATE_FILE}: tensors do not match the sidecar's list")
+    check_listed(small, expected, shards / STATE_FILE)
     return _Checked(meta, sidecar, shards, small)
 
 

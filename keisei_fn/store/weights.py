@@ -26,10 +26,10 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import cast
+from typing import Any, cast
 
 import orjson
 import torch
@@ -324,3 +324,17 @@ def _parse(data: memoryview, path: RunPath) -> dict[str, torch.Tensor]:
             f"{path}: the data section has {len(data) - data_start} bytes, its tensors {position}"
         )
     return tensors
+
+
+def check_listed(
+    tensors: Mapping[str, torch.Tensor], recorded: Mapping[str, Any], where: RunPath
+) -> None:
+    """Check that a file's tensors are exactly the ones a sidecar lists, by name, dtype and
+    shape (``recorded``: name → ``{"dtype", "shape"}``, as in the sidecar's ``"tensors"``).
+
+    Raises:
+        IntegrityError: naming ``where`` when they differ.
+    """
+    found = {k: {"dtype": DTYPE_NAMES[t.dtype], "shape": list(t.shape)} for k, t in tensors.items()}
+    if found != {k: {"dtype": v["dtype"], "shape": list(v["shape"])} for k, v in recorded.items()}:
+        raise IntegrityError(f"{where}: tensors do not match the sidecar's list")
