@@ -14,7 +14,7 @@ PREFIX_RE = re.compile(r"[A-Za-z_]+")
 WEIGHTS_SUFFIX = ".safetensors"
 SIDECAR_SUFFIX = ".json"
 SHARDS_SUFFIX = ".shards"
-SHARDS_RE = re.compile(r"(?P<stem>[A-Za-z_]+?\d+|final_model)\.(?P<token>[0-9a-f]+)\.shards")
+SHARDS_RE = re.compile(rf"(?P<stem>{NAME_RE.pattern})\.(?P<token>[0-9a-f]+)\.shards")
 FINAL_MODEL = "final_model"
 #: Keisei's periodic checkpoints: the only prefix that counts as a resume point by default.
 RESUME_PREFIX = "checkpoint_ts"
