@@ -97,8 +97,8 @@ def cmd_info(args: argparse.Namespace) -> int:
         else:
             _print_spec(spec, info)
         return 0
-    from keisei_fn.store.checkpoints import resolve_stem
     from keisei_fn.store.listing import read_listed
+    from keisei_fn.store.locate import resolve_stem
 
     meta, _ = read_listed(resolve_stem(args.path))
     data: dict[str, Any] = {

@@ -47,9 +47,9 @@ from keisei_fn.paths import PathArg, RunPath, is_remote, run_path
 from keisei_fn.publish.plan import Publication, plan_publication
 from keisei_fn.state import thaw
 from keisei_fn.store._fs import copy_file
-from keisei_fn.store.checkpoints import resolve_stem
 from keisei_fn.store.ledger import append_ledger, pending_publications, read_ledger
 from keisei_fn.store.listing import read_listed
+from keisei_fn.store.locate import resolve_stem
 from keisei_fn.store.names import parse_stem, sidecar_path, weights_path
 
 __all__ = ["PUBLISH_ENV", "PublishResult", "flush_outbox", "publish", "publishing_enabled"]

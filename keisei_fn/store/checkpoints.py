@@ -34,7 +34,6 @@ from keisei_fn.errors import (
     IncompleteCheckpointError,
     IntegrityError,
     SpecError,
-    UnsupportedFormatError,
 )
 from keisei_fn.meta import CheckpointMeta, build_sidecar
 from keisei_fn.nets import build_model
@@ -52,15 +51,12 @@ from keisei_fn.store.listing import (
     is_run_dir,
     read_listed,
     resume_candidates,
-    shard_dirs,
 )
+from keisei_fn.store.locate import resolve_stem
 from keisei_fn.store.names import (
     FINAL_MODEL,
     RESUME_PREFIX,
-    SIDECAR_SUFFIX,
-    WEIGHTS_SUFFIX,
     checkpoint_stem,
-    shards_stem,
     sidecar_path,
     weights_path,
 )
@@ -76,8 +72,6 @@ __all__ = [
 ]
 
 log = logging.getLogger("keisei_fn.store")
-
-_LEGACY_SUFFIXES = (".pth", ".pt", ".ckpt", ".bin")
 
 
 def save_state(
@@ -197,44 +191,6 @@ def _commit(encoded: EncodedState, stem: RunPath, *, kind: str, overwrite: bool)
             remove_durably(weights_path(stem))
         raise
     return CheckpointMeta.from_sidecar(sidecar, run_dir=stem.parent)
-
-
-def resolve_stem(source: PathArg) -> RunPath:
-    """The checkpoint stem a user path names: either file of the pair, a sharded checkpoint's
-    shards directory, or the stem itself.
-
-    Raises:
-        UnsupportedFormatError: for a legacy ``.pth``/``.pt`` file.
-        CheckpointNotFoundError: when nothing exists there.
-        IncompleteCheckpointError: for a shards directory that no sidecar commits.
-    """
-    path = run_path(source)
-    if (name := shards_stem(path.name)) is not None:  # a sharded checkpoint's directory
-        meta = read_listed(path.parent / name)[0]
-        if meta.shards_dir != path.name:
-            raise IncompleteCheckpointError(
-                f"{path} was never committed: {meta.sidecar_path.name} refers to {meta.shards_dir}"
-            )
-        return meta.path
-    if path.suffix in _LEGACY_SUFFIXES:
-        if not file_exists(path):
-            raise CheckpointNotFoundError(f"no such file: {path}")
-        raise UnsupportedFormatError(
-            f"{path} is a pickled torch checkpoint; it is never loaded directly (it could run "
-            f"code). Convert it once with keisei_fn.import_legacy({str(path)!r}, run_dir) or "
-            "`keisei-fn convert`"
-        )
-    for suffix in (WEIGHTS_SUFFIX, SIDECAR_SUFFIX):
-        if path.name.endswith(suffix):
-            path = path.parent / path.name[: -len(suffix)]
-            break
-    if not (
-        file_exists(sidecar_path(path))
-        or file_exists(weights_path(path))
-        or shard_dirs(path.parent, path.name)
-    ):
-        raise CheckpointNotFoundError(f"no checkpoint at {source}")
-    return path
 
 
 def _load_stem(

@@ -21,8 +21,9 @@ from keisei_fn.store._fs import (
     list_file_names,
     make_dirs,
 )
-from keisei_fn.store.checkpoints import load_state_with_meta, resolve_stem
+from keisei_fn.store.checkpoints import load_state_with_meta
 from keisei_fn.store.listing import latest_checkpoint, read_listed
+from keisei_fn.store.locate import resolve_stem
 from keisei_fn.store.names import RESUME_PREFIX
 
 __all__ = ["Resumed", "resume"]

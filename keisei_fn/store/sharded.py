@@ -112,8 +112,9 @@ from keisei_fn.store._fs import (
     remove_durably,
     write_bytes_durably,
 )
-from keisei_fn.store.checkpoints import resolve_stem, save_state
+from keisei_fn.store.checkpoints import save_state
 from keisei_fn.store.listing import committed, read_listed, resume_candidates, shard_dirs
+from keisei_fn.store.locate import resolve_stem
 from keisei_fn.store.names import (
     RESUME_PREFIX,
     SHARDS_SUFFIX,
