@@ -35,7 +35,13 @@ from keisei_fn.rng import Generators, capture_rng, restore_rng_, rng_problems
 from keisei_fn.spec import ModelSpec
 from keisei_fn.state import GameStats, TrainState, thaw, view_key
 
-__all__ = ["capture", "model_problems", "optimizer_problems", "restore_"]
+__all__ = [
+    "capture",
+    "model_problems",
+    "optimizer_problems",
+    "restore_",
+    "restore_loop_state_",
+]
 
 log = logging.getLogger(__name__)
 
@@ -267,19 +273,75 @@ def restore_(
     net.load_state_dict(model_state, strict=True)
     if optimizer is not None and state.optimizer is not None:
         optimizer.load_state_dict(thaw(state.optimizer, on_tensor=torch.Tensor.clone))
+    restore_loop_state_(
+        f"state (step {state.step})",
+        step=state.step,
+        scheduler=scheduler,
+        scheduler_state=state.scheduler,
+        scaler=scaler,
+        scaler_state=state.scaler,
+        rng_state=state.rng if rng else None,
+        generators=generators,
+    )
+
+
+def restore_loop_state_(
+    source: str,
+    *,
+    step: int,
+    scheduler: Scheduler | None,
+    scheduler_state: Mapping[str, Any] | None,
+    scaler: torch.amp.GradScaler | None,
+    scaler_state: Mapping[str, Any] | None,
+    rng_state: Mapping[str, Any] | None,
+    generators: Generators | None = None,
+) -> None:
+    """Restore an LR scheduler, a GradScaler and this rank's RNGs from saved state, in place:
+    what a restore does after the model and optimizer (``restore_`` and the sharded load share
+    it). The saved state is never changed: torch gets copies of its tensors.
+
+    Args:
+        source: what the state comes from, for warnings (e.g. ``"checkpoint checkpoint_ts10"``).
+        step: the saved step (the seed when the RNGs are reseeded).
+        scheduler: the LR scheduler, or None; left fresh with a warning when
+            ``scheduler_state`` is None.
+        scheduler_state: its saved ``state_dict``, or None.
+        scaler: the GradScaler, or None; an enabled one is left fresh with a warning when
+            ``scaler_state`` is None (e.g. a CPU-saved run resumed on a GPU); a disabled one is
+            left alone.
+        scaler_state: its saved ``state_dict``, or None.
+        rng_state: the saved RNG state (one process's, or every rank's ``{"world_size",
+            "ranks"}``), or None to leave the RNGs alone. Each rank gets its own back; saved
+            with another world size, each rank is reseeded from ``(step, rank)`` with a warning.
+        generators: user-held generators to restore, by the names used at capture.
+
+    Raises:
+        StateMismatchError: a generator that cannot be restored (``restore_`` checks this
+            before it changes anything).
+
+    Example:
+        >>> import torch
+        >>> from keisei_fn.rng import capture_rng
+        >>> saved, expected = capture_rng(), torch.rand(1)
+        >>> restore_loop_state_("a test", step=1, scheduler=None, scheduler_state=None,
+        ...     scaler=None, scaler_state=None, rng_state=saved)
+        >>> bool(torch.rand(1) == expected)
+        True
+    """
     if scheduler is not None:
-        if state.scheduler is None:
-            log.warning(
-                "state (step %d) holds no scheduler state: scheduler left fresh", state.step
-            )
+        if scheduler_state is None:
+            log.warning("%s holds no scheduler state: scheduler left fresh", source)
         else:
-            scheduler.load_state_dict(thaw(state.scheduler, on_tensor=torch.Tensor.clone))
+            scheduler.load_state_dict(thaw(scheduler_state, on_tensor=torch.Tensor.clone))
     if scaler is not None and scaler.is_enabled():
-        if state.scaler is None:
-            log.warning("state (step %d) holds no GradScaler state: scaler left fresh", state.step)
+        if scaler_state is None:
+            log.warning("%s holds no GradScaler state: scaler left fresh", source)
         else:
-            scaler.load_state_dict(thaw(state.scaler, on_tensor=torch.Tensor.clone))
-    if own_rng is not None:
-        restore_rng_(own_rng, generators)
-    elif rng and state.rng is not None:
-        reseed_rank(state.rng, step=state.step)
+            scaler.load_state_dict(thaw(scaler_state, on_tensor=torch.Tensor.clone))
+    if rng_state is None:
+        return
+    own = rank_rng(rng_state)
+    if own is not None:
+        restore_rng_(own, generators)
+    else:
+        reseed_rank(rng_state, step=step)

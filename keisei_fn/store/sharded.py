@@ -68,7 +68,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from keisei_fn.capture import Scheduler
+from keisei_fn.capture import Scheduler, restore_loop_state_
 from keisei_fn.codec import (
     DTYPE_NAMES,
     DTYPES_BY_NAME,
@@ -87,8 +87,6 @@ from keisei_fn.distributed import (
     gathered,
     on_rank_zero,
     rank_and_world,
-    rank_rng,
-    reseed_rank,
 )
 from keisei_fn.errors import (
     CheckpointExistsError,
@@ -103,9 +101,9 @@ from keisei_fn.errors import (
 )
 from keisei_fn.meta import CheckpointMeta, build_sharded_sidecar
 from keisei_fn.paths import PathArg, is_remote, run_path
-from keisei_fn.rng import capture_rng, restore_rng_
+from keisei_fn.rng import capture_rng
 from keisei_fn.spec import ModelSpec
-from keisei_fn.state import GameStats, TrainState, thaw
+from keisei_fn.state import GameStats, TrainState
 from keisei_fn.store._fs import (
     fsync_dir,
     hash_file,
@@ -742,25 +740,19 @@ def load_sharded(
         )
     else:
         set_model_state_dict(model, loaded_model)
-    if scheduler is not None:
-        if header["scheduler"] is None:
-            log.warning("checkpoint %s holds no scheduler state: scheduler left fresh", meta.name)
-        else:
-            saved = decode_json(header["scheduler"], tensors=lookup)
-            scheduler.load_state_dict(thaw(saved, on_tensor=torch.Tensor.clone))
-    if scaler is not None and scaler.is_enabled():
-        if header["scaler"] is None:
-            log.warning("checkpoint %s holds no GradScaler state: scaler left fresh", meta.name)
-        else:
-            saved = decode_json(header["scaler"], tensors=lookup)
-            scaler.load_state_dict(thaw(saved, on_tensor=torch.Tensor.clone))
-    if rng and header["rng"] is not None:
-        saved_rng = decode_json(header["rng"], tensors=lookup)
-        own = rank_rng(saved_rng)
-        if own is not None:
-            restore_rng_(own)
-        else:
-            reseed_rank(saved_rng, step=meta.step)
+
+    def saved(section: str) -> Any:
+        return None if header[section] is None else decode_json(header[section], tensors=lookup)
+
+    restore_loop_state_(
+        f"checkpoint {meta.name}",
+        step=meta.step,
+        scheduler=scheduler,
+        scheduler_state=saved("scheduler"),
+        scaler=scaler,
+        scaler_state=saved("scaler"),
+        rng_state=saved("rng") if rng else None,
+    )
     return meta
 
 
