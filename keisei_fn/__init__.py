@@ -55,15 +55,20 @@ from keisei_fn.store import (
 )
 
 if TYPE_CHECKING:
-    from keisei_fn.store.sharded import consolidate, load_sharded, save_sharded
+    from keisei_fn.store.convert import consolidate
+    from keisei_fn.store.sharded import load_sharded, save_sharded
 
 __version__ = "0.1.0"
 
 #: Sharded (FSDP) checkpoint functions: imported on first use, as they load torch.distributed.
-_SHARDED = frozenset({"consolidate", "load_sharded", "save_sharded"})
+_SHARDED = frozenset({"load_sharded", "save_sharded"})
 
 
 def __getattr__(name: str) -> Any:
+    if name == "consolidate":
+        from keisei_fn.store.convert import consolidate
+
+        return consolidate
     if name in _SHARDED:
         from keisei_fn.store import sharded
 

@@ -42,7 +42,7 @@ from torchrun_exit import run_then_exit
 
 import keisei_fn as kf
 from keisei_fn.errors import IntegrityError
-from keisei_fn.store import sharded
+from keisei_fn.store import sharded, sharded_save
 
 SPEC = kf.ModelSpec(model_type="testmodel")
 KILL_ENV = "KEISEI_TEST_KILL_RANK"  # read here only
@@ -193,7 +193,7 @@ def kill_mode(mesh: DeviceMesh, run_dir: Path, rank: int) -> dict[str, Any]:
             os.kill(os.getpid(), signal.SIGKILL)
             raise AssertionError("unreachable")
 
-        sharded.hash_file = killed  # type: ignore[assignment]
+        sharded_save.hash_file = killed  # type: ignore[assignment]
     save(job, run_dir, 2)
     return {"survived": True}
 

@@ -23,6 +23,7 @@ import torch
 import keisei_fn as kf
 from keisei_fn.errors import IncompleteCheckpointError, IntegrityError
 from keisei_fn.store import sharded
+from keisei_fn.store.convert import consolidate
 from keisei_fn.store.listing import read_listed, scan_run_dir
 from keisei_fn.store.weights import read_weights
 from keisei_fn.testing import assert_states_equal
@@ -127,7 +128,7 @@ def raw(tensor: torch.Tensor) -> torch.Tensor:
 
 
 def test_consolidate_gives_a_single_file_checkpoint_for_load_model(jobs, tmp_path):
-    meta = sharded.consolidate(jobs["run"] / "checkpoint_ts3.json", tmp_path / "single")
+    meta = consolidate(jobs["run"] / "checkpoint_ts3.json", tmp_path / "single")
     assert (meta.name, meta.format_version, meta.kind) == ("checkpoint_ts3", 1, "periodic")
     assert_states_equal(kf.load_state(jobs["run"]), kf.load_state(tmp_path / "single"))
     model, loaded = kf.load_model(tmp_path / "single")  # one CPU, no process group
@@ -138,7 +139,7 @@ def test_consolidate_gives_a_single_file_checkpoint_for_load_model(jobs, tmp_pat
         assert (found[key].dtype, found[key].shape) == (tensor.dtype, tensor.shape), key
         assert torch.equal(raw(found[key]), raw(tensor)), key
     with pytest.raises(kf.errors.SpecError, match="another run directory"):
-        sharded.consolidate(jobs["run"], jobs["run"])
+        consolidate(jobs["run"], jobs["run"])
 
 
 def test_a_corrupt_shard_raises_integrity_error_on_every_rank(jobs, tmp_path):

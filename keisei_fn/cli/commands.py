@@ -293,7 +293,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 def cmd_consolidate(args: argparse.Namespace) -> int:
     """Turn a sharded (FSDP) checkpoint into a single-file one in another run directory."""
-    from keisei_fn.store.sharded import consolidate
+    from keisei_fn.store.convert import consolidate
 
     meta = consolidate(args.sharded, args.out_run_dir)
     print(f"wrote {meta.weights_path} ({human_bytes(meta.weights_size)}, step {meta.step})")

@@ -1,11 +1,13 @@
 """The checkpoint store: the only part of keisei_fn that opens run-directory files.
 
 Submodules: ``checkpoints`` (save/load/verify), ``listing`` (validity, list, latest),
-``resume``, ``retention`` (RetentionPolicy, plan_prune, prune), ``checkpointer`` (the
-loop-facing helper), ``background`` (AsyncSaver), ``ledger`` (the publication ledger),
-``legacy`` (Keisei ``.pth`` import), ``sharded`` (FSDP2 checkpoints through DCP; imported on
-first use), ``weights`` (the safetensors file), ``names`` and ``_fs`` (file primitives for local
-paths and fsspec URLs alike).
+``locate`` (which checkpoint a user's path names), ``resume``, ``retention`` (RetentionPolicy,
+plan_prune, prune), ``checkpointer`` (the loop-facing helper), ``background`` (AsyncSaver),
+``ledger`` (the publication ledger), ``legacy`` (Keisei ``.pth`` import), ``convert``
+(``consolidate``: a sharded checkpoint → a single-file one), ``sharded`` (FSDP2 checkpoints
+through DCP, imported on first use; its parts are the ``sharded_*`` modules), ``weights`` (the
+safetensors file), ``names`` and ``_fs`` (file primitives for local paths and fsspec URLs
+alike).
 """
 
 from keisei_fn.store.background import AsyncSaver, SaveHandle

@@ -198,7 +198,7 @@ def _load_stem(
 ) -> tuple[TrainState, CheckpointMeta]:
     meta, sidecar = read_listed(stem)
     if meta.sharded:
-        from keisei_fn.store.sharded import load_full
+        from keisei_fn.store.sharded_load import load_full
 
         state, meta = load_full(stem, verify=verify)
     else:
@@ -337,7 +337,7 @@ def verify_checkpoint(path: PathArg) -> CheckpointMeta:
     """
     stem = resolve_stem(path)
     if read_listed(stem)[0].sharded:  # every file's digest and the shards' layout, not loaded
-        from keisei_fn.store.sharded import verify_sharded
+        from keisei_fn.store.sharded_check import verify_sharded
 
         return verify_sharded(stem)
     return _load_stem(stem, verify=True, map_location="cpu")[1]
