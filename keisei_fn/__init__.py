@@ -56,12 +56,12 @@ from keisei_fn.store import (
 
 if TYPE_CHECKING:
     from keisei_fn.store.convert import consolidate
-    from keisei_fn.store.sharded import load_sharded, save_sharded
+    from keisei_fn.store.sharded import load_sharded, load_sharded_, save_sharded
 
 __version__ = "0.1.0"
 
 #: Sharded (FSDP) checkpoint functions: imported on first use, as they load torch.distributed.
-_SHARDED = frozenset({"load_sharded", "save_sharded"})
+_SHARDED = frozenset({"load_sharded", "load_sharded_", "save_sharded"})
 
 
 def __getattr__(name: str) -> Any:
@@ -107,6 +107,7 @@ __all__ = [
     "list_checkpoints",
     "load_model",
     "load_sharded",
+    "load_sharded_",
     "load_state",
     "make_scaler",
     "model_info",

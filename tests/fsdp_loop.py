@@ -151,7 +151,7 @@ def save_mode(mesh: DeviceMesh, run_dir: Path, out: Path, rank: int) -> dict[str
     torch.rand(7)  # move the RNG on: the load must put it back
 
     fresh = build(mesh, seed=1)
-    loaded = sharded.load_sharded(fresh[0], fresh[1], meta.path, scheduler=fresh[2])
+    loaded = sharded.load_sharded_(fresh[0], fresh[1], meta.path, scheduler=fresh[2])
     report: dict[str, Any] = {
         "saved": meta.name,
         "loaded": loaded.name,
@@ -165,19 +165,19 @@ def save_mode(mesh: DeviceMesh, run_dir: Path, out: Path, rank: int) -> dict[str
         broken = corrupt_copy(run_dir, out / "corrupt_run")
     dist.barrier()
     try:
-        sharded.load_sharded(fresh[0], fresh[1], out / "corrupt_run" / "checkpoint_ts3")
+        sharded.load_sharded_(fresh[0], fresh[1], out / "corrupt_run" / "checkpoint_ts3")
         report["corrupt"] = None
     except IntegrityError as exc:
         report["corrupt"] = {"type": type(exc).__name__, "message": str(exc)}
     report["broken"] = broken
-    fallback = sharded.load_sharded(fresh[0], fresh[1], out / "corrupt_run")
+    fallback = sharded.load_sharded_(fresh[0], fresh[1], out / "corrupt_run")
     report["fallback_step"] = fallback.step
     return report
 
 
 def load_mode(mesh: DeviceMesh, run_dir: Path, out: Path, world: int) -> dict[str, Any]:
     job = build(mesh, seed=1)
-    meta = sharded.load_sharded(job[0], job[1], run_dir, scheduler=job[2])
+    meta = sharded.load_sharded_(job[0], job[1], run_dir, scheduler=job[2])
     dump(job, out / f"loaded{world}", meta.step)
     return {"loaded": meta.name}
 

@@ -219,8 +219,21 @@ def test_one_process_round_trip_matches_capture(tmp_path):
 
     fresh, fresh_optimizer = plain_job(seed=1)
     torch.rand(3)  # the load puts the RNG back where it was when saving
-    assert sharded.load_sharded(fresh, fresh_optimizer, tmp_path).step == 5
+    assert sharded.load_sharded_(fresh, fresh_optimizer, tmp_path).step == 5
     assert_states_equal(expected, kf.capture(spec, fresh, fresh_optimizer, step=5, extra=extra))
+
+
+def test_load_sharded_is_a_deprecated_alias_of_load_sharded_(tmp_path):
+    model, optimizer = plain_job()
+    sharded.save_sharded(model, optimizer, tmp_path, step=5)
+    fresh, fresh_optimizer = plain_job(seed=1)
+    with pytest.warns(DeprecationWarning, match=r"load_sharded is deprecated.*load_sharded_") as w:
+        meta = kf.load_sharded(fresh, fresh_optimizer, tmp_path, rng=False)
+    assert w[0].filename == __file__  # points at the caller
+    assert meta.step == 5 and sharded.load_sharded.__name__ == "load_sharded"
+    assert_states_equal(
+        kf.capture(None, model, optimizer, step=5), kf.capture(None, fresh, fresh_optimizer, step=5)
+    )
 
 
 def test_one_process_errors(tmp_path):
@@ -236,7 +249,7 @@ def test_one_process_errors(tmp_path):
 
     other = torch.nn.Linear(2, 2)  # does not fit: every problem listed, nothing changed
     with pytest.raises(kf.errors.StateMismatchError, match=r"unexpected key 'stem\.weight'"):
-        sharded.load_sharded(other, None, tmp_path)
+        sharded.load_sharded_(other, None, tmp_path)
 
     sidecar = tmp_path / "checkpoint_ts5.json"
     edited = sidecar.read_bytes().replace(b'"episodes":0', b'"episodes":1')
@@ -247,9 +260,9 @@ def test_one_process_errors(tmp_path):
     single = tmp_path / "single"
     kf.save_state(kf.capture(None, model, optimizer, step=7), single)
     with pytest.raises(kf.errors.UnsupportedFormatError, match="single-file"):
-        sharded.load_sharded(model, optimizer, single / "checkpoint_ts7")
+        sharded.load_sharded_(model, optimizer, single / "checkpoint_ts7")
     with pytest.raises(kf.errors.CheckpointNotFoundError, match="no valid sharded"):
-        sharded.load_sharded(model, optimizer, single)  # no sharded checkpoint in the run dir
+        sharded.load_sharded_(model, optimizer, single)  # no sharded checkpoint in the run dir
 
 
 def test_prune_and_resume_treat_sharded_checkpoints_like_any_other(tmp_path):
@@ -306,7 +319,7 @@ def test_grad_scaler_state_is_saved_and_restored(tmp_path):
     assert kf.load_state(tmp_path).scaler == scaler.state_dict()
     fresh_model, fresh_optimizer = plain_job(seed=1)
     fresh = torch.amp.GradScaler("cpu", init_scale=2.0**16, growth_interval=3)
-    sharded.load_sharded(fresh_model, fresh_optimizer, tmp_path, scaler=fresh)
+    sharded.load_sharded_(fresh_model, fresh_optimizer, tmp_path, scaler=fresh)
     assert fresh.state_dict() == scaler.state_dict() and fresh.get_scale() == 512.0
 
 

@@ -36,7 +36,7 @@ def consolidate(sharded: PathArg, out_run_dir: PathArg) -> CheckpointMeta:
     rank reads the whole checkpoint; rank 0 writes).
 
     Args:
-        sharded: as ``source`` for :func:`keisei_fn.store.sharded.load_sharded`.
+        sharded: as ``source`` for :func:`keisei_fn.store.sharded.load_sharded_`.
         out_run_dir: the run directory to write to (not the sharded checkpoint's own).
 
     Returns:

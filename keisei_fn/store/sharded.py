@@ -4,7 +4,7 @@
 shards of the model and optimizer tensors, in parallel, through torch.distributed.checkpoint
 (DCP) and its HuggingFace safetensors writer; rank 0 writes the rest of the training state and,
 once every rank has finished and its files' digests are gathered, the sidecar: the commit
-marker. ``load_sharded`` reads it back on any number of ranks (resharding), ``load_state`` as
+marker. ``load_sharded_`` reads it back on any number of ranks (resharding), ``load_state`` as
 a plain, full TrainState in one process (like any checkpoint), and
 ``keisei_fn.store.convert.consolidate`` turns it into an ordinary single-file checkpoint that
 ``load_model`` reads on one CPU.
@@ -57,13 +57,14 @@ Example (one process also works, without FSDP or a process group):
 
 from keisei_fn.store.sharded_check import verify_sharded
 from keisei_fn.store.sharded_layout import STATE_FILE
-from keisei_fn.store.sharded_load import load_full, load_sharded
+from keisei_fn.store.sharded_load import load_full, load_sharded, load_sharded_
 from keisei_fn.store.sharded_save import save_sharded
 
 __all__ = [
     "STATE_FILE",
     "load_full",
     "load_sharded",
+    "load_sharded_",
     "save_sharded",
     "verify_sharded",
 ]

@@ -4,9 +4,11 @@ or in full, as one TrainState, in one process.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import functools
+import warnings
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, ParamSpec, TypeVar
 
 import torch
 from torch import nn
@@ -24,10 +26,13 @@ from keisei_fn.store.sharded_codec import decode_full, flatten
 from keisei_fn.store.sharded_dcp import live_state, local_path, read_shards, set_live_state
 from keisei_fn.store.sharded_layout import in_shards
 
-__all__ = ["load_full", "load_sharded"]
+__all__ = ["load_full", "load_sharded", "load_sharded_"]
+
+P = ParamSpec("P")
+R = TypeVar("R")
 
 
-def load_sharded(
+def load_sharded_(
     model: nn.Module,
     optimizer: torch.optim.Optimizer | None,
     source: PathArg,
@@ -46,7 +51,8 @@ def load_sharded(
     DCP into ``get_state_dict``'s structure and ``set_state_dict``. The optimizer's param_groups
     and non-tensor state come from the sidecar. Each rank gets its own RNG state back when the
     world size is the one saved; otherwise a warning is logged and each rank is reseeded
-    deterministically from ``(step, rank)``.
+    deterministically from ``(step, rank)``. (Its former name ``load_sharded`` still works,
+    with a ``DeprecationWarning``.)
 
     Args:
         model: the model, built and sharded the same way as the saved one (any world size).
@@ -200,3 +206,25 @@ def load_full(stem: PathArg, *, verify: bool) -> tuple[TrainState, CheckpointMet
     }
     read_shards(targets, checked.shards, alone=True)
     return decode_full(checked.sidecar, {**targets, **checked.small}), checked.meta
+
+
+def _renamed(new: Callable[P, R], *, old: str) -> Callable[P, R]:
+    """``new`` under its former name ``old``: each call warns, then forwards."""
+
+    @functools.wraps(new)
+    def alias(*args: P.args, **kwargs: P.kwargs) -> R:
+        warnings.warn(
+            f"{old} is deprecated: it is called {new.__name__} now (it changes its arguments); "
+            "the arguments are the same",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        return new(*args, **kwargs)
+
+    alias.__name__ = alias.__qualname__ = old
+    alias.__doc__ = f"Deprecated: use :func:`{new.__name__}` (same arguments)."
+    return alias
+
+
+#: The former name of :func:`load_sharded_`; warns (``DeprecationWarning``), then forwards.
+load_sharded = _renamed(load_sharded_, old="load_sharded")
