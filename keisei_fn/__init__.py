@@ -16,6 +16,7 @@ Example:
 from typing import TYPE_CHECKING, Any
 
 from keisei_fn import errors
+from keisei_fn._version import __version__
 from keisei_fn.capture import capture, restore_
 from keisei_fn.features import FEATURE_SPECS, FeatureSpec, get_feature_spec, register_feature_set
 from keisei_fn.info import model_info
@@ -57,8 +58,6 @@ from keisei_fn.store import (
 if TYPE_CHECKING:
     from keisei_fn.store.convert import consolidate
     from keisei_fn.store.sharded import load_sharded, load_sharded_, save_sharded
-
-__version__ = "0.1.0"
 
 #: Sharded (FSDP) checkpoint functions: imported on first use, as they load torch.distributed.
 _SHARDED = frozenset({"load_sharded", "load_sharded_", "save_sharded"})

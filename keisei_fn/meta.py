@@ -32,6 +32,7 @@ import blake3
 import safetensors
 import torch
 
+from keisei_fn._version import __version__
 from keisei_fn.codec import DTYPE_NAMES, dumps, loads
 from keisei_fn.errors import IntegrityError, UnsupportedFormatError
 from keisei_fn.paths import PathArg, RunPath, run_path
@@ -79,8 +80,6 @@ def digest_bytes(data: bytes | bytearray | memoryview) -> str:
 
 
 def _versions() -> dict[str, str]:
-    from keisei_fn import __version__
-
     return {
         "keisei_fn": __version__,
         "torch": torch.__version__,
