@@ -318,6 +318,8 @@ class CheckpointMeta:
             ``"extra/table"``: a meta never loads tensors).
         shards_dir: a sharded checkpoint's shards directory name (None: a single file).
         world_size: how many ranks wrote a sharded checkpoint (1 for a single file).
+        sidecar_size: the sidecar's byte size: its canonical bytes, which are the file's (0 for
+            a meta built by hand rather than from a sidecar).
     """
 
     path: RunPath
@@ -337,6 +339,7 @@ class CheckpointMeta:
     extra: Mapping[str, Any] = field(default_factory=dict)
     shards_dir: str | None = None
     world_size: int = 1
+    sidecar_size: int = 0
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "path", run_path(self.path))
@@ -373,13 +376,8 @@ class CheckpointMeta:
 
     @property
     def total_bytes(self) -> int:
-        """Weights plus sidecar bytes on disk (sidecar size read lazily)."""
-        from keisei_fn.store._fs import file_size
-
-        try:
-            return self.weights_size + file_size(self.sidecar_path)
-        except OSError:
-            return self.weights_size
+        """Weights (every shard file of a sharded checkpoint) plus sidecar bytes on disk."""
+        return self.weights_size + self.sidecar_size
 
     def replace(self, **changes: Any) -> CheckpointMeta:
         """Return a copy with ``changes`` applied."""
@@ -415,6 +413,7 @@ class CheckpointMeta:
                 extra=decode_json(state.get("extra") or {}, tensors=_TensorNames()),
                 shards_dir=sidecar["shards"]["dir"] if "shards" in sidecar else None,
                 world_size=sidecar["shards"]["world_size"] if "shards" in sidecar else 1,
+                sidecar_size=len(dumps(dict(sidecar))),  # check_sidecar: the file holds them
             )
         except (KeyError, TypeError, AttributeError) as exc:
             raise IntegrityError(f"sidecar {sidecar.get('name')!r} is malformed: {exc!r}") from exc

@@ -529,6 +529,14 @@ def test_plan_prune_properties(
             assert max(step[n] for n in dropped) < min(step[n] for n in kept_by_rule)
 
 
+def test_total_bytes_is_what_a_checkpoint_takes_on_disk(run_dir: Path) -> None:
+    saved = save_state(small_state(10), run_dir)
+    on_disk = sum(p.stat().st_size for p in run_dir.glob("checkpoint_ts10.*"))
+    assert saved.total_bytes == on_disk == list_checkpoints(run_dir)[0].total_bytes
+    kept = plan_prune(list_checkpoints(run_dir), RetentionPolicy(max_bytes=on_disk)).keep
+    assert "checkpoint_ts10" in kept
+
+
 def test_plan_prune_rules_by_example() -> None:
     def meta(step: int, kind: str = "periodic", **extra: float) -> CheckpointMeta:
         name = "final_model" if kind == "final_model" else f"checkpoint_ts{step}"
