@@ -499,7 +499,8 @@ def test_plan_prune_properties(
     if (newest := _newest_resume_point(metas)) is not None:
         always.add(newest)
     assert always <= keep, plan
-    periodic = sorted((m for m in metas if m.kind == "periodic"), key=lambda m: m.step)
+    # ties (one step, several prefixes) by name, as plan_prune orders them
+    periodic = sorted((m for m in metas if m.kind == "periodic"), key=lambda m: (m.step, m.name))
     wanted = set()
     if policy.keep_last is None:
         wanted |= {m.name for m in periodic}
