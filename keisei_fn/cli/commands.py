@@ -44,12 +44,10 @@ def _publish_status(run_dir: RunPath) -> dict[str, str]:
 
 def cmd_ls(args: argparse.Namespace) -> int:
     """A table of a run directory's checkpoints, including invalid and incomplete ones."""
-    from keisei_fn.store._fs import file_size, is_directory
-    from keisei_fn.store.checkpoints import verify_checkpoint
-    from keisei_fn.store.listing import scan_run_dir
+    from keisei_fn.store import directory_exists, scan_run_dir, stored_size, verify_checkpoint
 
     run_dir = run_path(args.run_dir)
-    if not is_directory(run_dir):
+    if not directory_exists(run_dir):
         raise FileNotFoundError(f"no run directory {run_dir}")
     scan = scan_run_dir(run_dir)
     published = _publish_status(run_dir)
@@ -76,7 +74,7 @@ def cmd_ls(args: argparse.Namespace) -> int:
     for path, error in (*scan.invalid, *scan.unreadable):
         rows.append([path.name, "?", "?", "?", "?", f"INVALID: {type(error).__name__}", "-"])
     for path in scan.leftovers:
-        size = "-" if is_directory(path) else human_bytes(file_size(path))
+        size = "-" if (found := stored_size(path)) is None else human_bytes(found)
         rows.append([path.name, "?", "?", size, "?", "incomplete", "-"])
     if not rows:
         print(f"{run_dir}: no checkpoints")

@@ -43,10 +43,10 @@ from typing import Any, Literal
 
 from keisei_fn.errors import IntegrityError, UnsupportedFormatError
 from keisei_fn.meta import CheckpointMeta
-from keisei_fn.paths import PathArg, RunPath, is_remote, run_path
+from keisei_fn.paths import PathArg, RunPath, run_path
 from keisei_fn.publish.plan import Publication, plan_publication
 from keisei_fn.state import thaw
-from keisei_fn.store._fs import copy_file
+from keisei_fn.store import local_checkpoint_files
 from keisei_fn.store.ledger import append_ledger, pending_publications, read_ledger
 from keisei_fn.store.listing import read_listed
 from keisei_fn.store.locate import resolve_stem
@@ -183,14 +183,10 @@ def _build_artifact(wandb: Any, run_dir: RunPath, plan: Publication) -> Any:
         description=plan.description,
         metadata=thaw(plan.metadata),
     )
-    stem = run_dir / plan.checkpoint
+    # W&B adds local files: a remote checkpoint's are fetched (and W&B copies them again)
     with tempfile.TemporaryDirectory(prefix="keisei-fn-publish-") as staging:
-        for path in (weights_path(stem), sidecar_path(stem)):
-            local = path
-            if is_remote(path):  # W&B adds local files: fetch a copy (W&B copies it again)
-                local = Path(staging) / path.name
-                copy_file(path, local)
-            artifact.add_file(str(local), name=path.name)
+        for local in local_checkpoint_files(run_dir / plan.checkpoint, Path(staging)):
+            artifact.add_file(str(local), name=local.name)
     return artifact
 
 

@@ -3,7 +3,8 @@
 Submodules: ``checkpoints`` (save/load/verify), ``listing`` (validity, list, latest),
 ``locate`` (which checkpoint a user's path names), ``resume``, ``retention`` (RetentionPolicy,
 plan_prune, prune), ``checkpointer`` (the loop-facing helper), ``background`` (AsyncSaver),
-``ledger`` (the publication ledger), ``legacy`` (Keisei ``.pth`` import), ``convert``
+``ledger`` (the publication ledger), ``files`` (directory checks, sizes and local copies
+for the CLI and ``publish``), ``legacy`` (Keisei ``.pth`` import), ``convert``
 (``consolidate``: a sharded checkpoint → a single-file one), ``sharded`` (FSDP2 checkpoints
 through DCP, imported on first use; its parts are the ``sharded_*`` modules), ``weights`` (the
 safetensors file), ``names`` and ``_fs`` (file primitives for local paths and fsspec URLs
@@ -20,6 +21,7 @@ from keisei_fn.store.checkpoints import (
     save_state,
     verify_checkpoint,
 )
+from keisei_fn.store.files import directory_exists, local_checkpoint_files, stored_size
 from keisei_fn.store.ledger import append_ledger, pending_publications, read_ledger
 from keisei_fn.store.legacy import import_legacy
 from keisei_fn.store.listing import RunDirScan, latest_checkpoint, list_checkpoints, scan_run_dir
@@ -37,12 +39,14 @@ __all__ = [
     "SaveResult",
     "append_ledger",
     "checkpoint_due",
+    "directory_exists",
     "import_legacy",
     "latest_checkpoint",
     "list_checkpoints",
     "load_model",
     "load_state",
     "load_state_with_meta",
+    "local_checkpoint_files",
     "pending_publications",
     "plan_prune",
     "prune",
@@ -52,5 +56,6 @@ __all__ = [
     "save_final_model",
     "save_state",
     "scan_run_dir",
+    "stored_size",
     "verify_checkpoint",
 ]
