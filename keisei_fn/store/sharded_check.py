@@ -174,6 +174,12 @@ def verify_sharded(stem: PathArg) -> CheckpointMeta:
     digest, the shards' headers against the sidecar (each tensor covered exactly once), and
     the small state file (``verify_checkpoint`` calls it for sharded checkpoints).
 
+    Args:
+        stem: the checkpoint's stem.
+
+    Returns:
+        Its meta.
+
     Raises:
         SpecError: for a URL (sharded checkpoints are local).
         IntegrityError, IncompleteCheckpointError, UnsupportedFormatError: naming the file.

@@ -41,13 +41,13 @@ def hf_storage() -> ModuleType:
         SpecError: on a torch without it (sharded saves need torch >= 2.9).
     """
     try:
-        from torch.distributed.checkpoint import hf_storage
+        from torch.distributed.checkpoint import hf_storage as storage
     except ImportError as exc:
         raise SpecError(
             "sharded checkpoints need torch.distributed.checkpoint's safetensors storage "
             f"(torch >= 2.9); this is torch {torch.__version__}"
         ) from exc
-    return hf_storage
+    return storage
 
 
 def _failures(exc: CheckpointException) -> str:

@@ -194,6 +194,13 @@ def load_full(stem: PathArg, *, verify: bool) -> tuple[TrainState, CheckpointMet
     ``optimizer.state_dict()``'s layout (params numbered through the param groups), ``rng``
     holds every saved rank's RNG state (``{"world_size", "ranks"}``).
 
+    Args:
+        stem: the checkpoint's stem (local).
+        verify: check every file's digest.
+
+    Returns:
+        ``(state, meta)``.
+
     Raises:
         SpecError: for a URL (sharded checkpoints are local).
         IntegrityError, IncompleteCheckpointError, UnsupportedFormatError: as ``load_state``.
