@@ -50,7 +50,7 @@ from keisei_fn.store._fs import copy_file
 from keisei_fn.store.checkpoints import resolve_stem
 from keisei_fn.store.ledger import append_ledger, pending_publications, read_ledger
 from keisei_fn.store.listing import read_listed
-from keisei_fn.store.names import parse_stem, sidecar_path, weights_path
+from keisei_fn.store.names import parse_stem
 
 __all__ = ["PUBLISH_ENV", "PublishResult", "flush_outbox", "publish", "publishing_enabled"]
 
@@ -183,9 +183,9 @@ def _build_artifact(wandb: Any, run_dir: RunPath, plan: Publication) -> Any:
         description=plan.description,
         metadata=thaw(plan.metadata),
     )
-    stem = run_dir / plan.checkpoint
+    meta = _planned_meta(run_dir, plan)
     with tempfile.TemporaryDirectory(prefix="keisei-fn-publish-") as staging:
-        for path in (weights_path(stem), sidecar_path(stem)):
+        for path in (meta.weights_path, meta.sidecar_path):
             local = path
             if is_remote(path):  # W&B adds local files: fetch a copy (W&B copies it again)
                 local = Path(staging) / path.name
@@ -198,7 +198,7 @@ def _discard_staged(artifact: Any | None, run_dir: RunPath, plan: Publication) -
     """Remove W&B's staged copies of an artifact that was not logged."""
     if artifact is None:
         return
-    ours = {str(p(run_dir / plan.checkpoint)) for p in (weights_path, sidecar_path)}
+    ours = {str(run_dir / name) for name in artifact.manifest.entries}
     for entry in artifact.manifest.entries.values():
         if entry.local_path and str(entry.local_path) not in ours:
             with contextlib.suppress(OSError):
@@ -390,16 +390,27 @@ def publish(
 def _pending_plan(run_dir: RunPath, record: Mapping[str, Any]) -> Publication:
     """The publication a pending ledger record describes, its checkpoint still on disk."""
     plan = Publication.from_record(record)
+    _planned_meta(run_dir, plan)
+    return plan
+
+
+def _planned_meta(run_dir: RunPath, plan: Publication) -> CheckpointMeta:
+    """The checkpoint a publication is of, as it is on disk now (its files by the names its
+    sidecar gives).
+
+    Raises:
+        IntegrityError: the plan names no checkpoint, or the checkpoint was replaced since.
+    """
     parsed = parse_stem(plan.checkpoint)
     if parsed is None or parsed.stem != plan.checkpoint:
         raise IntegrityError(f"ledger names {plan.checkpoint!r}, not a checkpoint of {run_dir}")
     current = read_listed(run_dir / plan.checkpoint)[0]
     if current.weights_digest != plan.digest:
         raise IntegrityError(
-            f"{current.weights_path}: weights digest is {current.weights_digest}, the pending "
+            f"{current.weights_path}: weights digest is {current.weights_digest}, the "
             f"publication is of {plan.digest}; the checkpoint was replaced since"
         )
-    return plan
+    return current
 
 
 def flush_outbox(

@@ -452,7 +452,8 @@ def _start(stem: Path, shards: Path, encoded: _Encoded, *, overwrite: bool) -> t
         )
     shards.mkdir()
     try:
-        return write_weights(encoded.small, shards / STATE_FILE)
+        written = write_weights(encoded.small, shards / STATE_FILE)
+        return written.size, written.digest
     except BaseException:
         shutil.rmtree(shards, ignore_errors=True)
         raise
