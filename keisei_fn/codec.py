@@ -51,6 +51,7 @@ __all__ = [
     "DTYPE_NAMES",
     "EncodedState",
     "Store",
+    "check_json_cost",
     "check_storable",
     "decode_json",
     "decode_state",
@@ -217,6 +218,37 @@ def dumps(data: Any) -> bytes:
         return orjson.dumps(data, option=orjson.OPT_SORT_KEYS)
     except orjson.JSONEncodeError as exc:
         raise UnsupportedValueError(f"cannot write as JSON: {exc}") from exc
+
+
+def check_json_cost(
+    raw: bytes | bytearray | memoryview, *, max_values: int, max_containers: int, where: str
+) -> None:
+    """Refuse JSON whose parse could cost far more memory than its bytes, before parsing it.
+
+    Parsing amplifies: three bytes ``{},`` become a 64-byte dict, four bytes ``1e0,`` a 32-byte
+    float. Counting commas (values) and opening brackets (containers) bounds the objects a
+    parse can create, in one pass over the bytes. Characters inside strings count too, so the
+    counts are upper bounds: a refusal may be conservative, never too lenient.
+
+    Raises:
+        IntegrityError: naming ``where``, when a count is over its cap.
+
+    Example:
+        >>> check_json_cost(b"[1,2,3]", max_values=10, max_containers=1, where="x")
+        >>> check_json_cost(b"[[],[]]", max_values=10, max_containers=2, where="x")
+        Traceback (most recent call last):
+        ...
+        keisei_fn.errors.IntegrityError: x: 3 JSON containers, more than the cap of 2
+    """
+    data = bytes(raw) if isinstance(raw, memoryview) else raw
+    containers = data.count(b"{") + data.count(b"[")
+    if containers > max_containers:
+        raise IntegrityError(
+            f"{where}: {containers} JSON containers, more than the cap of {max_containers}"
+        )
+    values = data.count(b",") + containers
+    if values > max_values:
+        raise IntegrityError(f"{where}: {values} JSON values, more than the cap of {max_values}")
 
 
 def loads(raw: bytes | str) -> Any:

@@ -6,35 +6,47 @@ file's size and BLAKE3 digest, the creation time (UTC), the library versions, an
 digest**: BLAKE3 of its canonical bytes without the ``digest`` field, so an edit to the sidecar
 is detected too.
 
-A sharded checkpoint (``keisei_fn.store.sharded``) has a format-version-2 sidecar: the same
-fields plus ``"layout": "sharded"`` and ``"shards"`` (its directory, the world size, every
-file's size and digest); its ``"weights"`` hold the files' total size and the digest of that file
-table. Single-file checkpoints are still written as version 1, so an older keisei_fn reads them
-and refuses a sharded one as a newer format instead of taking it for an incomplete checkpoint.
+Format versions (every one is still read):
+
+- **3** (written now): a single weights file under a fresh *generation* name
+  ``<name>.<token>.safetensors``, recorded in ``weights.file``, and every tensor's own BLAKE3
+  digest in ``tensors``. The sidecar names its payload, so a replacement writes the new payload
+  beside the old one and commits by replacing the sidecar (see ``keisei_fn.store.commit``).
+- **2**: a sharded checkpoint (``keisei_fn.store.sharded``): ``"layout": "sharded"`` and
+  ``"shards"`` (its directory, the world size, every file's size and digest); its ``"weights"``
+  hold the files' total size and the digest of that file table.
+- **1**: a single weights file named ``<name>.safetensors``, no per-tensor digests.
+
+What a hostile sidecar can cost is bounded before it is parsed: at most
+:data:`MAX_SIDECAR_BYTES` bytes, :data:`MAX_SIDECAR_VALUES` values and
+:data:`MAX_SIDECAR_CONTAINERS` objects and arrays (``keisei_fn.codec.check_json_cost``); the
+self-digest is checked on the file's own bytes, without serialising the parsed sidecar again.
 
 Example:
     >>> sidecar = build_sidecar({"step": 1}, name="checkpoint_ts1", kind="periodic",
-    ...     tensors={}, aliases={}, weights_size=8, weights_digest="blake3:00")
-    >>> check_sidecar(dumps(sidecar), name="checkpoint_ts1")["kind"]
-    'periodic'
+    ...     tensors={}, aliases={}, weights_file="checkpoint_ts1.0123abcd.safetensors",
+    ...     weights_size=8, weights_digest="blake3:00", tensor_digests={})
+    >>> checked = check_sidecar(dumps(sidecar), name="checkpoint_ts1")
+    >>> checked["format_version"], checked["weights"]["file"]
+    (3, 'checkpoint_ts1.0123abcd.safetensors')
 """
 
 from __future__ import annotations
 
 import platform
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, TypeVar
 
 import blake3
 import safetensors
 import torch
 
 from keisei_fn._version import __version__
-from keisei_fn.codec import DTYPE_NAMES, dumps, loads
-from keisei_fn.errors import IntegrityError, UnsupportedFormatError
+from keisei_fn.codec import DTYPE_NAMES, check_json_cost, dumps, loads
+from keisei_fn.errors import IntegrityError, SpecError, UnsupportedFormatError
 from keisei_fn.paths import PathArg, RunPath, run_path
 from keisei_fn.spec import ModelSpec
 from keisei_fn.state import GameStats, freeze
@@ -43,6 +55,10 @@ __all__ = [
     "FORMAT_NAME",
     "FORMAT_VERSION",
     "KINDS",
+    "MAX_SIDECAR_BYTES",
+    "MAX_SIDECAR_CONTAINERS",
+    "MAX_SIDECAR_VALUES",
+    "NEWEST_FORMAT_VERSION",
     "SHARDED_FORMAT_VERSION",
     "CheckpointMeta",
     "build_sharded_sidecar",
@@ -52,10 +68,24 @@ __all__ = [
 ]
 
 FORMAT_NAME = "keisei_fn.checkpoint"
-#: The format version of single-file checkpoints.
-FORMAT_VERSION = 1
-#: The format version of sharded checkpoints (``"layout": "sharded"``); the newest one read.
+#: The format version of single-file checkpoints written now (generation-named weights file,
+#: per-tensor digests).
+FORMAT_VERSION = 3
+#: The format version of sharded checkpoints (``"layout": "sharded"``).
 SHARDED_FORMAT_VERSION = 2
+#: The first format version: the weights file is ``<name>.safetensors``.
+LEGACY_SINGLE_FILE_VERSION = 1
+#: The newest format version this keisei_fn reads.
+NEWEST_FORMAT_VERSION = 3
+#: Sidecars larger than this are refused unread. A default Keisei checkpoint's sidecar is
+#: ~60 KB; one carrying 160,000 floats of metrics history is 1.8 MB (17x margin).
+MAX_SIDECAR_BYTES = 32 * 1024 * 1024
+#: At most this many JSON values (commas + containers): 165,000 in that metrics-heavy sidecar.
+#: A float costs 32 bytes parsed, so 1 M values cost at most ~32 MB.
+MAX_SIDECAR_VALUES = 1_000_000
+#: At most this many JSON objects/arrays: two per tensor (its entry and its shape), ~1,100 for
+#: a default checkpoint with Adam state. A small dict costs up to ~232 bytes parsed: ~30 MB.
+MAX_SIDECAR_CONTAINERS = 131_072
 SHARDED = "sharded"
 #: periodic: a resume point; final: the last full state of a run; final_model: weights only.
 KINDS = ("periodic", "final", "final_model")
@@ -72,6 +102,9 @@ _REQUIRED = {
     "versions": dict,
     "digest": str,
 }
+T = TypeVar("T")
+#: A payload's generation suffix: ``<name>.<token>.safetensors``.
+_GENERATION = r"\.[0-9a-f]{8,64}\.safetensors"
 
 
 def digest_bytes(data: bytes | bytearray | memoryview) -> str:
@@ -95,11 +128,13 @@ def build_sidecar(
     kind: str,
     tensors: Mapping[str, torch.Tensor],
     aliases: Mapping[str, str],
+    weights_file: str,
     weights_size: int,
     weights_digest: str,
+    tensor_digests: Mapping[str, str],
     created: str | None = None,
 ) -> dict[str, Any]:
-    """Assemble a complete sidecar dict (with its own digest) for an encoded state.
+    """Assemble a complete format-3 sidecar (with its own digest) for an encoded state.
 
     Args:
         header: the JSON state part from ``keisei_fn.codec.encode_state``.
@@ -107,29 +142,65 @@ def build_sidecar(
         kind: one of :data:`KINDS`.
         tensors: the stored tensors (their dtypes and shapes are recorded).
         aliases: alias name → stored name.
+        weights_file: the weights file's name, ``<name>.<token>.safetensors``.
         weights_size: byte size of the weights file.
         weights_digest: its digest.
+        tensor_digests: stored name → digest of that tensor's bytes, for every tensor.
         created: ISO-8601 UTC time; now when None.
 
     Raises:
-        ValueError: for an unknown kind.
+        SpecError: for an unknown kind, a weights file name that is not a generation name of
+            ``name``, or tensors without a digest.
     """
+    if not re.fullmatch(re.escape(name) + _GENERATION, weights_file):
+        raise SpecError(f"{weights_file!r} is not a weights file name for {name!r}")
+    if set(tensor_digests) != set(tensors):
+        raise SpecError("tensor_digests must hold a digest for every tensor and nothing else")
+    sidecar = _base_sidecar(
+        header,
+        name=name,
+        kind=kind,
+        tensors={
+            k: {"dtype": DTYPE_NAMES[t.dtype], "shape": list(t.shape), "digest": tensor_digests[k]}
+            for k, t in tensors.items()
+        },
+        aliases=aliases,
+        weights={"file": weights_file, "size": weights_size, "digest": weights_digest},
+        created=created,
+    )
+    sidecar["format_version"] = FORMAT_VERSION
+    return _sealed(sidecar)
+
+
+def _base_sidecar(
+    header: Mapping[str, Any],
+    *,
+    name: str,
+    kind: str,
+    tensors: dict[str, dict[str, Any]],
+    aliases: Mapping[str, str],
+    weights: dict[str, Any],
+    created: str | None,
+) -> dict[str, Any]:
+    """The fields every format version shares (no version, no digest yet)."""
     if kind not in KINDS:
-        raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
-    sidecar = {
+        raise SpecError(f"kind must be one of {KINDS}, got {kind!r}")
+    return {
         "format": FORMAT_NAME,
-        "format_version": FORMAT_VERSION,
         "name": name,
         "kind": kind,
         "state": dict(header),
-        "tensors": {
-            k: {"dtype": DTYPE_NAMES[t.dtype], "shape": list(t.shape)} for k, t in tensors.items()
-        },
+        "tensors": tensors,
         "aliases": dict(aliases),
-        "weights": {"size": weights_size, "digest": weights_digest},
+        "weights": weights,
         "created": created or datetime.now(UTC).isoformat(timespec="microseconds"),
         "versions": _versions(),
     }
+
+
+def _sealed(sidecar: dict[str, Any]) -> dict[str, Any]:
+    """``sidecar`` with its own digest: of its canonical bytes without the digest field."""
+    sidecar.pop("digest", None)
     sidecar["digest"] = digest_bytes(dumps(sidecar))
     return sidecar
 
@@ -152,8 +223,9 @@ def build_sharded_sidecar(
 ) -> dict[str, Any]:
     """Assemble a sharded checkpoint's sidecar (format version 2) with its own digest.
 
-    It is :func:`build_sidecar`'s sidecar plus ``"layout": "sharded"`` and ``"shards"``;
-    ``"weights"`` holds the files' total size and the digest of the file table.
+    It records what :func:`build_sidecar` records (without per-tensor digests: the shard files
+    carry digests of their own) plus ``"layout": "sharded"`` and ``"shards"``; ``"weights"``
+    holds the files' total size and the digest of the file table.
 
     Args:
         header: the JSON state part.
@@ -167,7 +239,7 @@ def build_sharded_sidecar(
         created: ISO-8601 UTC time; now when None.
 
     Raises:
-        ValueError: for an unknown kind.
+        SpecError: for an unknown kind.
 
     Example:
         >>> s = build_sharded_sidecar({"step": 1}, name="checkpoint_ts1", kind="periodic",
@@ -176,22 +248,24 @@ def build_sharded_sidecar(
         (2, 'sharded', 'checkpoint_ts1.ab.shards')
     """
     table = {f: {"size": size, "digest": digest} for f, (size, digest) in sorted(files.items())}
-    sidecar = build_sidecar(
+    sidecar = _base_sidecar(
         header,
         name=name,
         kind=kind,
-        tensors=tensors,
+        tensors={
+            k: {"dtype": DTYPE_NAMES[t.dtype], "shape": list(t.shape)} for k, t in tensors.items()
+        },
         aliases={},
-        weights_size=sum(size for size, _ in files.values()),
-        weights_digest=_manifest_digest(table),
+        weights={
+            "size": sum(size for size, _ in files.values()),
+            "digest": _manifest_digest(table),
+        },
         created=created,
     )
-    del sidecar["digest"]
     sidecar["format_version"] = SHARDED_FORMAT_VERSION
     sidecar["layout"] = SHARDED
     sidecar["shards"] = {"dir": shards_dir, "world_size": world_size, "files": table}
-    sidecar["digest"] = digest_bytes(dumps(sidecar))
-    return sidecar
+    return _sealed(sidecar)
 
 
 def _plain_name(value: Any) -> bool:
@@ -234,9 +308,64 @@ def _shards_problem(sidecar: Mapping[str, Any]) -> str | None:
     return None
 
 
+def _single_file_problem(sidecar: Mapping[str, Any]) -> str | None:
+    """What is wrong with a version-1 or version-3 sidecar's weights and tensors entries."""
+    if "shards" in sidecar or "layout" in sidecar:
+        return f"a version-{sidecar['format_version']} sidecar with a shards entry"
+    weights = sidecar["weights"]
+    if type(weights.get("size")) is not int or weights["size"] < 0:
+        return f"weights size {weights.get('size')!r} is not an int >= 0"
+    if not isinstance(weights.get("digest"), str):
+        return "the weights digest is missing"
+    for key, entry in sidecar["tensors"].items():
+        if not isinstance(entry, dict) or not isinstance(entry.get("shape"), list):
+            return f"tensor entry {key!r} is malformed"
+    if sidecar["format_version"] == LEGACY_SINGLE_FILE_VERSION:
+        return None
+    file = weights.get("file")
+    pattern = re.escape(sidecar["name"]) + _GENERATION
+    if not isinstance(file, str) or not re.fullmatch(pattern, file):
+        return f"weights file {file!r} is not a name for this checkpoint"
+    if not all(isinstance(e.get("digest"), str) for e in sidecar["tensors"].values()):
+        return "a tensor entry has no digest"
+    return None
+
+
+#: The start of every sidecar keisei_fn writes (keys sorted: ``aliases`` (a flat str → str
+#: object), ``created``, ``digest``). Quotes inside JSON strings are escaped, so ``},"created":"``
+#: can only be structure: the match is exact.
+_SEALED_PREFIX = re.compile(
+    rb'\{"aliases":\{.*?\},"created":"[^"\\]*",(?P<member>"digest":"(?P<digest>[^"\\]*)",)',
+    re.DOTALL,
+)
+
+
+def _check_own_digest(raw: bytes, sidecar: dict[str, Any], where: str) -> None:
+    """The recorded self-digest is BLAKE3 of the sidecar's bytes without its digest member.
+
+    For the canonical bytes keisei_fn writes, those are exactly the canonical bytes of the
+    sidecar without its ``digest`` field, so this checks what :func:`_sealed` computed, on the
+    file's own bytes: any changed byte (whitespace, number spelling, key order) is detected,
+    and nothing is serialised again (no second copy of a large sidecar in memory).
+    """
+    recorded = sidecar["digest"]
+    match = _SEALED_PREFIX.match(raw)
+    if match is None or match["digest"].decode() != recorded:
+        raise IntegrityError(f"{where}: the sidecar is not in canonical form; it was edited")
+    start, end = match.span("member")
+    hasher = blake3.blake3(max_threads=blake3.blake3.AUTO)
+    hasher.update(memoryview(raw)[:start])
+    hasher.update(memoryview(raw)[end:])
+    actual = "blake3:" + hasher.hexdigest()
+    if actual != recorded:
+        raise IntegrityError(
+            f"{where}: the sidecar was modified (digest {actual}, recorded {recorded})"
+        )
+
+
 def check_sidecar(raw: bytes, *, name: str | None = None, where: str = "sidecar") -> dict[str, Any]:
-    """Parse and check a sidecar's bytes: JSON, own digest, known format version, canonical
-    bytes (so every changed byte is detected), name.
+    """Parse and check a sidecar's bytes: size and cost caps, JSON, own digest, known format
+    version, name, and the fields of its format version.
 
     Args:
         raw: the file's bytes.
@@ -247,9 +376,17 @@ def check_sidecar(raw: bytes, *, name: str | None = None, where: str = "sidecar"
         The parsed sidecar.
 
     Raises:
-        IntegrityError: unparsable, a field missing or mistyped, a digest or name mismatch.
+        IntegrityError: over a cap, unparsable, a field missing or mistyped, a digest or name
+            mismatch.
         UnsupportedFormatError: another format, or a newer format version.
     """
+    if len(raw) > MAX_SIDECAR_BYTES:
+        raise IntegrityError(
+            f"{where}: {len(raw)} bytes is larger than the {MAX_SIDECAR_BYTES}-byte limit"
+        )
+    check_json_cost(
+        raw, max_values=MAX_SIDECAR_VALUES, max_containers=MAX_SIDECAR_CONTAINERS, where=where
+    )
     try:
         sidecar = loads(raw)
     except IntegrityError as exc:
@@ -260,35 +397,33 @@ def check_sidecar(raw: bytes, *, name: str | None = None, where: str = "sidecar"
         )
     # The digest first: a changed byte anywhere (even in "format" or "format_version") is
     # corruption, not a foreign or newer file. Every format version digests the same way.
-    recorded = sidecar.get("digest")
-    if isinstance(recorded, str):
-        actual = digest_bytes(dumps({k: v for k, v in sidecar.items() if k != "digest"}))
-        if recorded != actual:
-            raise IntegrityError(
-                f"{where}: the sidecar was modified (digest {actual}, recorded {recorded})"
-            )
+    if isinstance(sidecar.get("digest"), str):
+        _check_own_digest(raw, sidecar, where)
     if sidecar.get("format") != FORMAT_NAME:
         found = sidecar.get("format")
         raise UnsupportedFormatError(f"{where}: not a {FORMAT_NAME} sidecar (format {found!r})")
     for key, kind in _REQUIRED.items():
         if not isinstance(sidecar.get(key), kind) or isinstance(sidecar.get(key), bool):
             raise IntegrityError(f"{where}: field {key!r} is missing or not a {kind.__name__}")
-    if sidecar["format_version"] > SHARDED_FORMAT_VERSION:
+    version = sidecar["format_version"]
+    if version > NEWEST_FORMAT_VERSION:
         raise UnsupportedFormatError(
-            f"{where}: format version {sidecar['format_version']} is newer than this "
-            f"keisei_fn reads ({SHARDED_FORMAT_VERSION}); upgrade keisei_fn"
+            f"{where}: format version {version} is newer than this keisei_fn reads "
+            f"({NEWEST_FORMAT_VERSION}); upgrade keisei_fn"
         )
-    if dumps(sidecar) != raw:  # same values, other bytes (whitespace, "1E5" for "1e5", ...)
-        raise IntegrityError(f"{where}: the sidecar is not in canonical form; it was edited")
+    if version < LEGACY_SINGLE_FILE_VERSION:
+        raise IntegrityError(f"{where}: unknown format version {version}")
     if name is not None and sidecar["name"] != name:
         raise IntegrityError(f"{where}: sidecar is for {sidecar['name']!r}, file is {name!r}")
     if sidecar["kind"] not in KINDS:
         raise IntegrityError(f"{where}: unknown kind {sidecar['kind']!r}")
-    if sidecar["format_version"] == SHARDED_FORMAT_VERSION:
-        if problem := _shards_problem(sidecar):
-            raise IntegrityError(f"{where}: {problem}")
-    elif "shards" in sidecar or "layout" in sidecar:
-        raise IntegrityError(f"{where}: a version-1 sidecar with a shards entry")
+    problem = (
+        _shards_problem(sidecar)
+        if version == SHARDED_FORMAT_VERSION
+        else _single_file_problem(sidecar)
+    )
+    if problem:
+        raise IntegrityError(f"{where}: {problem}")
     return sidecar
 
 
@@ -318,6 +453,11 @@ class CheckpointMeta:
             ``"extra/table"``: a meta never loads tensors).
         shards_dir: a sharded checkpoint's shards directory name (None: a single file).
         world_size: how many ranks wrote a sharded checkpoint (1 for a single file).
+        weights_file: a single-file checkpoint's weights file name (format 3:
+            ``<name>.<token>.safetensors``; format 1: ``<name>.safetensors``); for a sharded
+            checkpoint its shards directory.
+        tensor_digests: stored name → BLAKE3 digest of that tensor's bytes (format 3; empty
+            for older formats and sharded checkpoints).
         sidecar_size: the sidecar's byte size: its canonical bytes, which are the file's (0 for
             a meta built by hand rather than from a sidecar).
     """
@@ -339,10 +479,15 @@ class CheckpointMeta:
     extra: Mapping[str, Any] = field(default_factory=dict)
     shards_dir: str | None = None
     world_size: int = 1
+    weights_file: str = ""
+    tensor_digests: Mapping[str, str] = field(default_factory=dict)
     sidecar_size: int = 0
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "path", run_path(self.path))
+        if not self.weights_file:
+            object.__setattr__(self, "weights_file", self.shards_dir or self.name + ".safetensors")
+        object.__setattr__(self, "tensor_digests", freeze(dict(self.tensor_digests)))
         object.__setattr__(self, "tensors", freeze(dict(self.tensors)))
         object.__setattr__(self, "versions", freeze(dict(self.versions)))
         object.__setattr__(self, "extra", freeze(dict(self.extra)))
@@ -354,10 +499,9 @@ class CheckpointMeta:
 
     @property
     def weights_path(self) -> RunPath:
-        """``<run_dir>/<name>.safetensors``, or a sharded checkpoint's shards directory."""
-        if self.shards_dir is not None:
-            return self.path.parent / self.shards_dir
-        return self.path.parent / (self.name + ".safetensors")
+        """The payload the sidecar names: the weights file, or a sharded checkpoint's shards
+        directory."""
+        return self.path.parent / self.weights_file
 
     @property
     def sidecar_path(self) -> RunPath:
@@ -384,36 +528,81 @@ class CheckpointMeta:
         return replace(self, **changes)
 
     @classmethod
-    def from_sidecar(cls, sidecar: Mapping[str, Any], *, run_dir: PathArg) -> CheckpointMeta:
+    def from_sidecar(
+        cls, sidecar: Mapping[str, Any], *, run_dir: PathArg, sidecar_size: int = 0
+    ) -> CheckpointMeta:
         """Build the meta from a checked sidecar (see :func:`check_sidecar`).
 
+        Args:
+            sidecar: the parsed, checked sidecar.
+            run_dir: the directory holding it.
+            sidecar_size: the sidecar file's byte size, when known (for ``total_bytes``).
+
         Raises:
-            IntegrityError: when a state field is malformed.
+            IntegrityError: when a state field is malformed (wrong types, negative counts, ...).
+            SpecError: for a spec this keisei_fn cannot build (e.g. an unregistered model type).
         """
         from keisei_fn.codec import decode_json
 
         state = sidecar["state"]
-        try:
-            spec = state.get("spec")
-            return cls(
-                path=run_path(run_dir) / sidecar["name"],
-                name=sidecar["name"],
+        name = sidecar["name"]
+
+        def field(key: str, build: Callable[[], T]) -> T:
+            try:
+                return build()
+            except (SpecError, UnsupportedFormatError):
+                raise  # a model type or format this keisei_fn cannot read: unreadable, not broken
+            except (KeyError, TypeError, AttributeError, ValueError, RecursionError) as exc:
+                raise IntegrityError(
+                    f"sidecar {name!r}: field {key!r} is malformed: {exc!r}"
+                ) from exc
+
+        def extra() -> Mapping[str, Any]:
+            value = decode_json(state.get("extra") or {}, tensors=_TensorNames())
+            if not isinstance(value, dict):
+                raise TypeError(f"a JSON object expected, found {type(value).__name__}")
+            return value
+
+        spec = state.get("spec")
+        shards = sidecar.get("shards")
+        return field(
+            "state",
+            lambda: cls(
+                path=run_path(run_dir) / name,
+                name=name,
                 format_version=sidecar["format_version"],
                 kind=sidecar["kind"],
-                step=state["step"],
-                episodes=state["episodes"],
-                stats=GameStats.from_json(state["stats"]),
-                spec=ModelSpec.from_json(spec) if spec is not None else None,
+                step=field("state.step", lambda: _count(state["step"])),
+                episodes=field("state.episodes", lambda: _count(state["episodes"])),
+                stats=field("state.stats", lambda: GameStats.from_json(state["stats"])),
+                spec=field(
+                    "state.spec", lambda: None if spec is None else ModelSpec.from_json(spec)
+                ),
                 weights_size=sidecar["weights"]["size"],
                 weights_digest=sidecar["weights"]["digest"],
                 digest=sidecar["digest"],
-                tensors={k: (v["dtype"], tuple(v["shape"])) for k, v in sidecar["tensors"].items()},
+                tensors=field(
+                    "tensors",
+                    lambda: {
+                        k: (v["dtype"], tuple(v["shape"])) for k, v in sidecar["tensors"].items()
+                    },
+                ),
                 created=sidecar["created"],
-                versions=sidecar["versions"],
-                extra=decode_json(state.get("extra") or {}, tensors=_TensorNames()),
-                shards_dir=sidecar["shards"]["dir"] if "shards" in sidecar else None,
-                world_size=sidecar["shards"]["world_size"] if "shards" in sidecar else 1,
-                sidecar_size=len(dumps(dict(sidecar))),  # check_sidecar: the file holds them
-            )
-        except (KeyError, TypeError, AttributeError) as exc:
-            raise IntegrityError(f"sidecar {sidecar.get('name')!r} is malformed: {exc!r}") from exc
+                versions=field("versions", lambda: dict(sidecar["versions"])),
+                extra=field("state.extra", extra),
+                shards_dir=shards["dir"] if shards else None,
+                world_size=shards["world_size"] if shards else 1,
+                weights_file=sidecar["weights"].get("file", ""),
+                tensor_digests={
+                    k: v["digest"] for k, v in sidecar["tensors"].items() if "digest" in v
+                },
+                sidecar_size=sidecar_size,
+            ),
+        )
+
+
+def _count(value: Any) -> int:
+    """A step or episode count: an int >= 0."""
+    if type(value) is not int or value < 0:
+        raise ValueError(f"an int >= 0 expected, found {value!r}")
+    return value

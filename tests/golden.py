@@ -1,4 +1,5 @@
-"""The state stored in tests/data/golden/format_v1 (regenerate: python tests/golden.py)."""
+"""The state stored in tests/data/golden/format_v<N>, one run directory per on-disk format
+version (write the current version's: python tests/golden.py tests/data/golden/format_v<N>)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,9 @@ import torch
 
 from keisei_fn import GameStats, ModelSpec, TrainState, save_state
 
-GOLDEN_V1 = Path(__file__).parent / "data" / "golden" / "format_v1"
+GOLDEN = Path(__file__).parent / "data" / "golden"
+GOLDEN_V1 = GOLDEN / "format_v1"
+GOLDEN_V3 = GOLDEN / "format_v3"
 
 
 def golden_state() -> TrainState:
@@ -41,5 +44,5 @@ def golden_state() -> TrainState:
 
 
 if __name__ == "__main__":
-    target = Path(sys.argv[1]) if len(sys.argv) > 1 else GOLDEN_V1
+    target = Path(sys.argv[1])
     print(save_state(golden_state(), target).weights_path)

@@ -1,8 +1,8 @@
 """The ``keisei-fn`` command line (also ``python -m keisei_fn``): argument parsing and printing
 only; every command is a thin call into the library (see ``keisei_fn.cli.commands``).
 
-User errors print one line and exit 2 (no traceback); ``verify`` exits 1 on any invalid
-checkpoint.
+User errors print one line and exit 2 (no traceback); ``verify`` exits 1 on any corrupt,
+invalid or unreadable checkpoint (with ``--strict`` also on leftovers of crashed saves).
 
 Example:
     $ keisei-fn demo
@@ -86,6 +86,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("verify", help="verify a checkpoint or a run directory (exit 1 if bad)")
     p.add_argument("path")
+    p.add_argument(
+        "--strict", action="store_true", help="also exit 1 on leftovers of crashed saves"
+    )
     p.set_defaults(run=commands.cmd_verify)
 
     p = sub.add_parser("prune", help="apply a retention policy to a run directory")

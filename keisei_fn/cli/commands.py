@@ -32,11 +32,18 @@ def _spec_from_args(args: argparse.Namespace) -> ModelSpec | None:
 
 
 def _publish_status(run_dir: RunPath) -> dict[str, str]:
-    """Checkpoint name → its latest publication event."""
+    """Checkpoint name → its latest publication event (none, with a warning, when the ledger
+    cannot be read: the listing goes on)."""
+    from keisei_fn.errors import KeiseiFnError
     from keisei_fn.store.ledger import read_ledger
 
     status: dict[str, str] = {}
-    for record in read_ledger(run_dir):
+    try:
+        records = read_ledger(run_dir)
+    except KeiseiFnError as exc:
+        print(f"warning: publication status unknown: {exc}", file=sys.stderr)
+        return status
+    for record in records:
         if record.get("checkpoint"):
             status[record["checkpoint"]] = record.get("event", "?")
     return status
@@ -71,11 +78,16 @@ def cmd_ls(args: argparse.Namespace) -> int:
                 published.get(meta.name, "-"),
             ]
         )
-    for path, error in (*scan.invalid, *scan.unreadable):
+    for path, error in scan.invalid:
         rows.append([path.name, "?", "?", "?", "?", f"INVALID: {type(error).__name__}", "-"])
+    for path, reason in scan.unreadable:
+        rows.append([path.name, "?", "?", "?", "?", f"UNREADABLE: {type(reason).__name__}", "-"])
     for path in scan.leftovers:
-        size = "-" if (found := stored_size(path)) is None else human_bytes(found)
-        rows.append([path.name, "?", "?", size, "?", "incomplete", "-"])
+        try:
+            size = "-" if (found := stored_size(path)) is None else human_bytes(found)
+        except OSError:  # removed since the scan (pruned, or committed and replaced)
+            continue
+        rows.append([path.name, "?", "?", size, "?", "leftover", "-"])
     if not rows:
         print(f"{run_dir}: no checkpoints")
         return 0
@@ -153,7 +165,9 @@ def _print_spec(spec: ModelSpec, info: dict[str, Any]) -> None:
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
-    """Verify one checkpoint or every checkpoint of a run directory; exit 1 on any problem."""
+    """Verify one checkpoint or every checkpoint of a run directory; exit 1 on a corrupt,
+    invalid or unreadable checkpoint. Leftovers of an ordinary crash (temp files, payloads no
+    sidecar names) are reported as leftovers, exit 0 — exit 1 with ``--strict``."""
     from keisei_fn.store.checkpoints import verify_checkpoint
     from keisei_fn.store.listing import is_run_dir, scan_run_dir
 
@@ -171,13 +185,16 @@ def cmd_verify(args: argparse.Namespace) -> int:
         except Exception as exc:
             bad += 1
             print(f"CORRUPT  {meta.name}: {exc}")
-    for stem, error in (*scan.invalid, *scan.unreadable):
+    for stem, error in scan.invalid:
         bad += 1
         print(f"INVALID  {stem.name}: {error}")
-    for leftover in scan.leftovers:
+    for stem, reason in scan.unreadable:
         bad += 1
-        print(f"INCOMPLETE  {leftover.name}: never committed (prune removes it)")
-    if not (scan.valid or bad):
+        print(f"UNREADABLE  {stem.name}: {reason}")
+    for leftover in scan.leftovers:
+        bad += args.strict
+        print(f"LEFTOVER  {leftover.name}: no sidecar names it (prune removes it)")
+    if not (scan.valid or scan.leftovers or bad):
         print(f"{path}: no checkpoints")
     return 1 if bad else 0
 

@@ -50,7 +50,7 @@ from keisei_fn.store import local_checkpoint_files
 from keisei_fn.store.ledger import append_ledger, pending_publications, read_ledger
 from keisei_fn.store.listing import read_listed
 from keisei_fn.store.locate import resolve_stem
-from keisei_fn.store.names import parse_stem, sidecar_path, weights_path
+from keisei_fn.store.names import parse_stem
 
 __all__ = ["PUBLISH_ENV", "PublishResult", "flush_outbox", "publish", "publishing_enabled"]
 
@@ -185,7 +185,7 @@ def _build_artifact(wandb: Any, run_dir: RunPath, plan: Publication) -> Any:
     )
     # W&B adds local files: a remote checkpoint's are fetched (and W&B copies them again)
     with tempfile.TemporaryDirectory(prefix="keisei-fn-publish-") as staging:
-        for local in local_checkpoint_files(run_dir / plan.checkpoint, Path(staging)):
+        for local in local_checkpoint_files(_planned_meta(run_dir, plan), Path(staging)):
             artifact.add_file(str(local), name=local.name)
     return artifact
 
@@ -194,7 +194,7 @@ def _discard_staged(artifact: Any | None, run_dir: RunPath, plan: Publication) -
     """Remove W&B's staged copies of an artifact that was not logged."""
     if artifact is None:
         return
-    ours = {str(p(run_dir / plan.checkpoint)) for p in (weights_path, sidecar_path)}
+    ours = {str(run_dir / name) for name in artifact.manifest.entries}
     for entry in artifact.manifest.entries.values():
         if entry.local_path and str(entry.local_path) not in ours:
             with contextlib.suppress(OSError):
@@ -386,16 +386,27 @@ def publish(
 def _pending_plan(run_dir: RunPath, record: Mapping[str, Any]) -> Publication:
     """The publication a pending ledger record describes, its checkpoint still on disk."""
     plan = Publication.from_record(record)
+    _planned_meta(run_dir, plan)
+    return plan
+
+
+def _planned_meta(run_dir: RunPath, plan: Publication) -> CheckpointMeta:
+    """The checkpoint a publication is of, as it is on disk now (its files by the names its
+    sidecar gives).
+
+    Raises:
+        IntegrityError: the plan names no checkpoint, or the checkpoint was replaced since.
+    """
     parsed = parse_stem(plan.checkpoint)
     if parsed is None or parsed.stem != plan.checkpoint:
         raise IntegrityError(f"ledger names {plan.checkpoint!r}, not a checkpoint of {run_dir}")
     current = read_listed(run_dir / plan.checkpoint)[0]
     if current.weights_digest != plan.digest:
         raise IntegrityError(
-            f"{current.weights_path}: weights digest is {current.weights_digest}, the pending "
+            f"{current.weights_path}: weights digest is {current.weights_digest}, the "
             f"publication is of {plan.digest}; the checkpoint was replaced since"
         )
-    return plan
+    return current
 
 
 def flush_outbox(

@@ -25,6 +25,7 @@ import errno
 import os
 import secrets
 import shutil
+import stat
 import time
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
@@ -236,24 +237,54 @@ def file_size(path: RunPath) -> int:
     Raises:
         FileNotFoundError: when it does not exist.
         IsADirectoryError: when it is a directory.
+        IntegrityError: when it is a FIFO, socket or device (never opened: a FIFO would block).
     """
     if not is_remote(path):
-        if path.is_dir():
+        found = path.stat()
+        if stat.S_ISDIR(found.st_mode):
             raise IsADirectoryError(errno.EISDIR, "is a directory", str(path))
-        return path.stat().st_size
+        if not stat.S_ISREG(found.st_mode):
+            raise IntegrityError(f"{path} is not a regular file (a FIFO, socket or device)")
+        return found.st_size
     info = _info(path)
     if info.get("type") == "directory":
         raise IsADirectoryError(errno.EISDIR, "is a directory", str(path))
     return int(info["size"])
 
 
+def modified_age(path: RunPath) -> float | None:
+    """Seconds since a file was last written; None when the medium does not say.
+
+    Raises:
+        FileNotFoundError: when it does not exist.
+    """
+    if not is_remote(path):
+        return time.time() - path.stat().st_mtime
+    info = _info(path)
+    stamp = info.get("LastModified", info.get("mtime", info.get("created")))
+    if isinstance(stamp, datetime):
+        return (datetime.now(UTC) - stamp.astimezone(UTC)).total_seconds()
+    if isinstance(stamp, int | float):
+        return time.time() - float(stamp)
+    return None
+
+
 def file_exists(path: RunPath) -> bool:
-    """Whether a file (not a directory) exists at ``path``."""
+    """Whether a file (not a directory) exists at ``path``; a special file counts (reading it
+    is refused)."""
     try:
         file_size(path)
     except (FileNotFoundError, IsADirectoryError):
         return False
+    except IntegrityError:
+        return True
     return True
+
+
+def entry_exists(path: RunPath) -> bool:
+    """Whether anything (a file, directory, FIFO, link) is at ``path``; on an object store,
+    whether an object is."""
+    return file_exists(path) if is_remote(path) else os.path.lexists(path)
 
 
 def is_directory(path: RunPath) -> bool:
@@ -262,6 +293,18 @@ def is_directory(path: RunPath) -> bool:
         return path.is_dir()
     path.fs.invalidate_cache(path.path)
     return bool(retrying(lambda: path.fs.isdir(path.path), what=f"stat {path}"))
+
+
+def list_special_names(directory: RunPath) -> list[str]:
+    """Names of the entries directly in a local ``directory`` that are not regular files
+    (directories, FIFOs, sockets, devices, symbolic links); object stores have none."""
+    if is_remote(directory):
+        return []
+    try:
+        with os.scandir(directory) as it:
+            return [e.name for e in it if not e.is_file(follow_symlinks=False)]
+    except (FileNotFoundError, NotADirectoryError):
+        return []
 
 
 def list_file_names(directory: RunPath) -> list[str]:
@@ -309,8 +352,24 @@ def read_bounded(path: RunPath, *, limit: int) -> bytes:
     if is_remote(path):
         data: bytes = retrying(lambda: path.fs.cat_file(path.path), what=f"read {path}")
         return data
-    with open(path, "rb") as f:
+    with open_regular(path) as f:
         return f.read(limit + 1)
+
+
+def open_regular(path: Path) -> IO[bytes]:
+    """Open a local regular file for reading; a FIFO or device swapped in after a stat is
+    refused without blocking (opened non-blocking, checked with fstat).
+
+    Raises:
+        FileNotFoundError: when it does not exist.
+        IntegrityError: when it is not a regular file.
+    """
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise IntegrityError(f"{path} is not a regular file (a FIFO, socket or device)")
+    os.set_blocking(fd, True)
+    return os.fdopen(fd, "rb")
 
 
 def read_chunks(path: RunPath) -> Iterator[bytes]:
@@ -319,7 +378,7 @@ def read_chunks(path: RunPath) -> Iterator[bytes]:
     Raises:
         FileNotFoundError: when it does not exist.
     """
-    with path.fs.open(path.path, "rb") if is_remote(path) else open(path, "rb") as file:
+    with path.fs.open(path.path, "rb") if is_remote(path) else open_regular(path) as file:
         while chunk := file.read(CHUNK_BYTES):
             yield chunk
 

@@ -18,8 +18,8 @@ Example:
 
 from __future__ import annotations
 
-import contextlib
 import logging
+from functools import partial
 from typing import Any
 
 import torch
@@ -35,32 +35,39 @@ from keisei_fn.errors import (
     IntegrityError,
     SpecError,
 )
-from keisei_fn.meta import CheckpointMeta, build_sidecar
+from keisei_fn.meta import FORMAT_VERSION, CheckpointMeta, build_sidecar
 from keisei_fn.nets import build_model
 from keisei_fn.paths import PathArg, RunPath, run_path
 from keisei_fn.state import TrainState, thaw
-from keisei_fn.store._fs import (
-    file_exists,
-    hash_file,
-    make_dirs,
-    remove_durably,
-    write_bytes_durably,
+from keisei_fn.store._fs import file_exists, hash_file
+from keisei_fn.store.commit import (
+    commit,
+    existing_checkpoint,
+    fresh_payload,
+    locked,
+    remove_payload,
 )
 from keisei_fn.store.listing import (
-    committed,
     is_run_dir,
+    newest_usable,
     read_listed,
-    resume_candidates,
 )
 from keisei_fn.store.locate import resolve_stem
 from keisei_fn.store.names import (
     FINAL_MODEL,
     RESUME_PREFIX,
+    WEIGHTS_SUFFIX,
     checkpoint_stem,
     sidecar_path,
-    weights_path,
 )
-from keisei_fn.store.weights import check_listed, read_weights, weights_digest, write_weights
+from keisei_fn.store.weights import (
+    WrittenWeights,
+    check_listed,
+    digest_of,
+    read_weights,
+    weights_digest,
+    write_weights,
+)
 
 __all__ = [
     "load_model",
@@ -82,15 +89,19 @@ def save_state(
     prefix: str = RESUME_PREFIX,
     overwrite: bool = False,
 ) -> CheckpointMeta:
-    """Durably and atomically save a TrainState as ``<prefix><step>.safetensors`` + ``.json``.
+    """Durably and atomically save a TrainState as ``<prefix><step>.json`` (the sidecar) and the
+    weights file it names, ``<prefix><step>.<token>.safetensors``.
 
-    Weights first, sidecar last, each through temp file → fsync → rename → fsync directory (on
-    an object store: each an upload that appears whole or not at all); a crash at any instant
-    leaves either the previous state of the directory or the complete new checkpoint (on an
-    object store, replacing a checkpoint at the same step uncommits the old one first: a crash
-    then leaves neither). Re-saving an identical state at a committed, valid step writes nothing
-    and returns the existing meta; ``kind="final"`` over an identical periodic checkpoint
-    rewrites only the sidecar. An incomplete or corrupt checkpoint at that step is replaced.
+    The commit protocol (``keisei_fn.store.commit``): under the run directory's lock, the
+    weights go to a fresh file (temp file → fsync → rename → fsync directory; on an object
+    store one upload that appears whole or not at all), then the sidecar naming them is
+    written the same way — the single commit point — and only then is a replaced
+    checkpoint's weights file removed. A crash or I/O error at any instant leaves the previous
+    checkpoint or the complete new one, never neither; once this returns, the checkpoint stays
+    until it is replaced or pruned. Re-saving an identical state at a committed, valid step
+    writes nothing and returns the existing meta; ``kind="final"`` over an identical periodic
+    checkpoint rewrites only the sidecar. An incomplete or corrupt checkpoint at that step is
+    replaced.
     Under ``torch.distributed`` with several ranks, call it on every rank: rank 0 writes, and
     every rank returns the same meta (or raises the same error) once the checkpoint is
     committed (see ``keisei_fn.distributed``).
@@ -108,7 +119,9 @@ def save_state(
         The committed checkpoint's meta.
 
     Raises:
-        CheckpointExistsError: a different valid checkpoint exists at this step.
+        CheckpointExistsError: a different valid checkpoint exists at this step (also when
+            another writer committed it while this one was writing), or one this keisei_fn
+            cannot read.
         UnsupportedDtypeError, UnsupportedValueError: the state cannot be stored exactly
             (raised before anything is written).
         SpecError: for a bad prefix, kind or step.
@@ -120,7 +133,7 @@ def save_state(
         raise SpecError(f"a checkpoint needs step > 0 (completed timesteps), got {state.step}")
     stem = run_path(run_dir) / checkpoint_stem(prefix, state.step)
     return on_rank_zero(
-        lambda: _commit(encode_state(state), stem, kind=kind, overwrite=overwrite),
+        lambda: _save(encode_state(state), stem, kind=kind, overwrite=overwrite),
         others=lambda: read_listed(stem)[0],
     )
 
@@ -129,7 +142,8 @@ def save_final_model(state: TrainState, run_dir: PathArg) -> CheckpointMeta:
     """Save the model weights (+ spec, step, episodes, stats) as ``final_model.*``.
 
     Optimizer, scheduler, scaler, RNG and ``extra`` are left out: this is the artifact to play
-    with, not to resume from. An existing final model is replaced atomically.
+    with, not to resume from. An existing final model is replaced atomically: at any instant
+    the old one or the new one is there (see :func:`save_state`).
 
     Raises:
         UnsupportedDtypeError: for weights that cannot be stored; OSError on I/O failure.
@@ -137,60 +151,58 @@ def save_final_model(state: TrainState, run_dir: PathArg) -> CheckpointMeta:
     weights_only = state.replace(optimizer=None, scheduler=None, scaler=None, rng=None, extra={})
     stem = run_path(run_dir) / FINAL_MODEL
     return on_rank_zero(
-        lambda: _commit(encode_state(weights_only), stem, kind="final_model", overwrite=True),
+        lambda: _save(encode_state(weights_only), stem, kind="final_model", overwrite=True),
         others=lambda: read_listed(stem)[0],
     )
 
 
-def _commit(encoded: EncodedState, stem: RunPath, *, kind: str, overwrite: bool) -> CheckpointMeta:
-    make_dirs(stem.parent)
+def _save(encoded: EncodedState, stem: RunPath, *, kind: str, overwrite: bool) -> CheckpointMeta:
+    """Save through the commit protocol (``keisei_fn.store.commit``): under the run directory's
+    lock, refuse or reuse what is there, write a fresh weights file, commit its sidecar."""
     header_bytes = dumps(encoded.header)
     header = loads(header_bytes)  # the JSON exactly as it will be read back
 
-    def sidecar_for(size: int, digest: str) -> dict[str, Any]:
+    def sidecar_for(payload: RunPath, written: WrittenWeights) -> dict[str, Any]:
         return build_sidecar(
             header,
             name=stem.name,
             kind=kind,
             tensors=encoded.tensors,
             aliases=encoded.aliases,
-            weights_size=size,
-            weights_digest=digest,
+            weights_file=payload.name,
+            weights_size=written.size,
+            weights_digest=written.digest,
+            tensor_digests=written.tensor_digests,
         )
 
-    existing = committed(stem)
-    if existing is not None:
-        old_meta, old = existing
-        size, digest = weights_digest(encoded.tensors)
-        same = (
-            dumps(old["state"]) == header_bytes  # by bytes: 1 == 1.0 == True, 0.0 == -0.0
-            and old["weights"]["digest"] == digest
-            and hash_file(weights_path(stem)) == (size, digest)
-        )
-        if same:
-            if kind == old_meta.kind or (kind, old_meta.kind) == ("periodic", "final"):
-                return old_meta
-            sidecar = sidecar_for(size, digest)  # now known as final
-            write_bytes_durably(sidecar_path(stem), dumps(sidecar))
-            return CheckpointMeta.from_sidecar(sidecar, run_dir=stem.parent)
-        if not overwrite:
-            raise CheckpointExistsError(
-                f"{sidecar_path(stem)} already holds a different state at step "
-                f"{old_meta.step}; pass overwrite=True to replace it"
+    with locked(stem.parent):
+        existing = existing_checkpoint(stem, overwrite=overwrite)
+        if existing is not None:
+            old_meta, old = existing
+            new = weights_digest(encoded.tensors)
+            same = (
+                dumps(old["state"]) == header_bytes  # by bytes: 1 == 1.0 == True, 0.0 == -0.0
+                and old_meta.weights_digest == new.digest
+                and hash_file(old_meta.weights_path) == (new.size, new.digest)
             )
-    written = write_weights(
-        encoded.tensors,
-        weights_path(stem),
-        before_replace=lambda: remove_durably(sidecar_path(stem)),  # uncommit what was there
-    )
-    sidecar = sidecar_for(*written)
-    try:
-        write_bytes_durably(sidecar_path(stem), dumps(sidecar))
-    except BaseException:  # e.g. a full disk: leave no orphan weights behind either
-        with contextlib.suppress(OSError):
-            remove_durably(weights_path(stem))
-        raise
-    return CheckpointMeta.from_sidecar(sidecar, run_dir=stem.parent)
+            if same and (kind == old_meta.kind or (kind, old_meta.kind) == ("periodic", "final")):
+                return old_meta
+            if same and old_meta.format_version == FORMAT_VERSION:  # now known as final
+                sidecar = sidecar_for(old_meta.weights_path, new)
+                return commit(stem, sidecar, payload=old_meta.weights_path, replaced=old_meta)
+            if not same and not overwrite:
+                raise CheckpointExistsError(
+                    f"{sidecar_path(stem)} already holds a different state at step "
+                    f"{old_meta.step}; pass overwrite=True to replace it"
+                )
+        payload = fresh_payload(stem, WEIGHTS_SUFFIX)
+        try:
+            written = write_weights(encoded.tensors, payload)
+        except BaseException:
+            remove_payload(payload)  # renamed before a failed directory fsync, perhaps
+            raise
+        replaced = existing[0] if existing is not None else None
+        return commit(stem, sidecar_for(payload, written), payload=payload, replaced=replaced)
 
 
 def _load_stem(
@@ -202,19 +214,30 @@ def _load_stem(
 
         state, meta = load_full(stem, verify=verify)
     else:
-        state = _read_single_file(stem, meta, sidecar, verify=verify)
+        state = _read_single_file(meta, sidecar, verify=verify)
     if torch.device(map_location).type != "cpu":
         state = _to_device(state, torch.device(map_location))
     return state, meta
 
 
 def _read_single_file(
-    stem: RunPath, meta: CheckpointMeta, sidecar: dict[str, Any], *, verify: bool
+    meta: CheckpointMeta, sidecar: dict[str, Any], *, verify: bool, each_tensor: bool = False
 ) -> TrainState:
+    """Read a single-file checkpoint; ``each_tensor``: also check every tensor's own digest."""
     tensors = read_weights(
-        weights_path(stem), size=meta.weights_size, digest=meta.weights_digest if verify else None
+        meta.weights_path,
+        size=meta.weights_size,
+        digest=meta.weights_digest if verify else None,
     )
-    check_listed(tensors, sidecar["tensors"], weights_path(stem))
+    check_listed(tensors, sidecar["tensors"], meta.weights_path)
+    if each_tensor:
+        for name, recorded in meta.tensor_digests.items():
+            found = digest_of(tensors[name].reshape(-1).view(torch.uint8).numpy().data)
+            if found != recorded:
+                raise IntegrityError(
+                    f"{meta.weights_path}: tensor {name!r} has digest {found}, the sidecar "
+                    f"records {recorded}"
+                )
     return decode_state(tensors, sidecar["aliases"], sidecar["state"])
 
 
@@ -243,12 +266,12 @@ def load_state_with_meta(
     path = run_path(source)
     if not is_run_dir(path):
         return _load_stem(resolve_stem(path), verify=verify, map_location=map_location)
-    for stem in resume_candidates(path, prefix):
-        try:
-            return _load_stem(stem, verify=verify, map_location=map_location)
-        except (IntegrityError, IncompleteCheckpointError) as exc:
-            log.warning("checkpoint %s is not usable, falling back to an older one: %s", stem, exc)
-    raise CheckpointNotFoundError(f"no valid {prefix}* checkpoint in {path}")
+    found = newest_usable(
+        path, partial(_load_stem, verify=verify, map_location=map_location), prefix=prefix
+    )
+    if found is None:
+        raise CheckpointNotFoundError(f"no valid {prefix}* checkpoint in {path}")
+    return found
 
 
 def load_state(
@@ -323,7 +346,8 @@ def load_model(
 
 
 def verify_checkpoint(path: PathArg) -> CheckpointMeta:
-    """Fully verify one checkpoint: sidecar, weights size and digest, header consistency.
+    """Fully verify one checkpoint: sidecar, weights size and digest, header consistency, and
+    (format 3) every tensor's own digest.
 
     Raises:
         CheckpointNotFoundError, IncompleteCheckpointError, IntegrityError,
@@ -336,8 +360,10 @@ def verify_checkpoint(path: PathArg) -> CheckpointMeta:
         keisei_fn.errors.CheckpointNotFoundError: no checkpoint at runs/none/checkpoint_ts1
     """
     stem = resolve_stem(path)
-    if read_listed(stem)[0].sharded:  # every file's digest and the shards' layout, not loaded
+    meta, sidecar = read_listed(stem)
+    if meta.sharded:  # every file's digest and the shards' layout, not loaded
         from keisei_fn.store.sharded_check import verify_sharded
 
         return verify_sharded(stem)
-    return _load_stem(stem, verify=True, map_location="cpu")[1]
+    _read_single_file(meta, sidecar, verify=True, each_tensor=True)
+    return meta

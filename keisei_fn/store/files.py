@@ -12,9 +12,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from keisei_fn.meta import CheckpointMeta
 from keisei_fn.paths import PathArg, is_remote, run_path
 from keisei_fn.store._fs import copy_file, file_size, is_directory
-from keisei_fn.store.names import sidecar_path, weights_path
 
 __all__ = ["directory_exists", "local_checkpoint_files", "stored_size"]
 
@@ -49,12 +49,12 @@ def stored_size(path: PathArg) -> int | None:
     return None if is_directory(resolved) else file_size(resolved)
 
 
-def local_checkpoint_files(stem: PathArg, staging: Path) -> list[Path]:
+def local_checkpoint_files(meta: CheckpointMeta, staging: Path) -> list[Path]:
     """A single-file checkpoint's two files as local paths, weights first: a local checkpoint's
     own files, or copies of a remote one's, downloaded into ``staging`` under the same names.
 
     Args:
-        stem: the checkpoint's stem (``<run_dir>/<name>``).
+        meta: the checkpoint (its files are the ones its sidecar names).
         staging: an existing local directory for the downloads.
 
     Returns:
@@ -65,7 +65,7 @@ def local_checkpoint_files(stem: PathArg, staging: Path) -> list[Path]:
         OSError: a download failed.
     """
     files = []
-    for path in (weights_path(run_path(stem)), sidecar_path(run_path(stem))):
+    for path in (meta.weights_path, meta.sidecar_path):
         if is_remote(path):
             copy_file(path, staging / path.name)
             path = staging / path.name

@@ -11,22 +11,30 @@ there (the training process, or a ``keisei-fn flush`` after it).
 Record fields: ``event`` ("pending", "published", "failed"), ``artifact`` (artifact name),
 ``digest`` (weights digest), ``checkpoint`` (stem name), ``time`` (UTC ISO) and any extras.
 The key of a publication is ``(artifact, digest)``.
+
+What a hostile ledger can cost is bounded: at most :data:`MAX_LEDGER_BYTES` bytes (checked
+before reading) and :data:`MAX_LEDGER_RECORDS` records (counted while reading line by line),
+so reading it costs at most about twice its cap in memory.
 """
 
 from __future__ import annotations
 
+import io
 import logging
 import os
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import orjson
 
-from keisei_fn.paths import PathArg, is_remote, run_path
+from keisei_fn.errors import IntegrityError, SpecError
+from keisei_fn.paths import PathArg, RunPath, is_remote, run_path
 from keisei_fn.store._fs import (
+    file_size,
     fsync_dir,
+    open_regular,
     read_bounded,
     write_bytes_durably,
 )
@@ -40,22 +48,25 @@ log = logging.getLogger("keisei_fn.store")
 
 LEDGER_NAME = "publications.jsonl"
 EVENTS = ("pending", "published", "failed")
-#: A ledger larger than this is refused unread (about a million records).
-MAX_LEDGER_BYTES = 512 * 1024 * 1024
+#: A ledger larger than this is refused unread. A record is ~300 bytes; a run publishing every
+#: periodic checkpoint of 100 M steps at Keisei's interval writes ~20,000 (6 MB).
+MAX_LEDGER_BYTES = 64 * 1024 * 1024
+#: At most this many records (3x that run); each costs ~1.2 KB parsed, ~80 MB in all.
+MAX_LEDGER_RECORDS = 65_536
 
 
 def append_ledger(run_dir: PathArg, record: Mapping[str, Any]) -> dict[str, Any]:
     """Durably append one record (``time`` added when absent).
 
     Raises:
-        ValueError: for an unknown ``event`` or a record without ``artifact``/``digest``.
+        SpecError: for an unknown ``event`` or a record without ``artifact``/``digest``.
         OSError: when the run directory is not writable.
     """
     entry = dict(record)
     if entry.get("event") not in EVENTS:
-        raise ValueError(f"ledger event must be one of {EVENTS}, got {entry.get('event')!r}")
+        raise SpecError(f"ledger event must be one of {EVENTS}, got {entry.get('event')!r}")
     if not entry.get("artifact") or not entry.get("digest"):
-        raise ValueError("a ledger record needs 'artifact' and 'digest'")
+        raise SpecError("a ledger record needs 'artifact' and 'digest'")
     entry.setdefault("time", datetime.now(UTC).isoformat(timespec="microseconds"))
     path = run_path(run_dir) / LEDGER_NAME
     line = orjson.dumps(entry, option=orjson.OPT_SORT_KEYS) + b"\n"
@@ -95,29 +106,54 @@ def _last_byte(path: Path) -> bytes:
 
 
 def read_ledger(run_dir: PathArg) -> list[dict[str, Any]]:
-    """Every complete record, in order; unparsable lines (a torn append) are skipped."""
-    path = run_path(run_dir) / LEDGER_NAME
+    """Every complete record, in order; unparsable lines (a torn append) are skipped.
+
+    Raises:
+        IntegrityError: the ledger is over :data:`MAX_LEDGER_BYTES` or
+            :data:`MAX_LEDGER_RECORDS`, or not a regular file.
+    """
+    return list(_records(run_path(run_dir) / LEDGER_NAME))
+
+
+def _records(path: RunPath) -> Iterator[dict[str, Any]]:
+    """The ledger's records, parsed one line at a time (a local ledger is never whole in
+    memory)."""
     try:
-        raw = read_bounded(path, limit=MAX_LEDGER_BYTES)
+        size = file_size(path)
     except FileNotFoundError:
-        return []
-    records = []
-    for number, line in enumerate(raw.splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            record = orjson.loads(line)
-        except orjson.JSONDecodeError:
-            log.warning("%s:%d: skipping a torn or corrupt ledger line", path, number)
-            continue
-        if isinstance(record, dict):
-            records.append(record)
-    return records
+        return
+    if size > MAX_LEDGER_BYTES:
+        raise IntegrityError(f"{path}: {size} bytes is over the {MAX_LEDGER_BYTES}-byte limit")
+    with (
+        io.BytesIO(read_bounded(path, limit=MAX_LEDGER_BYTES))
+        if is_remote(path)
+        else open_regular(path)
+    ) as lines:
+        for number, line in enumerate(lines, 1):
+            if number > MAX_LEDGER_RECORDS:
+                raise IntegrityError(f"{path}: more than {MAX_LEDGER_RECORDS} records")
+            if not line.strip():
+                continue
+            try:
+                record = orjson.loads(line)
+            except orjson.JSONDecodeError:
+                log.warning("%s:%d: skipping a torn or corrupt ledger line", path, number)
+                continue
+            if isinstance(record, dict):
+                yield record
 
 
 def pending_publications(run_dir: PathArg) -> dict[tuple[str, str], dict[str, Any]]:
-    """Publications whose latest event is ``pending``, by ``(artifact, digest)``."""
+    """Publications whose latest event is ``pending``, by ``(artifact, digest)``.
+
+    Raises:
+        IntegrityError: the ledger cannot be read (see :func:`read_ledger`).
+    """
     latest: dict[tuple[str, str], dict[str, Any]] = {}
-    for record in read_ledger(run_dir):
-        latest[(record.get("artifact", ""), record.get("digest", ""))] = record
-    return {key: r for key, r in latest.items() if r.get("event") == "pending"}
+    for record in _records(run_path(run_dir) / LEDGER_NAME):
+        key = (str(record.get("artifact", "")), str(record.get("digest", "")))
+        if record.get("event") == "pending":
+            latest[key] = record
+        else:
+            latest.pop(key, None)
+    return latest

@@ -13,9 +13,9 @@ import logging
 import os
 import re
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 from keisei_fn.errors import (
     CheckpointNotFoundError,
@@ -25,52 +25,55 @@ from keisei_fn.errors import (
     SpecError,
     UnsupportedFormatError,
 )
-from keisei_fn.meta import CheckpointMeta, check_sidecar
+from keisei_fn.meta import MAX_SIDECAR_BYTES, CheckpointMeta, check_sidecar
 from keisei_fn.paths import PathArg, RunPath, is_remote, run_path
 from keisei_fn.store._fs import (
     ABANDONED_AFTER_SECONDS,
+    entry_exists,
     file_exists,
     file_size,
     is_directory,
     is_temp_name,
     list_file_names,
+    list_special_names,
     read_bounded,
 )
 from keisei_fn.store.names import (
     RESUME_PREFIX,
     SIDECAR_SUFFIX,
     WEIGHTS_SUFFIX,
+    generation_stem,
     parse_stem,
     shards_stem,
     sidecar_path,
     split_file,
-    weights_path,
 )
 
 log = logging.getLogger("keisei_fn.store")
 
-#: Sidecars larger than this are refused unread (bounded memory on absurd files).
-MAX_SIDECAR_BYTES = 256 * 1024 * 1024
-
 KIND_ORDER = {"periodic": 0, "final": 1, "final_model": 2}
+#: How many times a reader lists a run directory again when candidates vanished under it.
+RELIST_TRIES = 20
+T = TypeVar("T")
 
 
 def read_listed(stem: RunPath) -> tuple[CheckpointMeta, dict[str, Any]]:
     """Check a checkpoint at the *listed* level and return its meta and parsed sidecar.
 
     Raises:
-        CheckpointNotFoundError: neither file exists.
-        IncompleteCheckpointError: one of the pair is missing.
-        IntegrityError: the sidecar is corrupt, edited, mismatched, or the weights' size differs.
+        CheckpointNotFoundError: neither the sidecar nor any payload of ``stem`` exists.
+        IncompleteCheckpointError: a payload without its sidecar, or a sidecar whose payload is
+            missing.
+        IntegrityError: the sidecar is corrupt, edited, mismatched, over a size cap, or not a
+            regular file, or the weights' size differs.
         UnsupportedFormatError: a newer or foreign format.
+        SpecError: a spec this keisei_fn cannot build (an unregistered model type).
     """
-    sidecar_file, weights_file = sidecar_path(stem), weights_path(stem)
+    sidecar_file = sidecar_path(stem)
     try:
         raw = read_bounded(sidecar_file, limit=MAX_SIDECAR_BYTES)
     except FileNotFoundError:
-        written = (
-            [weights_file] if file_exists(weights_file) else shard_dirs(stem.parent, stem.name)
-        )
+        written = payloads(stem)
         if written:
             raise IncompleteCheckpointError(
                 f"{written[0]}: no sidecar {sidecar_file.name}; the save never committed"
@@ -79,7 +82,7 @@ def read_listed(stem: RunPath) -> tuple[CheckpointMeta, dict[str, Any]]:
     except IsADirectoryError as exc:
         raise IntegrityError(f"{sidecar_file} is a directory") from exc
     sidecar = check_sidecar(raw, name=stem.name, where=str(sidecar_file))
-    meta = CheckpointMeta.from_sidecar(sidecar, run_dir=stem.parent)
+    meta = CheckpointMeta.from_sidecar(sidecar, run_dir=stem.parent, sidecar_size=len(raw))
     parsed = parse_stem(stem.name)
     if parsed is not None and parsed.step is not None and parsed.step != meta.step:
         raise IntegrityError(
@@ -89,16 +92,27 @@ def read_listed(stem: RunPath) -> tuple[CheckpointMeta, dict[str, Any]]:
         _check_shards(meta, sidecar)
         return meta, sidecar
     try:
-        size = file_size(weights_file)
+        size = file_size(meta.weights_path)
     except (FileNotFoundError, IsADirectoryError):
         raise IncompleteCheckpointError(
-            f"{sidecar_file}: its weights file {weights_file.name} is missing"
+            f"{sidecar_file}: its weights file {meta.weights_file} is missing"
         ) from None
     if size != meta.weights_size:
         raise IntegrityError(
-            f"{weights_file}: size is {size} bytes, the sidecar records {meta.weights_size}"
+            f"{meta.weights_path}: size is {size} bytes, the sidecar records {meta.weights_size}"
         )
     return meta, sidecar
+
+
+def payloads(stem: RunPath) -> list[RunPath]:
+    """Every payload written for ``stem``, committed or not: format-1 and generation-named
+    weights files and shards directories (one directory listing)."""
+    found = [
+        stem.parent / name
+        for name in sorted(_file_names(stem.parent))
+        if name == stem.name + WEIGHTS_SUFFIX or generation_stem(name) == stem.name
+    ]
+    return found + shard_dirs(stem.parent, stem.name)
 
 
 def committed(stem: RunPath) -> tuple[CheckpointMeta, dict[str, Any]] | None:
@@ -169,13 +183,14 @@ class RunDirScan:
         leftovers: what can never become valid: temp files, weights without a sidecar, shards
             directories no sidecar refers to (once abandoned: see ``ABANDONED_AFTER_SECONDS``).
         unreadable: (path, error) for checkpoints that may be fine but cannot be read here (a
-            newer format version, an unregistered model type): never pruned.
+            newer format version, an unregistered model type, an I/O error): never pruned, nor
+            any payload of theirs.
     """
 
     valid: list[CheckpointMeta]
     invalid: list[tuple[RunPath, KeiseiFnError]]
     leftovers: list[RunPath]
-    unreadable: list[tuple[RunPath, KeiseiFnError]]
+    unreadable: list[tuple[RunPath, Exception]]
 
 
 def _file_names(run_dir: RunPath) -> list[str]:
@@ -188,39 +203,65 @@ def _file_names(run_dir: RunPath) -> list[str]:
 def scan_run_dir(run_dir: PathArg) -> RunDirScan:
     """Classify every checkpoint file of ``run_dir`` (a missing directory is empty).
 
+    Total: one bad file never makes it raise; each invalid or unreadable checkpoint is logged
+    once (a warning naming the file and why). A payload no valid sidecar names is a leftover
+    (a crashed save's, a replaced checkpoint's, or one a save in flight has not committed yet:
+    :func:`keisei_fn.store.prune` removes leftovers only under the run directory's lock).
+
     Raises:
         CheckpointNotFoundError: when ``run_dir`` is a file.
     """
     run_dir = run_path(run_dir)
-    stems: dict[str, set[str]] = {}
+    sidecars: list[str] = []
+    payload_files: dict[str, str] = {}  # file name -> owner stem
     leftovers = []
     for name in _file_names(run_dir):
         if is_temp_name(name):
             leftovers.append(run_dir / name)
         elif (split := split_file(name)) is not None:
-            stems.setdefault(split[0], set()).add(split[1])
+            if split[1] == SIDECAR_SUFFIX:
+                sidecars.append(split[0])
+            else:
+                payload_files[name] = split[0]
     valid: list[CheckpointMeta] = []
     invalid: list[tuple[RunPath, KeiseiFnError]] = []
-    unreadable: list[tuple[RunPath, KeiseiFnError]] = []
-    for stem, suffixes in sorted(stems.items()):
-        if SIDECAR_SUFFIX not in suffixes:
-            leftovers.append(run_dir / (stem + WEIGHTS_SUFFIX))
-            continue
+    unreadable: list[tuple[RunPath, Exception]] = []
+    for name in list_special_names(run_dir):
+        split = split_file(name)
+        if split is not None and split[1] == SIDECAR_SUFFIX:  # never opened: a FIFO would block
+            problem = IntegrityError(f"{run_dir / name} is not a regular file")
+            unreadable.append((run_dir / split[0], problem))
+            skipped(run_dir / split[0], problem)
+    for stem in sorted(sidecars):
         try:
             valid.append(read_listed(run_dir / stem)[0])
-        except (UnsupportedFormatError, SpecError) as exc:
+        except (UnsupportedFormatError, SpecError, OSError) as exc:
             unreadable.append((run_dir / stem, exc))
-        except (IntegrityError, IncompleteCheckpointError) as exc:
+            skipped(run_dir / stem, exc)
+        except KeiseiFnError as exc:
             invalid.append((run_dir / stem, exc))
+            skipped(run_dir / stem, exc)
     valid.sort(key=lambda m: (m.step, KIND_ORDER[m.kind], m.name))
+    named = {m.weights_file for m in valid}
+    kept = {stem.name for stem, _ in unreadable}
+    leftovers += [
+        run_dir / name
+        for name, owner in payload_files.items()
+        if name not in named and owner not in kept
+    ]
     leftovers += _stale_shard_dirs(run_dir, valid, unreadable)
     return RunDirScan(valid, invalid, sorted(leftovers, key=str), unreadable)
+
+
+def skipped(path: RunPath, error: BaseException) -> None:
+    """Say once, as a warning, that a checkpoint is skipped and why."""
+    log.warning("skipping %s: %s", path, error)
 
 
 def _stale_shard_dirs(
     run_dir: RunPath,
     valid: list[CheckpointMeta],
-    unreadable: list[tuple[RunPath, KeiseiFnError]],
+    unreadable: list[tuple[RunPath, Exception]],
 ) -> list[RunPath]:
     """Shards directories no valid sidecar refers to, untouched for ABANDONED_AFTER_SECONDS
     (a save in progress is younger), of checkpoints that this keisei_fn can read."""
@@ -243,7 +284,7 @@ def resume_candidates(run_dir: RunPath, prefix: str = RESUME_PREFIX) -> Iterator
     the first (10,000 checkpoints: ~30 ms).
     """
     sidecar = re.compile(re.escape(prefix) + r"(\d+)" + re.escape(SIDECAR_SUFFIX))
-    names = _file_names(run_dir)
+    names = _file_names(run_dir) + list_special_names(run_dir)  # the latter to say why skipped
     found = sorted(((int(m[1]), m[0]) for m in map(sidecar.fullmatch, names) if m), reverse=True)
     for _, name in found:
         yield run_dir / name[: -len(SIDECAR_SUFFIX)]
@@ -263,28 +304,56 @@ def list_checkpoints(run_dir: PathArg) -> list[CheckpointMeta]:
     return scan_run_dir(run_dir).valid
 
 
+def newest_usable(
+    run_dir: RunPath, use: Callable[[RunPath], T], *, prefix: str = RESUME_PREFIX
+) -> T | None:
+    """``use(stem)`` of the newest resume checkpoint for which it succeeds, or None.
+
+    Candidates are tried from the highest step down; one that is corrupt, incomplete or
+    unreadable is skipped with one warning. A reader racing a pruner never reports "none"
+    while a valid checkpoint exists: when a candidate vanished under it (its sidecar is gone:
+    pruned, or replaced since the listing) and no candidate was usable, the directory is
+    listed again (up to :data:`RELIST_TRIES` times; each pass sees every checkpoint committed
+    before it started).
+
+    Raises:
+        CheckpointNotFoundError: when ``run_dir`` is a file.
+        OSError: an I/O error reading a candidate that is still there.
+    """
+    warned: set[str] = set()
+    for _ in range(RELIST_TRIES):
+        vanished = False
+        for stem in resume_candidates(run_dir, prefix):
+            try:
+                return use(stem)
+            except (KeiseiFnError, OSError) as exc:
+                if not entry_exists(sidecar_path(stem)):
+                    vanished = True  # pruned or replaced under us: not a problem of the file
+                    continue
+                if not isinstance(exc, KeiseiFnError):
+                    raise
+                if stem.name not in warned:
+                    warned.add(stem.name)
+                    skipped(stem, exc)
+        if not vanished:
+            return None
+    return None
+
+
 def latest_checkpoint(run_dir: PathArg, *, prefix: str = RESUME_PREFIX) -> RunPath | None:
     """The weights path of the highest-step listed-valid resume checkpoint, or None (for a
     sharded checkpoint: its shards directory).
 
     Never by modification time or name order; only ``prefix`` counts (other prefixes such as
     ``initial_eval_checkpoint_ts`` and the final model are not resume points). Only the sidecars
-    of the candidates from the top down are read, until one is valid. No side effects.
+    of the candidates from the top down are read, until one is valid; each one skipped is
+    logged once. No side effects. Never raises because of a bad file, and never returns None
+    while a valid checkpoint exists, even while another process saves and prunes.
 
     Example:
         >>> latest_checkpoint("runs/does-not-exist") is None
         True
     """
-    for stem in resume_candidates(run_path(run_dir), prefix):
-        try:
-            meta = read_listed(stem)[0]
-        except (
-            IntegrityError,
-            IncompleteCheckpointError,
-            UnsupportedFormatError,
-            SpecError,
-        ) as exc:
-            log.warning("skipping %s: %s", stem, exc)
-            continue
-        return meta.weights_path
-    return None
+    return newest_usable(
+        run_path(run_dir), lambda stem: read_listed(stem)[0].weights_path, prefix=prefix
+    )

@@ -1,6 +1,7 @@
-"""Which checkpoint a user's path names: either file of the pair, a sharded checkpoint's shards
-directory, or the stem itself. Shared by every loading path (single file and sharded) and by
-``publish`` and the CLI, so that none of them imports another's module to find a checkpoint.
+"""Which checkpoint a user's path names: either file of the pair (the sidecar, or the weights
+file it names), a sharded checkpoint's shards directory, or the stem itself. Shared by every
+loading path (single file and sharded) and by ``publish`` and the CLI, so that none of them
+imports another's module to find a checkpoint.
 """
 
 from __future__ import annotations
@@ -12,18 +13,19 @@ from keisei_fn.errors import (
 )
 from keisei_fn.paths import PathArg, RunPath, run_path
 from keisei_fn.store._fs import file_exists
-from keisei_fn.store.listing import read_listed, shard_dirs
+from keisei_fn.store.listing import payloads, read_listed
 from keisei_fn.store.names import (
     SIDECAR_SUFFIX,
     WEIGHTS_SUFFIX,
+    generation_stem,
     shards_stem,
     sidecar_path,
-    weights_path,
 )
 
-__all__ = ["resolve_stem"]
+__all__ = ["LEGACY_SUFFIXES", "resolve_stem"]
 
-_LEGACY_SUFFIXES = (".pth", ".pt", ".ckpt", ".bin")
+#: Suffixes of pickled torch checkpoints (Keisei's ``.pth``), never loaded directly.
+LEGACY_SUFFIXES = (".pth", ".pt", ".ckpt", ".bin")
 
 
 def resolve_stem(source: PathArg) -> RunPath:
@@ -40,7 +42,8 @@ def resolve_stem(source: PathArg) -> RunPath:
     Raises:
         UnsupportedFormatError: for a legacy ``.pth``/``.pt`` file.
         CheckpointNotFoundError: when nothing exists there.
-        IncompleteCheckpointError: for a shards directory that no sidecar commits.
+        IncompleteCheckpointError: for a payload (a weights file or shards directory) that no
+            sidecar names.
 
     Example:
         >>> resolve_stem("runs/none/checkpoint_ts1.json")
@@ -49,14 +52,16 @@ def resolve_stem(source: PathArg) -> RunPath:
         keisei_fn.errors.CheckpointNotFoundError: no checkpoint at runs/none/checkpoint_ts1.json
     """
     path = run_path(source)
-    if (name := shards_stem(path.name)) is not None:  # a sharded checkpoint's directory
-        meta = read_listed(path.parent / name)[0]
-        if meta.shards_dir != path.name:
+    owner = shards_stem(path.name) or generation_stem(path.name)
+    if owner is not None:  # a payload: a generation-named weights file or a shards directory
+        meta = read_listed(path.parent / owner)[0]
+        if meta.weights_file != path.name:
             raise IncompleteCheckpointError(
-                f"{path} was never committed: {meta.sidecar_path.name} refers to {meta.shards_dir}"
+                f"{path} is not committed: {meta.sidecar_path.name} names {meta.weights_file} "
+                "(a save that never committed, or a checkpoint replaced since)"
             )
         return meta.path
-    if path.suffix in _LEGACY_SUFFIXES:
+    if path.suffix in LEGACY_SUFFIXES:
         if not file_exists(path):
             raise CheckpointNotFoundError(f"no such file: {path}")
         raise UnsupportedFormatError(
@@ -68,10 +73,6 @@ def resolve_stem(source: PathArg) -> RunPath:
         if path.name.endswith(suffix):
             path = path.parent / path.name[: -len(suffix)]
             break
-    if not (
-        file_exists(sidecar_path(path))
-        or file_exists(weights_path(path))
-        or shard_dirs(path.parent, path.name)
-    ):
+    if not (file_exists(sidecar_path(path)) or payloads(path)):
         raise CheckpointNotFoundError(f"no checkpoint at {source}")
     return path

@@ -1,5 +1,7 @@
-"""Checkpoint file names: ``<prefix><step>.safetensors`` / ``.json`` and ``final_model.*``, and
-the shards directories of sharded checkpoints, ``<prefix><step>.<token>.shards``."""
+"""Checkpoint file names: the sidecar ``<prefix><step>.json`` (or ``final_model.json``), the
+weights file it names — ``<stem>.<token>.safetensors`` (a fresh generation per save; format 1
+used ``<stem>.safetensors``) — and the shards directories of sharded checkpoints,
+``<prefix><step>.<token>.shards``."""
 
 from __future__ import annotations
 
@@ -16,6 +18,9 @@ SIDECAR_SUFFIX = ".json"
 SHARDS_SUFFIX = ".shards"
 SHARDS_RE = re.compile(rf"(?P<stem>{NAME_RE.pattern})\.(?P<token>[0-9a-f]+)\.shards")
 FINAL_MODEL = "final_model"
+GENERATION_RE = re.compile(
+    rf"(?P<stem>{NAME_RE.pattern}|{FINAL_MODEL})\.(?P<token>[0-9a-f]+){re.escape(WEIGHTS_SUFFIX)}"
+)
 #: Keisei's periodic checkpoints: the only prefix that counts as a resume point by default.
 RESUME_PREFIX = "checkpoint_ts"
 
@@ -40,7 +45,15 @@ def parse_stem(stem: str) -> ParsedName | None:
 
 
 def split_file(name: str) -> tuple[str, str] | None:
-    """``("checkpoint_ts10", ".json")`` for a checkpoint file name, else None."""
+    """``(stem, suffix)`` of a checkpoint file name — a sidecar, a format-1 weights file or a
+    generation-named one (suffix ``.safetensors``) — else None.
+
+    Example:
+        >>> split_file("checkpoint_ts10.json"), split_file("final_model.0a1b2c3d.safetensors")
+        (('checkpoint_ts10', '.json'), ('final_model', '.safetensors'))
+    """
+    if (stem := generation_stem(name)) is not None:
+        return stem, WEIGHTS_SUFFIX
     for suffix in (WEIGHTS_SUFFIX, SIDECAR_SUFFIX):
         if name.endswith(suffix) and parse_stem(name[: -len(suffix)]) is not None:
             return name[: -len(suffix)], suffix
@@ -58,6 +71,17 @@ def shards_stem(name: str) -> str | None:
     return match["stem"] if match is not None else None
 
 
+def generation_stem(name: str) -> str | None:
+    """The checkpoint stem a generation-named weights file belongs to, else None.
+
+    Example:
+        >>> generation_stem("checkpoint_ts10.9f2c4d.safetensors"), generation_stem("x.json")
+        ('checkpoint_ts10', None)
+    """
+    match = GENERATION_RE.fullmatch(name)
+    return match["stem"] if match is not None else None
+
+
 def checkpoint_stem(prefix: str, step: int) -> str:
     """``f"{prefix}{step}"`` after checking the prefix fits the grammar.
 
@@ -67,11 +91,6 @@ def checkpoint_stem(prefix: str, step: int) -> str:
     if not PREFIX_RE.fullmatch(prefix):
         raise SpecError(f"checkpoint prefix must match [A-Za-z_]+, got {prefix!r}")
     return f"{prefix}{step}"
-
-
-def weights_path(stem: RunPath) -> RunPath:
-    """``stem`` + ``.safetensors`` (by concatenation: stems may contain dots)."""
-    return stem.parent / (stem.name + WEIGHTS_SUFFIX)
 
 
 def sidecar_path(stem: RunPath) -> RunPath:

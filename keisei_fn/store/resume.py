@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 from keisei_fn.distributed import on_rank_zero
 from keisei_fn.errors import CheckpointNotFoundError
+from keisei_fn.meta import CheckpointMeta
 from keisei_fn.paths import PathArg, RunPath, is_remote, run_path
 from keisei_fn.state import TrainState
 from keisei_fn.store._fs import (
@@ -22,9 +23,9 @@ from keisei_fn.store._fs import (
     make_dirs,
 )
 from keisei_fn.store.checkpoints import load_state_with_meta
-from keisei_fn.store.listing import latest_checkpoint, read_listed
-from keisei_fn.store.locate import resolve_stem
-from keisei_fn.store.names import RESUME_PREFIX
+from keisei_fn.store.listing import is_run_dir, latest_checkpoint, read_listed
+from keisei_fn.store.locate import LEGACY_SUFFIXES, resolve_stem
+from keisei_fn.store.names import RESUME_PREFIX, parse_stem, split_file
 
 __all__ = ["Resumed", "resume"]
 
@@ -75,7 +76,9 @@ def resume(
 
     Raises:
         CheckpointNotFoundError: an explicit path that does not exist (Keisei silently started
-            fresh), or a run directory whose checkpoints all fail verification.
+            fresh), or a run directory that holds checkpoint files (ours, or Keisei's ``.pth``:
+            the message names ``keisei-fn convert``) of which none is usable: never a silent
+            fresh start.
         IntegrityError, UnsupportedFormatError: an explicit checkpoint that is corrupt or legacy.
     """
     if resume in ("never", False):
@@ -83,23 +86,52 @@ def resume(
     run_dir = run_path(run_dir)
     if resume not in ("latest", None, True):
         assert not isinstance(resume, bool)
-        stem = resolve_stem(resume)
-        state, meta = load_state_with_meta(stem)
+        state, meta = load_state_with_meta(resolve_stem(resume))
         return Resumed(state=state, path=meta.weights_path)
-    if latest_checkpoint(run_dir, prefix=prefix) is None and search_parent:
+    found = _load_latest(run_dir, prefix)
+    if found is None and search_parent and not _checkpoint_files(run_dir, prefix):
         parent = run_dir.parent if is_remote(run_dir) else run_dir.resolve().parent
         parent_latest = latest_checkpoint(parent, prefix=prefix)
         if parent_latest is not None:
             stem = resolve_stem(parent_latest)
             log.warning("no checkpoint in %s; resuming from the parent's %s", run_dir, stem)
             on_rank_zero(lambda: _copy_checkpoint(stem, run_dir))
-    if latest_checkpoint(run_dir, prefix=prefix) is None:
-        return None
-    try:
-        state, meta = load_state_with_meta(run_dir, prefix=prefix)
-    except CheckpointNotFoundError as exc:
+            found = _load_latest(run_dir, prefix)
+    if found is not None:
+        return Resumed(state=found[0], path=found[1].weights_path)
+    if files := _checkpoint_files(run_dir, prefix):
+        legacy = [name for name in files if name.endswith(LEGACY_SUFFIXES)]
+        how = (
+            f"; {legacy[0]} is a Keisei checkpoint: convert it once with `keisei-fn convert "
+            f"{run_dir / legacy[0]} {run_dir}` (or keisei_fn.import_legacy)"
+            if legacy and len(legacy) == len(files)
+            else "; see `keisei-fn verify` for why each is unusable"
+        )
         raise CheckpointNotFoundError(
-            f"{run_dir} has checkpoints but none passed verification; refusing to start fresh "
-            "silently (pass resume='never' to start over)"
-        ) from exc
-    return Resumed(state=state, path=meta.weights_path)
+            f"{run_dir} holds checkpoint files ({', '.join(files[:3])}"
+            f"{', ...' if len(files) > 3 else ''}) but no usable {prefix}* checkpoint; refusing "
+            f"to start fresh silently (pass resume='never' to start over){how}"
+        )
+    return None
+
+
+def _load_latest(run_dir: RunPath, prefix: str) -> tuple[TrainState, CheckpointMeta] | None:
+    """The newest loadable checkpoint (falling back past unusable ones), or None."""
+    try:
+        return load_state_with_meta(run_dir, prefix=prefix)
+    except CheckpointNotFoundError:
+        return None
+
+
+def _checkpoint_files(run_dir: RunPath, prefix: str) -> list[str]:
+    """Names of the files in ``run_dir`` that are (parts of) resume checkpoints, usable or not:
+    sidecars and payloads with ``prefix``, and Keisei's pickled checkpoints."""
+    names = sorted(list_file_names(run_dir)) if is_run_dir(run_dir) else []
+    return [name for name in names if name.endswith(LEGACY_SUFFIXES) or _has_prefix(name, prefix)]
+
+
+def _has_prefix(name: str, prefix: str) -> bool:
+    """Whether ``name`` is a sidecar or weights file of a checkpoint named with ``prefix``."""
+    split = split_file(name)
+    parsed = parse_stem(split[0]) if split is not None else None
+    return parsed is not None and parsed.prefix == prefix

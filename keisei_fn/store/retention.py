@@ -2,9 +2,10 @@
 
 Never deleted, whatever the policy: the newest valid checkpoint, final checkpoints, the final
 model, and checkpoints whose publication is still pending in the run directory's ledger.
-Incomplete leftovers (temp files, weights without a sidecar, pairs that fail the listed check,
-and, once abandoned for an hour, shards directories no sidecar refers to and open S3 multipart
-uploads) are always removed by ``prune``.
+Incomplete leftovers (temp files, payloads no sidecar names, sidecars that fail the listed
+check, and, once abandoned for an hour, shards directories no sidecar refers to and open S3
+multipart uploads) are always removed by ``prune``, which holds the run directory's lock (see
+``keisei_fn.store.commit``) so that it never takes what a save in flight still needs.
 
 Example:
     >>> policy = RetentionPolicy(keep_last=2)
@@ -14,6 +15,7 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 from collections.abc import Collection, Mapping, Sequence
@@ -21,16 +23,19 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from keisei_fn.distributed import on_rank_zero
-from keisei_fn.errors import SpecError
+from keisei_fn.errors import KeiseiFnError, SpecError
 from keisei_fn.meta import CheckpointMeta
-from keisei_fn.paths import PathArg, RunPath, run_path
+from keisei_fn.paths import PathArg, RunPath, is_remote, run_path
 from keisei_fn.store._fs import (
+    ABANDONED_AFTER_SECONDS,
     abort_stale_uploads,
+    modified_age,
     remove_durably,
 )
+from keisei_fn.store.commit import locked
 from keisei_fn.store.ledger import pending_publications
-from keisei_fn.store.listing import scan_run_dir
-from keisei_fn.store.names import RESUME_PREFIX, parse_stem, sidecar_path, weights_path
+from keisei_fn.store.listing import RunDirScan, scan_run_dir
+from keisei_fn.store.names import RESUME_PREFIX, parse_stem, sidecar_path
 
 __all__ = ["PrunePlan", "RetentionPolicy", "plan_prune", "prune"]
 
@@ -179,8 +184,13 @@ def prune(
 ) -> PrunePlan:
     """Apply a retention policy to a run directory and remove incomplete leftovers.
 
-    Deletion order per checkpoint: sidecar first (uncommit), then weights, so a crash mid-prune
-    never leaves a sidecar without weights.
+    Runs under the run directory's lock (``keisei_fn.store.commit``): a save in flight in any
+    process finishes first, and no save starts until the prune is done, so every payload not
+    named by a sidecar is a dead save's or a replaced checkpoint's and is removed. On an object
+    store (no lock) such a payload is removed only once it is older than
+    ``ABANDONED_AFTER_SECONDS``. Deletion order per checkpoint: sidecar first (uncommit), then
+    its payload, so a crash mid-prune never leaves a sidecar without weights. A checkpoint that
+    cannot be read here (a newer format, an I/O error) is never deleted, nor its payloads.
 
     Args:
         run_dir: the run directory.
@@ -190,30 +200,54 @@ def prune(
 
     Returns:
         The plan; ``delete`` also lists removed leftovers (as file names).
+
+    A publication ledger that cannot be read (over its caps, corrupt) makes every checkpoint
+    protected, with a warning: which are still to be published is unknown. Never raises
+    because of one bad file.
     """
     return on_rank_zero(lambda: _prune(run_path(run_dir), policy, dry_run=dry_run, prefix=prefix))
 
 
 def _prune(run_dir: RunPath, policy: RetentionPolicy, *, dry_run: bool, prefix: str) -> PrunePlan:
-    scan = scan_run_dir(run_dir)
-    pending = {r.get("checkpoint", "") for r in pending_publications(run_dir).values()}
-    plan = plan_prune(scan.valid, policy, protected=pending, prefix=prefix)
-    leftovers = [p.name for p in scan.leftovers]
-    broken = [stem.name for stem, _ in scan.invalid]
-    if not dry_run:
-        owned = {meta.name: meta.weights_path for meta in scan.valid}  # file or shards dir
-        for name in (*plan.delete, *broken):
-            stem = run_dir / name
-            remove_durably(sidecar_path(stem))  # uncommit first
-            remove_durably(owned.get(name, weights_path(stem)))
-        remove_durably(*scan.leftovers)
-        leftovers += [f"{name} (incomplete upload)" for name in abort_stale_uploads(run_dir)]
-        if plan.delete or broken or leftovers:
-            log.info(
-                "pruned %s: %d checkpoints, %d broken, %d leftovers",
-                run_dir,
-                len(plan.delete),
-                len(broken),
-                len(leftovers),
-            )
-    return PrunePlan(keep=plan.keep, delete=(*plan.delete, *broken, *leftovers))
+    with locked(run_dir) if not dry_run else contextlib.nullcontext():
+        scan = scan_run_dir(run_dir)
+        plan = plan_prune(scan.valid, policy, protected=_pending(run_dir, scan), prefix=prefix)
+        leftovers = [p for p in scan.leftovers if not _maybe_in_flight(p)]
+        broken = [stem.name for stem, _ in scan.invalid]
+        removed = [p.name for p in leftovers]
+        if not dry_run:
+            owned = {meta.name: meta.weights_path for meta in scan.valid}  # file or shards dir
+            for name in plan.delete:
+                remove_durably(sidecar_path(run_dir / name))  # uncommit first
+                remove_durably(owned[name])
+            remove_durably(*(sidecar_path(run_dir / name) for name in broken))
+            remove_durably(*leftovers)  # the broken ones' payloads among them
+            removed += [f"{name} (incomplete upload)" for name in abort_stale_uploads(run_dir)]
+            if plan.delete or broken or removed:
+                log.info(
+                    "pruned %s: %d checkpoints, %d broken, %d leftovers",
+                    run_dir,
+                    len(plan.delete),
+                    len(broken),
+                    len(removed),
+                )
+    return PrunePlan(keep=plan.keep, delete=(*plan.delete, *broken, *removed))
+
+
+def _pending(run_dir: RunPath, scan: RunDirScan) -> set[str]:
+    """Names of the checkpoints whose publication is pending; every valid one when the ledger
+    cannot be read (which are pending is unknown: none may be deleted)."""
+    try:
+        return {str(r.get("checkpoint", "")) for r in pending_publications(run_dir).values()}
+    except KeiseiFnError as exc:
+        log.warning("%s; keeping every checkpoint of %s", exc, run_dir)
+        return {meta.name for meta in scan.valid}
+
+
+def _maybe_in_flight(leftover: RunPath) -> bool:
+    """Whether an unreferenced file may belong to a save in flight: only on an object store
+    (locally, prune holds the lock that every save holds), until it is old enough."""
+    if not is_remote(leftover):
+        return False
+    age = modified_age(leftover)
+    return age is None or age < ABANDONED_AFTER_SECONDS

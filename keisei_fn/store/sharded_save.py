@@ -2,17 +2,18 @@
 in parallel; rank 0 writes ``state.safetensors`` and, once every rank's files are written and
 hashed, the sidecar, last: the commit marker (see ``keisei_fn.store.sharded`` for the layout).
 
-The commit: ``_start`` (rank 0, before DCP) refuses to replace a valid checkpoint and makes a
-fresh shards directory; ``_commit`` (rank 0, after every rank wrote) checks the directory and
-writes the sidecar durably; ``_remove_stale`` then removes what an older sidecar at that step
-named. A failure before the commit removes the new shards directory.
+The commit protocol is the store's (``keisei_fn.store.commit``), with a shards directory as the
+payload: ``_start`` (rank 0, before DCP) takes the run directory's lock — held until the save
+ends, so no prune runs meanwhile — refuses to replace a valid checkpoint and makes a fresh
+shards directory; ``_commit`` (rank 0, after every rank wrote) checks the directory and commits
+its sidecar, then removes what the replaced sidecar named. A failure before the commit removes
+the new shards directory.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
-import secrets
 import shutil
 from collections.abc import Mapping
 from pathlib import Path
@@ -22,29 +23,22 @@ import torch
 from torch import nn
 
 from keisei_fn.capture import Scheduler
-from keisei_fn.codec import dumps
 from keisei_fn.distributed import agreed, gather_rng, gathered, on_rank_zero, rank_and_world
 from keisei_fn.errors import (
     CheckpointExistsError,
     IntegrityError,
     KeiseiFnError,
     SpecError,
-    UnsupportedFormatError,
 )
 from keisei_fn.meta import CheckpointMeta, build_sharded_sidecar
 from keisei_fn.paths import PathArg
 from keisei_fn.rng import capture_rng
 from keisei_fn.spec import ModelSpec
 from keisei_fn.state import GameStats, TrainState
-from keisei_fn.store._fs import fsync_dir, hash_file, remove_durably, write_bytes_durably
-from keisei_fn.store.listing import committed, read_listed, shard_dirs
-from keisei_fn.store.names import (
-    RESUME_PREFIX,
-    SHARDS_SUFFIX,
-    checkpoint_stem,
-    sidecar_path,
-    weights_path,
-)
+from keisei_fn.store._fs import fsync_dir, hash_file
+from keisei_fn.store.commit import commit, existing_checkpoint, fresh_payload, locked
+from keisei_fn.store.listing import read_listed
+from keisei_fn.store.names import RESUME_PREFIX, SHARDS_SUFFIX, checkpoint_stem, sidecar_path
 from keisei_fn.store.sharded_codec import Encoded, encode
 from keisei_fn.store.sharded_dcp import hf_storage, live_state, local_path, shard_file, write_shards
 from keisei_fn.store.sharded_layout import STATE_FILE
@@ -142,27 +136,31 @@ def save_sharded(
             )
         )
     )
-    token = on_rank_zero(lambda: secrets.token_hex(8))
-    shards = stem.parent / f"{stem.name}.{token}{SHARDS_SUFFIX}"
-    state_file = on_rank_zero(lambda: _start(stem, shards, encoded, overwrite=overwrite))
-    committed = False
-    try:
-        write_shards(encoded.for_dcp(rank), shards)
-        written = gathered(lambda: _hash_own(shards, rank))
-        sidecar = on_rank_zero(
-            lambda: _commit(
-                stem,
-                shards,
-                encoded,
-                kind=kind,
-                world=world,
-                files=[{STATE_FILE: state_file}, *written],
-            )
+    shards = stem.parent / on_rank_zero(lambda: fresh_payload(stem, SHARDS_SUFFIX).name)
+    with contextlib.ExitStack() as lock:  # rank 0 holds the run directory's lock in it
+        replaced: list[CheckpointMeta] = []  # rank 0: what the sidecar at ``stem`` named
+        state_file = on_rank_zero(
+            lambda: _start(stem, shards, encoded, overwrite=overwrite, lock=lock, old=replaced)
         )
-        committed = True
-    finally:
-        if not committed and rank == 0 and not _referenced(stem, shards):
-            shutil.rmtree(shards, ignore_errors=True)
+        committed = False
+        try:
+            write_shards(encoded.for_dcp(rank), shards)
+            written = gathered(lambda: _hash_own(shards, rank))
+            sidecar = on_rank_zero(
+                lambda: _commit(
+                    stem,
+                    shards,
+                    encoded,
+                    kind=kind,
+                    world=world,
+                    files=[{STATE_FILE: state_file}, *written],
+                    replaced=replaced[0] if replaced else None,
+                )
+            )
+            committed = True
+        finally:
+            if not committed and rank == 0 and not _referenced(stem, shards):
+                shutil.rmtree(shards, ignore_errors=True)
     return CheckpointMeta.from_sidecar(sidecar, run_dir=stem.parent)
 
 
@@ -175,30 +173,34 @@ def _referenced(stem: Path, shards: Path) -> bool:
         return False
 
 
-def _start(stem: Path, shards: Path, encoded: Encoded, *, overwrite: bool) -> tuple[int, str]:
-    """Rank 0, before DCP: refuse to replace a valid checkpoint, make the shards directory,
-    write ``state.safetensors``."""
-    stem.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        found = committed(stem) is not None
-    except UnsupportedFormatError as exc:
+def _start(
+    stem: Path,
+    shards: Path,
+    encoded: Encoded,
+    *,
+    overwrite: bool,
+    lock: contextlib.ExitStack,
+    old: list[CheckpointMeta],
+) -> tuple[int, str]:
+    """Rank 0, before DCP: take the run directory's lock (into ``lock``), refuse to replace a
+    valid checkpoint (else record it in ``old``), make the shards directory, write
+    ``state.safetensors``."""
+    lock.enter_context(locked(stem.parent))
+    existing = existing_checkpoint(stem, overwrite=overwrite)
+    if existing is not None:
         if not overwrite:
             raise CheckpointExistsError(
-                f"{sidecar_path(stem)} holds a checkpoint this keisei_fn cannot read ({exc}); "
-                "pass overwrite=True to replace it"
-            ) from exc
-        found = False
-    if found and not overwrite:
-        raise CheckpointExistsError(
-            f"{sidecar_path(stem)} already holds a valid checkpoint; pass overwrite=True to "
-            "replace it"
-        )
+                f"{sidecar_path(stem)} already holds a valid checkpoint; pass overwrite=True to "
+                "replace it"
+            )
+        old.append(existing[0])
     shards.mkdir()
     try:
-        return write_weights(encoded.small, shards / STATE_FILE)
+        written = write_weights(encoded.small, shards / STATE_FILE)
     except BaseException:
         shutil.rmtree(shards, ignore_errors=True)
         raise
+    return written.size, written.digest
 
 
 def _hash_own(shards: Path, rank: int) -> dict[str, tuple[int, str]]:
@@ -215,8 +217,9 @@ def _commit(
     kind: str,
     world: int,
     files: list[dict[str, tuple[int, str]]],
+    replaced: CheckpointMeta | None,
 ) -> dict[str, Any]:
-    """Rank 0, after every rank wrote: check the directory, write the sidecar last."""
+    """Rank 0, after every rank wrote: check the directory, commit its sidecar, last."""
     table: dict[str, tuple[int, str]] = {}
     for written in files:
         for name, record in written.items():
@@ -240,15 +243,5 @@ def _commit(
         world_size=world,
         files=table,
     )
-    write_bytes_durably(sidecar_path(stem), dumps(sidecar))
-    _remove_stale(stem, keep=shards)
+    commit(stem, sidecar, payload=shards, replaced=replaced)
     return sidecar
-
-
-def _remove_stale(stem: Path, *, keep: Path) -> None:
-    """After a commit: the files of whatever was at ``stem`` before, and shards directories of
-    saves at this step that never committed (best effort: leftovers are harmless)."""
-    with contextlib.suppress(OSError):
-        remove_durably(
-            weights_path(stem), *(d for d in shard_dirs(stem.parent, stem.name) if d != keep)
-        )

@@ -26,15 +26,17 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
 
+import blake3
 import orjson
 import torch
 
-from keisei_fn.codec import DTYPE_NAMES, DTYPES_BY_NAME
+from keisei_fn.codec import DTYPE_NAMES, DTYPES_BY_NAME, check_json_cost
 from keisei_fn.errors import IntegrityError, UnsupportedDtypeError
 from keisei_fn.paths import RunPath, is_remote
 from keisei_fn.store._fs import (
@@ -47,7 +49,15 @@ from keisei_fn.store._fs import (
     writing,
 )
 
-MAX_HEADER_BYTES = 100 * 1024 * 1024
+#: A weights file's JSON header larger than this is refused unread. A default Keisei
+#: checkpoint's header (543 tensors with Adam state) is 52 KB; 16 MiB is 300x that.
+MAX_HEADER_BYTES = 16 * 1024 * 1024
+#: At most this many tensors in one weights file (counted before the header is parsed): 30x a
+#: default Keisei checkpoint's 543, 7x a 48-layer transformer's with Adam state. Each costs
+#: about 1 KB once parsed and viewed, so at most ~16 MB.
+MAX_TENSORS = 16_384
+#: A tensor dimension or element count beyond this is refused (torch's sizes are int64).
+_MAX_ELEMENTS = 2**62
 
 #: ``__metadata__`` of every file we write.
 METADATA = {"format": "keisei_fn"}
@@ -65,59 +75,63 @@ DTYPE_ORDER = {
 #: Bytes per ``writev`` call; the device's writeback of each batch starts right after it.
 BATCH_BYTES = 8 << 20
 _IOV_MAX = os.sysconf("SC_IOV_MAX")
+#: Tensors at least this large are hashed on all cores (threads cost more than they save below).
+_PARALLEL_HASH_BYTES = 4 << 20
 
 
-def write_weights(
-    tensors: dict[str, torch.Tensor],
-    path: RunPath,
-    *,
-    before_replace: Callable[[], None] | None = None,
-) -> tuple[int, str]:
+@dataclass(frozen=True, slots=True)
+class WrittenWeights:
+    """What :func:`write_weights` wrote: the file's size and digest, and every tensor's digest.
+
+    Attributes:
+        size: the file's byte size.
+        digest: ``"blake3:<hex>"`` of the whole file.
+        tensor_digests: stored name → ``"blake3:<hex>"`` of that tensor's bytes.
+    """
+
+    size: int
+    digest: str
+    tensor_digests: dict[str, str]
+
+
+def write_weights(tensors: dict[str, torch.Tensor], path: RunPath) -> WrittenWeights:
     """Atomically create or replace the weights file at ``path`` with ``tensors``.
 
-    The digest is BLAKE3 of the whole file's bytes, hashed from the same memory while it is
-    written (never by reading the file back). ``tensors`` must not change during the call.
-    Local files go through a temp file (fsynced, renamed, directory fsynced); on an object
-    store the upload is aborted on failure (see ``keisei_fn.store._fs.writing``).
+    The digests are BLAKE3 of the whole file's bytes and of each tensor's bytes, hashed from
+    the same memory while it is written (never by reading the file back). ``tensors`` must not
+    change during the call. Local files go through a temp file (fsynced, renamed, directory
+    fsynced); on an object store the upload is aborted on failure (see
+    ``keisei_fn.store._fs.writing``).
 
     Args:
         tensors: name → tensor.
         path: the file to create or replace.
-        before_replace: called right before ``path`` can change: locally once the temp file is
-            durable (just before the rename), on an object store before the upload starts.
 
     Returns:
-        ``(size, "blake3:<hex>")`` of the written file.
+        The file's size and digests.
 
     Raises:
         UnsupportedDtypeError: for a dtype a checkpoint cannot store (nothing is written).
         OSError: when the disk is full or not writable (``path`` is left as it was).
     """
-    header, buffers = _layout(tensors)
-    chunks = [memoryview(header), *buffers]
+    layout = _layout(tensors)
     with ThreadPoolExecutor(max_workers=1) as pool:
-        digest = pool.submit(_hash, chunks)
+        digests = pool.submit(_hash, layout)
         if is_remote(path):
-            if before_replace is not None:
-                before_replace()
             with writing(path) as file:
-                for piece in _pieces(chunks):
+                for piece in _pieces(layout.chunks):
                     file.write(piece)
         else:
-            _write_local(path, chunks, before_replace)
-        return sum(chunk.nbytes for chunk in chunks), digest.result()
+            _write_local(path, layout.chunks)
+        return digests.result()
 
 
-def weights_digest(tensors: dict[str, torch.Tensor]) -> tuple[int, str]:
-    """``(size, digest)`` that :func:`write_weights` would return, without writing anything."""
-    header, buffers = _layout(tensors)
-    chunks = [memoryview(header), *buffers]
-    return sum(chunk.nbytes for chunk in chunks), _hash(chunks)
+def weights_digest(tensors: dict[str, torch.Tensor]) -> WrittenWeights:
+    """What :func:`write_weights` would return, without writing anything."""
+    return _hash(_layout(tensors))
 
 
-def _write_local(
-    final: Path, chunks: Sequence[memoryview], before_replace: Callable[[], None] | None
-) -> None:
+def _write_local(final: Path, chunks: Sequence[memoryview]) -> None:
     """Write ``chunks`` to a new temp file beside ``final``, fsync it and rename it over."""
     temp = temp_path(final)
     fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o666)
@@ -127,12 +141,24 @@ def _write_local(
             os.fsync(fd)
         finally:
             os.close(fd)
-        if before_replace is not None:
-            before_replace()
         commit_file(temp, final)
 
 
-def _layout(tensors: dict[str, torch.Tensor]) -> tuple[bytes, list[memoryview]]:
+@dataclass(frozen=True, slots=True)
+class _Layout:
+    """A weights file about to be written: the padded header, then each tensor's bytes (views
+    of its memory) in file order, with their names."""
+
+    header: bytes
+    names: list[str]
+    buffers: list[memoryview]
+
+    @property
+    def chunks(self) -> list[memoryview]:
+        return [memoryview(self.header), *self.buffers]
+
+
+def _layout(tensors: dict[str, torch.Tensor]) -> _Layout:
     """The padded header and each tensor's bytes (views of its memory), in file order."""
     for name, tensor in tensors.items():
         if tensor.dtype not in DTYPE_NAMES:
@@ -153,15 +179,25 @@ def _layout(tensors: dict[str, torch.Tensor]) -> tuple[bytes, list[memoryview]]:
         buffers.append(data)
     raw = orjson.dumps(header)
     raw += b" " * (-len(raw) % 8)
-    return len(raw).to_bytes(8, "little") + raw, buffers
+    return _Layout(len(raw).to_bytes(8, "little") + raw, names, buffers)
 
 
-def _hash(chunks: Sequence[memoryview]) -> str:
-    """``"blake3:<hex>"`` of the concatenated chunks."""
-    hasher = hash_chunks()
-    for chunk in chunks:
-        hasher.update(chunk)
-    return "blake3:" + hasher.hexdigest()
+def _hash(layout: _Layout) -> WrittenWeights:
+    """The whole file's digest and each tensor's, from the bytes about to be written."""
+    whole = hash_chunks()
+    whole.update(layout.header)
+    tensor_digests = {}
+    for name, buffer in zip(layout.names, layout.buffers, strict=True):
+        whole.update(buffer)
+        tensor_digests[name] = digest_of(buffer)
+    size = len(layout.header) + sum(buffer.nbytes for buffer in layout.buffers)
+    return WrittenWeights(size, "blake3:" + whole.hexdigest(), tensor_digests)
+
+
+def digest_of(data: memoryview | bytes) -> str:
+    """``"blake3:<hex>"`` of one tensor's bytes (all cores only when it is large)."""
+    threads = blake3.blake3.AUTO if len(data) >= _PARALLEL_HASH_BYTES else 1
+    return "blake3:" + blake3.blake3(data, max_threads=threads).hexdigest()
 
 
 def _write_all(fd: int, chunks: Sequence[memoryview]) -> None:
@@ -279,14 +315,27 @@ def _parse(data: memoryview, path: RunPath) -> dict[str, torch.Tensor]:
     so that encoding a loaded state does not take them for views of one shared tensor)."""
     header_len = int.from_bytes(data[:8].tobytes(), "little")
     if header_len > min(len(data) - 8, MAX_HEADER_BYTES):
-        raise IntegrityError(f"{path}: header length {header_len} exceeds the file or the limit")
+        raise IntegrityError(
+            f"{path}: header length {header_len} exceeds the file or the "
+            f"{MAX_HEADER_BYTES}-byte limit"
+        )
+    raw_header = data[8 : 8 + header_len].tobytes()
+    # Each tensor's entry is an object with two arrays (shape, offsets).
+    check_json_cost(
+        raw_header,
+        max_containers=3 * MAX_TENSORS + 2,
+        max_values=16 * MAX_TENSORS,
+        where=f"{path}: safetensors header",
+    )
     try:
-        header = orjson.loads(data[8 : 8 + header_len])
+        header = orjson.loads(raw_header)
     except orjson.JSONDecodeError as exc:
         raise IntegrityError(f"{path}: safetensors header is not JSON: {exc}") from exc
     if not isinstance(header, dict):
         raise IntegrityError(f"{path}: safetensors header is not an object")
     header.pop("__metadata__", None)
+    if len(header) > MAX_TENSORS:
+        raise IntegrityError(f"{path}: {len(header)} tensors, more than the cap of {MAX_TENSORS}")
     data_start = 8 + header_len
     spans: list[tuple[int, int, str, torch.dtype, list[int]]] = []
     for name, info in header.items():
@@ -296,7 +345,7 @@ def _parse(data: memoryview, path: RunPath) -> dict[str, torch.Tensor]:
             begin, end = info["data_offsets"]
         except (KeyError, TypeError, ValueError) as exc:
             raise IntegrityError(f"{path}: bad header entry for {name!r}: {exc!r}") from exc
-        if not all(type(x) is int and x >= 0 for x in (*shape, begin, end)):
+        if not all(type(x) is int and x >= 0 for x in (*shape, begin, end)) or not _sane(shape):
             raise IntegrityError(
                 f"{path}: tensor {name!r} has a bad shape or offsets: {info!r:.200}"
             )
@@ -324,6 +373,17 @@ def _parse(data: memoryview, path: RunPath) -> dict[str, torch.Tensor]:
             f"{path}: the data section has {len(data) - data_start} bytes, its tensors {position}"
         )
     return tensors
+
+
+def _sane(shape: list[int]) -> bool:
+    """Whether torch can make a tensor of ``shape``: its non-zero dimensions multiply to at
+    most 2**62 (so ``[2**64 - 1, 0]`` or ``[2**62, 2**62, 0]``, empty as they are, are not)."""
+    elements = 1
+    for size in shape:
+        elements *= max(size, 1)
+        if elements > _MAX_ELEMENTS:
+            return False
+    return True
 
 
 def check_listed(
