@@ -334,7 +334,7 @@ def newest_usable(
                     raise
                 if stem.name not in warned:
                     warned.add(stem.name)
-                    skipped(stem, exc)
+                    log.warning("skipping %s, falling back to an older checkpoint: %s", stem, exc)
         if not vanished:
             return None
     return None

@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from keisei_fn.capture import Scheduler
+from keisei_fn.codec import dumps
 from keisei_fn.distributed import agreed, gather_rng, gathered, on_rank_zero, rank_and_world
 from keisei_fn.errors import (
     CheckpointExistsError,
@@ -161,7 +162,8 @@ def save_sharded(
         finally:
             if not committed and rank == 0 and not _referenced(stem, shards):
                 shutil.rmtree(shards, ignore_errors=True)
-    return CheckpointMeta.from_sidecar(sidecar, run_dir=stem.parent)
+    size = len(dumps(sidecar))  # the committed file's bytes
+    return CheckpointMeta.from_sidecar(sidecar, run_dir=stem.parent, sidecar_size=size)
 
 
 def _referenced(stem: Path, shards: Path) -> bool:
