@@ -39,6 +39,7 @@ from keisei_fn import (
 from keisei_fn.codec import encode_state
 from keisei_fn.meta import CheckpointMeta
 from keisei_fn.store import checkpoints, weights
+from keisei_fn.store import commit as commit_protocol
 from keisei_fn.store.weights import METADATA, read_weights, write_weights
 
 MODELS = {
@@ -283,14 +284,14 @@ SAVE_PARTS = [
     (checkpoints, "encode_state"),
     (checkpoints, "dumps"),
     (checkpoints, "loads"),
-    (checkpoints, "committed"),
+    (commit_protocol, "committed"),
     (checkpoints, "write_weights"),
     (weights, "_layout"),
     (weights, "_write_all"),
     (weights, "_hash"),
     (checkpoints, "build_sidecar"),
-    (checkpoints, "remove_durably"),
-    (checkpoints, "write_bytes_durably"),
+    (commit_protocol, "write_bytes_durably"),
+    (commit_protocol, "remove_durably"),
     (CheckpointMeta, "from_sidecar"),
 ]
 LOAD_PARTS = [
@@ -298,9 +299,8 @@ LOAD_PARTS = [
     (checkpoints, "read_weights"),
     (checkpoints, "decode_state"),
 ]
-#: Parts that run inside ``write_weights`` (``_hash`` in its worker thread, overlapping;
-#: ``remove_durably`` uncommits the old sidecar just before the rename).
-INSIDE_WRITE = ("_layout", "_write_all", "_hash", "remove_durably")
+#: Parts that run inside ``write_weights`` (``_hash`` in its worker thread, overlapping).
+INSIDE_WRITE = ("_layout", "_write_all", "_hash")
 
 
 def breakdown(
@@ -361,15 +361,13 @@ def listing_rows(sizes: list[int], scratch: Path, repeat: int) -> list[Row]:
     source = scratch / "listing-all"
     tiny = TrainState(spec=None, step=1, model={"w": torch.zeros(4)})
     with fsync_disabled():
-        for step in range(1, max(sizes) + 1):
-            save_state(tiny.replace(step=step), source)
+        metas = [save_state(tiny.replace(step=step), source) for step in range(1, max(sizes) + 1)]
     rows = []
     for size in sizes:
         run_dir = scratch / f"listing-{size}"
         run_dir.mkdir()
-        for step in range(1, size + 1):
-            for suffix in (".safetensors", ".json"):
-                name = f"checkpoint_ts{step}{suffix}"
+        for meta in metas[:size]:
+            for name in (meta.weights_file, meta.sidecar_path.name):
                 os.link(source / name, run_dir / name)
         samples = run_rounds(
             {

@@ -103,8 +103,8 @@ _REQUIRED = {
     "digest": str,
 }
 T = TypeVar("T")
-#: A payload's generation suffix: ``<name>.<token>.safetensors``.
-_GENERATION = r"\.[0-9a-f]{8,64}\.safetensors"
+#: A weights file's generation suffix after its checkpoint's name: ``.<token>.safetensors``.
+GENERATION_PATTERN = r"\.[0-9a-f]{8,64}\.safetensors"
 
 
 def digest_bytes(data: bytes | bytearray | memoryview) -> str:
@@ -152,7 +152,7 @@ def build_sidecar(
         SpecError: for an unknown kind, a weights file name that is not a generation name of
             ``name``, or tensors without a digest.
     """
-    if not re.fullmatch(re.escape(name) + _GENERATION, weights_file):
+    if not re.fullmatch(re.escape(name) + GENERATION_PATTERN, weights_file):
         raise SpecError(f"{weights_file!r} is not a weights file name for {name!r}")
     if set(tensor_digests) != set(tensors):
         raise SpecError("tensor_digests must hold a digest for every tensor and nothing else")
@@ -320,10 +320,10 @@ def _single_file_problem(sidecar: Mapping[str, Any]) -> str | None:
     for key, entry in sidecar["tensors"].items():
         if not isinstance(entry, dict) or not isinstance(entry.get("shape"), list):
             return f"tensor entry {key!r} is malformed"
-    if sidecar["format_version"] == LEGACY_SINGLE_FILE_VERSION:
-        return None
     file = weights.get("file")
-    pattern = re.escape(sidecar["name"]) + _GENERATION
+    if sidecar["format_version"] == LEGACY_SINGLE_FILE_VERSION:  # always <name>.safetensors
+        return None if file is None else f"a version-1 sidecar names a weights file {file!r}"
+    pattern = re.escape(sidecar["name"]) + GENERATION_PATTERN
     if not isinstance(file, str) or not re.fullmatch(pattern, file):
         return f"weights file {file!r} is not a name for this checkpoint"
     if not all(isinstance(e.get("digest"), str) for e in sidecar["tensors"].values()):
@@ -359,7 +359,8 @@ def _check_own_digest(raw: bytes, sidecar: dict[str, Any], where: str) -> None:
     actual = "blake3:" + hasher.hexdigest()
     if actual != recorded:
         raise IntegrityError(
-            f"{where}: the sidecar was modified (digest {actual}, recorded {recorded})"
+            f"{where}: the sidecar was modified or is not in canonical form (digest {actual}, "
+            f"recorded {recorded})"
         )
 
 
@@ -487,6 +488,11 @@ class CheckpointMeta:
         object.__setattr__(self, "path", run_path(self.path))
         if not self.weights_file:
             object.__setattr__(self, "weights_file", self.shards_dir or self.name + ".safetensors")
+        if not _plain_name(self.weights_file) or not _plain_name(self.name):
+            raise IntegrityError(
+                f"checkpoint {self.name!r} names its weights {self.weights_file!r}: not a file "
+                "name inside the run directory"
+            )
         object.__setattr__(self, "tensor_digests", freeze(dict(self.tensor_digests)))
         object.__setattr__(self, "tensors", freeze(dict(self.tensors)))
         object.__setattr__(self, "versions", freeze(dict(self.versions)))
@@ -592,7 +598,11 @@ class CheckpointMeta:
                 extra=field("state.extra", extra),
                 shards_dir=shards["dir"] if shards else None,
                 world_size=shards["world_size"] if shards else 1,
-                weights_file=sidecar["weights"].get("file", ""),
+                weights_file=(
+                    sidecar["weights"]["file"]
+                    if sidecar["format_version"] == FORMAT_VERSION
+                    else ""
+                ),
                 tensor_digests={
                     k: v["digest"] for k, v in sidecar["tensors"].items() if "digest" in v
                 },

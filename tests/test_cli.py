@@ -132,12 +132,18 @@ def test_verify_and_prune(tmp_path, demo_dir):
     run_dir = tmp_path / "copy"
     shutil.copytree(demo_dir, run_dir)
     assert run("verify", str(run_dir)).returncode == 0
-    weights = sorted(run_dir.glob("checkpoint_ts*.safetensors"))[0]
+    from keisei_fn import list_checkpoints
+
+    metas = sorted(
+        (m for m in list_checkpoints(run_dir) if m.name.startswith("checkpoint_ts")),
+        key=lambda m: m.name,
+    )
+    name, weights = metas[0].name, metas[0].weights_path
     data = bytearray(weights.read_bytes())
     data[-1] ^= 0x01  # flip one bit of the last tensor
     weights.write_bytes(bytes(data))
     result = run("verify", str(run_dir))
-    assert result.returncode == 1 and f"CORRUPT  {weights.stem}" in result.stdout
+    assert result.returncode == 1 and f"CORRUPT  {name}:" in result.stdout
     single = run("verify", str(weights))
     assert single.returncode == 2 and "digest" in single.stderr
     (run_dir / ".checkpoint_ts9.safetensors.abc123.tmp").write_bytes(b"partial")
@@ -152,7 +158,10 @@ def test_verify_and_prune(tmp_path, demo_dir):
 def _final_weights(run_dir: Path) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 
-    return load_file(run_dir / "final_model.safetensors")
+    from keisei_fn import list_checkpoints
+
+    (final_model,) = [m for m in list_checkpoints(run_dir) if m.name == "final_model"]
+    return load_file(final_model.weights_path)
 
 
 def test_demo_killed_mid_run_resumes_exactly(tmp_path):

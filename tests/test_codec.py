@@ -151,8 +151,10 @@ def test_sidecar_round_trip(state: TrainState) -> None:
         kind="periodic",
         tensors=encoded.tensors,
         aliases=encoded.aliases,
+        weights_file=f"{name}.0123456789abcdef.safetensors",
         weights_size=123,
         weights_digest="blake3:" + "ab" * 32,
+        tensor_digests={k: "blake3:" + "cd" * 32 for k in encoded.tensors},
     )
     raw = dumps(sidecar)
     parsed = check_sidecar(raw, name=name)
@@ -167,6 +169,8 @@ def test_sidecar_round_trip(state: TrainState) -> None:
     assert meta.stats == state.stats and meta.spec == state.spec
     assert meta.weights_size == 123 and meta.digest == sidecar["digest"]
     assert set(meta.tensors) == set(encoded.tensors)
+    assert meta.weights_file == f"{name}.0123456789abcdef.safetensors"
+    assert meta.tensor_digests == {k: "blake3:" + "cd" * 32 for k in encoded.tensors}
 
 
 def test_meta_of_a_state_with_a_tensor_in_extra_names_the_tensor() -> None:
@@ -178,8 +182,10 @@ def test_meta_of_a_state_with_a_tensor_in_extra_names_the_tensor() -> None:
         kind="periodic",
         tensors=encoded.tensors,
         aliases=encoded.aliases,
+        weights_file="checkpoint_ts3.0123456789abcdef.safetensors",
         weights_size=8,
         weights_digest="blake3:00",
+        tensor_digests={k: "blake3:00" for k in encoded.tensors},
     )
     meta = CheckpointMeta.from_sidecar(sidecar, run_dir=Path("run"))
     assert meta.extra == {"table": "extra/table", "elo": 1500.0}

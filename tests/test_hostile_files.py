@@ -839,7 +839,7 @@ def test_a_ledger_over_the_cap_is_refused_and_prune_deletes_nothing(
 
 _PEAK = textwrap.dedent(
     """
-    import resource, sys
+    import sys
     import torch
     torch.set_num_threads(1)
     from keisei_fn import latest_checkpoint, list_checkpoints, load_state
@@ -850,14 +850,18 @@ _PEAK = textwrap.dedent(
     mode, run_dir, target, warm_stem = sys.argv[1:5]
     warm = warm_stem.rsplit("/", 1)[0]
 
-    def peak():
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-
-    def resident():
+    def status(field):
         with open("/proc/self/status") as status:
             for line in status:
-                if line.startswith("VmRSS:"):
+                if line.startswith(field + ":"):
                     return int(line.split()[1]) * 1024
+
+    def resident():
+        return status("VmRSS")
+
+    def peak():
+        # VmHWM, which clear_refs resets; a child's ru_maxrss starts at its parent's size.
+        return status("VmHWM")
 
     # Warm up every code path on a valid run directory (imports, first allocations).
     scan_run_dir(warm); latest_checkpoint(warm); load_state(warm); verify_checkpoint(warm_stem)
@@ -868,9 +872,9 @@ _PEAK = textwrap.dedent(
     try:
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")
-        base, how = resident(), "ru_maxrss after a reset of the high-water mark"
+        base, how = resident(), "VmHWM after a reset of the high-water mark"
     except OSError:
-        base, how = peak(), "ru_maxrss (no reset: may under-report)"
+        base, how = peak(), "VmHWM (no reset: may under-report)"
     print(f"measured as {how}", file=sys.stderr)
 
     def attempt(call, *args):
@@ -976,7 +980,7 @@ def _hostile_near_cap(mode: str, templates: Templates, run_dir: Path) -> tuple[P
 def test_a_file_just_under_its_cap_costs_at_most_twice_the_cap(
     templates: Templates, mode: str
 ) -> None:
-    """Peak resident memory (ru_maxrss, in a fresh subprocess) of listing, loading and
+    """Peak resident memory (VmHWM, in a fresh subprocess) of listing, loading and
     verifying next to a sidecar of MAX_SIDECAR_BYTES - 1 bytes of ``[{},{},...]``, of a
     checkpoint whose header holds MAX_TENSORS empty tensors padded to MAX_HEADER_BYTES, or of
     pruning with a ledger of MAX_LEDGER_BYTES - 1 bytes of ``{}`` lines: at most twice the cap

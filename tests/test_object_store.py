@@ -10,6 +10,7 @@ from __future__ import annotations
 import gc
 import io
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -46,7 +47,14 @@ from keisei_fn import (
 from keisei_fn.cli import main as cli_main
 from keisei_fn.errors import IntegrityError
 from keisei_fn.paths import is_remote, run_path
-from keisei_fn.store import _fs, append_ledger, pending_publications, read_ledger, scan_run_dir
+from keisei_fn.store import (
+    _fs,
+    append_ledger,
+    pending_publications,
+    read_ledger,
+    retention,
+    scan_run_dir,
+)
 from keisei_fn.testing import assert_states_equal
 
 SPEC = ModelSpec(model_type="testmodel")
@@ -89,8 +97,9 @@ def objects(url: str) -> list[str]:
 def test_round_trip_is_bit_exact_and_paths_stay_urls(url: str) -> None:
     state = trained_state(10)
     meta = save_state(state, url)
-    assert is_remote(meta.path) and str(meta.weights_path) == f"{url}/checkpoint_ts10.safetensors"
-    assert objects(url) == ["checkpoint_ts10.json", "checkpoint_ts10.safetensors"]  # no temps
+    assert is_remote(meta.path) and str(meta.weights_path) == f"{url}/{meta.weights_file}"
+    assert re.fullmatch(r"checkpoint_ts10\.[0-9a-f]+\.safetensors", meta.weights_file)
+    assert objects(url) == sorted(["checkpoint_ts10.json", meta.weights_file])  # no temps
     assert_states_equal(load_state(url), state)
     assert verify_checkpoint(f"{url}/checkpoint_ts10.json") == meta
     model, loaded_meta = load_model(url)
@@ -104,22 +113,23 @@ def test_round_trip_is_bit_exact_and_paths_stay_urls(url: str) -> None:
     assert load_model(url)[1] == final
 
 
-def test_latest_list_prune_and_resume(url: str) -> None:
-    for step in (10, 20, 30):
-        save_state(trained_state(step, seed=step), url)
-    assert str(latest_checkpoint(url)) == f"{url}/checkpoint_ts30.safetensors"
+def test_latest_list_prune_and_resume(url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    metas = {step: save_state(trained_state(step, seed=step), url) for step in (10, 20, 30)}
+    assert str(latest_checkpoint(url)) == f"{url}/{metas[30].weights_file}"
     assert [m.step for m in list_checkpoints(url)] == [10, 20, 30]
-    # An upload cut off after the weights (no sidecar) is never latest, and pruning removes it.
-    weights = run_path(url) / "checkpoint_ts40.safetensors"
+    # An upload cut off after the weights (no sidecar) is never latest, and pruning removes it
+    # (on an object store once it is older than ABANDONED_AFTER_SECONDS: 0 here).
+    weights = run_path(url) / "checkpoint_ts40.0123456789abcdef.safetensors"
     weights.fs.pipe_file(weights.path, b"partial upload")
-    assert str(latest_checkpoint(url)) == f"{url}/checkpoint_ts30.safetensors"
+    assert str(latest_checkpoint(url)) == f"{url}/{metas[30].weights_file}"
     assert scan_run_dir(url).leftovers == [weights]
+    monkeypatch.setattr(retention, "ABANDONED_AFTER_SECONDS", 0.0)
     plan = prune(url, RetentionPolicy(keep_last=1))
-    assert set(plan.delete) == {"checkpoint_ts10", "checkpoint_ts20", "checkpoint_ts40.safetensors"}
-    assert objects(url) == ["checkpoint_ts30.json", "checkpoint_ts30.safetensors"]
+    assert set(plan.delete) == {"checkpoint_ts10", "checkpoint_ts20", weights.name}
+    assert objects(url) == sorted(["checkpoint_ts30.json", metas[30].weights_file])
     resumed = resume(url)
     assert resumed is not None and resumed.state.step == 30
-    assert str(resumed.path) == f"{url}/checkpoint_ts30.safetensors"
+    assert str(resumed.path) == f"{url}/{metas[30].weights_file}"
 
 
 def test_a_corrupt_newest_checkpoint_falls_back(url: str, caplog: pytest.LogCaptureFixture) -> None:
@@ -136,9 +146,9 @@ def test_a_corrupt_newest_checkpoint_falls_back(url: str, caplog: pytest.LogCapt
 
 def test_resume_copies_the_parents_latest_into_an_empty_run_dir(url: str) -> None:
     state = trained_state(10)
-    save_state(state, url)
+    meta = save_state(state, url)
     resumed = resume(f"{url}/child")
-    assert resumed is not None and str(resumed.path) == f"{url}/child/checkpoint_ts10.safetensors"
+    assert resumed is not None and str(resumed.path) == f"{url}/child/{meta.weights_file}"
     assert_states_equal(resumed.state, state)
 
 
@@ -233,21 +243,21 @@ def test_transient_errors_are_retried(flaky: str) -> None:
 
 
 def test_persistent_errors_surface_and_commit_nothing(flaky: str) -> None:
-    save_state(trained_state(10), flaky)
+    meta = save_state(trained_state(10), flaky)
     FlakyMemoryFileSystem.failures = len(_fs.RETRY_DELAYS) + 1
     with pytest.raises(ConnectionResetError):
         save_state(trained_state(20, seed=1), flaky)
     assert [m.step for m in list_checkpoints(flaky)] == [10]
-    assert objects(flaky) == ["checkpoint_ts10.json", "checkpoint_ts10.safetensors"]
+    assert objects(flaky) == sorted(["checkpoint_ts10.json", meta.weights_file])
 
 
 def test_an_upload_cut_off_midway_commits_nothing(flaky: str) -> None:
-    save_state(trained_state(10), flaky)
+    meta = save_state(trained_state(10), flaky)
     FlakyMemoryFileSystem.cut_after = 5 << 20
     with pytest.raises(ConnectionResetError, match="mid-upload"):
         save_state(trained_state(20, seed=1), flaky)
     FlakyMemoryFileSystem.cut_after = None
-    assert latest_checkpoint(flaky).name == "checkpoint_ts10.safetensors"
+    assert latest_checkpoint(flaky).name == meta.weights_file
     assert load_state(flaky).step == 10
 
 
@@ -267,7 +277,7 @@ for step in range(1, 1000):
 
 @pytest.mark.parametrize("kill_after_saves", [1, 2, 3])
 def test_s3_process_killed_during_upload_leaves_no_bad_latest(
-    s3_url: str, kill_after_saves: int
+    s3_url: str, kill_after_saves: int, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """SIGKILL a process in the middle of an upload: whatever latest_checkpoint returns loads."""
     proc = subprocess.Popen(
@@ -283,14 +293,14 @@ def test_s3_process_killed_during_upload_leaves_no_bad_latest(
         proc.wait(timeout=30)
     latest = latest_checkpoint(s3_url)
     assert latest is not None
-    state = load_state(latest.parent / latest.name.removesuffix(".safetensors"))
+    state = load_state(latest)
     assert state.step >= kill_after_saves
     listed = [m.step for m in list_checkpoints(s3_url)]
     assert listed == list(range(1, len(listed) + 1)) and state.step == listed[-1]
+    # the killed save's weights, if uploaded whole, are a leftover once abandoned (0 s here)
+    monkeypatch.setattr(retention, "ABANDONED_AFTER_SECONDS", 0.0)
     prune(s3_url, RetentionPolicy(keep_last=1))
-    assert objects(s3_url) == [
-        f"checkpoint_ts{state.step}.{ext}" for ext in ("json", "safetensors")
-    ]
+    assert objects(s3_url) == sorted([f"checkpoint_ts{state.step}.json", latest.name])
 
 
 def test_s3_cli_in_a_fresh_process(s3_url: str, tmp_path) -> None:
@@ -324,10 +334,11 @@ def test_s3_prune_aborts_abandoned_multipart_uploads(
 ) -> None:
     """An upload whose process died is invisible but holds storage: prune aborts it once it is
     older than ABANDONED_AFTER_SECONDS, and leaves younger ones (a save in progress) alone."""
-    save_state(trained_state(10), s3_url)
+    meta = save_state(trained_state(10), s3_url)
     directory = run_path(s3_url)
     fs, bucket = directory.fs, directory.path.strip("/").split("/", 1)[0]
-    key = f"{directory.path.strip('/').split('/', 1)[1]}/checkpoint_ts20.safetensors"
+    weights = "checkpoint_ts20.0123456789abcdef.safetensors"
+    key = f"{directory.path.strip('/').split('/', 1)[1]}/{weights}"
     upload = fs.call_s3("create_multipart_upload", Bucket=bucket, Key=key)  # its process died
     fs.call_s3(
         "upload_part", Bucket=bucket, Key=key, UploadId=upload["UploadId"], PartNumber=1, Body=b"x"
@@ -338,14 +349,14 @@ def test_s3_prune_aborts_abandoned_multipart_uploads(
         return [u["Key"] for u in fs.list_multipart_uploads(bucket) if u["Key"].startswith(prefix)]
 
     assert len(open_uploads()) == 1
-    assert str(latest_checkpoint(s3_url)).endswith("checkpoint_ts10.safetensors")
+    assert str(latest_checkpoint(s3_url)).endswith(f"/{meta.weights_file}")
     assert prune(s3_url, RetentionPolicy(keep_last=1)).delete == ()  # young: left alone
     assert len(open_uploads()) == 1
     monkeypatch.setattr(_fs, "ABANDONED_AFTER_SECONDS", 0.0)
     plan = prune(s3_url, RetentionPolicy(keep_last=1))
-    assert plan.delete == ("checkpoint_ts20.safetensors (incomplete upload)",)
+    assert plan.delete == (f"{weights} (incomplete upload)",)
     assert open_uploads() == []
-    assert objects(s3_url) == ["checkpoint_ts10.json", "checkpoint_ts10.safetensors"]
+    assert objects(s3_url) == sorted(["checkpoint_ts10.json", meta.weights_file])
 
 
 def test_s3_an_interrupted_multipart_upload_is_aborted(
@@ -354,7 +365,7 @@ def test_s3_an_interrupted_multipart_upload_is_aborted(
     """Ctrl-C in the middle of a multipart upload: aborted, never completed, nothing visible."""
     from keisei_fn.store import weights
 
-    save_state(TrainState(spec=None, step=1, model={"w": torch.zeros(4)}), s3_url)
+    meta = save_state(TrainState(spec=None, step=1, model={"w": torch.zeros(4)}), s3_url)
     pieces = weights._pieces
 
     def interrupted(chunks):
@@ -371,9 +382,9 @@ def test_s3_an_interrupted_multipart_upload_is_aborted(
     bucket, prefix = directory.path.strip("/").split("/", 1)
     uploads = directory.fs.call_s3("list_multipart_uploads", Bucket=bucket, Prefix=prefix)
     assert not uploads.get("Uploads")
-    assert objects(s3_url) == ["checkpoint_ts1.json", "checkpoint_ts1.safetensors"]
+    assert objects(s3_url) == sorted(["checkpoint_ts1.json", meta.weights_file])
     gc.collect()  # the abandoned file object must not complete the upload when collected
-    assert objects(s3_url) == ["checkpoint_ts1.json", "checkpoint_ts1.safetensors"]
+    assert objects(s3_url) == sorted(["checkpoint_ts1.json", meta.weights_file])
 
 
 def test_a_run_dir_emptied_of_every_object_lists_as_empty(url: str) -> None:

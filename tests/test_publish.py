@@ -6,6 +6,7 @@ import base64
 import hashlib
 import json
 import math
+import re
 import shutil
 import subprocess
 import sys
@@ -178,7 +179,7 @@ def test_publish_logs_both_files_with_aliases_and_metadata(tmp_path, offline, wa
 def test_final_checkpoint_and_final_model_names(tmp_path, offline):
     run_dir = tmp_path / "run"
     final = save_state(capture(None, nn.Linear(2, 2), step=100), run_dir, kind="final")
-    spec_checkpoint(run_dir, final_model=True)
+    final_model = spec_checkpoint(run_dir, final_model=True)
 
     assert publish(final, run_name=RUN_NAME, run=offline.run).status == "published"
     assert publish(run_dir / "final_model.json", run_name=RUN_NAME).status == "published"
@@ -190,7 +191,8 @@ def test_final_checkpoint_and_final_model_names(tmp_path, offline):
     assert checkpoint["metadata"]["training_completed"] is True
     assert model["name"] == f"{RUN_NAME}-final-model"
     assert model["aliases"] == {"latest", "final"}
-    assert set(model["files"]) == {"final_model.safetensors", "final_model.json"}
+    assert set(model["files"]) == {final_model.weights_file, "final_model.json"}
+    assert re.fullmatch(r"final_model\.[0-9a-f]+\.safetensors", final_model.weights_file)
 
 
 def test_bug9_final_model_metadata_has_real_feature_set(tmp_path, offline):

@@ -1,6 +1,7 @@
 """A Hypothesis state machine over one run directory: saves (periodic, final, replacing),
-crashes mid-save (the debris a killed save can leave: temp files, weights without a sidecar, a
-torn sidecar, an overwrite killed after uncommitting), pending publications, pruning, loads.
+crashes mid-save (the debris a killed save or prune can leave: temp files, a payload no sidecar
+names beside the committed checkpoint, weights without a sidecar, a torn sidecar), pending
+publications, pruning, loads.
 
 After every step: ``latest_checkpoint`` is the highest-step valid saved state and loads
 bit-exactly to what was saved; ``list_checkpoints`` lists exactly the committed checkpoints —
@@ -69,6 +70,7 @@ class RunDirMachine(RuleBasedStateMachine):
         self.run_dir = Path(self._tmp.name) / "run"
         self.scratch = Path(self._tmp.name) / "scratch"
         self.saved: dict[int, TrainState] = {}  # committed checkpoints by step
+        self.weights: dict[int, str] = {}  # the weights file each committed sidecar names
         self.finals: set[int] = set()
         self.pending: set[int] = set()
 
@@ -89,6 +91,7 @@ class RunDirMachine(RuleBasedStateMachine):
                 return
             raise AssertionError("a different state at a saved step was not refused")
         meta = save_state(state, self.run_dir, kind=kind, overwrite=overwrite)
+        self.weights[step] = meta.weights_file
         if old is not None and _same(old, state):
             assert meta.kind == ("final" if final or step in self.finals else "periodic")
             self.finals |= {step} if final else set()
@@ -105,26 +108,36 @@ class RunDirMachine(RuleBasedStateMachine):
         save_state(self.saved[step], self.run_dir)
         assert {p.name: p.stat().st_mtime_ns for p in self.run_dir.iterdir()} == before
 
-    @rule(state=STATES, step=STEPS, debris=st.sampled_from(["temp", "orphan", "torn_sidecar"]))
+    @rule(
+        state=STATES,
+        step=STEPS,
+        debris=st.sampled_from(["temp", "payload", "orphan", "torn_sidecar"]),
+    )
     def crash_mid_save(self, state: TrainState, step: int, debris: str) -> None:
-        """Leave what a save killed at ``step`` can leave (written directly, as a crash would)."""
+        """Leave what a save (or prune) killed at ``step`` can leave (written directly, as a
+        crash would)."""
         shutil.rmtree(self.scratch, ignore_errors=True)
         meta = save_state(state.replace(step=step), self.scratch)
         weights, sidecar = meta.weights_path.read_bytes(), meta.sidecar_path.read_bytes()
         target = self.run_dir / _name(step)
+        payload = self.run_dir / meta.weights_file  # a fresh generation name of this step
         self.run_dir.mkdir(parents=True, exist_ok=True)
         if debris == "temp":  # killed while writing a temp file: nothing visible changes
             suffix = secrets.token_hex(6)
-            Path(f"{target.parent}/.{target.name}.safetensors.{suffix}.tmp").write_bytes(
+            Path(f"{target.parent}/.{payload.name}.{suffix}.tmp").write_bytes(
                 weights[: len(weights) // 2]
             )
             return
-        # killed after uncommitting (a replace) or after the weights: the step is not committed
+        if debris == "payload":  # killed before the commit: what was committed stays
+            payload.write_bytes(weights)
+            return
+        # killed after uncommitting (a prune) or with a torn sidecar: the step is not committed
         Path(f"{target}.json").unlink(missing_ok=True)
-        Path(f"{target}.safetensors").write_bytes(weights)
+        payload.write_bytes(weights)
         if debris == "torn_sidecar":
             Path(f"{target}.json").write_bytes(sidecar[: len(sidecar) // 2])
         self.saved.pop(step, None)
+        self.weights.pop(step, None)
         self.finals.discard(step)
 
     @precondition(lambda self: self.saved)
@@ -151,6 +164,7 @@ class RunDirMachine(RuleBasedStateMachine):
         scan = scan_run_dir(self.run_dir)
         assert not scan.leftovers and not scan.invalid, "prune left incomplete files"
         self.saved = {s: st_ for s, st_ in self.saved.items() if s in listed}
+        self.weights = {s: w for s, w in self.weights.items() if s in listed}
         self.finals &= listed
 
     @precondition(lambda self: self.saved)
@@ -168,7 +182,7 @@ class RunDirMachine(RuleBasedStateMachine):
             assert latest is None
             return
         top = max(self.saved)
-        assert latest == self.run_dir / f"{_name(top)}.safetensors"
+        assert latest == self.run_dir / self.weights[top]
         assert_states_equal(self.saved[top], load_state(self.run_dir))
 
     @invariant()

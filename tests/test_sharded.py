@@ -129,7 +129,7 @@ def raw(tensor: torch.Tensor) -> torch.Tensor:
 
 def test_consolidate_gives_a_single_file_checkpoint_for_load_model(jobs, tmp_path):
     meta = consolidate(jobs["run"] / "checkpoint_ts3.json", tmp_path / "single")
-    assert (meta.name, meta.format_version, meta.kind) == ("checkpoint_ts3", 1, "periodic")
+    assert (meta.name, meta.format_version, meta.kind) == ("checkpoint_ts3", 3, "periodic")
     assert_states_equal(kf.load_state(jobs["run"]), kf.load_state(tmp_path / "single"))
     model, loaded = kf.load_model(tmp_path / "single")  # one CPU, no process group
     assert loaded.name == "checkpoint_ts3"

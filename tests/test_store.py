@@ -7,6 +7,7 @@ import itertools
 import logging
 import math
 import os
+import re
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -159,7 +160,8 @@ def test_final_over_identical_periodic_rewrites_only_the_sidecar(run_dir: Path) 
     after = files(run_dir)
     assert final.kind == "final" and periodic.kind == "periodic"
     assert final.weights_digest == periodic.weights_digest
-    assert after["checkpoint_ts100.safetensors"] == before["checkpoint_ts100.safetensors"]
+    assert final.weights_file == periodic.weights_file
+    assert after[periodic.weights_file] == before[periodic.weights_file]
     assert after["checkpoint_ts100.json"] != before["checkpoint_ts100.json"]
     assert set(after) == set(before)
     # and a later periodic save of the same state keeps it final, writing nothing
@@ -186,9 +188,9 @@ def test_a_different_state_at_the_same_step_is_refused(run_dir: Path, changes: d
         save_state(different, run_dir)
     assert files(run_dir) == before
     assert_states_equal(original, load_state(run_dir))
-    save_state(different, run_dir, overwrite=True)
+    replaced = save_state(different, run_dir, overwrite=True)
     assert_states_equal(different, load_state(run_dir))
-    assert sorted(os.listdir(run_dir)) == ["checkpoint_ts100.json", "checkpoint_ts100.safetensors"]
+    assert sorted(os.listdir(run_dir)) == sorted(["checkpoint_ts100.json", replaced.weights_file])
 
 
 def test_sign_of_zero_in_a_tensor_is_a_different_state(run_dir: Path) -> None:
@@ -208,7 +210,9 @@ def test_step_zero_is_refused(run_dir: Path) -> None:
 def test_save_creates_the_run_directory(run_dir: Path) -> None:
     nested = run_dir / "a" / "b"
     meta = save_state(small_state(7), nested)
-    assert meta.weights_path == nested / "checkpoint_ts7.safetensors"
+    assert meta.weights_path == nested / meta.weights_file
+    assert re.fullmatch(r"checkpoint_ts7\.[0-9a-f]+\.safetensors", meta.weights_file)
+    assert meta.weights_path.is_file()
     assert meta.sidecar_path.is_file() and meta.run_dir == nested
 
 
@@ -257,33 +261,33 @@ def test_load_state_on_a_missing_run_dir_raises(run_dir: Path) -> None:
 
 
 def test_bug2_latest_is_the_highest_valid_step_not_mtime_name_or_pth(run_dir: Path) -> None:
-    for step in (30, 100, 20, 9):
-        save_state(small_state(step), run_dir)
+    metas = {step: save_state(small_state(step), run_dir) for step in (30, 100, 20, 9)}
     # mtimes say step 9 is newest; name order says checkpoint_ts9 > checkpoint_ts30 > ...100
     for i, step in enumerate((100, 30, 20, 9)):
-        for suffix in (".safetensors", ".json"):
-            os.utime(run_dir / f"checkpoint_ts{step}{suffix}", ns=(i * 10**9, i * 10**9))
+        for path in (metas[step].weights_path, metas[step].sidecar_path):
+            os.utime(path, ns=(i * 10**9, i * 10**9))
     # not resume points: other prefixes, the final model, stray pickles, a bare temp file
-    save_state(small_state(500), run_dir, prefix="initial_eval_checkpoint_ts")
+    initial_eval = save_state(small_state(500), run_dir, prefix="initial_eval_checkpoint_ts")
     save_final_model(small_state(600), run_dir)
     (run_dir / "checkpoint_ts900.pth").write_bytes(b"junk")
     (run_dir / "checkpoint_ts901.pt").write_bytes(b"junk")
     (run_dir / "final_model.pth").write_bytes(b"junk")
     (run_dir / ".checkpoint_ts950.json.1234.tmp").write_bytes(b"{")
-    assert latest_checkpoint(run_dir) == run_dir / "checkpoint_ts100.safetensors"
+    assert latest_checkpoint(run_dir) == metas[100].weights_path
     assert latest_checkpoint(run_dir, prefix="initial_eval_checkpoint_ts") == (
-        run_dir / "initial_eval_checkpoint_ts500.safetensors"
+        initial_eval.weights_path
     )
     assert load_state(run_dir).step == 100
 
 
 def test_latest_skips_an_invalid_newest_and_ignores_incomplete(run_dir: Path) -> None:
     save_state(small_state(10), run_dir)
-    save_state(small_state(20), run_dir)
+    newest_valid = save_state(small_state(20), run_dir)
     (run_dir / "checkpoint_ts30.safetensors").write_bytes(b"orphan weights, no sidecar")
+    (run_dir / "checkpoint_ts40.0123456789abcdef.safetensors").write_bytes(b"orphan weights")
     bad = save_state(small_state(25), run_dir)
     bad.sidecar_path.write_bytes(bad.sidecar_path.read_bytes()[:-1])
-    assert latest_checkpoint(run_dir) == run_dir / "checkpoint_ts20.safetensors"
+    assert latest_checkpoint(run_dir) == newest_valid.weights_path
     assert steps(run_dir) == [10, 20]
 
 
@@ -320,10 +324,10 @@ def test_resume_latest_never_and_fresh(run_dir: Path) -> None:
     assert resume(run_dir) is None  # nothing anywhere: a fresh start
     save_state(small_state(10), run_dir)
     newest = small_state(20, seed=2)
-    save_state(newest, run_dir)
+    newest_meta = save_state(newest, run_dir)
     for how in ("latest", None, True):
         resumed = resume(run_dir, resume=how)
-        assert resumed is not None and resumed.path == run_dir / "checkpoint_ts20.safetensors"
+        assert resumed is not None and resumed.path == newest_meta.weights_path
         assert_states_equal(newest, resumed.state)
     assert resume(run_dir, resume="never") is None
     assert resume(run_dir, resume=False) is None
@@ -352,17 +356,16 @@ def test_resume_searches_the_parent_and_copies_the_pair(
 ) -> None:
     parent_state = small_state(2048, seed=9)
     save_state(small_state(1024), run_dir.parent)
-    save_state(parent_state, run_dir.parent)
+    parent_meta = save_state(parent_state, run_dir.parent)
     with caplog.at_level(logging.WARNING, logger="keisei_fn.store"):
         resumed = resume(run_dir)
     assert resumed is not None
-    assert resumed.path == run_dir / "checkpoint_ts2048.safetensors"
+    assert resumed.path == run_dir / parent_meta.weights_file
     assert_states_equal(parent_state, resumed.state)
     assert "parent" in caplog.text
-    assert sorted(os.listdir(run_dir)) == [
-        "checkpoint_ts2048.json",
-        "checkpoint_ts2048.safetensors",
-    ]
+    assert sorted(os.listdir(run_dir)) == sorted(
+        ["checkpoint_ts2048.json", parent_meta.weights_file]
+    )
     assert resume(run_dir / "other", search_parent=False) is None
 
 
@@ -370,13 +373,13 @@ def test_resume_falls_back_past_a_corrupt_newest(
     run_dir: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     good = small_state(10, seed=1)
-    save_state(good, run_dir)
+    good_meta = save_state(good, run_dir)
     bad = save_state(small_state(20, seed=2), run_dir)
     _flip_last_byte(bad.weights_path)
     assert latest_checkpoint(run_dir) == bad.weights_path  # listed-valid: same size
     with caplog.at_level(logging.WARNING, logger="keisei_fn.store"):
         resumed = resume(run_dir)
-    assert resumed is not None and resumed.path == run_dir / "checkpoint_ts10.safetensors"
+    assert resumed is not None and resumed.path == good_meta.weights_path
     assert_states_equal(good, resumed.state)
     assert "checkpoint_ts20" in caplog.text and "digest" in caplog.text
 
@@ -390,7 +393,7 @@ def _flip_last_byte(path: Path) -> None:
 def test_bug3_a_failed_load_raises_never_a_silent_fresh_start(run_dir: Path) -> None:
     meta = save_state(capture(TINY, build_model(TINY, seed=0), step=64), run_dir)
     _flip_last_byte(meta.weights_path)
-    with pytest.raises(IntegrityError, match=r"checkpoint_ts64\.safetensors"):
+    with pytest.raises(IntegrityError, match=re.escape(meta.weights_file)):
         load_state(meta.weights_path)
     with pytest.raises(IntegrityError):
         verify_checkpoint(meta.path)
@@ -587,6 +590,8 @@ def test_prune_removes_leftovers_and_respects_pending_publications(run_dir: Path
         run_dir / ".checkpoint_ts7.safetensors.0a1b2c3d4e5f.tmp",
         run_dir / ".checkpoint_ts7.json.ffeeddccbbaa.tmp",
         run_dir / "checkpoint_ts8.safetensors",  # weights whose sidecar never came
+        run_dir / "checkpoint_ts8.0123456789abcdef.safetensors",  # the same, format 3
+        run_dir / "checkpoint_ts2.fedcba9876543210.safetensors",  # not named by ts2's sidecar
     ]
     for path in leftovers:
         path.write_bytes(b"partial")
@@ -606,7 +611,8 @@ def test_prune_removes_leftovers_and_respects_pending_publications(run_dir: Path
     assert all(p.exists() for p in strays)
     assert sorted(os.listdir(run_dir)) == sorted(
         [p.name for p in strays]
-        + [f"checkpoint_ts{s}{x}" for s in (2, 6) for x in (".json", ".safetensors")]
+        + [f"checkpoint_ts{s}.json" for s in (2, 6)]
+        + [metas[s].weights_file for s in (2, 6)]
     )
 
 

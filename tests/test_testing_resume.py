@@ -21,6 +21,7 @@ import resume_loops as loops
 import torch
 from hypothesis import settings
 
+from keisei_fn import list_checkpoints
 from keisei_fn.errors import SpecError
 from keisei_fn.testing import assert_resume_equivalent, plugin
 
@@ -44,7 +45,8 @@ def check(setup: Any, step_fn: Any, run_dir: Path, *, fresh: bool = False) -> No
 @pytest.mark.parametrize("setup", [loops.setup_adam, loops.setup_sgd, loops.setup_plain])
 def test_a_correct_loop_passes_in_process(setup: Any, tmp_path: Path) -> None:
     check(setup, loops.train_step, tmp_path)
-    assert (tmp_path / f"checkpoint_ts{RESUME_AT}.safetensors").exists()
+    (meta,) = [m for m in list_checkpoints(tmp_path) if m.name == f"checkpoint_ts{RESUME_AT}"]
+    assert meta.weights_path.exists()
 
 
 def test_a_correct_loop_passes_in_a_fresh_process(tmp_path: Path) -> None:

@@ -61,8 +61,10 @@ def every_dtype() -> dict[str, torch.Tensor]:
 def test_every_dtype_reads_back_with_safetensors_and_ours(tmp_path: Path) -> None:
     tensors = every_dtype()
     path = tmp_path / "w.safetensors"
-    size, digest = write_weights(tensors, path)
+    written = write_weights(tensors, path)
+    size, digest = written.size, written.digest
     assert (size, digest) == hash_file(path)
+    assert set(written.tensor_digests) == set(tensors)
     assert_same(load_file(path), tensors)
     assert_same(read_weights(path, size=size, digest=digest), tensors)
 
@@ -98,7 +100,8 @@ def test_reads_files_written_by_save_file(tmp_path: Path, metadata: dict[str, st
 
 def test_empty_dict(tmp_path: Path) -> None:
     path = tmp_path / "w.safetensors"
-    size, digest = write_weights({}, path)
+    written = write_weights({}, path)
+    size, digest = written.size, written.digest
     assert load_file(path) == {}
     assert read_weights(path, size=size, digest=digest) == {}
 
@@ -128,8 +131,8 @@ def test_short_writes_are_resumed(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
     monkeypatch.setattr(weights.os, "writev", short_writev)
     tensors = every_dtype()
     path = tmp_path / "w.safetensors"
-    size, digest = write_weights(tensors, path)
-    assert (size, digest) == hash_file(path)
+    written = write_weights(tensors, path)
+    assert (written.size, written.digest) == hash_file(path)
     assert_same(load_file(path), tensors)
 
 
@@ -142,7 +145,7 @@ def test_small_batches_cover_the_file_in_order(
     monkeypatch.setattr(weights, "_start_writeback", lambda fd, at, size: ranges.append((at, size)))
     tensors = every_dtype()
     save_file(tensors, tmp_path / "lib.safetensors", metadata=METADATA)
-    size, _ = write_weights(tensors, tmp_path / "ours.safetensors")
+    size = write_weights(tensors, tmp_path / "ours.safetensors").size
     assert (tmp_path / "ours.safetensors").read_bytes() == (
         tmp_path / "lib.safetensors"
     ).read_bytes()
@@ -174,7 +177,8 @@ def test_an_existing_file_is_replaced_atomically_never_in_place(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     path = tmp_path / "w.safetensors"
-    size, digest = write_weights({"a": torch.zeros(1000)}, path)
+    written = write_weights({"a": torch.zeros(1000)}, path)
+    size, digest = written.size, written.digest
     old = read_weights(path, size=size, digest=digest)  # a live mapping of the old file
     monkeypatch.setattr(weights.os, "fsync", lambda fd: (_ for _ in ()).throw(OSError(5, "EIO")))
     with pytest.raises(OSError, match="EIO"):
@@ -183,12 +187,8 @@ def test_an_existing_file_is_replaced_atomically_never_in_place(
     assert hash_file(path) == (size, digest) and sorted(p.name for p in tmp_path.iterdir()) == [
         "w.safetensors"
     ]
-    seen = []
-    new_size, new_digest = write_weights(
-        {"a": torch.ones(1000)}, path, before_replace=lambda: seen.append(hash_file(path))
-    )
-    assert seen == [(size, digest)]  # called while the old file was still in place
-    assert hash_file(path) == (new_size, new_digest) != (size, digest)
+    new = write_weights({"a": torch.ones(1000)}, path)
+    assert hash_file(path) == (new.size, new.digest) != (size, digest)
     assert old["a"].sum().item() == 0  # the old mapping still shows the old bytes
 
 
@@ -200,7 +200,8 @@ def test_unsupported_dtype_writes_nothing(tmp_path: Path) -> None:
 
 def test_loaded_tensors_are_private(tmp_path: Path) -> None:
     path = tmp_path / "w.safetensors"
-    size, digest = write_weights({"a": torch.zeros(1000), "b": torch.zeros(10)}, path)
+    written = write_weights({"a": torch.zeros(1000), "b": torch.zeros(10)}, path)
+    size, digest = written.size, written.digest
     loaded = read_weights(path, size=size, digest=digest)
     loaded["a"] += 1  # copy-on-write: the file does not change
     assert hash_file(path) == (size, digest)
@@ -270,7 +271,8 @@ def test_an_unpadded_header_from_another_writer_still_reads(tmp_path: Path) -> N
 
 def test_size_digest_and_short_file_errors(tmp_path: Path) -> None:
     path = tmp_path / "w.safetensors"
-    size, digest = write_weights({"a": torch.arange(100)}, path)
+    written = write_weights({"a": torch.arange(100)}, path)
+    size, digest = written.size, written.digest
     with pytest.raises(IntegrityError, match="size is"):
         read_weights(path, size=size + 1, digest=digest)
     raw = bytearray(path.read_bytes())

@@ -253,14 +253,14 @@ def file_size(path: RunPath) -> int:
 
 
 def modified_age(path: RunPath) -> float | None:
-    """Seconds since a file was last written; None when the medium does not say.
-
-    Raises:
-        FileNotFoundError: when it does not exist.
-    """
-    if not is_remote(path):
-        return time.time() - path.stat().st_mtime
-    info = _info(path)
+    """Seconds since a file (or local directory) was last written; None when it is gone or the
+    medium does not say."""
+    try:
+        if not is_remote(path):
+            return time.time() - path.stat().st_mtime
+        info = _info(path)
+    except FileNotFoundError:
+        return None
     stamp = info.get("LastModified", info.get("mtime", info.get("created")))
     if isinstance(stamp, datetime):
         return (datetime.now(UTC) - stamp.astimezone(UTC)).total_seconds()
@@ -279,6 +279,20 @@ def file_exists(path: RunPath) -> bool:
     except IntegrityError:
         return True
     return True
+
+
+def file_identity(path: RunPath) -> tuple[object, ...] | None:
+    """What changes when the file at ``path`` is replaced (renamed over, rewritten) or removed:
+    locally its device, inode, modification time and size; on an object store its size and
+    ETag or modification time. None when nothing is there."""
+    try:
+        if not is_remote(path):
+            found = os.lstat(path)
+            return found.st_dev, found.st_ino, found.st_mtime_ns, found.st_size
+        info = _info(path)
+    except FileNotFoundError:
+        return None
+    return info.get("size"), info.get("ETag"), info.get("LastModified"), info.get("created")
 
 
 def entry_exists(path: RunPath) -> bool:

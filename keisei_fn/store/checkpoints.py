@@ -1,8 +1,9 @@
 """Saving, loading and verifying checkpoints: the store's edge to the file system.
 
-A checkpoint is a pair in a run directory: ``<name>.safetensors`` (every tensor) and
-``<name>.json`` (the sidecar, written last: the commit marker). See ``keisei_fn.meta`` for the
-sidecar and ``keisei_fn.store.listing`` for the two levels of validity.
+A checkpoint is a pair in a run directory: ``<name>.json`` (the sidecar, written last: the
+commit point) and the weights file it names, ``<name>.<token>.safetensors`` (every tensor).
+See ``keisei_fn.store.commit`` for how a save commits, ``keisei_fn.meta`` for the sidecar and
+``keisei_fn.store.listing`` for the two levels of validity.
 
 Example:
     >>> import tempfile, torch
@@ -51,6 +52,7 @@ from keisei_fn.store.listing import (
     is_run_dir,
     newest_usable,
     read_listed,
+    stable,
 )
 from keisei_fn.store.locate import resolve_stem
 from keisei_fn.store.names import (
@@ -197,12 +199,12 @@ def _save(encoded: EncodedState, stem: RunPath, *, kind: str, overwrite: bool) -
                 )
         payload = fresh_payload(stem, WEIGHTS_SUFFIX)
         try:
-            written = write_weights(encoded.tensors, payload)
+            sidecar = sidecar_for(payload, write_weights(encoded.tensors, payload))
         except BaseException:
             remove_payload(payload)  # renamed before a failed directory fsync, perhaps
             raise
         replaced = existing[0] if existing is not None else None
-        return commit(stem, sidecar_for(payload, written), payload=payload, replaced=replaced)
+        return commit(stem, sidecar, payload=payload, replaced=replaced)
 
 
 def _load_stem(
@@ -264,11 +266,10 @@ def load_state_with_meta(
 ) -> tuple[TrainState, CheckpointMeta]:
     """Like :func:`load_state`, also returning the meta of the checkpoint that was loaded."""
     path = run_path(source)
+    load = partial(_load_stem, verify=verify, map_location=map_location)
     if not is_run_dir(path):
-        return _load_stem(resolve_stem(path), verify=verify, map_location=map_location)
-    found = newest_usable(
-        path, partial(_load_stem, verify=verify, map_location=map_location), prefix=prefix
-    )
+        return stable(resolve_stem(path), load)
+    found = newest_usable(path, load, prefix=prefix)
     if found is None:
         raise CheckpointNotFoundError(f"no valid {prefix}* checkpoint in {path}")
     return found
@@ -328,7 +329,9 @@ def load_model(
     state = meta = None
     if is_run_dir(path) and file_exists(sidecar_path(path / FINAL_MODEL)):
         try:
-            state, meta = _load_stem(path / FINAL_MODEL, verify=True, map_location="cpu")
+            state, meta = stable(
+                path / FINAL_MODEL, partial(_load_stem, verify=True, map_location="cpu")
+            )
         except (IntegrityError, IncompleteCheckpointError) as exc:
             log.warning(
                 "final model in %s is not usable, using the latest checkpoint: %s", path, exc

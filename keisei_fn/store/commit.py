@@ -39,7 +39,9 @@ or new. Two writers at one name there: the last sidecar PUT wins, whole and cons
 there removes an unreferenced payload only once it is older than
 ``keisei_fn.store._fs.ABANDONED_AFTER_SECONDS`` (a save in flight is younger). Where the local
 file system does not support ``flock`` (some network file systems), saving and pruning go on
-without the lock, with the same atomicity but without the writer/pruner exclusion.
+without the lock (with a warning): a replacement is still atomic, prune removes unreferenced
+files only once they are old, as on an object store, but two writers at one step are not
+serialised (the last sidecar wins, whole).
 """
 
 from __future__ import annotations
@@ -61,41 +63,92 @@ from keisei_fn.store._fs import make_dirs, remove_durably, write_bytes_durably
 from keisei_fn.store.listing import committed
 from keisei_fn.store.names import sidecar_path
 
-__all__ = ["commit", "existing_checkpoint", "fresh_payload", "locked", "remove_payload"]
+__all__ = [
+    "commit",
+    "existing_checkpoint",
+    "fresh_payload",
+    "locked",
+    "names_payload",
+    "remove_payload",
+]
 
 log = logging.getLogger("keisei_fn.store")
 
 #: Errors of ``flock`` that mean "this file system does not lock", not "you may not".
-_NO_LOCKING = frozenset({errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EBADF, errno.EINVAL})
+_NO_LOCKING = frozenset(
+    {errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EBADF, errno.EINVAL, errno.ENOSYS}
+)
 
 
 @contextlib.contextmanager
-def locked(run_dir: RunPath) -> Iterator[None]:
-    """Hold the run directory's writer/pruner lock (created if missing) for the block.
+def locked(run_dir: RunPath) -> Iterator[bool]:
+    """Hold the run directory's writer/pruner lock (creating the directory) for the block.
 
     An exclusive ``flock`` on the directory: saves and prunes of every process (and thread:
     each holds its own open file description) on this machine's view of the file system are
-    serialised; readers are not affected. A no-op on object stores and on file systems
-    without ``flock``.
+    serialised; readers are not affected. A child forked while it is held does not keep it.
+    Not re-entrant: a thread holding it must not save or prune the same run directory inside
+    the block.
+
+    Yields:
+        Whether the lock is held: False on an object store and on a file system without
+        ``flock`` (warned once per directory), where a prune then treats unreferenced files
+        like an object store does (removed only once they are old).
 
     Raises:
         OSError: when the directory cannot be created or opened.
     """
     if is_remote(run_dir):
-        yield
+        yield False
         return
     make_dirs(run_dir)
     fd = os.open(run_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
+        held = _flock(fd, run_dir)
+        if held:
+            _held.add(fd)
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
-        except OSError as exc:
-            if exc.errno not in _NO_LOCKING:
-                raise
-            log.debug("%s does not support flock (%s); going on without the lock", run_dir, exc)
-        yield
+            yield held
+        finally:
+            _held.discard(fd)
     finally:
         os.close(fd)  # releases the lock
+
+
+def _flock(fd: int, run_dir: RunPath) -> bool:
+    """Take the exclusive lock on ``fd``; False (warned once) where the file system has none."""
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+    except OSError as exc:
+        if exc.errno not in _NO_LOCKING:
+            raise
+        if str(run_dir) not in _warned_unlocked:
+            _warned_unlocked.add(str(run_dir))
+            log.warning(
+                "%s does not support flock (%s): saves and prunes there do not exclude each "
+                "other; prune leaves unreferenced files alone until they are old",
+                run_dir,
+                exc,
+            )
+        return False
+    return True
+
+
+#: Descriptors of the locks this process holds: a forked child closes its copies, so that the
+#: lock is released when the parent releases it (a flock belongs to the open file description,
+#: which a child shares until it closes it).
+_held: set[int] = set()
+_warned_unlocked: set[str] = set()
+
+
+def _forget_held_locks() -> None:
+    for fd in list(_held):
+        with contextlib.suppress(OSError):
+            os.close(fd)
+    _held.clear()
+
+
+os.register_at_fork(after_in_child=_forget_held_locks)
 
 
 def existing_checkpoint(
@@ -170,7 +223,7 @@ def commit(
     try:
         write_bytes_durably(sidecar_path(stem), data)
     except BaseException:
-        if not _names(stem, payload):
+        if not names_payload(stem, payload):
             remove_payload(payload)
         raise
     if replaced is not None and replaced.weights_path != payload:
@@ -178,9 +231,10 @@ def commit(
     return CheckpointMeta.from_sidecar(sidecar, run_dir=stem.parent, sidecar_size=len(data))
 
 
-def _names(stem: RunPath, payload: RunPath) -> bool:
+def names_payload(stem: RunPath, payload: RunPath) -> bool:
     """Whether the sidecar at ``stem`` names ``payload``; True when that cannot be read (a
-    payload kept by mistake is pruned later, one removed by mistake is a lost checkpoint)."""
+    payload kept by mistake is pruned later, one removed by mistake is a lost checkpoint).
+    Ask before removing a payload after a failed save."""
     try:
         found = committed(stem)
     except Exception:

@@ -22,6 +22,7 @@ from __future__ import annotations
 import io
 import logging
 import os
+import stat
 from collections.abc import Iterator, Mapping
 from datetime import UTC, datetime
 from pathlib import Path
@@ -29,6 +30,7 @@ from typing import TYPE_CHECKING, Any
 
 import orjson
 
+from keisei_fn.codec import check_json_cost
 from keisei_fn.errors import IntegrityError, SpecError
 from keisei_fn.paths import PathArg, RunPath, is_remote, run_path
 from keisei_fn.store._fs import (
@@ -53,6 +55,8 @@ EVENTS = ("pending", "published", "failed")
 MAX_LEDGER_BYTES = 64 * 1024 * 1024
 #: At most this many records (3x that run); each costs ~1.2 KB parsed, ~80 MB in all.
 MAX_LEDGER_RECORDS = 65_536
+#: A record has a dozen fields; a line with more values is corrupt (skipped unparsed).
+_RECORD_VALUES = 256
 
 
 def append_ledger(run_dir: PathArg, record: Mapping[str, Any]) -> dict[str, Any]:
@@ -60,6 +64,7 @@ def append_ledger(run_dir: PathArg, record: Mapping[str, Any]) -> dict[str, Any]
 
     Raises:
         SpecError: for an unknown ``event`` or a record without ``artifact``/``digest``.
+        IntegrityError: the ledger is not a regular file (a FIFO, a device).
         OSError: when the run directory is not writable.
     """
     entry = dict(record)
@@ -74,8 +79,11 @@ def append_ledger(run_dir: PathArg, record: Mapping[str, Any]) -> dict[str, Any]
         _append_remote(path, line)
         return entry
     created = not path.exists()
-    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NONBLOCK | os.O_CLOEXEC, 0o644)
     try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):  # a FIFO would block every append
+            raise IntegrityError(f"{path} is not a regular file, not a publication ledger")
+        os.set_blocking(fd, True)
         # A torn previous line would swallow this one: start on a fresh line.
         if os.fstat(fd).st_size and _last_byte(path) != b"\n":
             line = b"\n" + line
@@ -100,7 +108,7 @@ def _append_remote(path: UPath, line: bytes) -> None:
 
 
 def _last_byte(path: Path) -> bytes:
-    with open(path, "rb") as f:
+    with open_regular(path) as f:
         f.seek(-1, os.SEEK_END)
         return f.read(1)
 
@@ -122,6 +130,8 @@ def _records(path: RunPath) -> Iterator[dict[str, Any]]:
         size = file_size(path)
     except FileNotFoundError:
         return
+    except IsADirectoryError:
+        raise IntegrityError(f"{path} is a directory, not a publication ledger") from None
     if size > MAX_LEDGER_BYTES:
         raise IntegrityError(f"{path}: {size} bytes is over the {MAX_LEDGER_BYTES}-byte limit")
     with (
@@ -135,8 +145,9 @@ def _records(path: RunPath) -> Iterator[dict[str, Any]]:
             if not line.strip():
                 continue
             try:
+                check_json_cost(line, max_values=_RECORD_VALUES, max_containers=8, where="line")
                 record = orjson.loads(line)
-            except orjson.JSONDecodeError:
+            except (orjson.JSONDecodeError, IntegrityError):
                 log.warning("%s:%d: skipping a torn or corrupt ledger line", path, number)
                 continue
             if isinstance(record, dict):

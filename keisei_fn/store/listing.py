@@ -9,10 +9,10 @@ load. Anything else is incomplete: never loaded, never latest.
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import re
-import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -31,11 +31,13 @@ from keisei_fn.store._fs import (
     ABANDONED_AFTER_SECONDS,
     entry_exists,
     file_exists,
+    file_identity,
     file_size,
     is_directory,
     is_temp_name,
     list_file_names,
     list_special_names,
+    modified_age,
     read_bounded,
 )
 from keisei_fn.store.names import (
@@ -52,8 +54,14 @@ from keisei_fn.store.names import (
 log = logging.getLogger("keisei_fn.store")
 
 KIND_ORDER = {"periodic": 0, "final": 1, "final_model": 2}
-#: How many times a reader lists a run directory again when candidates vanished under it.
+#: How many times a reader lists a run directory again when candidates vanished under it (or
+#: reads a checkpoint again when its sidecar was replaced under it).
 RELIST_TRIES = 20
+#: OSErrors that are a problem of one file (skipped with a warning), not of the disk.
+_PER_FILE_ERRNOS = frozenset(
+    {errno.ELOOP, errno.EACCES, errno.EPERM, errno.ENAMETOOLONG, errno.ENOTDIR, errno.EISDIR}
+    | {errno.ENXIO, errno.ENOENT}
+)
 T = TypeVar("T")
 
 
@@ -229,17 +237,19 @@ def scan_run_dir(run_dir: PathArg) -> RunDirScan:
     for name in list_special_names(run_dir):
         split = split_file(name)
         if split is not None and split[1] == SIDECAR_SUFFIX:  # never opened: a FIFO would block
-            problem = IntegrityError(f"{run_dir / name} is not a regular file")
-            unreadable.append((run_dir / split[0], problem))
-            skipped(run_dir / split[0], problem)
+            not_a_file = IntegrityError(f"{run_dir / name} is not a regular file")
+            unreadable.append((run_dir / split[0], not_a_file))
+            skipped(run_dir / split[0], not_a_file)
     for stem in sorted(sidecars):
         try:
-            valid.append(read_listed(run_dir / stem)[0])
-        except (UnsupportedFormatError, SpecError, OSError) as exc:
-            unreadable.append((run_dir / stem, exc))
-            skipped(run_dir / stem, exc)
-        except KeiseiFnError as exc:
-            invalid.append((run_dir / stem, exc))
+            valid.append(stable(run_dir / stem, read_listed)[0])
+        except (KeiseiFnError, OSError) as exc:
+            if not entry_exists(sidecar_path(run_dir / stem)):
+                continue  # removed since the directory was listed (pruned)
+            if isinstance(exc, UnsupportedFormatError | SpecError | OSError):
+                unreadable.append((run_dir / stem, exc))
+            else:
+                invalid.append((run_dir / stem, exc))
             skipped(run_dir / stem, exc)
     valid.sort(key=lambda m: (m.step, KIND_ORDER[m.kind], m.name))
     named = {m.weights_file for m in valid}
@@ -267,13 +277,13 @@ def _stale_shard_dirs(
     (a save in progress is younger), of checkpoints that this keisei_fn can read."""
     referenced = {m.shards_dir for m in valid}
     keep = {stem.name for stem, _ in unreadable}
-    now = time.time()
     return [
         directory
         for directory in shard_dirs(run_dir)
         if directory.name not in referenced
         and shards_stem(directory.name) not in keep
-        and now - directory.stat().st_mtime > ABANDONED_AFTER_SECONDS
+        and (age := modified_age(directory)) is not None  # None: removed since listed
+        and age > ABANDONED_AFTER_SECONDS
     ]
 
 
@@ -304,33 +314,55 @@ def list_checkpoints(run_dir: PathArg) -> list[CheckpointMeta]:
     return scan_run_dir(run_dir).valid
 
 
+def stable(stem: RunPath, use: Callable[[RunPath], T]) -> T:
+    """``use(stem)``, tried again while the sidecar at ``stem`` is replaced under it.
+
+    A reader that read a sidecar just before a save replaced it (``overwrite=True``, a new
+    final model) finds the weights that sidecar named removed; it reads the new checkpoint
+    instead. A failure while the sidecar stayed the same (or vanished) is raised.
+
+    Raises:
+        Whatever ``use`` raised.
+    """
+    for _ in range(RELIST_TRIES - 1):
+        before = file_identity(sidecar_path(stem))
+        try:
+            return use(stem)
+        except (KeiseiFnError, OSError):
+            now = file_identity(sidecar_path(stem))
+            if before is None or now is None or now == before:
+                raise
+    return use(stem)
+
+
 def newest_usable(
     run_dir: RunPath, use: Callable[[RunPath], T], *, prefix: str = RESUME_PREFIX
 ) -> T | None:
     """``use(stem)`` of the newest resume checkpoint for which it succeeds, or None.
 
-    Candidates are tried from the highest step down; one that is corrupt, incomplete or
-    unreadable is skipped with one warning. A reader racing a pruner never reports "none"
-    while a valid checkpoint exists: when a candidate vanished under it (its sidecar is gone:
-    pruned, or replaced since the listing) and no candidate was usable, the directory is
-    listed again (up to :data:`RELIST_TRIES` times; each pass sees every checkpoint committed
-    before it started).
+    Candidates are tried from the highest step down (each through :func:`stable`); one that is
+    corrupt, incomplete or unreadable (a symbolic link loop, no permission) is skipped with
+    one warning. A reader racing a pruner never reports "none" while a valid checkpoint
+    exists: when a candidate vanished under it (its sidecar is gone) and no candidate was
+    usable, the directory is listed again (up to :data:`RELIST_TRIES` times; each pass sees
+    every checkpoint committed before it started).
 
     Raises:
         CheckpointNotFoundError: when ``run_dir`` is a file.
-        OSError: an I/O error reading a candidate that is still there.
+        OSError: an I/O error (not a problem of one file) reading a candidate that is still
+            there.
     """
     warned: set[str] = set()
     for _ in range(RELIST_TRIES):
         vanished = False
         for stem in resume_candidates(run_dir, prefix):
             try:
-                return use(stem)
+                return stable(stem, use)
             except (KeiseiFnError, OSError) as exc:
                 if not entry_exists(sidecar_path(stem)):
-                    vanished = True  # pruned or replaced under us: not a problem of the file
+                    vanished = True  # pruned under us: not a problem of the file
                     continue
-                if not isinstance(exc, KeiseiFnError):
+                if not isinstance(exc, KeiseiFnError) and exc.errno not in _PER_FILE_ERRNOS:
                     raise
                 if stem.name not in warned:
                     warned.add(stem.name)

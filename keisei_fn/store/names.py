@@ -9,6 +9,7 @@ import re
 from dataclasses import dataclass
 
 from keisei_fn.errors import SpecError
+from keisei_fn.meta import GENERATION_PATTERN
 from keisei_fn.paths import RunPath
 
 NAME_RE = re.compile(r"(?P<prefix>[A-Za-z_]+?)(?P<step>\d+)")
@@ -18,9 +19,7 @@ SIDECAR_SUFFIX = ".json"
 SHARDS_SUFFIX = ".shards"
 SHARDS_RE = re.compile(rf"(?P<stem>{NAME_RE.pattern})\.(?P<token>[0-9a-f]+)\.shards")
 FINAL_MODEL = "final_model"
-GENERATION_RE = re.compile(
-    rf"(?P<stem>{NAME_RE.pattern}|{FINAL_MODEL})\.(?P<token>[0-9a-f]+){re.escape(WEIGHTS_SUFFIX)}"
-)
+GENERATION_RE = re.compile(rf"(?P<stem>{NAME_RE.pattern}|{FINAL_MODEL}){GENERATION_PATTERN}")
 #: Keisei's periodic checkpoints: the only prefix that counts as a resume point by default.
 RESUME_PREFIX = "checkpoint_ts"
 

@@ -19,13 +19,15 @@ from keisei_fn.paths import PathArg, RunPath, is_remote, run_path
 from keisei_fn.state import TrainState
 from keisei_fn.store._fs import (
     copy_file,
+    entry_exists,
     list_file_names,
     make_dirs,
 )
 from keisei_fn.store.checkpoints import load_state_with_meta
+from keisei_fn.store.commit import locked
 from keisei_fn.store.listing import is_run_dir, latest_checkpoint, read_listed
 from keisei_fn.store.locate import LEGACY_SUFFIXES, resolve_stem
-from keisei_fn.store.names import RESUME_PREFIX, parse_stem, split_file
+from keisei_fn.store.names import RESUME_PREFIX, SIDECAR_SUFFIX, parse_stem, split_file
 
 __all__ = ["Resumed", "resume"]
 
@@ -41,16 +43,17 @@ class Resumed:
 
 
 def _copy_checkpoint(source_stem: RunPath, run_dir: RunPath) -> None:
-    """Copy a checkpoint into ``run_dir`` with the durable protocol, sidecar last."""
+    """Copy a checkpoint into ``run_dir`` under its lock, payload first, sidecar last (the
+    commit)."""
     meta = read_listed(source_stem)[0]
-    make_dirs(run_dir)
-    if meta.sharded:
-        make_dirs(run_dir / meta.weights_path.name)
-        for name in list_file_names(meta.weights_path):
-            copy_file(meta.weights_path / name, run_dir / meta.weights_path.name / name)
-    else:
-        copy_file(meta.weights_path, run_dir / meta.weights_path.name)
-    copy_file(meta.sidecar_path, run_dir / meta.sidecar_path.name)
+    with locked(run_dir):
+        if meta.sharded:
+            make_dirs(run_dir / meta.weights_path.name)
+            for name in list_file_names(meta.weights_path):
+                copy_file(meta.weights_path / name, run_dir / meta.weights_path.name / name)
+        else:
+            copy_file(meta.weights_path, run_dir / meta.weights_path.name)
+        copy_file(meta.sidecar_path, run_dir / meta.sidecar_path.name)
 
 
 def resume(
@@ -88,8 +91,10 @@ def resume(
         assert not isinstance(resume, bool)
         state, meta = load_state_with_meta(resolve_stem(resume))
         return Resumed(state=state, path=meta.weights_path)
+    if not is_run_dir(run_dir) and entry_exists(run_dir):
+        raise CheckpointNotFoundError(f"{run_dir} is not a run directory (pass resume=<path>)")
     found = _load_latest(run_dir, prefix)
-    if found is None and search_parent and not _checkpoint_files(run_dir, prefix):
+    if found is None and search_parent and not _committed_files(run_dir, prefix):
         parent = run_dir.parent if is_remote(run_dir) else run_dir.resolve().parent
         parent_latest = latest_checkpoint(parent, prefix=prefix)
         if parent_latest is not None:
@@ -99,7 +104,7 @@ def resume(
             found = _load_latest(run_dir, prefix)
     if found is not None:
         return Resumed(state=found[0], path=found[1].weights_path)
-    if files := _checkpoint_files(run_dir, prefix):
+    if files := _committed_files(run_dir, prefix):
         legacy = [name for name in files if name.endswith(LEGACY_SUFFIXES)]
         how = (
             f"; {legacy[0]} is a Keisei checkpoint: convert it once with `keisei-fn convert "
@@ -123,15 +128,18 @@ def _load_latest(run_dir: RunPath, prefix: str) -> tuple[TrainState, CheckpointM
         return None
 
 
-def _checkpoint_files(run_dir: RunPath, prefix: str) -> list[str]:
-    """Names of the files in ``run_dir`` that are (parts of) resume checkpoints, usable or not:
-    sidecars and payloads with ``prefix``, and Keisei's pickled checkpoints."""
+def _committed_files(run_dir: RunPath, prefix: str) -> list[str]:
+    """Names of the sidecars of ``prefix`` checkpoints in ``run_dir``, usable or not, and of
+    Keisei's pickled checkpoints. Weights without a sidecar are not among them: a save killed
+    before its commit leaves nothing to resume from (prune removes such leftovers)."""
     names = sorted(list_file_names(run_dir)) if is_run_dir(run_dir) else []
-    return [name for name in names if name.endswith(LEGACY_SUFFIXES) or _has_prefix(name, prefix)]
+    return [name for name in names if name.endswith(LEGACY_SUFFIXES) or _is_sidecar(name, prefix)]
 
 
-def _has_prefix(name: str, prefix: str) -> bool:
-    """Whether ``name`` is a sidecar or weights file of a checkpoint named with ``prefix``."""
+def _is_sidecar(name: str, prefix: str) -> bool:
+    """Whether ``name`` is the sidecar of a checkpoint named with ``prefix``."""
     split = split_file(name)
-    parsed = parse_stem(split[0]) if split is not None else None
+    if split is None or split[1] != SIDECAR_SUFFIX:
+        return False
+    parsed = parse_stem(split[0])
     return parsed is not None and parsed.prefix == prefix

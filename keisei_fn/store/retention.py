@@ -23,12 +23,14 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from keisei_fn.distributed import on_rank_zero
-from keisei_fn.errors import KeiseiFnError, SpecError
+from keisei_fn.errors import CheckpointNotFoundError, KeiseiFnError, SpecError
 from keisei_fn.meta import CheckpointMeta
 from keisei_fn.paths import PathArg, RunPath, is_remote, run_path
 from keisei_fn.store._fs import (
     ABANDONED_AFTER_SECONDS,
     abort_stale_uploads,
+    entry_exists,
+    is_directory,
     modified_age,
     remove_durably,
 )
@@ -187,10 +189,12 @@ def prune(
     Runs under the run directory's lock (``keisei_fn.store.commit``): a save in flight in any
     process finishes first, and no save starts until the prune is done, so every payload not
     named by a sidecar is a dead save's or a replaced checkpoint's and is removed. On an object
-    store (no lock) such a payload is removed only once it is older than
-    ``ABANDONED_AFTER_SECONDS``. Deletion order per checkpoint: sidecar first (uncommit), then
-    its payload, so a crash mid-prune never leaves a sidecar without weights. A checkpoint that
-    cannot be read here (a newer format, an I/O error) is never deleted, nor its payloads.
+    store (or a file system without ``flock``: no lock) such a payload, and a sidecar that
+    fails the listed check, is removed only once it is older than ``ABANDONED_AFTER_SECONDS``.
+    A run directory that does not exist has nothing to prune. Deletion order per checkpoint:
+    sidecar first (uncommit), then its payload, so a crash mid-prune never leaves a sidecar
+    without weights. A checkpoint that cannot be read here (a newer format, an I/O error) is
+    never deleted, nor its payloads.
 
     Args:
         run_dir: the run directory.
@@ -204,16 +208,25 @@ def prune(
     A publication ledger that cannot be read (over its caps, corrupt) makes every checkpoint
     protected, with a warning: which are still to be published is unknown. Never raises
     because of one bad file.
+
+    Raises:
+        CheckpointNotFoundError: when ``run_dir`` is a file.
     """
     return on_rank_zero(lambda: _prune(run_path(run_dir), policy, dry_run=dry_run, prefix=prefix))
 
 
 def _prune(run_dir: RunPath, policy: RetentionPolicy, *, dry_run: bool, prefix: str) -> PrunePlan:
-    with locked(run_dir) if not dry_run else contextlib.nullcontext():
+    if not is_directory(run_dir):
+        if entry_exists(run_dir):
+            raise CheckpointNotFoundError(f"{run_dir} is not a directory")
+        return PrunePlan(keep={}, delete=())  # nothing saved yet: nothing to prune
+    lock = contextlib.nullcontext(not is_remote(run_dir)) if dry_run else locked(run_dir)
+    with lock as held:
         scan = scan_run_dir(run_dir)
         plan = plan_prune(scan.valid, policy, protected=_pending(run_dir, scan), prefix=prefix)
-        leftovers = [p for p in scan.leftovers if not _maybe_in_flight(p)]
-        broken = [stem.name for stem, _ in scan.invalid]
+        # Without the lock a save may be in flight: only what is old was abandoned.
+        leftovers = [p for p in scan.leftovers if held or _abandoned(p)]
+        broken = [stem.name for stem, _ in scan.invalid if held or _abandoned(sidecar_path(stem))]
         removed = [p.name for p in leftovers]
         if not dry_run:
             owned = {meta.name: meta.weights_path for meta in scan.valid}  # file or shards dir
@@ -244,10 +257,8 @@ def _pending(run_dir: RunPath, scan: RunDirScan) -> set[str]:
         return {meta.name for meta in scan.valid}
 
 
-def _maybe_in_flight(leftover: RunPath) -> bool:
-    """Whether an unreferenced file may belong to a save in flight: only on an object store
-    (locally, prune holds the lock that every save holds), until it is old enough."""
-    if not is_remote(leftover):
-        return False
-    age = modified_age(leftover)
-    return age is None or age < ABANDONED_AFTER_SECONDS
+def _abandoned(path: RunPath) -> bool:
+    """Whether an unreferenced file is older than ``ABANDONED_AFTER_SECONDS`` (a save in flight
+    is younger); False when it is gone or its age unknown."""
+    age = modified_age(path)
+    return age is not None and age >= ABANDONED_AFTER_SECONDS

@@ -28,7 +28,6 @@ from keisei_fn.distributed import agreed, gather_rng, gathered, on_rank_zero, ra
 from keisei_fn.errors import (
     CheckpointExistsError,
     IntegrityError,
-    KeiseiFnError,
     SpecError,
 )
 from keisei_fn.meta import CheckpointMeta, build_sharded_sidecar
@@ -37,8 +36,14 @@ from keisei_fn.rng import capture_rng
 from keisei_fn.spec import ModelSpec
 from keisei_fn.state import GameStats, TrainState
 from keisei_fn.store._fs import fsync_dir, hash_file
-from keisei_fn.store.commit import commit, existing_checkpoint, fresh_payload, locked
-from keisei_fn.store.listing import read_listed
+from keisei_fn.store.commit import (
+    commit,
+    existing_checkpoint,
+    fresh_payload,
+    locked,
+    names_payload,
+    remove_payload,
+)
 from keisei_fn.store.names import RESUME_PREFIX, SHARDS_SUFFIX, checkpoint_stem, sidecar_path
 from keisei_fn.store.sharded_codec import Encoded, encode
 from keisei_fn.store.sharded_dcp import hf_storage, live_state, local_path, shard_file, write_shards
@@ -160,19 +165,10 @@ def save_sharded(
             )
             committed = True
         finally:
-            if not committed and rank == 0 and not _referenced(stem, shards):
-                shutil.rmtree(shards, ignore_errors=True)
+            if not committed and rank == 0 and not names_payload(stem, shards):
+                remove_payload(shards)
     size = len(dumps(sidecar))  # the committed file's bytes
     return CheckpointMeta.from_sidecar(sidecar, run_dir=stem.parent, sidecar_size=size)
-
-
-def _referenced(stem: Path, shards: Path) -> bool:
-    """Whether the sidecar at ``stem`` commits ``shards`` (a failure after the sidecar was
-    written must not remove what it refers to)."""
-    try:
-        return read_listed(stem)[0].shards_dir == shards.name
-    except (KeiseiFnError, OSError):
-        return False
 
 
 def _start(

@@ -37,7 +37,7 @@ import orjson
 import torch
 
 from keisei_fn.codec import DTYPE_NAMES, DTYPES_BY_NAME, check_json_cost
-from keisei_fn.errors import IntegrityError, UnsupportedDtypeError
+from keisei_fn.errors import IncompleteCheckpointError, IntegrityError, UnsupportedDtypeError
 from keisei_fn.paths import RunPath, is_remote
 from keisei_fn.store._fs import (
     commit_file,
@@ -95,7 +95,8 @@ class WrittenWeights:
 
 
 def write_weights(tensors: dict[str, torch.Tensor], path: RunPath) -> WrittenWeights:
-    """Atomically create or replace the weights file at ``path`` with ``tensors``.
+    """Atomically write the weights file at ``path`` with ``tensors`` (the commit protocol
+    always gives a fresh name; an existing file would be replaced whole, never in place).
 
     The digests are BLAKE3 of the whole file's bytes and of each tensor's bytes, hashed from
     the same memory while it is written (never by reading the file back). ``tensors`` must not
@@ -105,14 +106,15 @@ def write_weights(tensors: dict[str, torch.Tensor], path: RunPath) -> WrittenWei
 
     Args:
         tensors: name → tensor.
-        path: the file to create or replace.
+        path: the file to write.
 
     Returns:
         The file's size and digests.
 
     Raises:
         UnsupportedDtypeError: for a dtype a checkpoint cannot store (nothing is written).
-        OSError: when the disk is full or not writable (``path`` is left as it was).
+        OSError: when the disk is full or not writable (nothing is left at ``path``, or
+            what was there before).
     """
     layout = _layout(tensors)
     with ThreadPoolExecutor(max_workers=1) as pool:
@@ -274,11 +276,14 @@ def read_weights(path: RunPath, *, size: int, digest: str | None) -> dict[str, t
         the file; remote files are downloaded once into memory and viewed there.
 
     Raises:
-        FileNotFoundError: when the file is missing.
+        IncompleteCheckpointError: when the file is missing.
         OSError: when it cannot be mapped or downloaded.
         IntegrityError: naming the file, for any size, digest or header problem.
     """
-    actual = file_size(path)
+    try:
+        actual = file_size(path)
+    except FileNotFoundError:
+        raise IncompleteCheckpointError(f"{path}: the weights file is missing") from None
     if actual != size:
         raise IntegrityError(f"{path}: size is {actual} bytes, the sidecar records {size}")
     if size < 8:
@@ -298,6 +303,8 @@ def _map(path: Path, size: int) -> memoryview:
     try:
         mapped = torch.UntypedStorage.from_file(os.fspath(path), shared=False, nbytes=size)
     except RuntimeError as exc:  # gone or shrunk since the stat, or not mappable
+        if not os.path.lexists(path):
+            raise IncompleteCheckpointError(f"{path}: the weights file is missing") from exc
         raise OSError(f"cannot map {path}: {exc}") from exc
     storage = cast(torch.UntypedStorage, mapped)  # from_file's stub says a base class
     return torch.empty(0, dtype=torch.uint8).set_(storage).numpy().data
