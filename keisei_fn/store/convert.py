@@ -32,8 +32,8 @@ def consolidate(sharded: PathArg, out_run_dir: PathArg) -> CheckpointMeta:
     Loads it in full, in this process (as ``load_state`` does), and saves it with
     ``save_state`` under the same prefix, step and kind:
     ``<out_run_dir>/<prefix><step>.json`` and the weights file it names, which
-    ``keisei_fn.load_model`` and ``load_state`` read on one CPU. Call it in one process, or on every rank of a job (each
-    rank reads the whole checkpoint; rank 0 writes).
+    ``keisei_fn.load_model`` and ``load_state`` read on one CPU. Call it in one process, or on
+    every rank of a job (each rank reads the whole checkpoint; rank 0 writes).
 
     Args:
         sharded: as ``source`` for :func:`keisei_fn.store.sharded.load_sharded_`.
