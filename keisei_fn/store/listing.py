@@ -246,6 +246,9 @@ def scan_run_dir(run_dir: PathArg) -> RunDirScan:
         except (KeiseiFnError, OSError) as exc:
             if not entry_exists(sidecar_path(run_dir / stem)):
                 continue  # removed since the directory was listed (pruned)
+            # Kept without its traceback: its frames (and the file's bytes in them) would
+            # otherwise stay alive in a cycle with this frame until the garbage collector runs.
+            exc.with_traceback(None)
             if isinstance(exc, UnsupportedFormatError | SpecError | OSError):
                 unreadable.append((run_dir / stem, exc))
             else:
