@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from keisei_fn.codec import DTYPE_NAMES
-from keisei_fn.errors import IntegrityError, UnsupportedDtypeError
+from keisei_fn.errors import IncompleteCheckpointError, IntegrityError, UnsupportedDtypeError
 from keisei_fn.store import weights
 from keisei_fn.store._fs import hash_file
 from keisei_fn.store.weights import METADATA, read_weights, write_weights
@@ -283,5 +283,5 @@ def test_size_digest_and_short_file_errors(tmp_path: Path) -> None:
     path.write_bytes(b"1234")
     with pytest.raises(IntegrityError, match="too short"):
         read_weights(path, size=4, digest=None)
-    with pytest.raises(FileNotFoundError):
+    with pytest.raises(IncompleteCheckpointError, match="missing"):  # its sidecar names it
         read_weights(tmp_path / "missing.safetensors", size=size, digest=digest)

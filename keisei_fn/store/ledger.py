@@ -19,6 +19,7 @@ so reading it costs at most about twice its cap in memory.
 
 from __future__ import annotations
 
+import errno
 import io
 import logging
 import os
@@ -79,7 +80,13 @@ def append_ledger(run_dir: PathArg, record: Mapping[str, Any]) -> dict[str, Any]
         _append_remote(path, line)
         return entry
     created = not path.exists()
-    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NONBLOCK | os.O_CLOEXEC, 0o644)
+    try:
+        flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NONBLOCK | os.O_CLOEXEC
+        fd = os.open(path, flags, 0o644)
+    except OSError as exc:
+        if exc.errno == errno.ENXIO:  # a FIFO without a reader (O_NONBLOCK does not wait)
+            raise IntegrityError(f"{path} is not a regular file, not a publication ledger") from exc
+        raise
     try:
         if not stat.S_ISREG(os.fstat(fd).st_mode):  # a FIFO would block every append
             raise IntegrityError(f"{path} is not a regular file, not a publication ledger")

@@ -74,7 +74,7 @@ def generation_stem(name: str) -> str | None:
     """The checkpoint stem a generation-named weights file belongs to, else None.
 
     Example:
-        >>> generation_stem("checkpoint_ts10.9f2c4d.safetensors"), generation_stem("x.json")
+        >>> generation_stem("checkpoint_ts10.9f2c4d0a1b2c3d4e.safetensors"), generation_stem("x.json")
         ('checkpoint_ts10', None)
     """
     match = GENERATION_RE.fullmatch(name)
