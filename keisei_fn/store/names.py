@@ -74,8 +74,10 @@ def generation_stem(name: str) -> str | None:
     """The checkpoint stem a generation-named weights file belongs to, else None.
 
     Example:
-        >>> generation_stem("checkpoint_ts10.9f2c4d0a1b2c3d4e.safetensors"), generation_stem("x.json")
-        ('checkpoint_ts10', None)
+        >>> generation_stem("checkpoint_ts10.9f2c4d0a1b2c3d4e.safetensors")
+        'checkpoint_ts10'
+        >>> generation_stem("checkpoint_ts10.json") is None
+        True
     """
     match = GENERATION_RE.fullmatch(name)
     return match["stem"] if match is not None else None
