@@ -11,6 +11,7 @@ import time
 
 import pytest
 import torch
+from saved_states import raw_bytes
 
 from keisei_fn import ModelSpec, build_model, capture, latest_checkpoint, load_state
 from keisei_fn.store.background import AsyncSaver
@@ -20,15 +21,11 @@ from keisei_fn.store.listing import scan_run_dir
 SPEC = ModelSpec(model_type="testmodel")
 
 
-def raw(t: torch.Tensor) -> bytes:
-    return t.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
-
-
 def test_save_in_background_and_training_after_the_call_changes_nothing(tmp_path):
     model = build_model(SPEC, seed=0)
     opt = torch.optim.Adam(model.parameters())
     state = capture(SPEC, model, opt, step=5)
-    expected = {k: raw(v) for k, v in state.model.items()}
+    expected = {k: raw_bytes(v) for k, v in state.model.items()}
     with AsyncSaver(tmp_path) as saver:
         handle = saver.save(state)
         with torch.no_grad():  # the loop goes on and changes every parameter
@@ -38,7 +35,7 @@ def test_save_in_background_and_training_after_the_call_changes_nothing(tmp_path
         assert handle.done()
     assert meta.name == "checkpoint_ts5"
     loaded = load_state(tmp_path)
-    assert {k: raw(v) for k, v in loaded.model.items()} == expected
+    assert {k: raw_bytes(v) for k, v in loaded.model.items()} == expected
 
 
 def test_one_write_in_flight_and_errors_surface(tmp_path):

@@ -26,10 +26,11 @@ Covers these items of issue #16 (the kill loop, item 6, is ``tests/test_kill_loo
    processes loop ``latest_checkpoint`` / ``load_state`` / ``resume`` for a few seconds; none
    may see "nothing" or an error.
 
-Concurrent tests use real processes: a fresh Python imports torch and keisei_fn once, then
-forks the workers (``multiprocessing`` "fork" context, before any torch work in that process),
-so a test costs one interpreter start. Workers write what they saw as JSON lines; the test
-checks them. Nothing under test is mocked: the fault injection wraps the real system calls.
+Concurrent tests use real processes (``kill_harness.run_workers``): a fresh Python imports
+torch and keisei_fn once, then forks the workers (``multiprocessing`` "fork" context, before any
+torch work in that process), so a test costs one interpreter start. Workers write what they saw
+as JSON lines; the test checks them. The states saved are ``saved_states.expected_state``.
+Nothing under test is mocked: the fault injection wraps the real system calls.
 
 Checkpoints are found through the public API only (``list_checkpoints``/``scan_run_dir`` and a
 meta's ``sidecar_path``/``weights_path``), never by weights file names: after the rewrite a
@@ -42,11 +43,8 @@ import builtins
 import contextlib
 import errno
 import io
-import json
 import os
 import random
-import subprocess
-import sys
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -55,7 +53,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import torch
+from kill_harness import Recorder, read_race, read_records, run_workers
+from saved_states import expected_state, final_of, looks_same, same, which
 
 from keisei_fn import (
     RetentionPolicy,
@@ -69,65 +68,7 @@ from keisei_fn import (
 )
 from keisei_fn.errors import CheckpointExistsError
 from keisei_fn.store import Checkpointer, resume, scan_run_dir, verify_checkpoint
-from keisei_fn.testing import assert_states_equal, fresh_run_dir
-
-# --- states -----------------------------------------------------------------------------------
-
-
-def expected_state(step: int, variant: int) -> TrainState:
-    """The state saved as ``variant`` at ``step``: a pure function of both, ~1 MB of weights.
-
-    Like ``test_crash.expected_state``, with a seed that stays distinct for large variants (the
-    kill loop numbers its replacements). ``extra`` names (step, variant), so a loaded state says
-    which save wrote it.
-    """
-    gen = torch.Generator().manual_seed(step * 1_000_003 + variant)
-    w = torch.randn(256, 1024, generator=gen)
-    return TrainState(
-        spec=None,
-        step=step,
-        episodes=step * 3,
-        model={"w": w, "b": torch.randn(16, generator=gen).to(torch.bfloat16), "tied": w},
-        optimizer={"state": {0: {"momentum_buffer": torch.randn(16, generator=gen)}},
-                   "param_groups": [{"lr": 0.01, "momentum": 0.9, "params": [0]}]},
-        extra={"variant": variant, "history": [float(step), (step, variant)]},
-    )  # fmt: skip
-
-
-def final_of(state: TrainState) -> TrainState:
-    """What ``save_final_model(state)`` stores: the weights (+ spec, step, episodes, stats)."""
-    return state.replace(optimizer=None, scheduler=None, scaler=None, rng=None, extra={})
-
-
-def looks_same(expected: TrainState, actual: TrainState) -> bool:
-    """The step, ``extra`` and the big tensor's bits agree: a cheap filter before the full
-    comparison (building ``assert_states_equal``'s report of a mismatch is slow), and enough
-    to tell which of the states this module saves a loaded one is."""
-    a, b = expected.model.get("w"), actual.model.get("w")
-    return (
-        expected.step == actual.step
-        and dict(expected.extra) == dict(actual.extra)
-        and isinstance(a, torch.Tensor)
-        and isinstance(b, torch.Tensor)
-        and (a.dtype, a.shape) == (b.dtype, b.shape)
-        and torch.equal(a.reshape(-1).view(torch.uint8), b.reshape(-1).view(torch.uint8))
-    )
-
-
-def same(expected: TrainState, actual: TrainState) -> bool:
-    """Bit-exact equality of the whole state (``assert_states_equal``) as a bool."""
-    if not looks_same(expected, actual):
-        return False
-    try:
-        assert_states_equal(expected, actual)
-    except AssertionError:
-        return False
-    return True
-
-
-def which(actual: TrainState, candidates: dict[str, TrainState | None]) -> str | None:
-    """The label of the candidate ``actual`` is bit-exactly equal to, or None."""
-    return next((k for k, v in candidates.items() if v is not None and same(v, actual)), None)
+from keisei_fn.testing import fresh_run_dir
 
 
 def _problem_report(problems: list[str], what: str, shown: int = 25) -> str:
@@ -437,59 +378,7 @@ def test_io_fault_sweep_leaves_old_or_new_and_nothing_broken(mode_name: str) -> 
     assert not result.problems, _problem_report(result.problems, f"the {mode_name} sweep")
 
 
-# --- processes: one interpreter start, forked workers -----------------------------------------
-
-_HARNESS = r"""
-import json, multiprocessing, sys
-sys.path.insert(0, sys.argv[1])
-import test_commit_protocol as tests  # torch and keisei_fn are imported once, before forking
-
-jobs = json.loads(sys.argv[2])
-ctx = multiprocessing.get_context("fork")
-barrier, stop = ctx.Barrier(len(jobs)), ctx.Event()
-workers = [ctx.Process(target=tests.worker_main, args=(job, barrier, stop)) for job in jobs]
-for worker in workers:
-    worker.start()
-for worker in workers:
-    worker.join()
-print(json.dumps([worker.exitcode for worker in workers]))
-"""
-
-
-def worker_main(job: dict[str, Any], barrier: Any, stop: Any) -> None:
-    """Runs in a forked worker: one thread of torch, wait for the others, run the job."""
-    torch.set_num_threads(1)
-    barrier.wait(timeout=120)
-    globals()[job.pop("fn")](barrier=barrier, stop=stop, **job)
-
-
-def run_workers(jobs: list[dict[str, Any]], *, timeout: float) -> None:
-    """Run the jobs (``{"fn": name of a function here, **its keyword arguments}``) in
-    concurrent processes started together; fail if any of them crashed."""
-    out = subprocess.run(
-        [sys.executable, "-c", _HARNESS, str(Path(__file__).parent), json.dumps(jobs)],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
-    assert out.returncode == 0, out.stderr[-4000:]
-    codes = json.loads(out.stdout.splitlines()[-1])
-    assert codes == [0] * len(jobs), f"worker exit codes {codes}:\n{out.stderr[-4000:]}"
-
-
-def read_records(path: Path) -> list[Any]:
-    return [json.loads(line) for line in path.read_text().splitlines()]
-
-
-class Recorder:
-    """A worker's JSON-lines output file."""
-
-    def __init__(self, path: str) -> None:
-        self._file = open(path, "a")  # noqa: SIM115 - closed by the worker's exit
-
-    def __call__(self, *record: Any) -> None:
-        self._file.write(json.dumps(record) + "\n")
-        self._file.flush()
+# --- processes: one interpreter start, forked workers (kill_harness.run_workers) ------------
 
 
 def _listed_problems(run_dir: Path) -> list[str]:
@@ -537,6 +426,7 @@ def test_two_writers_at_the_same_steps_leave_one_consistent_checkpoint(overwrite
     with fresh_run_dir() as run_dir:
         outs = [run_dir.parent / f"writer{who}.jsonl" for who in (0, 1)]
         run_workers(
+            __name__,
             [
                 {"fn": "two_writers_worker", "run_dir": str(run_dir), "out": str(out),
                  "who": who, "steps": steps, "overwrite": overwrite, "seed": seed + who}
@@ -634,6 +524,7 @@ def test_prune_racing_a_save_never_breaks_the_just_saved_checkpoint(writer: str)
     with fresh_run_dir() as run_dir:
         outs = {name: run_dir.parent / f"{name}.jsonl" for name in ("writer", "pruner")}
         run_workers(
+            __name__,
             [
                 {"fn": "saving_writer", "run_dir": str(run_dir), "out": str(outs["writer"]),
                  "steps": steps, "use_checkpointer": writer == "Checkpointer"},
@@ -722,6 +613,7 @@ def test_readers_racing_a_pruning_writer_always_find_a_checkpoint() -> None:
         save_state(expected_state(1, 0), run_dir)
         outs = [run_dir.parent / f"{name}.jsonl" for name in ("writer", "reader0", "reader1")]
         run_workers(
+            __name__,
             [
                 {"fn": "pruning_writer", "run_dir": str(run_dir), "out": str(outs[0]),
                  "seconds": seconds},
@@ -729,22 +621,8 @@ def test_readers_racing_a_pruning_writer_always_find_a_checkpoint() -> None:
             ],
             timeout=300,
         )  # fmt: skip
-        written = read_records(outs[0])
-        problems = [f"writer: {r}" for r in written if r[0] != "saves"]
-        saves = next(r[1] for r in written if r[0] == "saves")
-        reads: Counter[str] = Counter()
-        failures: Counter[str] = Counter()
-        example: dict[str, str] = {}
-        for out in outs[1:]:
-            for what, detail in read_records(out):
-                if what == "reads":
-                    reads.update(detail)
-                else:
-                    failures[what] += 1
-                    example.setdefault(what, detail)
-        problems += [
-            f"readers: {what} (x{n}), e.g. {example[what]}" for what, n in failures.most_common()
-        ]
+        race = read_race(outs[0], outs[1:])
+        problems, saves, reads, failures = race.problems, race.saves, race.reads, race.failures
         problems += _listed_problems(run_dir)
     print(
         f"\n[readers vs pruning writer] {seconds:.0f} s: {saves} saves, reads {dict(reads)}, "

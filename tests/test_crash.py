@@ -4,8 +4,8 @@ the same step (Keisei bug 1). A full disk (``RLIMIT_FSIZE``: writes fail with EF
 ``save_state`` raise OSError and leaves no trace.
 
 Killing a freshly started Python per kill would cost an interpreter and a torch import each
-time; instead a "zygote" process imports everything once and forks one saver per kill. The
-savers are real processes doing real saves, and the kill is a real SIGKILL.
+time; instead a "zygote" process (``kill_harness.Zygote``) imports everything once and forks one
+saver per kill. The savers are real processes doing real saves, and the kill is a real SIGKILL.
 """
 
 from __future__ import annotations
@@ -13,7 +13,6 @@ from __future__ import annotations
 import errno
 import os
 import random
-import signal
 import subprocess
 import sys
 import time
@@ -21,6 +20,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from kill_harness import Zygote, sigkilled
+from saved_states import make_state
 
 from keisei_fn import (
     RetentionPolicy,
@@ -37,17 +38,7 @@ from keisei_fn.testing import assert_states_equal, fresh_run_dir
 
 def expected_state(step: int, variant: int) -> TrainState:
     """The state saved at ``step``: a pure function of (step, variant), ~1 MB of weights."""
-    gen = torch.Generator().manual_seed(2 * step + variant)
-    w = torch.randn(256, 1024, generator=gen)
-    return TrainState(
-        spec=None,
-        step=step,
-        episodes=step * 3,
-        model={"w": w, "b": torch.randn(16, generator=gen).to(torch.bfloat16), "tied": w},
-        optimizer={"state": {0: {"momentum_buffer": torch.randn(16, generator=gen)}},
-                   "param_groups": [{"lr": 0.01, "momentum": 0.9, "params": [0]}]},
-        extra={"variant": variant, "history": [float(step), (step, variant)]},
-    )  # fmt: skip
+    return make_state(step, variant, seed=2 * step + variant)
 
 
 def save_forever(run_dir: str, seed: int) -> None:
@@ -73,23 +64,6 @@ def save_forever(run_dir: str, seed: int) -> None:
             step += 1
 
 
-_ZYGOTE = r"""
-import os, sys
-sys.path.insert(0, sys.argv[1])
-import test_crash  # torch and keisei_fn are imported once; every forked saver shares them
-
-for line in sys.stdin:
-    pid = os.fork()
-    if pid == 0:
-        try:
-            test_crash.save_forever(sys.argv[2], int(line))
-        finally:
-            os._exit(3)
-    print(pid, flush=True)
-    print(os.waitpid(pid, 0)[1], flush=True)
-"""
-
-
 def _check_after_kill(run_dir: Path) -> int:
     """The invariants after a kill; returns the newest valid step (0 for none)."""
     latest = latest_checkpoint(run_dir)
@@ -111,32 +85,18 @@ def _kill_savers(run_dir: Path, kills: int, seed: int) -> int:
     """Fork ``kills`` savers and SIGKILL each after a random delay; returns how many kills
     left incomplete files behind (a save, replace or prune interrupted mid-way)."""
     rng = random.Random(seed)
-    zygote = subprocess.Popen(
-        [sys.executable, "-c", _ZYGOTE, str(Path(__file__).parent), str(run_dir)],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    assert zygote.stdin is not None and zygote.stdout is not None
     interrupted = 0
-    try:
+    with Zygote("test_crash:save_forever", stderr=subprocess.PIPE) as zygote:
         for kill in range(kills):
-            zygote.stdin.write(f"{rng.getrandbits(32)}\n")
-            zygote.stdin.flush()
-            pid = int(zygote.stdout.readline())
+            pid = zygote.fork(str(run_dir), rng.getrandbits(32))
             time.sleep(rng.uniform(0.0, 0.05))
-            os.kill(pid, signal.SIGKILL)
-            status = int(zygote.stdout.readline())
-            assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL, (
-                f"kill {kill} (seed {seed}): the saver died by itself:\n{_stderr(zygote)}"
+            status = zygote.kill(pid)
+            assert sigkilled(status), (
+                f"kill {kill} (seed {seed}): the saver died by itself:\n{_stderr(zygote.process)}"
             )
             scan = scan_run_dir(run_dir)
             interrupted += bool(scan.leftovers or scan.invalid)
             _check_after_kill(run_dir)
-    finally:
-        zygote.kill()
-        zygote.wait()
     prune(run_dir, RetentionPolicy(keep_last=3))
     scan = scan_run_dir(run_dir)
     assert not scan.leftovers and not scan.invalid and not scan.unreadable

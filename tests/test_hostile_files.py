@@ -627,16 +627,22 @@ def _flip(path: Path, bit: int) -> None:
     path.write_bytes(bytes(data))
 
 
+def _assert_resume_refuses_a_flipped_bit(templates: Templates, name: str, bit: int) -> None:
+    """With checkpoint_ts5 alone in a run directory and ``bit`` of its file ``name`` flipped,
+    ``resume`` raises a KeiseiFnError (never a silent fresh start)."""
+    with fresh_run_dir() as run_dir:
+        templates.ts5.copy_into(templates.dir, run_dir)
+        _flip(run_dir / name, bit)
+        with pytest.raises(KeiseiFnError):
+            resume(run_dir)
+
+
 @settings(deadline=None)
 @given(bit=st.integers(min_value=0, max_value=2**20))
 def test_resume_refuses_when_the_only_sidecar_has_a_flipped_bit(
     templates: Templates, bit: int
 ) -> None:
-    with fresh_run_dir() as run_dir:
-        templates.ts5.copy_into(templates.dir, run_dir)
-        _flip(run_dir / templates.ts5.sidecar_name, bit)
-        with pytest.raises(KeiseiFnError):
-            resume(run_dir)
+    _assert_resume_refuses_a_flipped_bit(templates, templates.ts5.sidecar_name, bit)
 
 
 @settings(deadline=None)
@@ -644,11 +650,7 @@ def test_resume_refuses_when_the_only_sidecar_has_a_flipped_bit(
 def test_resume_refuses_when_the_only_weights_file_has_a_flipped_bit(
     templates: Templates, bit: int
 ) -> None:
-    with fresh_run_dir() as run_dir:
-        templates.ts5.copy_into(templates.dir, run_dir)
-        _flip(run_dir / templates.ts5.weights_name, bit)
-        with pytest.raises(KeiseiFnError):
-            resume(run_dir)
+    _assert_resume_refuses_a_flipped_bit(templates, templates.ts5.weights_name, bit)
 
 
 @settings(deadline=None)

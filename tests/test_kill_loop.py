@@ -11,10 +11,11 @@ Modes, each in its own run directory:
 - ``checkpointer``: a ``Checkpointer`` loop with ``RetentionPolicy(keep_last=2)``;
 - ``async``: an ``AsyncSaver`` (one background write in flight while the next state is made).
 
-As in ``tests/test_crash.py``, a "zygote" process imports torch and keisei_fn once and forks one
-victim per kill; the victim saves until it is SIGKILLed after a random delay. Before each save
-it appends ``begin <step> <variant>`` to a log, and after each return ``returned <step>
-<variant>`` (flushed and fsynced). After every kill the run directory is checked:
+As in ``tests/test_crash.py``, a "zygote" process (``kill_harness.Zygote``) imports torch and
+keisei_fn once and forks one victim per kill; the victim saves until it is SIGKILLed after a
+random delay. Before each save it appends ``begin <step> <variant>`` to a log
+(``kill_harness.Log``), and after each return ``returned <step> <variant>`` (flushed and
+fsynced). After every kill the run directory is checked:
 
 - nothing listed is broken (``scan_run_dir(...).invalid == []``);
 - every listed checkpoint loads and is bit-exactly (``assert_states_equal``) the state of a save
@@ -36,9 +37,6 @@ from __future__ import annotations
 import os
 import random
 import re
-import signal
-import subprocess
-import sys
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -46,7 +44,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_commit_protocol import expected_state, final_of, same
+from kill_harness import Log, Zygote, read_log, sigkilled
+from saved_states import expected_state, same, stored_state
 
 from keisei_fn import (
     RetentionPolicy,
@@ -65,26 +64,6 @@ MODES = ("new_step", "overwrite", "final_model", "checkpointer", "async")
 OVERWRITE_STEP = 1
 
 # --- the victim -------------------------------------------------------------------------------
-
-
-class Log:
-    """The victim's log: one ``<word> <step> <variant>`` line per event, appended with one
-    ``write`` (a killed process loses nothing it wrote); ``returned`` lines are fsynced."""
-
-    def __init__(self, path: str) -> None:
-        self.fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-
-    def __call__(self, word: str, step: int, variant: int) -> None:
-        os.write(self.fd, f"{word} {step} {variant}\n".encode())
-        if word == "returned":
-            os.fsync(self.fd)
-
-
-def read_log(path: Path) -> list[tuple[str, int, int]]:
-    if not path.exists():
-        return []
-    lines = [line.split() for line in path.read_text().splitlines()]
-    return [(word, int(step), int(variant)) for word, step, variant in lines]
 
 
 def _next_step(run_dir: str) -> int:
@@ -147,23 +126,6 @@ def victim(mode: str, run_dir: str, log_path: str) -> None:
         raise ValueError(mode)
 
 
-_ZYGOTE = r"""
-import os, sys
-sys.path.insert(0, sys.argv[1])
-import test_kill_loop  # torch and keisei_fn are imported once; every forked victim shares them
-
-for line in sys.stdin:
-    mode, run_dir, log = line.split()
-    pid = os.fork()
-    if pid == 0:
-        try:
-            test_kill_loop.victim(mode, run_dir, log)
-        finally:
-            os._exit(3)
-    print(pid, flush=True)
-    print(os.waitpid(pid, 0)[1], flush=True)
-"""
-
 # --- the checks after a kill ------------------------------------------------------------------
 
 
@@ -184,11 +146,6 @@ def _loaded_identity(mode: str, state: TrainState) -> tuple[int, int] | None:
         return state.step, 0
     variant = state.extra.get("variant")
     return (state.step, variant) if isinstance(variant, int) else None
-
-
-def _expected(mode: str, step: int, variant: int) -> TrainState:
-    state = expected_state(step, variant)
-    return final_of(state) if mode == "final_model" else state
 
 
 def check_after_kill(
@@ -223,7 +180,7 @@ def check_after_kill(
         if identity is None or identity not in begun:
             problems.append(f"listed {meta.name} holds {identity}, which no save began")
         elif known.get((meta.name, meta.digest)) != identity and not same(
-            _expected(mode, *identity), state
+            stored_state(mode, *identity), state
         ):
             problems.append(f"listed {meta.name} differs from the state saved as {identity}")
         else:
@@ -299,14 +256,8 @@ def kill_loop(kills_per_mode: int, seed: int, window: float) -> dict[str, ModeSt
     stats = {mode: ModeStats() for mode in MODES}
     with fresh_run_dir() as base:
         errors = (base.parent / "zygote.stderr").open("w")
-        zygote = subprocess.Popen(
-            [sys.executable, "-c", _ZYGOTE, str(Path(__file__).parent)],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            stderr=errors,  # victims' warnings go here, never into a pipe that fills up
-            text=True,
-        )
-        assert zygote.stdin is not None and zygote.stdout is not None
+        # victims' warnings go to a file, never into a pipe that fills up
+        zygote = Zygote("test_kill_loop:victim", stderr=errors)
         try:
             for mode in MODES:
                 run_dir, log_path = base / mode, base / f"{mode}.log"
@@ -330,14 +281,13 @@ def kill_loop(kills_per_mode: int, seed: int, window: float) -> dict[str, ModeSt
                         f"unreadable {[p.name for p, _ in scan.unreadable]}"
                     )
         finally:
-            zygote.kill()
-            zygote.wait()
+            zygote.close()
             errors.close()
     return stats
 
 
 def _one_kill(
-    zygote: subprocess.Popen[str],
+    zygote: Zygote,
     mode: str,
     run_dir: Path,
     log_path: Path,
@@ -345,16 +295,12 @@ def _one_kill(
     stats: ModeStats,
     errors: str,
 ) -> None:
-    assert zygote.stdin is not None and zygote.stdout is not None
-    zygote.stdin.write(f"{mode} {run_dir} {log_path}\n")
-    zygote.stdin.flush()
-    pid = int(zygote.stdout.readline())
+    pid = zygote.fork(mode, str(run_dir), str(log_path))
     time.sleep(delay)
-    os.kill(pid, signal.SIGKILL)
-    status = int(zygote.stdout.readline())
+    status = zygote.kill(pid)
     stats.kills += 1
     where = f"{mode} kill {stats.kills}"
-    if not (os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL):
+    if not sigkilled(status):
         tail = Path(errors).read_text()[-1500:]
         stats.problems.append(f"{where}: the victim died by itself (status {status}): {tail}")
     log = read_log(log_path)

@@ -15,6 +15,7 @@ import pytest
 import torch
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
+from saved_states import raw
 from torch import nn
 
 from keisei_fn import GameStats, ModelSpec, build_model, load_model, load_state, restore_
@@ -73,10 +74,6 @@ METRICS_PLAIN = {
     "episode_rewards": [-1.0, 1.0],
     "win_rates_history": [{"win_rate_black": 0.5, "is_draw": False}],
 }
-
-
-def raw(t: torch.Tensor) -> torch.Tensor:
-    return t.detach().contiguous().reshape(-1).view(torch.uint8)
 
 
 def assert_same(a: object, b: object, where: str = "") -> None:

@@ -2,6 +2,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from saved_states import raw
 from torch import nn
 
 from keisei_fn import ModelSpec, build_model, canonical_state_dict, register_model, unwrap_model
@@ -24,10 +25,6 @@ def closed_form(planes, width, depth, actions, se_ratio):
 
 def n_params(model):
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
-
-
-def raw(t):
-    return t.detach().contiguous().reshape(-1).view(torch.uint8)
 
 
 def bit_equal(a, b):

@@ -24,6 +24,7 @@ import pytest
 import torch
 import upath.registry
 from fsspec.implementations.memory import MemoryFileSystem
+from saved_states import raw_bytes
 from upath.implementations.memory import MemoryPath
 
 from keisei_fn import (
@@ -85,10 +86,6 @@ def trained_state(step: int, *, seed: int = 0):
     return capture(SPEC, model, optimizer, step=step, extra={"loss": float(step)})
 
 
-def raw(tensor: torch.Tensor) -> bytes:
-    return tensor.detach().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
-
-
 def objects(url: str) -> list[str]:
     """Names of the objects directly under a URL, as the filesystem lists them."""
     return sorted(_fs.list_file_names(run_path(url)))
@@ -107,7 +104,7 @@ def test_round_trip_is_bit_exact_and_paths_stay_urls(url: str) -> None:
     for key, tensor in model.state_dict().items():
         expected = state.model[key]
         assert (tensor.dtype, tensor.shape) == (expected.dtype, expected.shape)
-        assert raw(tensor) == raw(expected)
+        assert raw_bytes(tensor) == raw_bytes(expected)
     assert save_state(state, url) == meta  # identical re-save: nothing written
     final = save_final_model(state, url)
     assert load_model(url)[1] == final

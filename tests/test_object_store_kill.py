@@ -13,13 +13,13 @@ own run directory under ``s3_url``:
 - ``overwrite``: ``save_state(..., overwrite=True)`` replacing the step-1 checkpoint with a new
   variant each time.
 
-As in ``tests/test_kill_loop.py``, a "zygote" process imports torch, keisei_fn and s3fs once and
-forks one victim per kill (with the fixture's AWS environment). A victim first lists its run
-directory (so its S3 connection is up), then saves in a loop, appending ``begin <step>
-<variant>`` to a LOCAL log before each save and ``returned <step> <variant>`` after each return
-(one ``write`` each; ``returned`` lines fsynced). The parent waits for the victim's first
-``begin``, sleeps a random delay within about five saves (timed on this server first), and
-SIGKILLs it. After every kill:
+As in ``tests/test_kill_loop.py``, a "zygote" process (``kill_harness.Zygote``) imports torch,
+keisei_fn and s3fs once and forks one victim per kill (with the fixture's AWS environment). A
+victim first lists its run directory (so its S3 connection is up), then saves in a loop,
+appending ``begin <step> <variant>`` to a LOCAL log (``kill_harness.Log``) before each save and
+``returned <step> <variant>`` after each return (one ``write`` each; ``returned`` lines
+fsynced). The parent waits for the victim's first ``begin``, sleeps a random delay within about
+five saves (timed on this server first), and SIGKILLs it. After every kill:
 
 - nothing is broken: ``scan_run_dir(url).invalid == []`` (and nothing is unreadable);
 - exactly one checkpoint is listed, under the mode's name, and it loads (digests verified) and
@@ -42,17 +42,15 @@ from __future__ import annotations
 import os
 import random
 import select
-import signal
 import statistics
-import subprocess
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
 import torch
-from test_commit_protocol import expected_state, final_of, same
+from kill_harness import Log, Zygote, read_log, sigkilled
+from saved_states import expected_state, same, stored_state
 
 import keisei_fn.store.retention as retention
 from keisei_fn import (
@@ -76,26 +74,6 @@ OVERWRITE_STEP = 1
 SAVES_PER_WINDOW = 5
 
 # --- the victim -------------------------------------------------------------------------------
-
-
-class Log:
-    """The victim's local log: one ``<word> <step> <variant>`` line per event, appended with one
-    ``write`` (a killed process loses nothing it wrote); ``returned`` lines are fsynced."""
-
-    def __init__(self, path: str) -> None:
-        self.fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-
-    def __call__(self, word: str, step: int, variant: int) -> None:
-        os.write(self.fd, f"{word} {step} {variant}\n".encode())
-        if word == "returned":
-            os.fsync(self.fd)
-
-
-def read_log(path: Path) -> list[tuple[str, int, int]]:
-    if not path.exists():
-        return []
-    lines = [line.split() for line in path.read_text().splitlines()]
-    return [(word, int(step), int(variant)) for word, step, variant in lines]
 
 
 def rank(mode: str, step: int, variant: int) -> int:
@@ -122,27 +100,6 @@ def victim(mode: str, run_dir: str, log_path: str) -> None:
         number += 1
 
 
-_ZYGOTE = r"""
-import os, sys, traceback
-sys.path.insert(0, sys.argv[1])
-import s3fs  # noqa: F401  (imported once, before any connection: victims connect after fork)
-import test_object_store_kill as tests
-
-for line in sys.stdin:
-    mode, run_dir, log = line.split()
-    pid = os.fork()
-    if pid == 0:
-        try:
-            tests.victim(mode, run_dir, log)
-        except BaseException:
-            traceback.print_exc()
-            sys.stderr.flush()
-        finally:
-            os._exit(3)
-    print(pid, flush=True)
-    print(os.waitpid(pid, 0)[1], flush=True)
-"""
-
 # --- the checks after a kill ------------------------------------------------------------------
 
 
@@ -156,11 +113,6 @@ class ModeStats:
     problems: list[str] = field(default_factory=list)
     listed_rank: int = 0  # the rank listed at the previous kill
     last: list[str] = field(default_factory=list)  # the problems found at the previous kill
-
-
-def _expected(mode: str, step: int, variant: int):
-    state = expected_state(step, variant)
-    return final_of(state) if mode == "final_model" else state
 
 
 def _difference(expected, actual) -> str:
@@ -199,10 +151,10 @@ def check_after_kill(
         if not isinstance(identity[1], int) or begun.get(rank(mode, *identity)) != identity:
             problems.append(f"listed {meta.name} holds {identity}, which no save began")
             continue
-        if not same(_expected(mode, *identity), state):
+        if not same(stored_state(mode, *identity), state):
             problems.append(
                 f"listed {meta.name} differs from the state saved as {identity}: "
-                f"{_difference(_expected(mode, *identity), state)}"
+                f"{_difference(stored_state(mode, *identity), state)}"
             )
             continue
         listed = rank(mode, *identity)
@@ -257,7 +209,7 @@ def _prepare(mode: str, url: str, log_path: Path) -> None:
 
 
 def _one_kill(
-    zygote: subprocess.Popen[str],
+    zygote: Zygote,
     mode: str,
     url: str,
     log_path: Path,
@@ -265,23 +217,20 @@ def _one_kill(
     stats: ModeStats,
     errors: Path,
 ) -> None:
-    assert zygote.stdin is not None and zygote.stdout is not None
+    assert zygote.process.stdout is not None
     lines_before = len(read_log(log_path))
-    zygote.stdin.write(f"{mode} {url} {log_path}\n")
-    zygote.stdin.flush()
-    pid = int(zygote.stdout.readline())
+    pid = zygote.fork(mode, url, str(log_path))
     where = f"{mode} kill {stats.kills + 1}"
     deadline = time.monotonic() + 60
     while len(read_log(log_path)) == lines_before:  # wait for the first ``begin``
-        exited = select.select([zygote.stdout.fileno()], [], [], 0.002)[0]
+        exited = select.select([zygote.process.stdout.fileno()], [], [], 0.002)[0]
         if exited or time.monotonic() > deadline:
             break
     else:
         time.sleep(delay)
-    os.kill(pid, signal.SIGKILL)
-    status = int(zygote.stdout.readline())
+    status = zygote.kill(pid)
     stats.kills += 1
-    if not (os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL):
+    if not sigkilled(status):
         tail = errors.read_text()[-1500:]
         stats.problems.append(f"{where}: the victim died by itself (status {status}): {tail}")
     log = read_log(log_path)
@@ -339,27 +288,20 @@ def kill_loop(
     rng = random.Random(seed)
     stats = {mode: ModeStats() for mode in MODES}
     errors = tmp / "zygote.stderr"
-    with errors.open("w") as stderr:
-        zygote = subprocess.Popen(
-            [sys.executable, "-c", _ZYGOTE, str(Path(__file__).parent)],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            stderr=stderr,  # victims' warnings go here, never into a pipe that fills up
-            text=True,
-            env=os.environ.copy(),  # the s3_url fixture's AWS settings
-        )
-        try:
-            for mode in MODES:
-                mode_url, log_path = f"{url}/{mode}", tmp / f"{mode}.log"
-                _prepare(mode, mode_url, log_path)
-                stats[mode].listed_rank = 1
-                for _ in range(kills_per_mode):
-                    delay = rng.uniform(0, windows[mode])
-                    _one_kill(zygote, mode, mode_url, log_path, delay, stats[mode], errors)
-                _final_checks(mode, mode_url, stats[mode], monkeypatch)
-        finally:
-            zygote.kill()
-            zygote.wait()
+    # victims' warnings go to a file, never into a pipe that fills up; the zygote inherits the
+    # s3_url fixture's AWS settings, and imports s3fs before any victim connects (after fork)
+    with (
+        errors.open("w") as stderr,
+        Zygote("test_object_store_kill:victim", stderr=stderr, preload=("s3fs",)) as zygote,
+    ):
+        for mode in MODES:
+            mode_url, log_path = f"{url}/{mode}", tmp / f"{mode}.log"
+            _prepare(mode, mode_url, log_path)
+            stats[mode].listed_rank = 1
+            for _ in range(kills_per_mode):
+                delay = rng.uniform(0, windows[mode])
+                _one_kill(zygote, mode, mode_url, log_path, delay, stats[mode], errors)
+            _final_checks(mode, mode_url, stats[mode], monkeypatch)
     return stats
 
 

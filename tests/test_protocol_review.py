@@ -25,19 +25,18 @@ in 22eeae9; each test here fails on its parent (49a90f0):
 7. **Prune of a missing run directory** plans nothing and creates nothing; of a file, raises.
 8. ``keisei_fn.store.commit.names_payload`` tells a committed weights file from a fresh name.
 
-Helpers come from ``test_commit_protocol`` (states, bit-exact comparison, workers' records) and
-``test_hostile_files`` (re-signing, bounded calls, warnings, memory guard). Nothing under test
-is mocked; the only injected fault is the ``flock`` failure of 3(b).
+Helpers come from ``saved_states`` (states, bit-exact comparison), ``kill_harness`` (the
+reader and writer processes, their records) and ``test_hostile_files`` (re-signing, bounded
+calls, warnings, memory guard). Nothing under test is mocked; the only injected fault is the
+``flock`` failure of 3(b).
 """
 
 from __future__ import annotations
 
 import copy
 import errno
-import json
 import os
 import signal
-import subprocess
 import sys
 import textwrap
 import threading
@@ -48,8 +47,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import torch
-from test_commit_protocol import Recorder, expected_state, final_of, read_records, same
+from kill_harness import Recorder, read_race, run_workers
+from saved_states import expected_state, same, stored_state
 from test_hostile_files import (
     MiB,
     _state,
@@ -62,7 +61,6 @@ from test_hostile_files import (
 import keisei_fn.store.commit
 import keisei_fn.store.retention
 from keisei_fn import (
-    TrainState,
     latest_checkpoint,
     list_checkpoints,
     load_state,
@@ -147,50 +145,6 @@ STEP = 5
 VARIANTS = 3
 RACE_SECONDS = 3.0
 
-_HARNESS = r"""
-import json, multiprocessing, sys
-sys.path.insert(0, sys.argv[1])
-import test_protocol_review as tests  # torch and keisei_fn are imported once, before forking
-
-jobs = json.loads(sys.argv[2])
-ctx = multiprocessing.get_context("fork")
-barrier, stop = ctx.Barrier(len(jobs)), ctx.Event()
-workers = [ctx.Process(target=tests.worker_main, args=(job, barrier, stop)) for job in jobs]
-for worker in workers:
-    worker.start()
-for worker in workers:
-    worker.join()
-print(json.dumps([worker.exitcode for worker in workers]))
-"""
-
-
-def worker_main(job: dict[str, Any], barrier: Any, stop: Any) -> None:
-    """Runs in a forked worker (as in ``test_commit_protocol``): one torch thread, wait for the
-    others, run the job."""
-    torch.set_num_threads(1)
-    barrier.wait(timeout=120)
-    globals()[job.pop("fn")](stop=stop, **job)
-
-
-def run_workers(jobs: list[dict[str, Any]], *, timeout: float) -> None:
-    """Run the jobs (``{"fn": a function of this module, **its keyword arguments}``) in
-    processes forked from one fresh interpreter; fail if any of them crashed."""
-    out = subprocess.run(
-        [sys.executable, "-c", _HARNESS, str(Path(__file__).parent), json.dumps(jobs)],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
-    assert out.returncode == 0, out.stderr[-4000:]
-    codes = json.loads(out.stdout.splitlines()[-1])
-    assert codes == [0] * len(jobs), f"worker exit codes {codes}:\n{out.stderr[-4000:]}"
-
-
-def _stored(mode: str, variant: int) -> TrainState:
-    """What loading ``variant`` gives back."""
-    state = expected_state(STEP, variant)
-    return final_of(state) if mode == "final_model" else state
-
 
 def _save_variant(mode: str, run_dir: str | Path, variant: int) -> None:
     state = expected_state(STEP, variant)
@@ -200,7 +154,9 @@ def _save_variant(mode: str, run_dir: str | Path, variant: int) -> None:
         save_state(state, run_dir, overwrite=True)
 
 
-def replacing_writer(*, run_dir: str, out: str, mode: str, seconds: float, stop: Any) -> None:
+def replacing_writer(
+    *, run_dir: str, out: str, mode: str, seconds: float, barrier: Any, stop: Any
+) -> None:
     """Replace the checkpoint at STEP (or the final model) with the next variant, for
     ``seconds``."""
     record, saves, deadline = Recorder(out), 0, time.monotonic() + seconds
@@ -216,10 +172,10 @@ def replacing_writer(*, run_dir: str, out: str, mode: str, seconds: float, stop:
         record("saves", saves)
 
 
-def replacement_reader(*, run_dir: str, out: str, mode: str, stop: Any) -> None:
+def replacement_reader(*, run_dir: str, out: str, mode: str, barrier: Any, stop: Any) -> None:
     """Read while the writer replaces; record ``(what went wrong, details)`` and the counts."""
     record, reads = Recorder(out), Counter[str]()
-    candidates = [_stored(mode, v) for v in range(VARIANTS)]
+    candidates = [stored_state(mode, STEP, v) for v in range(VARIANTS)]
 
     def attempt(what: str, call: Callable[[], str | None]) -> None:
         try:
@@ -267,6 +223,7 @@ def test_readers_racing_a_replacement_always_find_old_or_new(mode: str) -> None:
         _save_variant(mode, run_dir, 0)
         outs = [run_dir.parent / f"{name}.jsonl" for name in ("writer", "reader0", "reader1")]
         run_workers(
+            __name__,
             [
                 {"fn": "replacing_writer", "run_dir": str(run_dir), "out": str(outs[0]),
                  "mode": mode, "seconds": RACE_SECONDS},
@@ -275,22 +232,8 @@ def test_readers_racing_a_replacement_always_find_old_or_new(mode: str) -> None:
             ],
             timeout=120,
         )  # fmt: skip
-        written = read_records(outs[0])
-        problems = [f"writer: {r}" for r in written if r[0] != "saves"]
-        saves = next(r[1] for r in written if r[0] == "saves")
-        reads: Counter[str] = Counter()
-        failures: Counter[str] = Counter()
-        example: dict[str, str] = {}
-        for out in outs[1:]:
-            for what, detail in read_records(out):
-                if what == "reads":
-                    reads.update(detail)
-                else:
-                    failures[what] += 1
-                    example.setdefault(what, detail)
-        problems += [
-            f"readers: {what} (x{n}), e.g. {example[what]}" for what, n in failures.most_common()
-        ]
+        race = read_race(outs[0], outs[1:])
+        problems, saves, reads, failures = race.problems, race.saves, race.reads, race.failures
     print(
         f"\n[readers vs replacement, {mode}] {RACE_SECONDS:.0f} s: {saves} saves, "
         f"reads {dict(reads)}, failures {sum(failures.values())}"

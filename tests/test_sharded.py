@@ -19,6 +19,7 @@ from typing import Any
 
 import pytest
 import torch
+from saved_states import raw
 
 import keisei_fn as kf
 from keisei_fn.errors import IncompleteCheckpointError, IntegrityError
@@ -121,10 +122,6 @@ def test_sidecar_records_the_sharded_layout(jobs):
     ]
     assert meta.weights_path == shards == kf.latest_checkpoint(run)
     assert kf.verify_checkpoint(shards) == kf.verify_checkpoint(run / "checkpoint_ts3.json") == meta
-
-
-def raw(tensor: torch.Tensor) -> torch.Tensor:
-    return tensor.detach().contiguous().reshape(-1).view(torch.uint8)
 
 
 def test_consolidate_gives_a_single_file_checkpoint_for_load_model(jobs, tmp_path):
