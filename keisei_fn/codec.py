@@ -65,6 +65,8 @@ __all__ = [
 
 _TAGS = ("__float__", "__int__", "__tuple__", "__items__", "__tensor__")
 _INT_MIN, _INT_MAX = -(2**63), 2**64 - 1
+#: Bytes counted at a time by check_json_cost (a memoryview is never copied whole).
+_COUNT_CHUNK = 1 << 20
 
 #: Every tensor dtype a checkpoint stores, by its safetensors name.
 DTYPE_NAMES: dict[torch.dtype, str] = {
@@ -240,13 +242,17 @@ def check_json_cost(
         ...
         keisei_fn.errors.IntegrityError: x: 3 JSON containers, more than the cap of 2
     """
-    data = bytes(raw) if isinstance(raw, memoryview) else raw
-    containers = data.count(b"{") + data.count(b"[")
+    containers = commas = 0
+    for start in range(0, len(raw), _COUNT_CHUNK):  # a memoryview is counted piece by piece
+        piece = raw[start : start + _COUNT_CHUNK]
+        data = piece.tobytes() if isinstance(piece, memoryview) else piece
+        containers += data.count(b"{") + data.count(b"[")
+        commas += data.count(b",")
     if containers > max_containers:
         raise IntegrityError(
             f"{where}: {containers} JSON containers, more than the cap of {max_containers}"
         )
-    values = data.count(b",") + containers
+    values = commas + containers
     if values > max_values:
         raise IntegrityError(f"{where}: {values} JSON values, more than the cap of {max_values}")
 

@@ -64,6 +64,7 @@ __all__ = [
     "build_sharded_sidecar",
     "build_sidecar",
     "check_sidecar",
+    "check_sidecar_cost",
     "digest_bytes",
 ]
 
@@ -364,6 +365,25 @@ def _check_own_digest(raw: bytes, sidecar: dict[str, Any], where: str) -> None:
         )
 
 
+def check_sidecar_cost(raw: bytes, *, where: str = "sidecar") -> None:
+    """Check a sidecar's bytes against the caps on what reading it may cost, without parsing:
+    :data:`MAX_SIDECAR_BYTES`, :data:`MAX_SIDECAR_VALUES`, :data:`MAX_SIDECAR_CONTAINERS`.
+
+    Raises:
+        IntegrityError: naming ``where`` and the cap.
+
+    Example:
+        >>> check_sidecar_cost(b"{}")
+    """
+    if len(raw) > MAX_SIDECAR_BYTES:
+        raise IntegrityError(
+            f"{where}: {len(raw)} bytes is larger than the {MAX_SIDECAR_BYTES}-byte limit"
+        )
+    check_json_cost(
+        raw, max_values=MAX_SIDECAR_VALUES, max_containers=MAX_SIDECAR_CONTAINERS, where=where
+    )
+
+
 def check_sidecar(raw: bytes, *, name: str | None = None, where: str = "sidecar") -> dict[str, Any]:
     """Parse and check a sidecar's bytes: size and cost caps, JSON, own digest, known format
     version, name, and the fields of its format version.
@@ -381,13 +401,7 @@ def check_sidecar(raw: bytes, *, name: str | None = None, where: str = "sidecar"
             mismatch.
         UnsupportedFormatError: another format, or a newer format version.
     """
-    if len(raw) > MAX_SIDECAR_BYTES:
-        raise IntegrityError(
-            f"{where}: {len(raw)} bytes is larger than the {MAX_SIDECAR_BYTES}-byte limit"
-        )
-    check_json_cost(
-        raw, max_values=MAX_SIDECAR_VALUES, max_containers=MAX_SIDECAR_CONTAINERS, where=where
-    )
+    check_sidecar_cost(raw, where=where)
     try:
         sidecar = loads(raw)
     except IntegrityError as exc:

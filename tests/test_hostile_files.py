@@ -1008,3 +1008,30 @@ def test_a_file_just_under_its_cap_costs_at_most_twice_the_cap(
         growth = int(out.split()[-1])
         print(f"{mode}: peak growth {growth / MiB:.1f} MiB")
         assert growth <= bound, f"{mode}: {growth / MiB:.1f} MiB > {bound / MiB:.0f} MiB"
+
+
+# -- D'. A save never commits what the caps would refuse to read back ---------------------------
+
+
+def test_a_save_over_a_cap_is_refused_and_leaves_the_old_checkpoint(tmp_path: Path) -> None:
+    """ "Once a save returns, its checkpoint stays loadable" includes the caps: a state with more
+    tensors than MAX_TENSORS, or whose JSON part would make a sidecar over MAX_SIDECAR_BYTES,
+    is refused with UnsupportedValueError (nothing committed, no payload left), and an
+    overwrite that is refused leaves the old checkpoint as it was."""
+    from keisei_fn.errors import UnsupportedValueError
+    from keisei_fn.testing import assert_states_equal
+
+    old = TrainState(spec=None, step=3, model={"w": torch.arange(4.0)})
+    save_state(old, tmp_path)
+    many = {f"t{i}": torch.zeros(1) for i in range(keisei_fn.store.weights.MAX_TENSORS + 1)}
+    with pytest.raises(UnsupportedValueError, match="tensors"):
+        save_state(old.replace(step=4, model=many), tmp_path)
+    huge = "x" * keisei_fn.meta.MAX_SIDECAR_BYTES
+    with pytest.raises(UnsupportedValueError, match="limit"):
+        save_state(old.replace(extra={"notes": huge}), tmp_path, overwrite=True)
+    with pytest.raises(UnsupportedValueError, match="limit"):
+        save_state(old.replace(step=5, extra={"notes": huge}), tmp_path)
+    scan = scan_run_dir(tmp_path)
+    assert [m.name for m in scan.valid] == ["checkpoint_ts3"]
+    assert not scan.invalid and not scan.leftovers
+    assert_states_equal(load_state(tmp_path), old)

@@ -124,8 +124,9 @@ def save_state(
         CheckpointExistsError: a different valid checkpoint exists at this step (also when
             another writer committed it while this one was writing), or one this keisei_fn
             cannot read.
-        UnsupportedDtypeError, UnsupportedValueError: the state cannot be stored exactly
-            (raised before anything is written).
+        UnsupportedDtypeError, UnsupportedValueError: the state cannot be stored exactly, or
+            would be over a cap on what reading it back may cost (more than ``MAX_TENSORS``
+            tensors, a sidecar over ``MAX_SIDECAR_BYTES``): nothing is committed.
         SpecError: for a bad prefix, kind or step.
         OSError: the disk is full or not writable (nothing visible is left behind).
     """

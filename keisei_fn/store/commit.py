@@ -56,8 +56,14 @@ from collections.abc import Iterator
 from typing import Any
 
 from keisei_fn.codec import dumps
-from keisei_fn.errors import CheckpointExistsError, SpecError, UnsupportedFormatError
-from keisei_fn.meta import CheckpointMeta
+from keisei_fn.errors import (
+    CheckpointExistsError,
+    IntegrityError,
+    SpecError,
+    UnsupportedFormatError,
+    UnsupportedValueError,
+)
+from keisei_fn.meta import CheckpointMeta, check_sidecar_cost
 from keisei_fn.paths import RunPath, is_remote
 from keisei_fn.store._fs import make_dirs, remove_durably, write_bytes_durably
 from keisei_fn.store.listing import committed
@@ -215,12 +221,21 @@ def commit(
         The committed checkpoint's meta.
 
     Raises:
+        UnsupportedValueError: the sidecar is over a cap on what reading it may cost (it could
+            never be read back); nothing is committed, the payload is removed.
         OSError: when the sidecar cannot be written. Whatever was committed at ``stem`` before
             is still there, and the payload is removed; or, when the failure came after the
             rename (fsyncing the directory), the new checkpoint is there and complete.
     """
     data = dumps(sidecar)
     try:
+        try:
+            check_sidecar_cost(data, where=str(sidecar_path(stem)))
+        except IntegrityError as exc:  # it could never be read back: refuse, commit nothing
+            raise UnsupportedValueError(
+                f"{exc}; keep large data out of the JSON state (tensors in extra go to the "
+                "weights file)"
+            ) from exc
         write_bytes_durably(sidecar_path(stem), data)
     except BaseException:
         if not names_payload(stem, payload):

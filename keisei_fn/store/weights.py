@@ -37,7 +37,12 @@ import orjson
 import torch
 
 from keisei_fn.codec import DTYPE_NAMES, DTYPES_BY_NAME, check_json_cost
-from keisei_fn.errors import IncompleteCheckpointError, IntegrityError, UnsupportedDtypeError
+from keisei_fn.errors import (
+    IncompleteCheckpointError,
+    IntegrityError,
+    UnsupportedDtypeError,
+    UnsupportedValueError,
+)
 from keisei_fn.paths import RunPath, is_remote
 from keisei_fn.store._fs import (
     commit_file,
@@ -49,13 +54,16 @@ from keisei_fn.store._fs import (
     writing,
 )
 
-#: A weights file's JSON header larger than this is refused unread. A default Keisei
-#: checkpoint's header (543 tensors with Adam state) is 52 KB; 16 MiB is 300x that.
-MAX_HEADER_BYTES = 16 * 1024 * 1024
-#: At most this many tensors in one weights file (counted before the header is parsed): 30x a
-#: default Keisei checkpoint's 543, 7x a 48-layer transformer's with Adam state. Each costs
-#: about 1 KB once parsed and viewed, so at most ~16 MB.
-MAX_TENSORS = 16_384
+#: At most this many tensors in one checkpoint (counted before a header is parsed; a save with
+#: more is refused before writing): 15x a default Keisei checkpoint's 543 (with Adam state),
+#: 3.5x a 48-layer transformer's with Adam. Loading and verifying one costs ~5 KB per tensor
+#: (header, sidecar entry, tensor objects, state): ~40 MiB at the cap.
+MAX_TENSORS = 8_192
+#: A weights file's JSON header larger than this is refused unread (a save with a larger one is
+#: refused before writing). A default checkpoint's header is 52 KB; headers at the tensor cap
+#: take ~1 MB unless the names are long. Chosen so that a file at both caps costs at most twice
+#: this to load.
+MAX_HEADER_BYTES = 24 * 1024 * 1024
 #: A tensor dimension or element count beyond this is refused (torch's sizes are int64).
 _MAX_ELEMENTS = 2**62
 
@@ -113,6 +121,8 @@ def write_weights(tensors: dict[str, torch.Tensor], path: RunPath) -> WrittenWei
 
     Raises:
         UnsupportedDtypeError: for a dtype a checkpoint cannot store (nothing is written).
+        UnsupportedValueError: more than :data:`MAX_TENSORS` tensors or a header over
+            :data:`MAX_HEADER_BYTES` (nothing is written: it could not be read back).
         OSError: when the disk is full or not writable (nothing is left at ``path``, or
             what was there before).
     """
@@ -162,6 +172,11 @@ class _Layout:
 
 def _layout(tensors: dict[str, torch.Tensor]) -> _Layout:
     """The padded header and each tensor's bytes (views of its memory), in file order."""
+    if len(tensors) > MAX_TENSORS:
+        raise UnsupportedValueError(
+            f"{len(tensors)} tensors, more than a checkpoint holds ({MAX_TENSORS}): it could not "
+            "be loaded back; store fewer, larger tensors"
+        )
     for name, tensor in tensors.items():
         if tensor.dtype not in DTYPE_NAMES:
             raise UnsupportedDtypeError(f"tensor {name!r} has dtype {tensor.dtype}, not storable")
@@ -181,6 +196,11 @@ def _layout(tensors: dict[str, torch.Tensor]) -> _Layout:
         buffers.append(data)
     raw = orjson.dumps(header)
     raw += b" " * (-len(raw) % 8)
+    if len(raw) > MAX_HEADER_BYTES:
+        raise UnsupportedValueError(
+            f"a {len(raw)}-byte safetensors header, more than a checkpoint holds "
+            f"({MAX_HEADER_BYTES}): shorten the tensor names"
+        )
     return _Layout(len(raw).to_bytes(8, "little") + raw, names, buffers)
 
 
@@ -326,7 +346,7 @@ def _parse(data: memoryview, path: RunPath) -> dict[str, torch.Tensor]:
             f"{path}: header length {header_len} exceeds the file or the "
             f"{MAX_HEADER_BYTES}-byte limit"
         )
-    raw_header = data[8 : 8 + header_len].tobytes()
+    raw_header = data[8 : 8 + header_len]  # a view of the mapping: never copied whole
     # Each tensor's entry is an object with two arrays (shape, offsets).
     check_json_cost(
         raw_header,
