@@ -1,5 +1,6 @@
 """The state stored in tests/data/golden/format_v<N>, one run directory per on-disk format
-version (write the current version's: python tests/golden.py tests/data/golden/format_v<N>)."""
+version (write the current version's: python tests/golden.py tests/data/golden/format_v<N>,
+adding --sharded for the sharded format)."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from keisei_fn import GameStats, ModelSpec, TrainState, save_state
 
 GOLDEN = Path(__file__).parent / "data" / "golden"
 GOLDEN_V1 = GOLDEN / "format_v1"
+GOLDEN_V2 = GOLDEN / "format_v2"  # sharded (keisei_fn.store.sharded), one rank
 GOLDEN_V3 = GOLDEN / "format_v3"
 
 
@@ -43,6 +45,20 @@ def golden_state() -> TrainState:
     )
 
 
+def golden_sharded_model() -> torch.nn.Module:
+    """The model stored in the format-2 (sharded) golden checkpoint, built without any RNG."""
+    model = torch.nn.Linear(4, 3)
+    with torch.no_grad():
+        model.weight.copy_(torch.arange(12, dtype=torch.float32).reshape(3, 4) / 7)
+        model.bias.copy_(torch.tensor([-0.0, math.inf, 0.5]))
+    return model
+
+
 if __name__ == "__main__":
     target = Path(sys.argv[1])
-    print(save_state(golden_state(), target).weights_path)
+    if len(sys.argv) > 2 and sys.argv[2] == "--sharded":
+        from keisei_fn.store.sharded import save_sharded
+
+        print(save_sharded(golden_sharded_model(), None, target, step=2048).weights_path)
+    else:
+        print(save_state(golden_state(), target).weights_path)

@@ -6,7 +6,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from golden import GOLDEN_V1, GOLDEN_V3, golden_state
+import torch
+from golden import GOLDEN_V1, GOLDEN_V2, GOLDEN_V3, golden_sharded_model, golden_state
 from safetensors import safe_open
 
 from keisei_fn import list_checkpoints, load_state, save_state, verify_checkpoint
@@ -56,3 +57,22 @@ def test_overwriting_a_format_1_checkpoint_replaces_its_weights_file(tmp_path: P
         ["checkpoint_ts2048.json", meta.weights_file]
     )
     assert_states_equal(load_state(tmp_path), newer)
+
+
+def test_format_2_sharded_golden_checkpoint_loads_bit_exact() -> None:
+    meta = verify_checkpoint(GOLDEN_V2 / "checkpoint_ts2048")
+    assert meta.format_version == 2 and meta.sharded and meta.world_size == 1
+    assert [m.name for m in list_checkpoints(GOLDEN_V2)] == ["checkpoint_ts2048"]
+    assert scan_run_dir(GOLDEN_V2).leftovers == []
+    loaded = load_state(GOLDEN_V2)
+    expected = golden_sharded_model().state_dict()
+    assert set(loaded.model) == set(expected)
+    for key, tensor in expected.items():
+        found = loaded.model[key]
+        assert (found.dtype, found.shape) == (tensor.dtype, tensor.shape), key
+        assert found.reshape(-1).view(torch.uint8).numpy().tobytes() == (
+            tensor.reshape(-1).view(torch.uint8).numpy().tobytes()
+        ), key
+    for shard in meta.weights_path.iterdir():  # DCP's shards and our state file alike
+        with safe_open(str(shard), framework="pt") as f:
+            assert list(f.keys())
