@@ -1,6 +1,7 @@
 """The checkpoint store: the only part of keisei_fn that opens run-directory files.
 
-Submodules: ``checkpoints`` (save/load/verify), ``listing`` (validity, list, latest),
+Submodules: ``commit`` (the commit protocol every layout follows, and the run directory's
+writer/pruner lock), ``checkpoints`` (save/load/verify), ``listing`` (validity, list, latest),
 ``locate`` (which checkpoint a user's path names), ``resume``, ``retention`` (RetentionPolicy,
 plan_prune, prune), ``checkpointer`` (the loop-facing helper), ``background`` (AsyncSaver),
 ``ledger`` (the publication ledger), ``files`` (directory checks, sizes and local copies
