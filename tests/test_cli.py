@@ -209,3 +209,15 @@ def test_demo_killed_mid_run_resumes_exactly(tmp_path):
             a[key].reshape(-1).view(torch.uint8).numpy().tobytes()
             == b[key].reshape(-1).view(torch.uint8).numpy().tobytes()
         ), key
+
+
+def test_verify_reports_leftovers_of_a_crash_without_failing_unless_strict(tmp_path, demo_dir):
+    run_dir = tmp_path / "copy"
+    shutil.copytree(demo_dir, run_dir)
+    (run_dir / ".checkpoint_ts9.json.abc123.tmp").write_bytes(b"partial")  # a killed save's
+    (run_dir / "checkpoint_ts9.0123456789abcdef.safetensors").write_bytes(b"orphan")
+    lenient = run("verify", str(run_dir))
+    assert lenient.returncode == 0, lenient.stdout + lenient.stderr
+    assert lenient.stdout.count("LEFTOVER") == 2 and "CORRUPT" not in lenient.stdout
+    strict = run("verify", "--strict", str(run_dir))
+    assert strict.returncode == 1 and strict.stdout.count("LEFTOVER") == 2
