@@ -309,16 +309,25 @@ def is_directory(path: RunPath) -> bool:
     return bool(retrying(lambda: path.fs.isdir(path.path), what=f"stat {path}"))
 
 
-def list_special_names(directory: RunPath) -> list[str]:
-    """Names of the entries directly in a local ``directory`` that are not regular files
-    (directories, FIFOs, sockets, devices, symbolic links); object stores have none."""
+def list_names(directory: RunPath) -> tuple[list[str], list[str]]:
+    """``(files, others)``: the names of the regular files directly in ``directory``, and of
+    its other entries (directories, FIFOs, sockets, devices, symbolic links; an object store
+    has none), in one listing. A missing directory has none.
+
+    Raises:
+        NotADirectoryError: when ``directory`` is a file.
+    """
     if is_remote(directory):
-        return []
+        return list_file_names(directory), []
+    files: list[str] = []
+    others: list[str] = []
     try:
         with os.scandir(directory) as it:
-            return [e.name for e in it if not e.is_file(follow_symlinks=False)]
-    except (FileNotFoundError, NotADirectoryError):
-        return []
+            for entry in it:
+                (files if entry.is_file(follow_symlinks=False) else others).append(entry.name)
+    except FileNotFoundError:
+        pass
+    return files, others
 
 
 def list_file_names(directory: RunPath) -> list[str]:
@@ -328,11 +337,7 @@ def list_file_names(directory: RunPath) -> list[str]:
         NotADirectoryError: when ``directory`` is a file.
     """
     if not is_remote(directory):
-        try:
-            with os.scandir(directory) as it:
-                return [e.name for e in it if e.is_file(follow_symlinks=False)]
-        except FileNotFoundError:
-            return []
+        return list_names(directory)[0]
     fs, root = directory.fs, directory.path.rstrip("/")
     fs.invalidate_cache(root)
     try:

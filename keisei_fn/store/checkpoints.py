@@ -67,6 +67,7 @@ from keisei_fn.store.weights import (
     check_listed,
     digest_of,
     read_weights,
+    tensor_bytes,
     weights_digest,
     write_weights,
 )
@@ -235,7 +236,7 @@ def _read_single_file(
     check_listed(tensors, sidecar["tensors"], meta.weights_path)
     if each_tensor:
         for name, recorded in meta.tensor_digests.items():
-            found = digest_of(tensors[name].reshape(-1).view(torch.uint8).numpy().data)
+            found = digest_of(tensor_bytes(tensors[name]))
             if found != recorded:
                 raise IntegrityError(
                     f"{meta.weights_path}: tensor {name!r} has digest {found}, the sidecar "

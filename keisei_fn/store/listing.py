@@ -36,7 +36,7 @@ from keisei_fn.store._fs import (
     is_directory,
     is_temp_name,
     list_file_names,
-    list_special_names,
+    list_names,
     modified_age,
     read_bounded,
 )
@@ -59,9 +59,9 @@ KIND_ORDER = {"periodic": 0, "final": 1, "final_model": 2}
 RELIST_TRIES = 20
 #: OSErrors that are a problem of one file (skipped with a warning), not of the disk.
 _PER_FILE_ERRNOS = frozenset(
-    {errno.ELOOP, errno.EACCES, errno.EPERM, errno.ENAMETOOLONG, errno.ENOTDIR, errno.EISDIR}
-    | {errno.ENXIO, errno.ENOENT}
-)
+    (errno.ELOOP, errno.EACCES, errno.EPERM, errno.ENAMETOOLONG, errno.ENOTDIR, errno.EISDIR,
+     errno.ENXIO, errno.ENOENT)
+)  # fmt: skip
 T = TypeVar("T")
 
 
@@ -117,7 +117,7 @@ def payloads(stem: RunPath) -> list[RunPath]:
     weights files and shards directories (one directory listing)."""
     found = [
         stem.parent / name
-        for name in sorted(_file_names(stem.parent))
+        for name in sorted(_names(stem.parent)[0])
         if name == stem.name + WEIGHTS_SUFFIX or generation_stem(name) == stem.name
     ]
     return found + shard_dirs(stem.parent, stem.name)
@@ -201,9 +201,10 @@ class RunDirScan:
     unreadable: list[tuple[RunPath, Exception]]
 
 
-def _file_names(run_dir: RunPath) -> list[str]:
+def _names(run_dir: RunPath) -> tuple[list[str], list[str]]:
+    """``(files, others)`` of a run directory (see ``list_names``)."""
     try:
-        return list_file_names(run_dir)
+        return list_names(run_dir)
     except NotADirectoryError:
         raise CheckpointNotFoundError(f"{run_dir} is not a directory") from None
 
@@ -223,7 +224,8 @@ def scan_run_dir(run_dir: PathArg) -> RunDirScan:
     sidecars: list[str] = []
     payload_files: dict[str, str] = {}  # file name -> owner stem
     leftovers = []
-    for name in _file_names(run_dir):
+    files, others = _names(run_dir)
+    for name in files:
         if is_temp_name(name):
             leftovers.append(run_dir / name)
         elif (split := split_file(name)) is not None:
@@ -234,7 +236,7 @@ def scan_run_dir(run_dir: PathArg) -> RunDirScan:
     valid: list[CheckpointMeta] = []
     invalid: list[tuple[RunPath, KeiseiFnError]] = []
     unreadable: list[tuple[RunPath, Exception]] = []
-    for name in list_special_names(run_dir):
+    for name in others:
         split = split_file(name)
         if split is not None and split[1] == SIDECAR_SUFFIX:  # never opened: a FIFO would block
             not_a_file = IntegrityError(f"{run_dir / name} is not a regular file")
@@ -297,7 +299,8 @@ def resume_candidates(run_dir: RunPath, prefix: str = RESUME_PREFIX) -> Iterator
     the first (10,000 checkpoints: ~30 ms).
     """
     sidecar = re.compile(re.escape(prefix) + r"(\d+)" + re.escape(SIDECAR_SUFFIX))
-    names = _file_names(run_dir) + list_special_names(run_dir)  # the latter to say why skipped
+    files, others = _names(run_dir)  # others: to say why a sidecar that is not a file is skipped
+    names = files + others
     found = sorted(((int(m[1]), m[0]) for m in map(sidecar.fullmatch, names) if m), reverse=True)
     for _, name in found:
         yield run_dir / name[: -len(SIDECAR_SUFFIX)]

@@ -186,7 +186,7 @@ def _layout(tensors: dict[str, torch.Tensor]) -> _Layout:
     offset = 0
     for name in names:
         tensor = tensors[name].detach().cpu().resolve_conj().resolve_neg().contiguous()
-        data = tensor.reshape(-1).view(torch.uint8).numpy().data
+        data = tensor_bytes(tensor)
         header[name] = {
             "dtype": DTYPE_NAMES[tensor.dtype],
             "shape": list(tensor.shape),
@@ -214,6 +214,11 @@ def _hash(layout: _Layout) -> WrittenWeights:
         tensor_digests[name] = digest_of(buffer)
     size = len(layout.header) + sum(buffer.nbytes for buffer in layout.buffers)
     return WrittenWeights(size, "blake3:" + whole.hexdigest(), tensor_digests)
+
+
+def tensor_bytes(tensor: torch.Tensor) -> memoryview:
+    """The raw bytes of a contiguous CPU tensor, as a view of its memory (no copy)."""
+    return tensor.reshape(-1).view(torch.uint8).numpy().data
 
 
 def digest_of(data: memoryview | bytes) -> str:
