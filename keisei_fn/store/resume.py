@@ -25,9 +25,9 @@ from keisei_fn.store._fs import (
 )
 from keisei_fn.store.checkpoints import load_state_with_meta
 from keisei_fn.store.commit import locked
-from keisei_fn.store.listing import is_run_dir, latest_checkpoint, read_listed
+from keisei_fn.store.listing import is_run_dir, latest_checkpoint, read_listed, resume_candidates
 from keisei_fn.store.locate import LEGACY_SUFFIXES, resolve_stem
-from keisei_fn.store.names import RESUME_PREFIX, SIDECAR_SUFFIX, parse_stem, split_file
+from keisei_fn.store.names import RESUME_PREFIX, sidecar_path
 
 __all__ = ["Resumed", "resume"]
 
@@ -132,14 +132,7 @@ def _committed_files(run_dir: RunPath, prefix: str) -> list[str]:
     """Names of the sidecars of ``prefix`` checkpoints in ``run_dir``, usable or not, and of
     Keisei's pickled checkpoints. Weights without a sidecar are not among them: a save killed
     before its commit leaves nothing to resume from (prune removes such leftovers)."""
-    names = sorted(list_file_names(run_dir)) if is_run_dir(run_dir) else []
-    return [name for name in names if name.endswith(LEGACY_SUFFIXES) or _is_sidecar(name, prefix)]
-
-
-def _is_sidecar(name: str, prefix: str) -> bool:
-    """Whether ``name`` is the sidecar of a checkpoint named with ``prefix``."""
-    split = split_file(name)
-    if split is None or split[1] != SIDECAR_SUFFIX:
-        return False
-    parsed = parse_stem(split[0])
-    return parsed is not None and parsed.prefix == prefix
+    if not is_run_dir(run_dir):
+        return []
+    sidecars = [sidecar_path(stem).name for stem in resume_candidates(run_dir, prefix)]
+    return sidecars + sorted(n for n in list_file_names(run_dir) if n.endswith(LEGACY_SUFFIXES))
