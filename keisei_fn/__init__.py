@@ -31,7 +31,7 @@ from keisei_fn.nets import (
 from keisei_fn.precision import Precision, make_scaler, precision_policy
 from keisei_fn.publish import PublishResult, flush_outbox, publish
 from keisei_fn.spec import ModelSpec, model_types
-from keisei_fn.state import GameStats, TrainState
+from keisei_fn.state import GameStats, TrainState, thaw
 from keisei_fn.store import (
     AsyncSaver,
     Checkpointer,
@@ -123,6 +123,7 @@ __all__ = [
     "save_final_model",
     "save_sharded",
     "save_state",
+    "thaw",
     "unwrap_model",
     "verify_checkpoint",
 ]

@@ -67,16 +67,23 @@ def freeze(value: Any) -> Any:
 
 
 def thaw(value: Any, *, on_tensor: Callable[[torch.Tensor], torch.Tensor] | None = None) -> Any:
-    """Inverse of :func:`freeze`: fresh dicts and lists (tuples stay tuples).
+    """Plain, mutable copies of what a :class:`TrainState` holds read-only (the inverse of
+    :func:`freeze`): fresh dicts and lists all the way down (tuples stay tuples).
 
     Args:
-        value: a frozen (or plain) structure.
+        value: a frozen (or plain) structure, e.g. ``state.extra`` or one of its values.
         on_tensor: applied to every tensor, e.g. ``torch.Tensor.clone`` so the caller may
-            mutate the result freely.
+            mutate tensors too without touching the snapshot (by default they are shared).
+
+    Returns:
+        The copy.
 
     Example:
-        >>> thaw(freeze({"a": [1, (2, 3)]}))
-        {'a': [1, (2, 3)]}
+        >>> state = TrainState(spec=None, step=1, model={}, extra={"elo": {"games": 3}})
+        >>> elo = thaw(state.extra["elo"])
+        >>> elo["games"] += 1
+        >>> elo, state.extra["elo"]["games"]
+        ({'games': 4}, 3)
     """
     if isinstance(value, Mapping):
         return {k: thaw(v, on_tensor=on_tensor) for k, v in value.items()}
@@ -187,6 +194,9 @@ class TrainState:
         scaler: the GradScaler's ``state_dict``, or None (absent or disabled).
         rng: RNG states (see ``keisei_fn.capture``), or None when not captured.
         extra: JSON-able user state, e.g. Keisei's ``elo_state`` and ``metrics_history``.
+
+    Nested containers are stored read-only; ``keisei_fn.thaw`` gives plain, mutable copies
+    (``thaw(state.extra)["elo_state"]``).
 
     Raises:
         StateMismatchError: for negative counters or non-tensor model entries.

@@ -146,6 +146,7 @@ def test_resume_copies_the_parents_latest_into_an_empty_run_dir(url: str) -> Non
     meta = save_state(state, url)
     resumed = resume(f"{url}/child")
     assert resumed is not None and str(resumed.path) == f"{url}/child/{meta.weights_file}"
+    assert str(resumed.copied_from) == f"{url}/{meta.weights_file}"
     assert_states_equal(resumed.state, state)
 
 

@@ -361,12 +361,15 @@ def test_resume_searches_the_parent_and_copies_the_pair(
         resumed = resume(run_dir)
     assert resumed is not None
     assert resumed.path == run_dir / parent_meta.weights_file
+    assert resumed.copied_from == parent_meta.weights_path  # where it came from, visibly
     assert_states_equal(parent_state, resumed.state)
-    assert "parent" in caplog.text
+    assert "parent" in caplog.text and str(parent_meta.weights_path) in caplog.text
     assert sorted(os.listdir(run_dir)) == sorted(
         ["checkpoint_ts2048.json", parent_meta.weights_file]
     )
     assert resume(run_dir / "other", search_parent=False) is None
+    again = resume(run_dir)  # the copy is now the run directory's own checkpoint
+    assert again is not None and again.copied_from is None
 
 
 def test_resume_falls_back_past_a_corrupt_newest(

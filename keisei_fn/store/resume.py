@@ -36,16 +36,26 @@ log = logging.getLogger("keisei_fn.store")
 
 @dataclass(frozen=True, slots=True, kw_only=True, eq=False)
 class Resumed:
-    """A successful resume: the loaded state and the weights path it came from."""
+    """A successful resume.
+
+    Attributes:
+        state: the loaded state.
+        path: the weights file (or shards directory) it was loaded from, inside the run
+            directory.
+        copied_from: when the run directory had no checkpoint and ``resume`` adopted its parent
+            directory's latest one (Keisei's behaviour), the parent's weights path that was
+            copied to ``path``; None when the checkpoint was the run directory's own (or an
+            explicit path).
+    """
 
     state: TrainState
     path: RunPath
+    copied_from: RunPath | None = None
 
 
-def _copy_checkpoint(source_stem: RunPath, run_dir: RunPath) -> None:
+def _copy_checkpoint(meta: CheckpointMeta, run_dir: RunPath) -> None:
     """Copy a checkpoint into ``run_dir`` under its lock, payload first, sidecar last (the
     commit)."""
-    meta = read_listed(source_stem)[0]
     with locked(run_dir):
         if meta.sharded:
             make_dirs(run_dir / meta.weights_path.name)
@@ -71,11 +81,12 @@ def resume(
             fails verification, with a warning), or a fresh start when there is none;
             ``"never"``/False → a fresh start; a path → exactly that checkpoint.
         search_parent: when ``run_dir`` has no checkpoint, look in its parent directory and copy
-            the latest one found there into ``run_dir`` (Keisei's behaviour), with a warning.
+            the latest one found there into ``run_dir`` (Keisei's behaviour), with a warning;
+            the result's ``copied_from`` then names the parent's checkpoint.
         prefix: the resume prefix.
 
     Returns:
-        None for a fresh start, else ``Resumed(state, path)``.
+        None for a fresh start, else ``Resumed(state, path, copied_from)``.
 
     Raises:
         CheckpointNotFoundError: an explicit path that does not exist (Keisei silently started
@@ -94,16 +105,23 @@ def resume(
     if not is_run_dir(run_dir) and entry_exists(run_dir):
         raise CheckpointNotFoundError(f"{run_dir} is not a run directory (pass resume=<path>)")
     found = _load_latest(run_dir, prefix)
+    copied_from = None
     if found is None and search_parent and not _committed_files(run_dir, prefix):
         parent = run_dir.parent if is_remote(run_dir) else run_dir.resolve().parent
         parent_latest = latest_checkpoint(parent, prefix=prefix)
         if parent_latest is not None:
-            stem = resolve_stem(parent_latest)
-            log.warning("no checkpoint in %s; resuming from the parent's %s", run_dir, stem)
-            on_rank_zero(lambda: _copy_checkpoint(stem, run_dir))
+            source = read_listed(resolve_stem(parent_latest))[0]
+            log.warning(
+                "no checkpoint in %s; resuming from a copy of the parent's %s",
+                run_dir,
+                source.weights_path,
+            )
+            on_rank_zero(lambda: _copy_checkpoint(source, run_dir))
             found = _load_latest(run_dir, prefix)
+            if found is not None and found[1].name == source.name:
+                copied_from = source.weights_path
     if found is not None:
-        return Resumed(state=found[0], path=found[1].weights_path)
+        return Resumed(state=found[0], path=found[1].weights_path, copied_from=copied_from)
     if files := _committed_files(run_dir, prefix):
         legacy = [name for name in files if name.endswith(LEGACY_SUFFIXES)]
         how = (
