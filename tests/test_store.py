@@ -9,6 +9,7 @@ import math
 import os
 import re
 from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -470,6 +471,9 @@ policies = st.builds(
     keep_every=st.none() | st.sampled_from([2, 3, 100]),
     keep_best=st.none()
     | st.tuples(st.just("win_rate"), st.sampled_from(["max", "min"]), st.integers(1, 3)),
+    keep_within=st.none() | st.timedeltas(timedelta(seconds=1), timedelta(days=400 * 365)),
+    keep_hourly=st.none() | st.integers(1, 4),
+    keep_daily=st.none() | st.integers(1, 4),
     max_bytes=st.none() | st.integers(1, 4 * 10**9),
 )
 meta_lists = st.lists(
@@ -495,7 +499,8 @@ def test_plan_prune_properties(
 ) -> None:
     names = [m.name for m in metas]
     protected = set(data.draw(st.lists(st.sampled_from(names)))) if names else set()
-    plan = plan_prune(metas, policy, protected=protected)
+    now = data.draw(st.datetimes(timezones=st.just(UTC)))
+    plan = plan_prune(metas, policy, protected=protected, now=now)
     assert [m.name for m in metas] == names  # pure
     keep, delete = set(plan.keep), set(plan.delete)
     assert keep | delete == set(names) and not keep & delete
@@ -508,7 +513,7 @@ def test_plan_prune_properties(
     # ties (one step, several prefixes) by name, as plan_prune orders them
     periodic = sorted((m for m in metas if m.kind == "periodic"), key=lambda m: (m.step, m.name))
     wanted = set()
-    if policy.keep_last is None:
+    if policy.keep_last is None and not policy.has_keep_rules:
         wanted |= {m.name for m in periodic}
     elif policy.keep_last:
         wanted |= {m.name for m in periodic[-policy.keep_last :]}
@@ -520,6 +525,21 @@ def test_plan_prune_properties(
         sign = 1 if mode == "max" else -1
         scored.sort(key=lambda m: (sign * m.extra[metric], m.step), reverse=True)  # ties: newer
         wanted |= {m.name for m in scored[:k]}
+    created = {m.name: datetime.fromisoformat(m.created) for m in periodic}
+    if policy.keep_within:
+        wanted |= {n for n, t in created.items() if now - t <= policy.keep_within}
+    for count, fields in ((policy.keep_hourly, 4), (policy.keep_daily, 3)):
+        if count:
+            newest: dict[tuple[int, ...], CheckpointMeta] = {}
+            for m in periodic:  # step order; the newest by time wins, ties by step, then first
+                t = created[m.name]
+                key = (t.year, t.month, t.day, t.hour)[:fields]
+                if key not in newest or (created[m.name], m.step) > (
+                    created[newest[key].name],
+                    newest[key].step,
+                ):
+                    newest[key] = m
+            wanted |= {newest[key].name for key in sorted(newest)[-count:]}
     by_size = {m.name: m.total_bytes for m in metas}
     if policy.max_bytes is None:
         assert wanted <= keep

@@ -7,10 +7,14 @@ check, and, once abandoned for an hour, shards directories no sidecar refers to 
 multipart uploads) are always removed by ``prune``, which holds the run directory's lock (see
 ``keisei_fn.store.commit``) so that it never takes what a save in flight still needs.
 
+Time rules (``keep_within``, ``keep_hourly``, ``keep_daily``) are those restic's ``forget``
+made familiar, over each sidecar's UTC creation time and a clock the caller passes in.
+
 Example:
-    >>> policy = RetentionPolicy(keep_last=2)
-    >>> policy.keep_last
-    2
+    >>> from datetime import timedelta
+    >>> policy = RetentionPolicy(keep_last=2, keep_within=timedelta(hours=6), keep_daily=7)
+    >>> policy.keep_daily
+    7
 """
 
 from __future__ import annotations
@@ -18,8 +22,9 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-from collections.abc import Collection, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, replace
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from keisei_fn.distributed import on_rank_zero
@@ -49,24 +54,41 @@ class RetentionPolicy:
     """Which periodic checkpoints to keep; a checkpoint kept by any rule is kept.
 
     Args:
-        keep_last: the newest N (None: no limit from this rule — keep all).
+        keep_last: the newest N. None: keep all when no other ``keep_*`` rule is set (the
+            default policy deletes nothing), else not a rule (``RetentionPolicy(keep_daily=7)``
+            keeps one checkpoint per day for a week, and the newest resume point).
         keep_every: also keep every checkpoint whose step is a multiple of this.
         keep_best: ``(metric, mode, k)``: the k best by ``extra[metric]`` (a number),
             ``mode`` "max" or "min".
+        keep_within: also keep every checkpoint created within this duration before ``now``
+            (restic measures from the newest snapshot instead; a training run wants the clock).
+        keep_hourly: also keep the newest checkpoint of each of the last N UTC hours that have
+            one (as restic's ``--keep-hourly``: hours without a checkpoint do not count).
+        keep_daily: the same per UTC day.
         max_bytes: after the rules above, delete the oldest not-protected checkpoints until
             the total size fits (protected ones are never deleted to fit).
 
     Raises:
-        SpecError: for non-positive counts or a bad mode.
+        SpecError: for non-positive counts or durations, or a bad mode.
     """
 
     keep_last: int | None = None
     keep_every: int | None = None
     keep_best: tuple[str, str, int] | None = None
+    keep_within: timedelta | None = None
+    keep_hourly: int | None = None
+    keep_daily: int | None = None
     max_bytes: int | None = None
 
     def __post_init__(self) -> None:
-        for name in ("keep_last", "keep_every", "max_bytes"):
+        if self.keep_within is not None and (
+            not isinstance(self.keep_within, timedelta) or self.keep_within <= timedelta(0)
+        ):
+            raise SpecError(
+                f"RetentionPolicy.keep_within must be a positive timedelta, got "
+                f"{self.keep_within!r}"
+            )
+        for name in ("keep_last", "keep_every", "keep_hourly", "keep_daily", "max_bytes"):
             value = getattr(self, name)
             if value is not None and (
                 isinstance(value, bool)
@@ -91,6 +113,12 @@ class RetentionPolicy:
         """Return a copy with ``changes`` applied."""
         return replace(self, **changes)
 
+    @property
+    def has_keep_rules(self) -> bool:
+        """Whether any ``keep_*`` rule is set."""
+        rules = (self.keep_last, self.keep_every, self.keep_best, self.keep_within)
+        return any(r is not None for r in (*rules, self.keep_hourly, self.keep_daily))
+
 
 @dataclass(frozen=True, slots=True)
 class PrunePlan:
@@ -107,6 +135,29 @@ def _metric(meta: CheckpointMeta, name: str) -> float | None:
     return float(value)
 
 
+def _created(meta: CheckpointMeta) -> datetime | None:
+    """The sidecar's creation time (UTC; a naive time is taken as UTC), None if unparsable."""
+    try:
+        created = datetime.fromisoformat(meta.created)
+    except (TypeError, ValueError):
+        return None
+    return created if created.tzinfo is not None else created.replace(tzinfo=UTC)
+
+
+def _newest_per_period(
+    timed: Sequence[tuple[datetime, CheckpointMeta]],
+    period: Callable[[datetime], tuple[int, ...]],
+    count: int,
+) -> list[CheckpointMeta]:
+    """The newest checkpoint of each of the ``count`` newest periods that hold one."""
+    newest: dict[tuple[int, ...], tuple[datetime, CheckpointMeta]] = {}
+    for created, meta in timed:
+        key = period(created)
+        if key not in newest or (created, meta.step) > (newest[key][0], newest[key][1].step):
+            newest[key] = (created, meta)
+    return [newest[key][1] for key in sorted(newest, reverse=True)[:count]]
+
+
 def _prefix(name: str) -> str | None:
     parsed = parse_stem(name)
     return parsed.prefix if parsed is not None else None
@@ -118,14 +169,17 @@ def plan_prune(
     *,
     protected: Collection[str] = (),
     prefix: str = RESUME_PREFIX,
+    now: datetime | None = None,
 ) -> PrunePlan:
-    """Decide which of ``metas`` (valid checkpoints) to delete. Pure.
+    """Decide which of ``metas`` (valid checkpoints) to delete. Pure, given ``now``.
 
     Args:
         metas: the valid checkpoints of one run directory.
         policy: the retention rules.
         protected: names that must be kept (e.g. pending publications).
         prefix: the resume prefix; the newest checkpoint with it is always kept.
+        now: the current time for ``keep_within`` (timezone-aware; default: the system clock).
+            A checkpoint whose creation time cannot be read is kept by no time rule.
 
     Returns:
         The plan; every meta is in exactly one of ``keep`` (with a reason) or ``delete``.
@@ -145,10 +199,12 @@ def plan_prune(
         if meta.name in protected:
             always.setdefault(meta.name, "pending publication")
 
+    if now is not None and now.tzinfo is None:
+        raise SpecError(f"plan_prune's now must be timezone-aware, got {now!r}")
     by_policy: dict[str, str] = {}
     periodic = [m for m in ordered if m.kind == "periodic"]
-    if policy.keep_last is None:
-        by_policy.update((m.name, "no keep_last limit") for m in periodic)
+    if policy.keep_last is None and not policy.has_keep_rules:
+        by_policy.update((m.name, "no keep rule") for m in periodic)
     elif policy.keep_last:
         by_policy.update(
             (m.name, f"among the last {policy.keep_last}") for m in periodic[-policy.keep_last :]
@@ -163,6 +219,19 @@ def plan_prune(
         scored.sort(key=lambda vm: (vm[0] if mode == "max" else -vm[0], vm[1].step), reverse=True)
         for _, meta in scored[:k]:
             by_policy.setdefault(meta.name, f"best {k} by {metric} ({mode})")
+    timed = [(created, m) for m in periodic if (created := _created(m)) is not None]
+    if policy.keep_within is not None:
+        clock = now or datetime.now(UTC)
+        for created, meta in timed:
+            if clock - created <= policy.keep_within:  # a future time (skew) counts as within
+                by_policy.setdefault(meta.name, f"created within {policy.keep_within}")
+    for count, unit, period in (
+        (policy.keep_hourly, "hour", lambda t: t.astimezone(UTC).timetuple()[:4]),
+        (policy.keep_daily, "day", lambda t: t.astimezone(UTC).timetuple()[:3]),
+    ):
+        if count:
+            for meta in _newest_per_period(timed, period, count):
+                by_policy.setdefault(meta.name, f"newest of its {unit} (last {count} {unit}s)")
     if policy.max_bytes is not None:
         kept = [m for m in ordered if m.name in always or m.name in by_policy]
         total = sum(m.total_bytes for m in kept)
@@ -183,6 +252,7 @@ def prune(
     *,
     dry_run: bool = False,
     prefix: str = RESUME_PREFIX,
+    now: datetime | None = None,
 ) -> PrunePlan:
     """Apply a retention policy to a run directory and remove incomplete leftovers.
 
@@ -201,6 +271,7 @@ def prune(
         policy: the retention rules.
         dry_run: only plan; delete nothing.
         prefix: the resume prefix.
+        now: the current time for the time rules (default: the system clock).
 
     Returns:
         The plan; ``delete`` also lists removed leftovers (as file names).
@@ -212,10 +283,19 @@ def prune(
     Raises:
         CheckpointNotFoundError: when ``run_dir`` is a file.
     """
-    return on_rank_zero(lambda: _prune(run_path(run_dir), policy, dry_run=dry_run, prefix=prefix))
+    return on_rank_zero(
+        lambda: _prune(run_path(run_dir), policy, dry_run=dry_run, prefix=prefix, now=now)
+    )
 
 
-def _prune(run_dir: RunPath, policy: RetentionPolicy, *, dry_run: bool, prefix: str) -> PrunePlan:
+def _prune(
+    run_dir: RunPath,
+    policy: RetentionPolicy,
+    *,
+    dry_run: bool,
+    prefix: str,
+    now: datetime | None,
+) -> PrunePlan:
     if not is_directory(run_dir):
         if entry_exists(run_dir):
             raise CheckpointNotFoundError(f"{run_dir} is not a directory")
@@ -223,7 +303,8 @@ def _prune(run_dir: RunPath, policy: RetentionPolicy, *, dry_run: bool, prefix: 
     lock = contextlib.nullcontext(not is_remote(run_dir)) if dry_run else locked(run_dir)
     with lock as held:
         scan = scan_run_dir(run_dir)
-        plan = plan_prune(scan.valid, policy, protected=_pending(run_dir, scan), prefix=prefix)
+        protected = _pending(run_dir, scan)
+        plan = plan_prune(scan.valid, policy, protected=protected, prefix=prefix, now=now)
         # Without the lock a save may be in flight: only what is old was abandoned.
         leftovers = [p for p in scan.leftovers if held or _abandoned(p)]
         broken = [stem.name for stem, _ in scan.invalid if held or _abandoned(sidecar_path(stem))]

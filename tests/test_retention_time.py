@@ -1,0 +1,124 @@
+"""Time-based retention (restic's ``forget`` rules): pure decisions over a clock passed in."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+
+from keisei_fn import CheckpointMeta, GameStats, RetentionPolicy, plan_prune, prune, save_state
+from keisei_fn.errors import SpecError
+from keisei_fn.store import list_checkpoints
+from tests.saved_states import make_state
+
+NOW = datetime(2026, 12, 7, 12, 0, tzinfo=UTC)
+
+
+def meta(step: int, created: str) -> CheckpointMeta:
+    name = f"checkpoint_ts{step}"
+    return CheckpointMeta(
+        path=Path("/nonexistent-keisei-fn-run") / name,
+        name=name,
+        format_version=3,
+        kind="periodic",
+        step=step,
+        episodes=0,
+        stats=GameStats(),
+        spec=None,
+        weights_size=100,
+        weights_digest="blake3:00",
+        digest="blake3:11",
+        created=created,
+    )
+
+
+#: A checkpoint every 20 minutes for the 3 days before NOW (step = minutes since the start).
+START = NOW - timedelta(days=3)
+EVERY_20_MIN = [
+    meta(minutes, (START + timedelta(minutes=minutes)).isoformat())
+    for minutes in range(20, 3 * 24 * 60 + 1, 20)
+]
+
+
+def kept(policy: RetentionPolicy, metas: list[CheckpointMeta] = EVERY_20_MIN) -> list[int]:
+    plan = plan_prune(metas, policy, now=NOW)
+    return sorted(m.step for m in metas if m.name in plan.keep)
+
+
+def minutes_before_now(*ago: int) -> list[int]:
+    return sorted(3 * 24 * 60 - m for m in ago)
+
+
+def test_keep_within_keeps_what_is_younger_than_the_duration() -> None:
+    # 12:00 back to 10:00 inclusive: 7 checkpoints
+    assert kept(RetentionPolicy(keep_within=timedelta(hours=2))) == minutes_before_now(
+        120, 100, 80, 60, 40, 20, 0
+    )
+
+
+def test_keep_hourly_keeps_the_newest_of_each_of_the_last_hours() -> None:
+    # hours 12:xx (12:00 only), 11:xx (11:40), 10:xx (10:40)
+    assert kept(RetentionPolicy(keep_hourly=3)) == minutes_before_now(80, 20, 0)
+
+
+def test_keep_daily_keeps_the_newest_of_each_of_the_last_days() -> None:
+    # Dec 7 (12:00), Dec 6 (23:40), Dec 5 (23:40)
+    assert kept(RetentionPolicy(keep_daily=3)) == minutes_before_now(
+        12 * 60 + 24 * 60 + 20, 12 * 60 + 20, 0
+    )
+
+
+def test_periods_without_a_checkpoint_do_not_count_as_restic_does() -> None:
+    sparse = [meta(1, "2026-12-01T08:00:00+00:00"), meta(2, "2026-12-07T11:00:00+00:00")]
+    assert kept(RetentionPolicy(keep_daily=2), sparse) == [1, 2]
+    assert kept(RetentionPolicy(keep_hourly=2), sparse) == [1, 2]
+
+
+def test_rules_combine_and_the_newest_resume_point_is_always_kept() -> None:
+    policy = RetentionPolicy(keep_last=1, keep_within=timedelta(minutes=30), keep_daily=2)
+    assert kept(policy) == minutes_before_now(12 * 60 + 20, 20, 0)
+    old = [meta(1, "2020-01-01T00:00:00+00:00"), meta(2, "2020-01-01T00:20:00+00:00")]
+    assert kept(RetentionPolicy(keep_within=timedelta(hours=1)), old) == [2]  # newest only
+
+
+def test_a_time_rule_alone_deletes_what_no_rule_keeps() -> None:
+    """keep_last=None means "keep all" only in a policy with no keep rule at all."""
+    assert len(kept(RetentionPolicy())) == len(EVERY_20_MIN)
+    assert len(kept(RetentionPolicy(keep_daily=1))) == 1
+
+
+def test_times_in_other_zones_naive_times_and_unreadable_times() -> None:
+    tokyo = meta(1, "2026-12-07T20:30:00+09:00")  # 11:30 UTC
+    naive = meta(2, "2026-12-07T11:40:00")  # taken as UTC
+    broken = meta(3, "yesterday")
+    future = meta(4, "2026-12-08T00:00:00+00:00")  # clock skew: counts as within
+    metas = [tokyo, naive, broken, future]
+    plan = plan_prune(metas, RetentionPolicy(keep_within=timedelta(hours=1)), now=NOW)
+    assert set(plan.keep) == {"checkpoint_ts1", "checkpoint_ts2", "checkpoint_ts4"}
+    assert plan.delete == ("checkpoint_ts3",)
+
+
+def test_bad_rules_and_a_naive_clock_are_refused() -> None:
+    for bad in (
+        {"keep_within": timedelta(0)},
+        {"keep_within": 3600},
+        {"keep_hourly": 0},
+        {"keep_daily": -1},
+        {"keep_daily": True},
+    ):
+        with pytest.raises(SpecError):
+            RetentionPolicy(**bad)  # type: ignore[arg-type]
+    with pytest.raises(SpecError, match="timezone-aware"):
+        plan_prune(EVERY_20_MIN, RetentionPolicy(keep_daily=1), now=datetime(2026, 12, 7))
+
+
+def test_prune_takes_the_clock(tmp_path: Path) -> None:
+    for step in (10, 20, 30):
+        save_state(make_state(step, 0, seed=step), tmp_path)
+    policy = RetentionPolicy(keep_within=timedelta(hours=1))
+    assert prune(tmp_path, policy, dry_run=True).delete == ()  # all just created
+    later = datetime.now(UTC) + timedelta(hours=2)
+    plan = prune(tmp_path, policy, now=later)
+    assert plan.delete == ("checkpoint_ts10", "checkpoint_ts20")
+    assert [m.step for m in list_checkpoints(tmp_path)] == [30]
