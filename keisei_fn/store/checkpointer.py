@@ -16,8 +16,10 @@ Example:
 from __future__ import annotations
 
 import logging
+import math
+import time
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
 from keisei_fn.errors import SpecError
@@ -89,31 +91,83 @@ class SaveResult:
         return self.status != "failed"
 
 
+@dataclass(slots=True)
+class _Timer:
+    """When the last save happened (or the timer started), by the Checkpointer's clock."""
+
+    since: float
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Checkpointer:
     """Periodic saving for a training loop: due check, durable save, retention, no raising on
     I/O failure (a failed save is logged and returned; ``KeyboardInterrupt`` still propagates).
 
+    A save is due when the step crosses a multiple of ``interval``, or when ``every_seconds``
+    have passed since the last successful save (or since the Checkpointer was made: make it
+    after resuming), whichever comes first.
+
     Args:
         run_dir: the run directory.
-        interval: save every this many completed timesteps.
+        interval: save every this many completed timesteps (None: by time only).
+        every_seconds: also save when this much time has passed (None: by steps only).
+        clock: the time source for ``every_seconds``, in seconds (monotonic by default; tests
+            pass their own).
         retention: applied after each successful save (None keeps everything).
         prefix: checkpoint name prefix.
 
+    Raises:
+        SpecError: for a non-positive interval or duration, or neither given.
+
     Example:
-        >>> ckpt = Checkpointer(run_dir="models/run", interval=10240)
+        >>> ckpt = Checkpointer(run_dir="models/run", interval=10240, every_seconds=1800)
         >>> ckpt.maybe_save(lambda: None, step=2048, last_saved=0).status
         'skipped'
     """
 
     run_dir: RunPath
-    interval: int
+    interval: int | None = None
+    every_seconds: float | None = None
+    clock: Callable[[], float] = time.monotonic
     retention: RetentionPolicy | None = None
     prefix: str = RESUME_PREFIX
+    _timer: _Timer = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "run_dir", run_path(self.run_dir))
-        _positive("Checkpointer.interval", self.interval)
+        if self.interval is None and self.every_seconds is None:
+            raise SpecError("Checkpointer needs an interval (steps), every_seconds, or both")
+        if self.interval is not None:
+            _positive("Checkpointer.interval", self.interval)
+        if self.every_seconds is not None and (
+            isinstance(self.every_seconds, bool)
+            or not isinstance(self.every_seconds, int | float)
+            or not math.isfinite(self.every_seconds)
+            or self.every_seconds <= 0
+        ):
+            raise SpecError(
+                f"Checkpointer.every_seconds must be a positive number, got {self.every_seconds!r}"
+            )
+        object.__setattr__(self, "_timer", _Timer(since=self.clock()))
+
+    def due(self, step: int, *, last_saved: int) -> bool:
+        """Whether a save is due now: by steps (:func:`checkpoint_due`) or by time.
+
+        Args:
+            step: completed timesteps now.
+            last_saved: completed timesteps at the last save.
+
+        Returns:
+            True when either rule says so.
+        """
+        by_steps = self.interval is not None and checkpoint_due(
+            step, interval=self.interval, last_saved=last_saved
+        )
+        by_time = (
+            self.every_seconds is not None
+            and self.clock() - self._timer.since >= self.every_seconds
+        )
+        return by_steps or by_time
 
     def replace(self, **changes: Any) -> Checkpointer:
         """Return a copy with ``changes`` applied."""
@@ -127,7 +181,7 @@ class Checkpointer:
         last_saved: int,
         force: bool = False,
     ) -> SaveResult:
-        """Save when due (or ``force``), then apply retention.
+        """Save when due (or ``force``; see :meth:`due`), then apply retention.
 
         Args:
             snapshot: the state, or a function making it — called only when a save is due,
@@ -140,7 +194,7 @@ class Checkpointer:
         Returns:
             The outcome; never raises for I/O or store errors.
         """
-        if not force and not checkpoint_due(step, interval=self.interval, last_saved=last_saved):
+        if not force and not self.due(step, last_saved=last_saved):
             return SaveResult(status="skipped", last_saved=last_saved, reason="not due")
         try:
             state = snapshot() if callable(snapshot) else snapshot
@@ -150,6 +204,7 @@ class Checkpointer:
         except Exception as exc:  # log and keep training: the loop decides
             log.error("checkpoint at step %d failed, training goes on: %s", step, exc)
             return SaveResult(status="failed", last_saved=last_saved, error=exc, reason=str(exc))
+        self._timer.since = self.clock()
         if self.retention is not None:
             try:
                 prune(self.run_dir, self.retention, prefix=self.prefix)

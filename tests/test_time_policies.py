@@ -1,4 +1,5 @@
-"""Time-based retention (restic's ``forget`` rules): pure decisions over a clock passed in."""
+"""Time-based policies: saving every N seconds (an injected clock) and retention by time
+(restic's ``forget`` rules), pure decisions over a clock passed in."""
 
 from __future__ import annotations
 
@@ -7,7 +8,15 @@ from pathlib import Path
 
 import pytest
 
-from keisei_fn import CheckpointMeta, GameStats, RetentionPolicy, plan_prune, prune, save_state
+from keisei_fn import (
+    Checkpointer,
+    CheckpointMeta,
+    GameStats,
+    RetentionPolicy,
+    plan_prune,
+    prune,
+    save_state,
+)
 from keisei_fn.errors import SpecError
 from keisei_fn.store import list_checkpoints
 from tests.saved_states import make_state
@@ -122,3 +131,68 @@ def test_prune_takes_the_clock(tmp_path: Path) -> None:
     plan = prune(tmp_path, policy, now=later)
     assert plan.delete == ("checkpoint_ts10", "checkpoint_ts20")
     assert [m.step for m in list_checkpoints(tmp_path)] == [30]
+
+
+class FakeClock:
+    """A clock the test moves by hand."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def save_at(ckpt: Checkpointer, step: int, last_saved: int) -> str:
+    return ckpt.maybe_save(
+        lambda: make_state(step, 0, seed=step), step=step, last_saved=last_saved
+    ).status
+
+
+def test_every_seconds_saves_when_the_time_has_passed_since_the_last_save(tmp_path: Path) -> None:
+    clock = FakeClock()
+    ckpt = Checkpointer(run_dir=tmp_path, every_seconds=1800, clock=clock)  # the timer starts
+    clock.now += 1799
+    assert save_at(ckpt, 1, 0) == "skipped"
+    clock.now += 1
+    assert save_at(ckpt, 2, 0) == "saved"
+    clock.now += 1799  # counted from the save, not from the start
+    assert save_at(ckpt, 3, 2) == "skipped"
+    clock.now += 1
+    assert save_at(ckpt, 4, 2) == "saved"
+    assert [m.step for m in list_checkpoints(tmp_path)] == [2, 4]
+
+
+def test_steps_or_time_whichever_comes_first(tmp_path: Path) -> None:
+    clock = FakeClock()
+    ckpt = Checkpointer(run_dir=tmp_path, interval=10_000, every_seconds=1800, clock=clock)
+    assert save_at(ckpt, 10_000, 0) == "saved"  # by steps
+    clock.now += 1000
+    assert save_at(ckpt, 12_000, 10_000) == "skipped"
+    clock.now += 800
+    assert save_at(ckpt, 14_000, 10_000) == "saved"  # by time: 1,800 s since the last save
+    assert save_at(ckpt, 20_000, 14_000) == "saved"  # by steps again, soon after
+    assert ckpt.due(20_001, last_saved=20_000) is False
+
+
+def test_a_failed_save_does_not_restart_the_timer(tmp_path: Path) -> None:
+    clock = FakeClock()
+    blocker = tmp_path / "file"
+    blocker.write_text("a file, not a directory")
+    ckpt = Checkpointer(run_dir=blocker / "run", every_seconds=60, clock=clock)
+    clock.now += 60
+    assert save_at(ckpt, 1, 0) == "failed"
+    assert ckpt.due(2, last_saved=0)  # still due: the next step tries again
+
+
+def test_bad_checkpointer_timing_is_refused(tmp_path: Path) -> None:
+    for bad in (
+        {},
+        {"every_seconds": 0},
+        {"every_seconds": -1.0},
+        {"every_seconds": float("nan")},
+        {"every_seconds": True},
+        {"interval": 0, "every_seconds": 60},
+    ):
+        with pytest.raises(SpecError):
+            Checkpointer(run_dir=tmp_path, **bad)  # type: ignore[arg-type]
