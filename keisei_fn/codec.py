@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import math
 import struct
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from typing import Any
 
 import numpy as np
@@ -406,10 +406,61 @@ def encode_header(state: TrainState, store: Store) -> dict[str, Any]:
     }
 
 
+#: The parts of a TrainState that hold tensors or user state, in the order they are stored.
+STATE_PARTS = ("model", "optimizer", "scheduler", "scaler", "rng", "extra")
+
+
+def check_parts(parts: Collection[str]) -> frozenset[str]:
+    """``parts`` as a set, refusing a name that is not one of :data:`STATE_PARTS`.
+
+    Raises:
+        SpecError: for an unknown part (or a bare string, which would be its letters).
+
+    Example:
+        >>> sorted(check_parts(["model", "rng"]))
+        ['model', 'rng']
+    """
+    if isinstance(parts, str):
+        raise SpecError(f"parts must be a collection of names, e.g. ({parts!r},), got a string")
+    unknown = sorted(set(parts) - set(STATE_PARTS))
+    if unknown:
+        raise SpecError(f"unknown state parts {unknown}; known: {', '.join(STATE_PARTS)}")
+    return frozenset(parts)
+
+
+def stored_names(
+    names: Collection[str], aliases: Mapping[str, str], parts: Collection[str]
+) -> set[str]:
+    """The stored tensors that the ``parts`` of a state need: every stored name or alias in
+    those sections, an alias replaced by the tensor it shares (which may be another part's)."""
+    return {
+        aliases.get(name, name) for name in (*names, *aliases) if name.split("/", 1)[0] in parts
+    }
+
+
+def only_parts(state: TrainState, parts: Collection[str]) -> TrainState:
+    """``state`` without the parts not in ``parts`` (None; an empty model and extra)."""
+    return state.replace(
+        model=state.model if "model" in parts else {},
+        extra=state.extra if "extra" in parts else {},
+        **{name: None for name in STATE_PARTS[1:-1] if name not in parts},
+    )
+
+
 def decode_state(
-    tensors: Mapping[str, torch.Tensor], aliases: Mapping[str, str], header: Mapping[str, Any]
+    tensors: Mapping[str, torch.Tensor],
+    aliases: Mapping[str, str],
+    header: Mapping[str, Any],
+    *,
+    parts: Collection[str] = STATE_PARTS,
 ) -> TrainState:
     """Inverse of :func:`encode_state`.
+
+    Args:
+        tensors: the stored tensors (at least those the ``parts`` need).
+        aliases: the sidecar's aliases.
+        header: the sidecar's state part.
+        parts: the parts to decode; the others are left out (None; an empty model and extra).
 
     Raises:
         IntegrityError: when the header and the tensors do not fit together (a missing or an
@@ -418,7 +469,8 @@ def decode_state(
     try:
         resolved = dict(tensors)
         for alias, target in aliases.items():
-            resolved[alias] = tensors[target]
+            if target in tensors:
+                resolved[alias] = tensors[target]
         used: set[str] = set()
 
         class _Tracking(dict[str, torch.Tensor]):
@@ -427,11 +479,16 @@ def decode_state(
                 return super().__getitem__(key)
 
         lookup = _Tracking(resolved)
-        model = {key: lookup[tensor_name("model", (key,))] for key in header["model"]}
-        parts = {
-            name: decode_json(header[name], tensors=lookup)
-            for name in ("optimizer", "scheduler", "scaler", "rng", "extra")
+        model = (
+            {key: lookup[tensor_name("model", (key,))] for key in header["model"]}
+            if "model" in parts
+            else {}
+        )
+        decoded: dict[str, Any] = {
+            name: decode_json(header[name], tensors=lookup) if name in parts else None
+            for name in STATE_PARTS[1:]
         }
+        decoded["extra"] = decoded["extra"] or {}
         spec = header["spec"]
         state = TrainState(
             spec=ModelSpec.from_json(spec) if spec is not None else None,
@@ -439,13 +496,16 @@ def decode_state(
             episodes=header["episodes"],
             stats=GameStats.from_json(header["stats"]),
             model=model,
-            **parts,
+            **decoded,
         )
     except (IntegrityError, SpecError):
         raise
     except (KeyError, TypeError, ValueError) as exc:
         raise IntegrityError(f"checkpoint state does not decode: {exc!r}") from exc
-    unused = sorted(set(resolved) - used)
+    # a name of no part is always unused; a part left out may hold aliases of loaded tensors
+    unused = sorted(
+        n for n in set(resolved) - used if n.split("/", 1)[0] not in set(STATE_PARTS) - set(parts)
+    )
     if unused:
         raise IntegrityError(f"weights file holds tensors no field refers to: {unused[:5]}")
     return state

@@ -4,6 +4,7 @@ resume, retention, the loop-facing Checkpointer, and Keisei's bugs 1, 2, 3, 4, 5
 from __future__ import annotations
 
 import itertools
+import json
 import logging
 import math
 import os
@@ -394,6 +395,14 @@ def _flip_last_byte(path: Path) -> None:
     path.write_bytes(bytes(raw))
 
 
+def _flip_first_byte_of(path: Path, tensor: str) -> None:
+    raw = bytearray(path.read_bytes())
+    header_len = int.from_bytes(raw[:8], "little")
+    begin = json.loads(raw[8 : 8 + header_len])[tensor]["data_offsets"][0]
+    raw[8 + header_len + begin] ^= 0x01
+    path.write_bytes(bytes(raw))
+
+
 def test_bug3_a_failed_load_raises_never_a_silent_fresh_start(run_dir: Path) -> None:
     meta = save_state(capture(TINY, build_model(TINY, seed=0), step=64), run_dir)
     _flip_last_byte(meta.weights_path)
@@ -403,10 +412,20 @@ def test_bug3_a_failed_load_raises_never_a_silent_fresh_start(run_dir: Path) -> 
         verify_checkpoint(meta.path)
     with pytest.raises(CheckpointNotFoundError, match="refusing to start fresh"):
         resume(run_dir)
-    with pytest.raises(CheckpointNotFoundError):
-        load_model(run_dir)
     with pytest.raises(IntegrityError):
         resume(run_dir, resume=meta.weights_path)
+    # load_model reads and verifies only the model's tensors: the flipped byte (the RNG
+    # state's, last in the file) is not among them; a flipped model byte is refused
+    loaded, _ = load_model(run_dir)
+    original = build_model(TINY, seed=0)
+    assert_states_equal(
+        capture(TINY, loaded, step=0, rng=False), capture(TINY, original, step=0, rng=False)
+    )
+    _flip_first_byte_of(meta.weights_path, "model/stem.weight")
+    with pytest.raises(CheckpointNotFoundError):
+        load_model(run_dir)
+    with pytest.raises(IntegrityError, match=re.escape("model/stem.weight")):
+        load_model(meta.path)
 
 
 def test_bug11_elo_and_metrics_survive_resume(run_dir: Path) -> None:

@@ -27,7 +27,7 @@ import secrets
 import shutil
 import stat
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from datetime import UTC, datetime
 from functools import partial
 from pathlib import Path
@@ -422,6 +422,38 @@ def read_into(path: RunPath, buffer: bytearray) -> None:
     done = retrying(read, what=f"read {path}")
     if done != len(buffer):
         raise IntegrityError(f"{path}: {done} bytes read, {len(buffer)} expected")
+
+
+def read_ranges(path: RunPath, ranges: Sequence[tuple[int, int]]) -> list[bytearray]:
+    """The bytes ``[start, end)`` of a local or remote file for each range, and nothing else
+    (local: ``pread``; remote: one ranged GET per range).
+
+    Raises:
+        FileNotFoundError: when it does not exist.
+        IntegrityError: when the file ends before a range does.
+    """
+    if is_remote(path):
+        read = path.fs.cat_file
+        found = [
+            bytearray(retrying(partial(read, path.path, start=s, end=e), what=f"read {path}"))
+            for s, e in ranges
+        ]
+    else:
+        found = []
+        with open_regular(path) as file:
+            fd = file.fileno()
+            for start, end in ranges:
+                buffer = bytearray(end - start)
+                view, done = memoryview(buffer), 0
+                while done < len(buffer) and (n := os.preadv(fd, [view[done:]], start + done)):
+                    done += n
+                view.release()
+                del buffer[done:]  # short: the file ended
+                found.append(buffer)
+    for (start, end), data in zip(ranges, found, strict=True):
+        if len(data) != end - start:
+            raise IntegrityError(f"{path}: ends before byte {end} ({len(data)} of {end - start})")
+    return found
 
 
 def copy_file(source: RunPath, target: RunPath) -> None:

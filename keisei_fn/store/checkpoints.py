@@ -20,6 +20,7 @@ Example:
 from __future__ import annotations
 
 import logging
+from collections.abc import Collection
 from functools import partial
 from typing import Any
 
@@ -27,7 +28,17 @@ import torch
 from torch import nn
 
 from keisei_fn.capture import restore_
-from keisei_fn.codec import EncodedState, decode_state, dumps, encode_state, loads
+from keisei_fn.codec import (
+    STATE_PARTS,
+    EncodedState,
+    check_parts,
+    decode_state,
+    dumps,
+    encode_state,
+    loads,
+    only_parts,
+    stored_names,
+)
 from keisei_fn.distributed import on_rank_zero
 from keisei_fn.errors import (
     CheckpointExistsError,
@@ -66,6 +77,7 @@ from keisei_fn.store.weights import (
     WrittenWeights,
     check_listed,
     digest_of,
+    read_tensors,
     read_weights,
     tensor_bytes,
     weights_digest,
@@ -209,23 +221,54 @@ def _save(encoded: EncodedState, stem: RunPath, *, kind: str, overwrite: bool) -
         return commit(stem, sidecar, payload=payload, replaced=replaced)
 
 
+#: What :func:`load_model` reads.
+MODEL_ONLY = frozenset({"model"})
+
+
 def _load_stem(
-    stem: RunPath, *, verify: bool, map_location: str | torch.device
+    stem: RunPath,
+    *,
+    verify: bool,
+    map_location: str | torch.device,
+    parts: frozenset[str] = frozenset(STATE_PARTS),
 ) -> tuple[TrainState, CheckpointMeta]:
     meta, sidecar = read_listed(stem)
-    if meta.sharded:
+    if meta.sharded:  # read in full: its parts are spread over the ranks' files
         from keisei_fn.store.sharded_load import load_full
 
         state, meta = load_full(stem, verify=verify)
-    else:
-        state = _read_single_file(meta, sidecar, verify=verify)
+        state = only_parts(state, parts)
+    elif parts == set(STATE_PARTS) or (verify and not meta.tensor_digests):
+        state = _read_single_file(meta, sidecar, verify=verify, parts=parts)
+    else:  # only the tensors the parts need, each checked against its own digest
+        state = _read_parts(meta, sidecar, verify=verify, parts=parts)
     if torch.device(map_location).type != "cpu":
         state = _to_device(state, torch.device(map_location))
     return state, meta
 
 
+def _read_parts(
+    meta: CheckpointMeta, sidecar: dict[str, Any], *, verify: bool, parts: frozenset[str]
+) -> TrainState:
+    """Read only what ``parts`` need of a single-file checkpoint, verified tensor by tensor."""
+    names = stored_names(sidecar["tensors"], sidecar["aliases"], parts)
+    tensors = read_tensors(
+        meta.weights_path,
+        names,
+        size=meta.weights_size,
+        digests=meta.tensor_digests if verify else None,
+    )
+    check_listed(tensors, {n: sidecar["tensors"][n] for n in names}, meta.weights_path)
+    return decode_state(tensors, sidecar["aliases"], sidecar["state"], parts=parts)
+
+
 def _read_single_file(
-    meta: CheckpointMeta, sidecar: dict[str, Any], *, verify: bool, each_tensor: bool = False
+    meta: CheckpointMeta,
+    sidecar: dict[str, Any],
+    *,
+    verify: bool,
+    each_tensor: bool = False,
+    parts: frozenset[str] = frozenset(STATE_PARTS),
 ) -> TrainState:
     """Read a single-file checkpoint; ``each_tensor``: also check every tensor's own digest."""
     tensors = read_weights(
@@ -242,7 +285,7 @@ def _read_single_file(
                     f"{meta.weights_path}: tensor {name!r} has digest {found}, the sidecar "
                     f"records {recorded}"
                 )
-    return decode_state(tensors, sidecar["aliases"], sidecar["state"])
+    return decode_state(tensors, sidecar["aliases"], sidecar["state"], parts=parts)
 
 
 def _to_device(state: TrainState, device: torch.device) -> TrainState:
@@ -265,10 +308,11 @@ def load_state_with_meta(
     map_location: str | torch.device = "cpu",
     verify: bool = True,
     prefix: str = RESUME_PREFIX,
+    parts: Collection[str] = STATE_PARTS,
 ) -> tuple[TrainState, CheckpointMeta]:
     """Like :func:`load_state`, also returning the meta of the checkpoint that was loaded."""
     path = run_path(source)
-    load = partial(_load_stem, verify=verify, map_location=map_location)
+    load = partial(_load_stem, verify=verify, map_location=map_location, parts=check_parts(parts))
     if not is_run_dir(path):
         return stable(resolve_stem(path), load)
     found = newest_usable(path, load, prefix=prefix)
@@ -283,6 +327,7 @@ def load_state(
     map_location: str | torch.device = "cpu",
     verify: bool = True,
     prefix: str = RESUME_PREFIX,
+    parts: Collection[str] = STATE_PARTS,
 ) -> TrainState:
     """Load a checkpoint as a TrainState, bit-exact (same dtypes, shapes and bytes).
 
@@ -297,6 +342,12 @@ def load_state(
             copy-on-write views of a local file, which the store never writes over in place
             (a remote file is downloaded into memory).
         prefix: the resume prefix, when ``source`` is a run directory.
+        parts: which of ``"model"``, ``"optimizer"``, ``"scheduler"``, ``"scaler"``, ``"rng"``,
+            ``"extra"`` to load (default: all); the others are None (an empty model and
+            extra). Loading some parts of a format-3 checkpoint reads only the file's header
+            and the bytes of their tensors (ranged reads on an object store), each verified
+            against its own digest in the sidecar; older formats and sharded checkpoints are
+            read (and verified) in full.
 
     Returns:
         The snapshot; a final model loads without optimizer.
@@ -306,8 +357,11 @@ def load_state(
         IntegrityError: a corrupt file, naming it.
         IncompleteCheckpointError: a save that never committed.
         UnsupportedFormatError: a legacy ``.pth`` (use ``import_legacy``) or a newer format.
+        SpecError: for an unknown part name.
     """
-    return load_state_with_meta(source, map_location=map_location, verify=verify, prefix=prefix)[0]
+    return load_state_with_meta(
+        source, map_location=map_location, verify=verify, prefix=prefix, parts=parts
+    )[0]
 
 
 def load_model(
@@ -320,6 +374,9 @@ def load_model(
             a valid one, else its latest checkpoint; the returned meta says which).
         device: where to put the model.
 
+    Only the model's tensors are read (and verified, each against its own digest) from a
+    format-3 checkpoint, not its optimizer state.
+
     Returns:
         ``(model in eval mode, meta)``.
 
@@ -329,17 +386,16 @@ def load_model(
     """
     path = run_path(source)
     state = meta = None
+    load = partial(_load_stem, verify=True, map_location="cpu", parts=MODEL_ONLY)
     if is_run_dir(path) and file_exists(sidecar_path(path / FINAL_MODEL)):
         try:
-            state, meta = stable(
-                path / FINAL_MODEL, partial(_load_stem, verify=True, map_location="cpu")
-            )
+            state, meta = stable(path / FINAL_MODEL, load)
         except (IntegrityError, IncompleteCheckpointError) as exc:
             log.warning(
                 "final model in %s is not usable, using the latest checkpoint: %s", path, exc
             )
     if state is None or meta is None:
-        state, meta = load_state_with_meta(path)
+        state, meta = load_state_with_meta(path, parts=MODEL_ONLY)
     if state.spec is None:
         raise SpecError(
             f"{meta.path}: the checkpoint holds an arbitrary model without a ModelSpec; "

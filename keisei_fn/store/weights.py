@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Collection, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -49,6 +49,7 @@ from keisei_fn.store._fs import (
     file_size,
     hash_chunks,
     read_into,
+    read_ranges,
     removing_on_failure,
     temp_path,
     writing,
@@ -342,16 +343,34 @@ def _download(path: RunPath, size: int) -> memoryview:
     return memoryview(buffer)
 
 
-def _parse(data: memoryview, path: RunPath) -> dict[str, torch.Tensor]:
-    """Check the header strictly, then view every tensor in ``data`` (each its own storage,
-    so that encoding a loaded state does not take them for views of one shared tensor)."""
-    header_len = int.from_bytes(data[:8].tobytes(), "little")
-    if header_len > min(len(data) - 8, MAX_HEADER_BYTES):
+Bytes = bytes | bytearray | memoryview
+
+
+@dataclass(frozen=True, slots=True)
+class _Span:
+    """One tensor's place in a weights file: ``[begin, end)`` of the data section."""
+
+    begin: int
+    end: int
+    name: str
+    dtype: torch.dtype
+    shape: list[int]
+
+
+def _header_length(first8: Bytes, size: int, path: RunPath) -> int:
+    """The header length a file's first 8 bytes give, refused beyond the file or the cap."""
+    header_len = int.from_bytes(bytes(first8), "little")
+    if header_len > min(size - 8, MAX_HEADER_BYTES):
         raise IntegrityError(
             f"{path}: header length {header_len} exceeds the file or the "
             f"{MAX_HEADER_BYTES}-byte limit"
         )
-    raw_header = data[8 : 8 + header_len]  # a view of the mapping: never copied whole
+    return header_len
+
+
+def _spans(raw_header: Bytes, data_bytes: int, path: RunPath) -> list[_Span]:
+    """Check a safetensors header strictly (cost caps, dtypes, shapes, offsets tiling a data
+    section of ``data_bytes`` exactly) and return its tensors' spans, in file order."""
     # Each tensor's entry is an object with two arrays (shape, offsets).
     check_json_cost(
         raw_header,
@@ -368,8 +387,7 @@ def _parse(data: memoryview, path: RunPath) -> dict[str, torch.Tensor]:
     header.pop("__metadata__", None)
     if len(header) > MAX_TENSORS:
         raise IntegrityError(f"{path}: {len(header)} tensors, more than the cap of {MAX_TENSORS}")
-    data_start = 8 + header_len
-    spans: list[tuple[int, int, str, torch.dtype, list[int]]] = []
+    spans: list[_Span] = []
     for name, info in header.items():
         try:
             dtype = DTYPES_BY_NAME[info["dtype"]]
@@ -381,29 +399,99 @@ def _parse(data: memoryview, path: RunPath) -> dict[str, torch.Tensor]:
             raise IntegrityError(
                 f"{path}: tensor {name!r} has a bad shape or offsets: {info!r:.200}"
             )
-        if not begin <= end <= len(data) - data_start:
+        if not begin <= end <= data_bytes:
             raise IntegrityError(f"{path}: tensor {name!r} lies outside the data section")
         if end - begin != math.prod(shape) * dtype.itemsize:
             raise IntegrityError(f"{path}: tensor {name!r} has {end - begin} bytes for {shape}")
-        spans.append((begin, end, name, dtype, shape))
-    spans.sort(key=lambda span: span[:2])
-    tensors: dict[str, torch.Tensor] = {}
+        spans.append(_Span(begin, end, name, dtype, shape))
+    spans.sort(key=lambda span: (span.begin, span.end))
     position = 0
-    for begin, end, name, dtype, shape in spans:
-        if begin != position:
-            what = "overlaps the previous tensor" if begin < position else "leaves a gap before it"
-            raise IntegrityError(f"{path}: tensor {name!r} at byte {begin} {what}")
-        if begin == end:
-            tensors[name] = torch.empty(shape, dtype=dtype)
-        else:
-            count = (end - begin) // dtype.itemsize
-            flat = torch.frombuffer(data, dtype=dtype, count=count, offset=data_start + begin)
-            tensors[name] = flat.reshape(shape)
-        position = end
-    if data_start + position != len(data):
+    for span in spans:
+        if span.begin != position:
+            what = "overlaps the previous tensor" if span.begin < position else "leaves a gap"
+            raise IntegrityError(f"{path}: tensor {span.name!r} at byte {span.begin} {what}")
+        position = span.end
+    if position != data_bytes:
         raise IntegrityError(
-            f"{path}: the data section has {len(data) - data_start} bytes, its tensors {position}"
+            f"{path}: the data section has {data_bytes} bytes, its tensors {position}"
         )
+    return spans
+
+
+def _view(span: _Span, data: Bytes, offset: int) -> torch.Tensor:
+    """The tensor of ``span`` as a view of ``data``, whose byte ``offset`` is its first."""
+    if span.begin == span.end:
+        return torch.empty(span.shape, dtype=span.dtype)
+    count = (span.end - span.begin) // span.dtype.itemsize
+    return torch.frombuffer(data, dtype=span.dtype, count=count, offset=offset).reshape(span.shape)
+
+
+def _parse(data: memoryview, path: RunPath) -> dict[str, torch.Tensor]:
+    """Check the header strictly, then view every tensor in ``data`` (each its own storage,
+    so that encoding a loaded state does not take them for views of one shared tensor)."""
+    header_len = _header_length(data[:8], len(data), path)
+    data_start = 8 + header_len
+    # the header is a view of the mapping: never copied whole
+    spans = _spans(data[8:data_start], len(data) - data_start, path)
+    return {span.name: _view(span, data, data_start + span.begin) for span in spans}
+
+
+def read_tensors(
+    path: RunPath, names: Collection[str], *, size: int, digests: Mapping[str, str] | None
+) -> dict[str, torch.Tensor]:
+    """Read only the named tensors of a weights file (and its header), verifying each against
+    its own recorded digest: what a selective load costs is what it returns.
+
+    Args:
+        path: the ``.safetensors`` file (local: ``pread``; remote: ranged reads).
+        names: the stored tensor names to read.
+        size: the file's recorded size; a different size is corruption.
+        digests: stored name → ``"blake3:<hex>"`` (the sidecar's per-tensor digests), or None
+            to skip verification.
+
+    Returns:
+        name → CPU tensor in memory of its own (writable; the file is not mapped).
+
+    Raises:
+        IncompleteCheckpointError: when the file is missing.
+        IntegrityError: naming the file, for a size, header or digest problem, or a name the
+            file does not hold.
+    """
+    try:
+        actual = file_size(path)
+    except FileNotFoundError:
+        raise IncompleteCheckpointError(f"{path}: the weights file is missing") from None
+    if actual != size:
+        raise IntegrityError(f"{path}: size is {actual} bytes, the sidecar records {size}")
+    if size < 8:
+        raise IntegrityError(f"{path}: {size} bytes is too short for a safetensors file")
+    header_len = _header_length(read_ranges(path, [(0, 8)])[0], size, path)
+    data_start = 8 + header_len
+    (raw_header,) = read_ranges(path, [(8, data_start)])
+    by_name = {span.name: span for span in _spans(raw_header, size - data_start, path)}
+    missing = sorted(set(names) - set(by_name))
+    if missing:
+        raise IntegrityError(f"{path}: holds no tensor {missing[0]!r}")
+    wanted = sorted((by_name[name] for name in set(names)), key=lambda span: span.begin)
+    runs: list[list[_Span]] = []  # adjacent tensors are read in one piece
+    for span in wanted:
+        if runs and runs[-1][-1].end == span.begin:
+            runs[-1].append(span)
+        else:
+            runs.append([span])
+    pieces = read_ranges(path, [(data_start + r[0].begin, data_start + r[-1].end) for r in runs])
+    tensors: dict[str, torch.Tensor] = {}
+    for run, piece in zip(runs, pieces, strict=True):
+        for span in run:
+            offset = span.begin - run[0].begin
+            if digests is not None:
+                found = digest_of(memoryview(piece)[offset : offset + span.end - span.begin])
+                if found != digests.get(span.name):
+                    raise IntegrityError(
+                        f"{path}: tensor {span.name!r} has digest {found}, the sidecar "
+                        f"records {digests.get(span.name)}"
+                    )
+            tensors[span.name] = _view(span, piece, offset)
     return tensors
 
 
