@@ -65,6 +65,12 @@ _PER_FILE_ERRNOS = frozenset(
 T = TypeVar("T")
 
 
+def problem_of_one_file(exc: KeiseiFnError | OSError) -> bool:
+    """Whether an error reading a checkpoint is that file's problem (corrupt, incomplete, a
+    symbolic link loop, no permission: skip it), not the disk's (raise it)."""
+    return isinstance(exc, KeiseiFnError) or exc.errno in _PER_FILE_ERRNOS
+
+
 def read_listed(stem: RunPath) -> tuple[CheckpointMeta, dict[str, Any]]:
     """Check a checkpoint at the *listed* level and return its meta and parsed sidecar.
 
@@ -368,7 +374,7 @@ def newest_usable(
                 if not entry_exists(sidecar_path(stem)):
                     vanished = True  # pruned under us: not a problem of the file
                     continue
-                if not isinstance(exc, KeiseiFnError) and exc.errno not in _PER_FILE_ERRNOS:
+                if not problem_of_one_file(exc):
                     raise
                 if stem.name not in warned:
                     warned.add(stem.name)
