@@ -35,6 +35,7 @@ from keisei_fn.state import GameStats, TrainState, thaw
 from keisei_fn.store import (
     AsyncSaver,
     Checkpointer,
+    Preemption,
     PrunePlan,
     Resumed,
     RetentionPolicy,
@@ -86,6 +87,7 @@ __all__ = [
     "GameStats",
     "ModelSpec",
     "Precision",
+    "Preemption",
     "PrunePlan",
     "PublishResult",
     "Resumed",

@@ -4,12 +4,13 @@ Submodules: ``commit`` (the commit protocol every layout follows, and the run di
 writer/pruner lock), ``checkpoints`` (save/load/verify), ``listing`` (validity, list, latest),
 ``locate`` (which checkpoint a user's path names), ``resume``, ``follow`` (workers that load
 each newer checkpoint), ``retention`` (RetentionPolicy, plan_prune, prune), ``checkpointer``
-(the loop-facing helper), ``background`` (AsyncSaver), ``ledger`` (the publication ledger),
-``files`` (directory checks, sizes and local copies for the CLI and ``publish``), ``legacy``
-(Keisei ``.pth`` import), ``convert`` (``consolidate``: a sharded checkpoint → a single-file
-one), ``sharded`` (FSDP2 checkpoints through DCP, imported on first use; its parts are the
-``sharded_*`` modules), ``weights`` (the safetensors file), ``names`` and ``_fs`` (file
-primitives for local paths and fsspec URLs alike).
+(the loop-facing helper), ``background`` (AsyncSaver), ``preemption`` (a signal becomes a
+checkpoint and an exit), ``ledger`` (the publication ledger), ``files`` (directory checks,
+sizes and local copies for the CLI and ``publish``), ``legacy`` (Keisei ``.pth`` import),
+``convert`` (``consolidate``: a sharded checkpoint → a single-file one), ``sharded`` (FSDP2
+checkpoints through DCP, imported on first use; its parts are the ``sharded_*`` modules),
+``weights`` (the safetensors file), ``names`` and ``_fs`` (file primitives for local paths and
+fsspec URLs alike).
 """
 
 from keisei_fn.store.background import AsyncSaver, SaveHandle
@@ -27,12 +28,14 @@ from keisei_fn.store.follow import follow
 from keisei_fn.store.ledger import append_ledger, pending_publications, read_ledger
 from keisei_fn.store.legacy import import_legacy
 from keisei_fn.store.listing import RunDirScan, latest_checkpoint, list_checkpoints, scan_run_dir
+from keisei_fn.store.preemption import Preemption
 from keisei_fn.store.resume import Resumed, resume
 from keisei_fn.store.retention import PrunePlan, RetentionPolicy, plan_prune, prune
 
 __all__ = [
     "AsyncSaver",
     "Checkpointer",
+    "Preemption",
     "PrunePlan",
     "Resumed",
     "RetentionPolicy",

@@ -21,17 +21,21 @@ Example:
 
 from __future__ import annotations
 
+import logging
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 from types import TracebackType
-from typing import Any
+from typing import Any, NoReturn
 
 from keisei_fn.meta import CheckpointMeta
 from keisei_fn.paths import PathArg, run_path
 from keisei_fn.state import TrainState
 from keisei_fn.store.checkpoints import save_state
+from keisei_fn.store.preemption import Preemption
 
 __all__ = ["AsyncSaver", "SaveHandle"]
+
+log = logging.getLogger("keisei_fn.store")
 
 
 class SaveHandle:
@@ -65,11 +69,18 @@ class AsyncSaver:
 
     Args:
         run_dir: the run directory.
+        preemption: an entered :class:`~keisei_fn.store.preemption.Preemption`: once its signal
+            arrived, the next ``save`` finishes the write in flight, writes its state before
+            returning, and exits the process with the preemption's exit code. (Check
+            ``preemption.requested`` in your loop to call ``save`` at once.)
         save_options: keyword options of ``save_state`` (``kind``, ``prefix``, ``overwrite``).
     """
 
-    def __init__(self, run_dir: PathArg, **save_options: Any) -> None:
+    def __init__(
+        self, run_dir: PathArg, *, preemption: Preemption | None = None, **save_options: Any
+    ) -> None:
         self.run_dir = run_path(run_dir)
+        self.preemption = preemption
         self._options = save_options
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="keisei-fn-save")
         self._last: SaveHandle | None = None
@@ -83,7 +94,11 @@ class AsyncSaver:
             Exception: the previous background save's error, if it failed (this state is then
                 not submitted: call ``save`` again to retry).
             RuntimeError: after ``close()``.
+            SystemExit: once ``preemption`` was requested, after this state is committed (or
+                failed to save: the last committed checkpoint stays).
         """
+        if self.preemption is not None and self.preemption.requested:
+            self._save_and_exit(self.preemption, state)
         with self._lock:
             if self._last is not None:
                 previous, self._last = self._last, None
@@ -91,6 +106,19 @@ class AsyncSaver:
             future = self._pool.submit(save_state, state, self.run_dir, **self._options)
             self._last = SaveHandle(future, state.step)
             return self._last
+
+    def _save_and_exit(self, preemption: Preemption, state: TrainState) -> NoReturn:
+        """Finish the write in flight, write ``state`` on this thread, exit."""
+        try:
+            self.wait()
+        except Exception as exc:  # that checkpoint is lost; this one is written next
+            log.error("background save failed before the preemption checkpoint: %s", exc)
+        try:
+            meta = save_state(state, self.run_dir, **self._options)
+        except Exception as exc:
+            log.error("preemption checkpoint at step %d failed: %s", state.step, exc)
+            preemption.exit(f"save failed: {exc}")
+        preemption.exit(f"saved {meta.name}")
 
     def wait(self) -> CheckpointMeta | None:
         """Wait for the write in flight, if any; returns its meta (raises its error)."""

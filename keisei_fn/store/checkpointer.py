@@ -28,6 +28,7 @@ from keisei_fn.paths import RunPath, run_path
 from keisei_fn.state import TrainState
 from keisei_fn.store.checkpoints import save_state
 from keisei_fn.store.names import RESUME_PREFIX
+from keisei_fn.store.preemption import Preemption
 from keisei_fn.store.retention import RetentionPolicy, prune
 
 __all__ = ["Checkpointer", "SaveResult", "checkpoint_due", "round_interval"]
@@ -115,6 +116,9 @@ class Checkpointer:
             pass their own).
         retention: applied after each successful save (None keeps everything).
         prefix: checkpoint name prefix.
+        preemption: an entered :class:`~keisei_fn.store.preemption.Preemption`: once its
+            signal arrived, the next ``maybe_save`` saves whether due or not, then exits the
+            process with its exit code.
 
     Raises:
         SpecError: for a non-positive interval or duration, or neither given.
@@ -131,6 +135,7 @@ class Checkpointer:
     clock: Callable[[], float] = time.monotonic
     retention: RetentionPolicy | None = None
     prefix: str = RESUME_PREFIX
+    preemption: Preemption | None = None
     _timer: _Timer = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -193,17 +198,31 @@ class Checkpointer:
 
         Returns:
             The outcome; never raises for I/O or store errors.
+
+        Raises:
+            SystemExit: after the save (or its failure: the last committed checkpoint stays)
+                once ``preemption`` was requested.
         """
+        if self.preemption is not None and self.preemption.requested:
+            result = self._save(snapshot, step=step, last_saved=last_saved)
+            self.preemption.exit(result.reason)
         if not force and not self.due(step, last_saved=last_saved):
             return SaveResult(status="skipped", last_saved=last_saved, reason="not due")
+        return self._save(snapshot, step=step, last_saved=last_saved)
+
+    def _save(
+        self, snapshot: Callable[[], TrainState] | TrainState, *, step: int, last_saved: int
+    ) -> SaveResult:
         try:
             state = snapshot() if callable(snapshot) else snapshot
             if state.step != step:
                 raise SpecError(f"snapshot is at step {state.step}, the loop says {step}")
             meta = save_state(state, self.run_dir, prefix=self.prefix)
         except Exception as exc:  # log and keep training: the loop decides
-            log.error("checkpoint at step %d failed, training goes on: %s", step, exc)
-            return SaveResult(status="failed", last_saved=last_saved, error=exc, reason=str(exc))
+            log.error("checkpoint at step %d failed: %s", step, exc)
+            return SaveResult(
+                status="failed", last_saved=last_saved, error=exc, reason=f"save failed: {exc}"
+            )
         self._timer.since = self.clock()
         if self.retention is not None:
             try:
