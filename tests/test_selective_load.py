@@ -4,7 +4,10 @@ the tensors they return (counted in bytes read, never timed)."""
 from __future__ import annotations
 
 import json
+import os
 import re
+from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 import fsspec
@@ -15,6 +18,7 @@ from golden import GOLDEN_V1, GOLDEN_V3, golden_state
 import keisei_fn as kf
 from keisei_fn.codec import only_parts
 from keisei_fn.errors import IntegrityError, SpecError
+from keisei_fn.store import weights
 from keisei_fn.testing import assert_states_equal
 
 SPEC = kf.ModelSpec(tower_depth=2, tower_width=64)
@@ -31,12 +35,28 @@ def adam_state(step: int = 10) -> kf.TrainState:
     return kf.capture(SPEC, model, optimizer, step=step, extra={"elo": 1500.0})
 
 
-def bytes_read() -> int:
-    """Bytes this process has read through read(2)/pread(2) so far (Linux's rchar)."""
+def storage_reads() -> int:
+    """Bytes this process has had the kernel fetch from storage (Linux's read_bytes): reads
+    and memory-mapped page faults alike, page cache hits not."""
     for line in Path("/proc/self/io").read_text().splitlines():
-        if line.startswith("rchar:"):
+        if line.startswith("read_bytes:"):
             return int(line.split()[1])
-    raise AssertionError("no rchar in /proc/self/io")
+    raise AssertionError("no read_bytes in /proc/self/io")
+
+
+def evict(path: Path) -> None:
+    """Drop a (durable) file's pages from the page cache, so that reading it costs storage
+    reads; skip the test where the file system keeps them (tmpfs, some overlays)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        before = storage_reads()
+        os.pread(fd, 4096, 0)
+        if storage_reads() - before < 4096:
+            pytest.skip(f"the page cache of {path.parent} cannot be dropped")
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
 
 
 def first_byte_of(path: Path, tensor: str) -> int:
@@ -56,22 +76,24 @@ def test_a_model_only_load_reads_only_the_models_bytes(tmp_path: Path) -> None:
     state = adam_state()
     meta = kf.save_state(state, tmp_path)
     model_bytes = sum(t.nbytes for t in state.model.values())
-    optimizer_bytes = meta.weights_size - model_bytes
-    assert optimizer_bytes > 1.9 * model_bytes  # Adam: two moments per parameter
-    sidecar = meta.sidecar_path.stat().st_size
+    assert meta.weights_size - model_bytes > 1.9 * model_bytes  # Adam: two moments each
     header = int.from_bytes(meta.weights_path.read_bytes()[:8], "little") + 8
+    pages = 4096 * (2 + len(state.model))  # a partial page at each end of each read
 
-    before = bytes_read()
-    loaded = kf.load_state(tmp_path, parts=("model",))
-    cost = bytes_read() - before
-    assert model_bytes <= cost <= model_bytes + header + sidecar + 4096, (cost, model_bytes)
-
-    before = bytes_read()
-    model, _ = kf.load_model(meta.path)
-    cost = bytes_read() - before
-    assert model_bytes <= cost <= model_bytes + header + sidecar + 4096, (cost, model_bytes)
-    assert_states_equal(kf.capture(SPEC, model, step=10, rng=False), only_parts(state, {"model"}))
-    assert_states_equal(loaded, only_parts(state, {"model"}))
+    for load in (
+        partial(kf.load_state, tmp_path, parts=("model",)),
+        partial(kf.load_model, meta.path),
+    ):
+        evict(meta.weights_path)
+        before = storage_reads()
+        load()
+        cost = storage_reads() - before
+        assert model_bytes <= cost <= model_bytes + header + pages, (load, cost, model_bytes)
+    evict(meta.weights_path)
+    before = storage_reads()
+    assert_states_equal(kf.load_state(tmp_path), state)
+    assert storage_reads() - before >= meta.weights_size  # a full load reads it all
+    assert_states_equal(kf.load_state(tmp_path, parts=("model",)), only_parts(state, {"model"}))
 
 
 def test_parts_load_exactly_what_a_full_load_holds_of_them(tmp_path: Path) -> None:
@@ -164,3 +186,46 @@ def test_a_remote_model_only_load_fetches_only_the_models_byte_ranges(
         assert sum(fetched) < meta.weights_size / 2
     finally:
         fs.rm("/selective-load", recursive=True)
+
+
+class CountingHashes:
+    """Counts the whole-file hashes ``read_weights`` starts (the digest itself still runs)."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.count = 0
+        real = weights.hash_chunks
+
+        def counting() -> object:
+            self.count += 1
+            return real()
+
+        monkeypatch.setattr(weights, "hash_chunks", counting)
+
+    def __call__(self, load: Callable[[], object]) -> int:
+        """How many times ``load()`` hashed a whole file."""
+        before = self.count
+        load()
+        return self.count - before
+
+
+def test_a_file_verified_before_is_not_hashed_again_while_unchanged(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    state = adam_state()
+    meta = kf.save_state(state, tmp_path)
+    hashes = CountingHashes(monkeypatch)
+    load = partial(kf.load_state, meta.path)
+    assert hashes(load) == hashes(load) == 1  # just written: too young to be remembered
+    monkeypatch.setattr(weights, "TRUSTED_AGE_NS", 0)
+    assert hashes(load) == 1
+    assert hashes(load) == 0  # remembered: the same file, unchanged
+    assert_states_equal(load(), state)
+    assert hashes(partial(kf.verify_checkpoint, meta.path)) == 1  # it always hashes
+    flip(meta.weights_path, first_byte_of(meta.weights_path, "model/stem.weight"))
+    with pytest.raises(IntegrityError, match="digest"):  # changed in place: new times
+        load()
+    replaced = kf.save_state(state.replace(extra={"elo": 1.0}), tmp_path, overwrite=True)
+    load = partial(kf.load_state, replaced.path)
+    assert hashes(load) == 1 and hashes(load) == 0  # a new file is hashed, once
+    os.utime(replaced.weights_path, ns=(0, 0))  # a back-dated mtime still changes the ctime
+    assert hashes(load) == 1

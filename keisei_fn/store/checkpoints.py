@@ -270,11 +270,13 @@ def _read_single_file(
     each_tensor: bool = False,
     parts: frozenset[str] = frozenset(STATE_PARTS),
 ) -> TrainState:
-    """Read a single-file checkpoint; ``each_tensor``: also check every tensor's own digest."""
+    """Read a single-file checkpoint; ``each_tensor``: hash the file even if this process
+    verified it before, and check every tensor's own digest."""
     tensors = read_weights(
         meta.weights_path,
         size=meta.weights_size,
         digest=meta.weights_digest if verify else None,
+        recheck=each_tensor,
     )
     check_listed(tensors, sidecar["tensors"], meta.weights_path)
     if each_tensor:

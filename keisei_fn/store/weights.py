@@ -25,7 +25,11 @@ copies the touched pages and never reaches the file. Files are never written ove
 from __future__ import annotations
 
 import math
+import mmap
 import os
+import threading
+import time
+from collections import OrderedDict
 from collections.abc import Collection, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -48,6 +52,7 @@ from keisei_fn.store._fs import (
     commit_file,
     file_size,
     hash_chunks,
+    open_regular,
     read_into,
     read_ranges,
     removing_on_failure,
@@ -222,9 +227,11 @@ def tensor_bytes(tensor: torch.Tensor) -> memoryview:
     return tensor.reshape(-1).view(torch.uint8).numpy().data
 
 
-def digest_of(data: memoryview | bytes) -> str:
-    """``"blake3:<hex>"`` of one tensor's bytes (all cores only when it is large)."""
-    threads = blake3.blake3.AUTO if len(data) >= _PARALLEL_HASH_BYTES else 1
+def digest_of(data: memoryview | bytes, *, threads: int | None = None) -> str:
+    """``"blake3:<hex>"`` of one tensor's bytes (by default on all cores only when it is
+    large; ``threads`` decides instead)."""
+    if threads is None:
+        threads = blake3.blake3.AUTO if len(data) >= _PARALLEL_HASH_BYTES else 1
     return "blake3:" + blake3.blake3(data, max_threads=threads).hexdigest()
 
 
@@ -289,13 +296,23 @@ def _start_writeback(fd: int, offset: int, size: int) -> None:
         os.posix_fadvise(fd, offset, size, os.POSIX_FADV_DONTNEED)
 
 
-def read_weights(path: RunPath, *, size: int, digest: str | None) -> dict[str, torch.Tensor]:
+def read_weights(
+    path: RunPath, *, size: int, digest: str | None, recheck: bool = False
+) -> dict[str, torch.Tensor]:
     """Read and (when ``digest`` is given) verify a weights file.
+
+    A local file this process verified before is not hashed again while its identity (device,
+    inode, size, modification and change times) and the digest asked for are the same: a file
+    the store wrote is never changed in place, and any change in place changes its times. Only
+    files last modified at least :data:`TRUSTED_AGE_NS` before their verification are
+    remembered, so a change within the file system's timestamp granularity cannot go unseen.
+    (Bit rot under an unchanged identity is ``verify_checkpoint``'s to find: it always hashes.)
 
     Args:
         path: the ``.safetensors`` file.
         size: its recorded size; a different size is corruption.
         digest: the recorded digest, or None to skip hashing.
+        recheck: hash it even if this process verified it before (``verify_checkpoint``).
 
     Returns:
         name → CPU tensor: local files give copy-on-write views of one private memory map of
@@ -314,14 +331,60 @@ def read_weights(path: RunPath, *, size: int, digest: str | None) -> dict[str, t
         raise IntegrityError(f"{path}: size is {actual} bytes, the sidecar records {size}")
     if size < 8:
         raise IntegrityError(f"{path}: {size} bytes is too short for a safetensors file")
-    data = _download(path, size) if is_remote(path) else _map(path, size)
-    if digest is not None:
+    mapped = None  # the identity of the local file mapped, if it stayed the same throughout
+    if is_remote(path):
+        data = _download(path, size)
+    else:
+        before = _identity(path, digest) if digest is not None else None
+        data = _map(path, size)
+        if before is not None and _identity(path, before[-1]) == before:
+            mapped = before
+    if digest is not None and (recheck or mapped is None or mapped not in _verified):
         hasher = hash_chunks()
         hasher.update(data)
         found = "blake3:" + hasher.hexdigest()
         if found != digest:
             raise IntegrityError(f"{path}: weights digest is {found}, the sidecar records {digest}")
+        if mapped is not None and time.time_ns() - mapped[4] >= TRUSTED_AGE_NS:  # ctime
+            _verified.add(mapped)
     return _parse(data, path)
+
+
+#: A file is remembered as verified only if it was last changed (its ctime, which any write or
+#: ``utime`` sets to now) this long before: 2 s, more than the timestamp granularity of common
+#: file systems, so a later change in place always gives it new times.
+TRUSTED_AGE_NS = 2_000_000_000
+
+
+class _Verified:
+    """The identities of the local files this process verified (the newest 4,096)."""
+
+    def __init__(self, limit: int = 4096) -> None:
+        self._seen: OrderedDict[tuple[Any, ...], None] = OrderedDict()
+        self._lock = threading.Lock()
+        self._limit = limit
+
+    def __contains__(self, identity: object) -> bool:
+        with self._lock:
+            return identity in self._seen
+
+    def add(self, identity: tuple[Any, ...]) -> None:
+        with self._lock:
+            self._seen[identity] = None
+            while len(self._seen) > self._limit:
+                self._seen.popitem(last=False)
+
+
+_verified = _Verified()
+
+
+def _identity(path: Path, digest: str) -> tuple[Any, ...] | None:
+    """``(device, inode, size, mtime, ctime, digest)`` of a local file, None if it is gone."""
+    try:
+        found = os.stat(path)
+    except OSError:
+        return None
+    return (found.st_dev, found.st_ino, found.st_size, found.st_mtime_ns, found.st_ctime_ns, digest)
 
 
 def _map(path: Path, size: int) -> memoryview:
@@ -334,6 +397,21 @@ def _map(path: Path, size: int) -> memoryview:
         raise OSError(f"cannot map {path}: {exc}") from exc
     storage = cast(torch.UntypedStorage, mapped)  # from_file's stub says a base class
     return torch.empty(0, dtype=torch.uint8).set_(storage).numpy().data
+
+
+def _map_ranges(path: Path, size: int, ranges: Sequence[tuple[int, int]]) -> memoryview:
+    """A private copy-on-write map of a local file from which only ``ranges`` are read: the
+    kernel's readahead is off for the map and asked for those ranges alone."""
+    with open_regular(path) as file:
+        if os.fstat(file.fileno()).st_size != size:
+            raise IntegrityError(f"{path}: its size changed while it was read")
+        mapping = mmap.mmap(file.fileno(), size, access=mmap.ACCESS_COPY)
+    mapping.madvise(mmap.MADV_RANDOM)
+    for start, end in ranges:
+        aligned = start - start % mmap.PAGESIZE
+        if end > aligned:
+            mapping.madvise(mmap.MADV_WILLNEED, aligned, end - aligned)
+    return memoryview(mapping)
 
 
 def _download(path: RunPath, size: int) -> memoryview:
@@ -479,19 +557,29 @@ def read_tensors(
             runs[-1].append(span)
         else:
             runs.append([span])
-    pieces = read_ranges(path, [(data_start + r[0].begin, data_start + r[-1].end) for r in runs])
+    ranges = [(data_start + run[0].begin, data_start + run[-1].end) for run in runs]
+    if is_remote(path):
+        pieces: list[Bytes] = list(read_ranges(path, ranges))  # one ranged GET each
+    else:
+        mapped = _map_ranges(path, size, ranges)
+        pieces = [mapped[start:end] for start, end in ranges]
     tensors: dict[str, torch.Tensor] = {}
-    for run, piece in zip(runs, pieces, strict=True):
-        for span in run:
-            offset = span.begin - run[0].begin
-            if digests is not None:
-                found = digest_of(memoryview(piece)[offset : offset + span.end - span.begin])
-                if found != digests.get(span.name):
+    with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:  # hashes on all cores
+        checks = []
+        for run, piece in zip(runs, pieces, strict=True):
+            for span in run:
+                offset = span.begin - run[0].begin
+                if digests is not None:
+                    data = memoryview(piece)[offset : offset + span.end - span.begin]
+                    checks.append((span.name, pool.submit(digest_of, data, threads=1)))
+                tensors[span.name] = _view(span, piece, offset)
+        if digests is not None:
+            for name, digest in checks:
+                if digest.result() != digests.get(name):
                     raise IntegrityError(
-                        f"{path}: tensor {span.name!r} has digest {found}, the sidecar "
-                        f"records {digests.get(span.name)}"
+                        f"{path}: tensor {name!r} has digest {digest.result()}, the sidecar "
+                        f"records {digests.get(name)}"
                     )
-            tensors[span.name] = _view(span, piece, offset)
     return tensors
 
 
