@@ -55,15 +55,20 @@ def _add_spec_options(parser: argparse.ArgumentParser) -> None:
     """Keisei's CLI names for the model spec (its ``train.py`` spells them with underscores;
     both spellings work); unset options fall back to config/defaults."""
     group = parser.add_argument_group("model spec (Keisei's CLI names, - or _ alike)")
-    group.add_argument("--model", help="model type (resnet, testmodel, ...)")
+    group.add_argument("--model", metavar="TYPE", help="model type (resnet, testmodel, ...)")
     group.add_argument(
-        "--input-features", "--input_features", dest="input_features", help="feature set (core46)"
+        "--input-features",
+        "--input_features",
+        dest="input_features",
+        metavar="NAME",
+        help="feature set (core46)",
     )
     group.add_argument(
         "--tower-depth",
         "--tower_depth",
         dest="tower_depth",
         type=int,
+        metavar="N",
         help="residual blocks in the tower",
     )
     group.add_argument(
@@ -71,6 +76,7 @@ def _add_spec_options(parser: argparse.ArgumentParser) -> None:
         "--tower_width",
         dest="tower_width",
         type=int,
+        metavar="N",
         help="channels of the tower",
     )
     group.add_argument(
@@ -78,6 +84,7 @@ def _add_spec_options(parser: argparse.ArgumentParser) -> None:
         "--se_ratio",
         dest="se_ratio",
         type=float,
+        metavar="RATIO",
         help="squeeze-and-excitation ratio (<= 0 disables SE)",
     )
 
@@ -223,7 +230,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("analyze", help="top-k legal moves and value of a position")
     p.add_argument("checkpoint", help="checkpoint file, final model or run directory")
     p.add_argument("sfen", nargs="?", help="position, quoted (default: the start position)")
-    p.add_argument("--top-k", type=int, default=5, help="moves to show (default: 5)")
+    p.add_argument("--top-k", type=int, default=5, metavar="K", help="moves to show (default: 5)")
     p.set_defaults(run=commands.cmd_analyze)
     return parser
 
