@@ -10,6 +10,11 @@ the checkpoint table and ``analyze``.
 Everything that decides the run — weights, optimizer, the batch sampler's generator, the global
 RNGs — is in each checkpoint, so a run interrupted at any point (Ctrl-C, or killed) resumes
 exactly from its last checkpoint.
+
+A run trains to ``steps`` (default :data:`DEFAULT_STEPS`) or until the training pool's legal
+mass reaches the target, then saves its final state marked complete. Running it again on a
+complete run trains nothing — unless ``steps`` is given beyond the step it ended at: then it
+trains on from that last checkpoint to ``steps`` (a target already reached does not stop it).
 """
 
 from __future__ import annotations
@@ -34,9 +39,12 @@ from keisei_fn.store.checkpoints import save_final_model, save_state
 from keisei_fn.store.resume import resume
 from keisei_fn.store.retention import RetentionPolicy
 
-__all__ = ["DemoConfig", "DemoResult", "legal_mass", "legality_loss", "run_demo"]
+__all__ = ["DEFAULT_STEPS", "DemoConfig", "DemoResult", "legal_mass", "legality_loss", "run_demo"]
 
 Print = Callable[[str], None]
+
+#: The step limit of a run when ``DemoConfig.steps`` is None.
+DEFAULT_STEPS = 3000
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -45,7 +53,9 @@ class DemoConfig:
 
     Args:
         run_dir: where checkpoints go (a second run with the same directory resumes).
-        steps: maximum optimizer steps.
+        steps: train to this step (optimizer steps in all, across resumes); None:
+            :data:`DEFAULT_STEPS`, and a complete run stays complete. Given beyond the step a
+            complete run ended at, it trains on from there.
         target_legal_mass: stop once the training pool's legal mass reaches this.
         seed: seeds the network, the position pools and the batch sampler.
         pool_size: training positions; heldout_size: positions never trained on.
@@ -56,7 +66,7 @@ class DemoConfig:
     """
 
     run_dir: Path = Path("runs/demo")
-    steps: int = 3000
+    steps: int | None = None
     target_legal_mass: float = 0.9
     seed: int = 0
     pool_size: int = 512
@@ -72,7 +82,7 @@ class DemoConfig:
     def __post_init__(self) -> None:
         object.__setattr__(self, "run_dir", Path(self.run_dir))
         for name in (
-            "steps",
+            *(("steps",) if self.steps is not None else ()),
             "pool_size",
             "heldout_size",
             "batch_size",
@@ -91,9 +101,17 @@ class DemoConfig:
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class DemoResult:
-    """How the demo ended."""
+    """How the demo ended.
+
+    Attributes:
+        step: the step the run is at now.
+        target_step: the step it trained towards (its step when there was nothing to train).
+        trained: whether this call trained (False: the run was already complete).
+    """
 
     step: int
+    target_step: int
+    trained: bool
     resumed_from: RunPath | None
     train_legal_mass: float
     heldout_legal_mass: float
@@ -160,29 +178,56 @@ def run_demo(config: DemoConfig, *, say: Print = print, progress: bool | None = 
         say(f"resumed from {resumed.path} at step {step}")
     else:
         say(f"fresh start in {config.run_dir} (no checkpoint to resume)")
-    completed = bool(resumed is not None and resumed.state.extra.get("completed"))
-    if completed:
-        say(
-            f"this run is already complete (step {step}): nothing to train; "
-            f"delete {config.run_dir} to start over"
+    ended = dict(resumed.state.extra) if resumed is not None else {}
+    completed = bool(ended.get("completed"))
+    continuing = completed and config.steps is not None and config.steps > step
+    limit = config.steps if config.steps is not None else DEFAULT_STEPS
+    train_mass = legal_mass(model, train_obs, train_masks)
+    held_mass = legal_mass(model, held_obs, held_masks)
+    # A target already reached when a complete run trains on does not stop it.
+    stop_at_target = not (continuing and train_mass >= config.target_legal_mass)
+    training = continuing or not completed
+    if not training:
+        why = ended.get("stopped") or (
+            "target legal mass reached"
+            if train_mass >= config.target_legal_mass
+            else "step limit reached"
         )
+        say(
+            f"this run is already complete at step {step} ({why}): pass --steps N > {step} "
+            f"to train on, or delete {config.run_dir} to start over"
+        )
+        limit = step
     else:
         params = sum(p.numel() for p in model.parameters())
         say(
             f"model {spec.model_type} ({params:,} parameters), {config.pool_size} training "
             f"positions + {config.heldout_size} held-out from random self-play (seed "
             f"{config.seed}); checkpoint every {config.checkpoint_every} steps, keep the last "
-            f"{config.keep_last}; target legal mass {config.target_legal_mass}"
+            f"{config.keep_last}"
         )
+        if continuing:
+            say(
+                f"training on from step {step} to step {limit}"
+                + (
+                    ""
+                    if stop_at_target
+                    else f" (target legal mass {config.target_legal_mass} already reached: "
+                    "it does not stop this run)"
+                )
+            )
+        else:
+            say(
+                f"training to step {limit}, or until the legal mass reaches "
+                f"{config.target_legal_mass}"
+            )
 
     checkpointer = Checkpointer(
         run_dir=config.run_dir,
         interval=config.checkpoint_every,
         retention=RetentionPolicy(keep_last=config.keep_last),
     )
-    last_saved = step
-    train_mass = legal_mass(model, train_obs, train_masks)
-    held_mass = legal_mass(model, held_obs, held_masks)
+    last_saved = first_step = step
 
     def snapshot(**extra: Any) -> Any:
         return capture(
@@ -195,14 +240,20 @@ def run_demo(config: DemoConfig, *, say: Print = print, progress: bool | None = 
         )
 
     bar = tqdm(
-        total=config.steps,
+        total=limit,
         initial=step,
+        desc=f"to step {limit}",
         disable=not progress if progress is not None else None,
         unit="step",
         dynamic_ncols=True,
     )
+    loop_started = time.perf_counter()
     try:
-        while not completed and step < config.steps and train_mass < config.target_legal_mass:
+        while (
+            training
+            and step < limit
+            and not (stop_at_target and train_mass >= config.target_legal_mass)
+        ):
             batch = torch.randint(len(train_obs), (config.batch_size,), generator=sampler)
             logits, _ = model(train_obs[batch])
             loss = legality_loss(logits, train_masks[batch])
@@ -218,9 +269,11 @@ def run_demo(config: DemoConfig, *, say: Print = print, progress: bool | None = 
                     loss=f"{loss.item():.3f}", train=f"{train_mass:.3f}", heldout=f"{held_mass:.3f}"
                 )
                 if bar.disable:
+                    rate = (time.perf_counter() - loop_started) / (step - first_step)
                     say(
-                        f"step {step:5d}  loss {loss.item():.3f}  legal mass: "
-                        f"train {train_mass:.3f}  held-out {held_mass:.3f}"
+                        f"step {step:5d}/{limit}  loss {loss.item():.3f}  legal mass: "
+                        f"train {train_mass:.3f}  held-out {held_mass:.3f}  "
+                        f"ETA {_duration(rate * (limit - step))}"
                     )
             result = checkpointer.maybe_save(snapshot, step=step, last_saved=last_saved)
             if result.status == "saved" and result.meta is not None:
@@ -233,19 +286,26 @@ def run_demo(config: DemoConfig, *, say: Print = print, progress: bool | None = 
             say(f"\ninterrupted: saved {meta.name}; run the same command again to resume")
         raise
     bar.close()
-    if not completed and step % config.eval_every:  # measure the final weights
+    if training and step % config.eval_every:  # measure the final weights
         train_mass = legal_mass(model, train_obs, train_masks)
         held_mass = legal_mass(model, held_obs, held_masks)
     reached = train_mass >= config.target_legal_mass
     publish_status: tuple[str, ...] = ()
-    if not completed:
-        final = snapshot(completed=True)
+    if training:
+        stopped = (
+            "target legal mass reached"
+            if stop_at_target and reached
+            else f"step limit {limit} reached"
+        )
+        final = snapshot(completed=True, stopped=stopped)
         final_meta = save_state(final, config.run_dir, kind="final", overwrite=True)
         model_meta = save_final_model(final, config.run_dir)
         say(f"final checkpoint {final_meta.name}, final model {model_meta.name}")
         publish_status = _publish(config, (final_meta, model_meta), say)
     return DemoResult(
         step=step,
+        target_step=limit,
+        trained=training,
         resumed_from=resumed.path if resumed is not None else None,
         train_legal_mass=train_mass,
         heldout_legal_mass=held_mass,
@@ -253,6 +313,16 @@ def run_demo(config: DemoConfig, *, say: Print = print, progress: bool | None = 
         seconds=time.perf_counter() - started,
         publish_status=publish_status,
     )
+
+
+def _duration(seconds: float) -> str:
+    """``42s``, ``3m05s``, ``1h02m``."""
+    whole = round(seconds)
+    if whole < 60:
+        return f"{whole}s"
+    if whole < 3600:
+        return f"{whole // 60}m{whole % 60:02d}s"
+    return f"{whole // 3600}h{whole % 3600 // 60:02d}m"
 
 
 def _publish(config: DemoConfig, metas: tuple[Any, ...], say: Print) -> tuple[str, ...]:
@@ -270,9 +340,6 @@ def _publish(config: DemoConfig, metas: tuple[Any, ...], say: Print) -> tuple[st
     ) as run:
         for meta in metas:
             result = publish(meta, run_name=config.run_dir.name, run=run)
-            say(
-                f"W&B: {result.artifact_name or meta.name}: {result.status}"
-                + (f" ({result.reason})" if result.reason else "")
-            )
+            say(f"W&B: {result}")
             statuses.append(result.status)
     return tuple(statuses)

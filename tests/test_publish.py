@@ -151,7 +151,11 @@ def test_publish_logs_both_files_with_aliases_and_metadata(tmp_path, offline, wa
 
     name = "my-run-checkpoint-ts10240"
     assert result == PublishResult(
-        status="published", reason=result.reason, artifact_name=name, aliases=("ts-10240",)
+        status="published",
+        reason=result.reason,
+        artifact_name=name,
+        aliases=("ts-10240",),
+        checkpoint="checkpoint_ts10240",
     )
     staged = staged_bytes(wandb_dir)
     (logged,) = offline.artifacts()

@@ -1,13 +1,21 @@
 """The ``keisei-fn`` command line (also ``python -m keisei_fn``): argument parsing and printing
 only; every command is a thin call into the library (see ``keisei_fn.cli.commands``).
 
-User errors print one line and exit 2 (no traceback); ``verify`` exits 1 on any corrupt,
-invalid or unreadable checkpoint (with ``--strict`` also on leftovers of crashed saves).
+Options may come before, between or after a command's positional arguments. Wherever a
+command takes a checkpoint, a run directory stands for its final model, else its latest
+checkpoint (``keisei_fn.store.locate.run_dir_checkpoint``, the rule of ``load_model``).
+``publish``, ``flush`` and ``demo`` write W&B's files under ``<run_dir>/wandb`` unless
+``WANDB_DIR`` is set (``keisei_fn.publish.session``).
+
+User errors — a path that does not exist included — print one line ``keisei-fn: error: ...``
+and exit 2 (no traceback), before anything is written; so does a bare ``keisei-fn``, after the
+list of commands. ``verify`` exits 1 on any corrupt, invalid or unreadable checkpoint (with
+``--strict`` also on leftovers of crashed saves).
 
 Example:
     $ keisei-fn demo
     $ keisei-fn ls runs/demo
-    $ keisei-fn analyze runs/demo
+    $ keisei-fn analyze runs/demo --top-k 3
 """
 
 from __future__ import annotations
@@ -15,84 +23,172 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Sequence
+from typing import Any
 
+from keisei_fn._version import __version__
 from keisei_fn.cli import commands
 from keisei_fn.errors import KeiseiFnError
 
 __all__ = ["build_parser", "main"]
 
+WANDB_DIR_RULE = "W&B's files go under RUN_DIR/wandb unless WANDB_DIR is set"
+
+
+class _Parser(argparse.ArgumentParser):
+    """A command's parser takes its options anywhere among its positionals
+    (``analyze runs/demo --top-k 3 "<SFEN>"``): argparse's intermixed parsing. The top-level
+    parser, which holds the commands, parses as usual (argparse cannot intermix around them)."""
+
+    _intermixing = False
+
+    def parse_known_args(self, args: Any = None, namespace: Any = None) -> tuple[Any, list[str]]:
+        if self._intermixing or self._subparsers is not None:
+            return super().parse_known_args(args, namespace)
+        self._intermixing = True  # parse_known_intermixed_args calls parse_known_args (3.11)
+        try:
+            return self.parse_known_intermixed_args(args, namespace)
+        finally:
+            self._intermixing = False
+
 
 def _add_spec_options(parser: argparse.ArgumentParser) -> None:
-    """Keisei's CLI names for the model spec; unset options fall back to config/defaults."""
-    group = parser.add_argument_group("model spec (Keisei's CLI names)")
-    group.add_argument("--model", help="model type (resnet, testmodel, ...)")
-    group.add_argument("--input-features", dest="input_features", help="feature set (core46)")
-    group.add_argument("--tower-depth", dest="tower_depth", type=int)
-    group.add_argument("--tower-width", dest="tower_width", type=int)
-    group.add_argument("--se-ratio", dest="se_ratio", type=float, help="<= 0 disables SE")
+    """Keisei's CLI names for the model spec (its ``train.py`` spells them with underscores;
+    both spellings work); unset options fall back to config/defaults."""
+    group = parser.add_argument_group("model spec (Keisei's CLI names, - or _ alike)")
+    group.add_argument("--model", metavar="TYPE", help="model type (resnet, testmodel, ...)")
+    group.add_argument(
+        "--input-features",
+        "--input_features",
+        dest="input_features",
+        metavar="NAME",
+        help="feature set (core46)",
+    )
+    group.add_argument(
+        "--tower-depth",
+        "--tower_depth",
+        dest="tower_depth",
+        type=int,
+        metavar="N",
+        help="residual blocks in the tower",
+    )
+    group.add_argument(
+        "--tower-width",
+        "--tower_width",
+        dest="tower_width",
+        type=int,
+        metavar="N",
+        help="channels of the tower",
+    )
+    group.add_argument(
+        "--se-ratio",
+        "--se_ratio",
+        dest="se_ratio",
+        type=float,
+        metavar="RATIO",
+        help="squeeze-and-excitation ratio (<= 0 disables SE)",
+    )
 
 
-def _add_wandb_options(parser: argparse.ArgumentParser) -> None:
+def _wandb_mode_option(parser: argparse.ArgumentParser, *, default: str | None) -> None:
     parser.add_argument(
         "--wandb",
         choices=["offline", "online", "disabled"],
-        default="offline",
-        help="W&B mode unless WANDB_MODE is set (default: offline)",
+        default=default,
+        help=f"W&B mode unless WANDB_MODE is set (default: offline); {WANDB_DIR_RULE}",
     )
-    parser.add_argument("--project", default="keisei-shogi-rl", help="W&B project")
+
+
+def _add_wandb_options(parser: argparse.ArgumentParser) -> None:
+    _wandb_mode_option(parser, default="offline")
+    parser.add_argument(
+        "--project", default="keisei-shogi-rl", help="W&B project (default: keisei-shogi-rl)"
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The argument parser of every command."""
-    parser = argparse.ArgumentParser(
+    """The argument parser of every command.
+
+    Returns:
+        The parser; each command's namespace has ``run``, the function that runs it.
+
+    Example:
+        >>> build_parser().parse_args(["analyze", "runs/demo", "--top-k", "3"]).top_k
+        3
+    """
+    parser = _Parser(
         prog="keisei-fn",
         description="Model lifecycle for Keisei's Shogi networks: pickle-free checkpoints, "
         "exact resume, W&B publishing.",
+        epilog="Wherever a checkpoint is expected, a run directory means its final model, "
+        "else its latest checkpoint.",
     )
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    parser.add_argument(
+        "--version",
+        action="version",
+        version=f"keisei-fn {__version__}",
+        help="print the version and exit",
+    )
+    sub = parser.add_subparsers(
+        dest="command",
+        title="commands",
+        metavar="COMMAND",
+        help="`keisei-fn COMMAND --help` describes one",
+    )
 
     p = sub.add_parser("demo", help="the end-to-end demo (train, checkpoint, resume, publish)")
     p.add_argument("--run-dir", default="runs/demo", help="run directory (default: runs/demo)")
-    p.add_argument("--steps", type=int, default=3000, help="maximum training steps")
+    p.add_argument(
+        "--steps",
+        type=int,
+        metavar="N",
+        help="train to step N, stopping earlier at the target legal mass (default: 3000); on "
+        "a complete run, N beyond its step trains on from its last checkpoint",
+    )
     p.add_argument(
         "--target-legal-mass",
         type=float,
         default=0.9,
         help="stop when the training pool's legal mass reaches this (default 0.9)",
     )
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seeds the network, positions and batches")
     p.add_argument("--pool-size", type=int, default=512, help="training positions")
     p.add_argument("--checkpoint-every", type=int, default=100, help="steps between checkpoints")
-    p.add_argument(
-        "--wandb",
-        choices=["offline", "online", "disabled"],
-        default=None,
-        help="W&B mode (default: WANDB_MODE, else offline)",
-    )
+    _wandb_mode_option(p, default=None)
     p.set_defaults(run=commands.cmd_demo)
 
     p = sub.add_parser("ls", help="table of a run directory's checkpoints")
-    p.add_argument("run_dir")
+    p.add_argument("run_dir", help="the run directory (local or an fsspec URL)")
     p.add_argument("--verify", action="store_true", help="also check every weights digest")
     p.set_defaults(run=commands.cmd_ls)
 
     p = sub.add_parser("info", help="a checkpoint's spec, stats and tensors (or a spec's sizes)")
-    p.add_argument("path", nargs="?", help="checkpoint file or stem (omit to describe a spec)")
+    p.add_argument(
+        "path",
+        nargs="?",
+        help="checkpoint file, stem or run directory (omit to describe the spec the options give)",
+    )
     _add_spec_options(p)
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--mixed-precision", dest="mixed_precision", choices=["fp16", "bf16"])
+    p.add_argument("--device", default="cpu", help="device for the precision policy (default: cpu)")
+    p.add_argument(
+        "--mixed-precision",
+        dest="mixed_precision",
+        choices=["fp16", "bf16"],
+        help="describe this mixed-precision policy",
+    )
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(run=commands.cmd_info)
 
     p = sub.add_parser("verify", help="verify a checkpoint or a run directory (exit 1 if bad)")
-    p.add_argument("path")
+    p.add_argument(
+        "path", help="a checkpoint, or a run directory (every checkpoint in it; none: exit 2)"
+    )
     p.add_argument(
         "--strict", action="store_true", help="also exit 1 on leftovers of crashed saves"
     )
     p.set_defaults(run=commands.cmd_verify)
 
     p = sub.add_parser("prune", help="apply a retention policy to a run directory")
-    p.add_argument("run_dir")
+    p.add_argument("run_dir", help="the run directory")
     p.add_argument("--keep-last", type=int, help="keep the newest N periodic checkpoints")
     p.add_argument("--keep-every", type=int, help="also keep steps that are multiples of N")
     p.add_argument("--keep-best", metavar="METRIC:max|min:K", help="keep the K best by a metric")
@@ -101,8 +197,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(run=commands.cmd_prune)
 
     p = sub.add_parser("convert", help="import an original Keisei .pth checkpoint")
-    p.add_argument("pth")
-    p.add_argument("run_dir")
+    p.add_argument("pth", help="the Keisei .pth file (loaded without running any code)")
+    p.add_argument("run_dir", help="the run directory to write the checkpoint into")
+    p.add_argument(
+        "--kind",
+        choices=list(commands.CONVERT_KINDS),
+        help="checkpoint: checkpoint_ts<N>, full state (a resume point); final: the same, "
+        "marked as a run's last state; final-model: final_model, weights only (optimizer and "
+        "scheduler dropped). Default: final-model for final_model.pth, else checkpoint",
+    )
     _add_spec_options(p)
     p.set_defaults(run=commands.cmd_convert)
 
@@ -114,20 +217,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(run=commands.cmd_consolidate)
 
     p = sub.add_parser("publish", help="publish a checkpoint to W&B")
-    p.add_argument("path")
+    p.add_argument("path", help="checkpoint file, stem or run directory")
     p.add_argument("--run-name", required=True, help="Keisei run name (artifact name prefix)")
     _add_wandb_options(p)
     p.set_defaults(run=commands.cmd_publish)
 
     p = sub.add_parser("flush", help="publish the run directory's pending outbox")
-    p.add_argument("run_dir")
+    p.add_argument("run_dir", help="the run directory")
     _add_wandb_options(p)
     p.set_defaults(run=commands.cmd_flush)
 
     p = sub.add_parser("analyze", help="top-k legal moves and value of a position")
     p.add_argument("checkpoint", help="checkpoint file, final model or run directory")
-    p.add_argument("sfen", nargs="?", help="position (default: the start position)")
-    p.add_argument("--top-k", type=int, default=5)
+    p.add_argument("sfen", nargs="?", help="position, quoted (default: the start position)")
+    p.add_argument("--top-k", type=int, default=5, metavar="K", help="moves to show (default: 5)")
     p.set_defaults(run=commands.cmd_analyze)
     return parser
 
@@ -135,11 +238,26 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line and return the exit code.
 
+    Args:
+        argv: the arguments after ``keisei-fn`` (default: ``sys.argv[1:]``).
+
+    Returns:
+        0 on success; 1 when a command found a problem (``verify``: a bad checkpoint; the
+        demo: target not reached); 2 for a user error (one line on stderr) or no command (the
+        list of commands on stderr).
+
+    Raises:
+        SystemExit: from argparse, for ``--help``, ``--version`` and malformed arguments.
+
     Example:
         >>> main(["info", "--model", "testmodel", "--json"])  # doctest: +SKIP
         0
     """
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help(sys.stderr)
+        return 2
     try:
         return int(args.run(args))
     except (KeiseiFnError, OSError) as exc:

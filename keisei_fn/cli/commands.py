@@ -1,6 +1,8 @@
 """The commands of ``keisei-fn``: each is a thin call into the library plus printing.
 
-Every command takes the parsed ``argparse.Namespace`` and returns an exit code.
+Every command takes the parsed ``argparse.Namespace`` and returns an exit code. A path that
+does not exist is a user error (``FileNotFoundError`` or a ``KeiseiFnError``, which ``main``
+prints as one line, exit 2), raised before anything is written or a W&B run is started.
 """
 
 from __future__ import annotations
@@ -18,6 +20,9 @@ from keisei_fn.paths import RunPath, run_path
 from keisei_fn.precision import precision_policy
 from keisei_fn.spec import ModelSpec
 
+#: ``convert --kind`` → ``import_legacy``'s kind.
+CONVERT_KINDS = {"checkpoint": "periodic", "final": "final", "final-model": "final_model"}
+
 
 def _print_json(data: Any) -> None:
     sys.stdout.write(orjson.dumps(data, option=orjson.OPT_INDENT_2, default=str).decode() + "\n")
@@ -29,6 +34,20 @@ def _spec_from_args(args: argparse.Namespace) -> ModelSpec | None:
     if all(getattr(args, n, None) is None for n in names):
         return None
     return ModelSpec.from_config(None, args)
+
+
+def _existing_run_dir(path: str | Path) -> RunPath:
+    """The run directory ``path`` names, which must exist.
+
+    Raises:
+        FileNotFoundError: it is not an existing directory.
+    """
+    from keisei_fn.store import directory_exists
+
+    run_dir = run_path(path)
+    if not directory_exists(run_dir):
+        raise FileNotFoundError(f"no run directory {run_dir}")
+    return run_dir
 
 
 def _publish_status(run_dir: RunPath) -> dict[str, str]:
@@ -51,11 +70,9 @@ def _publish_status(run_dir: RunPath) -> dict[str, str]:
 
 def cmd_ls(args: argparse.Namespace) -> int:
     """A table of a run directory's checkpoints, including invalid and incomplete ones."""
-    from keisei_fn.store import directory_exists, scan_run_dir, stored_size, verify_checkpoint
+    from keisei_fn.store import scan_run_dir, stored_size, verify_checkpoint
 
-    run_dir = run_path(args.run_dir)
-    if not directory_exists(run_dir):
-        raise FileNotFoundError(f"no run directory {run_dir}")
+    run_dir = _existing_run_dir(args.run_dir)
     scan = scan_run_dir(run_dir)
     published = _publish_status(run_dir)
     rows = []
@@ -97,7 +114,8 @@ def cmd_ls(args: argparse.Namespace) -> int:
 
 
 def cmd_info(args: argparse.Namespace) -> int:
-    """Spec, model info, stats and tensors of a checkpoint — or of a spec given by options."""
+    """Spec, model info, stats and tensors of a checkpoint (a run directory: its final model,
+    else its latest checkpoint) — or of a spec given by options."""
     if args.path is None:
         spec = _spec_from_args(args) or ModelSpec()
         precision = precision_policy(args.device, mixed_precision=args.mixed_precision or False)
@@ -108,9 +126,9 @@ def cmd_info(args: argparse.Namespace) -> int:
             _print_spec(spec, info)
         return 0
     from keisei_fn.store.listing import read_listed
-    from keisei_fn.store.locate import resolve_stem
+    from keisei_fn.store.locate import resolve_checkpoint
 
-    meta, _ = read_listed(resolve_stem(args.path))
+    meta, _ = read_listed(resolve_checkpoint(args.path))
     data: dict[str, Any] = {
         "name": meta.name,
         "path": str(meta.path),
@@ -167,7 +185,9 @@ def _print_spec(spec: ModelSpec, info: dict[str, Any]) -> None:
 def cmd_verify(args: argparse.Namespace) -> int:
     """Verify one checkpoint or every checkpoint of a run directory; exit 1 on a corrupt,
     invalid or unreadable checkpoint. Leftovers of an ordinary crash (temp files, payloads no
-    sidecar names) are reported as leftovers, exit 0 — exit 1 with ``--strict``."""
+    sidecar names) are reported as leftovers, exit 0 — exit 1 with ``--strict``. A directory
+    with nothing in it to verify is a user error (a wrong path, most likely): exit 2."""
+    from keisei_fn.errors import CheckpointNotFoundError
     from keisei_fn.store.checkpoints import verify_checkpoint
     from keisei_fn.store.listing import is_run_dir, scan_run_dir
 
@@ -177,6 +197,8 @@ def cmd_verify(args: argparse.Namespace) -> int:
         print(f"ok  {meta.name} (step {meta.step}, {human_bytes(meta.weights_size)})")
         return 0
     scan = scan_run_dir(path)
+    if not (scan.valid or scan.invalid or scan.unreadable or scan.leftovers):
+        raise CheckpointNotFoundError(f"no checkpoints in {path}: nothing to verify")
     bad = 0
     for meta in scan.valid:
         try:
@@ -194,8 +216,6 @@ def cmd_verify(args: argparse.Namespace) -> int:
     for leftover in scan.leftovers:
         bad += args.strict
         print(f"LEFTOVER  {leftover.name}: no sidecar names it (prune removes it)")
-    if not (scan.valid or scan.leftovers or bad):
-        print(f"{path}: no checkpoints")
     return 1 if bad else 0
 
 
@@ -213,7 +233,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
         keep_best=keep_best,
         max_bytes=args.max_bytes,
     )
-    plan = prune(args.run_dir, policy, dry_run=args.dry_run)
+    plan = prune(_existing_run_dir(args.run_dir), policy, dry_run=args.dry_run)
     verb = "would delete" if args.dry_run else "deleted"
     for name, reason in sorted(plan.keep.items()):
         print(f"keep          {name}  ({reason})")
@@ -223,36 +243,47 @@ def cmd_prune(args: argparse.Namespace) -> int:
 
 
 def cmd_convert(args: argparse.Namespace) -> int:
-    """Import an original Keisei ``.pth`` checkpoint into a run directory."""
+    """Import an original Keisei ``.pth`` checkpoint into a run directory (``--kind``: what
+    to import it as; by default decided by the file name, see ``import_legacy``)."""
     from keisei_fn.store.legacy import import_legacy
 
-    meta = import_legacy(args.pth, args.run_dir, spec=_spec_from_args(args))
+    kind = CONVERT_KINDS[args.kind] if args.kind else None
+    meta = import_legacy(args.pth, args.run_dir, spec=_spec_from_args(args), kind=kind)
     print(f"converted {args.pth} → {meta.weights_path} (step {meta.step}, {meta.kind})")
     return 0
 
 
 def cmd_publish(args: argparse.Namespace) -> int:
-    """Publish one checkpoint to W&B (offline unless WANDB_MODE or --wandb says otherwise)."""
-    from keisei_fn.publish import publish, wandb_run
+    """Publish one checkpoint (a run directory: its final model, else its latest checkpoint)
+    to W&B, offline unless WANDB_MODE or --wandb says otherwise; W&B's files go under the run
+    directory's ``wandb/`` unless WANDB_DIR is set. One line says what happened."""
+    from keisei_fn.publish import publish, publishable, wandb_run
+    from keisei_fn.store.locate import resolve_checkpoint
 
-    with wandb_run(mode=args.wandb, project=args.project, name=args.run_name) as run:
-        result = publish(args.path, run_name=args.run_name, run=run)
-    print(
-        f"{result.status}: {result.artifact_name} {list(result.aliases)} {result.reason}".rstrip()
-    )
+    meta = publishable(resolve_checkpoint(args.path))  # before any W&B run is started
+    with wandb_run(
+        mode=args.wandb, project=args.project, name=args.run_name, directory=meta.run_dir
+    ) as run:
+        result = publish(meta, run_name=args.run_name, run=run)
+    print(result)
     return 0 if result.status in ("published", "skipped", "queued") else 1
 
 
 def cmd_flush(args: argparse.Namespace) -> int:
-    """Publish what the run directory's outbox holds pending."""
+    """Publish what the run directory's outbox holds pending, one line per publication (no
+    W&B run is started when nothing is pending); W&B's files go under the run directory's
+    ``wandb/`` unless WANDB_DIR is set."""
     from keisei_fn.publish import flush_outbox, wandb_run
+    from keisei_fn.store.ledger import pending_publications
 
-    with wandb_run(mode=args.wandb, project=args.project) as run:
-        results = flush_outbox(args.run_dir, run=run)
+    run_dir = _existing_run_dir(args.run_dir)
+    if not pending_publications(run_dir):
+        print(f"{run_dir}: outbox empty, nothing to publish")
+        return 0
+    with wandb_run(mode=args.wandb, project=args.project, directory=run_dir) as run:
+        results = flush_outbox(run_dir, run=run)
     for result in results:
-        print(f"{result.status}: {result.artifact_name} {result.reason}".rstrip())
-    if not results:
-        print("outbox empty")
+        print(result)
     return 1 if any(r.status == "failed" for r in results) else 0
 
 
@@ -271,7 +302,8 @@ def cmd_analyze(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    """Run the end-to-end demo (see ``keisei_fn.demo``)."""
+    """Run the end-to-end demo (see ``keisei_fn.demo``): a fresh run, or resume an interrupted
+    one; ``--steps N`` beyond a complete run's step trains on from its last checkpoint."""
     import os
 
     from keisei_fn.demo import DemoConfig, run_demo
@@ -292,13 +324,14 @@ def cmd_demo(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         return 130
     how = f"resumed from {result.resumed_from}" if result.resumed_from else "fresh start"
+    done = "finished" if result.trained else "complete"
     print(
-        f"\nfinished at step {result.step} ({how}) in {result.seconds:.1f} s: legal mass "
+        f"\n{done} at step {result.step} ({how}) in {result.seconds:.1f} s: legal mass "
         f"{result.train_legal_mass:.3f} on the training pool, "
         f"{result.heldout_legal_mass:.3f} on held-out positions"
     )
     if not result.reached_target:
-        print(f"target {config.target_legal_mass} NOT reached within {config.steps} steps")
+        print(f"target {config.target_legal_mass} NOT reached by step {result.target_step}")
     print()
     cmd_ls(argparse.Namespace(run_dir=config.run_dir, verify=True))
     print()

@@ -24,6 +24,7 @@ from keisei_fn.publish.upload import (
     PublishResult,
     flush_outbox,
     publish,
+    publishable,
     publishing_enabled,
 )
 
@@ -36,6 +37,7 @@ __all__ = [
     "flush_outbox",
     "plan_publication",
     "publish",
+    "publishable",
     "publishing_enabled",
     "sanitize_metadata",
     "sanitize_name",

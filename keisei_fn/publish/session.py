@@ -1,8 +1,13 @@
 """A W&B run to publish into, for the demo and the command line.
 
+Where W&B's files go — one rule for ``keisei-fn demo``, ``publish`` and ``flush``: under
+``<run_dir>/wandb`` (beside the checkpoints they are about) unless ``WANDB_DIR`` is set, which
+always wins. A run directory on object storage has no local ``wandb`` folder: there W&B uses
+``WANDB_DIR`` or its own default (``./wandb``).
+
 Example:
     >>> from keisei_fn.publish import publish
-    >>> with wandb_run(name="my-run") as run:  # doctest: +SKIP
+    >>> with wandb_run(name="my-run", directory="runs/demo") as run:  # doctest: +SKIP
     ...     publish("runs/demo/final_model", run_name="my-run", run=run)
 """
 
@@ -14,7 +19,34 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
-__all__ = ["wandb_run"]
+from keisei_fn.paths import PathArg, is_remote, run_path
+
+__all__ = ["wandb_dir", "wandb_run"]
+
+
+def wandb_dir(run_dir: PathArg | None) -> Path | None:
+    """The directory to hand ``wandb.init(dir=...)`` for a run directory (W&B then writes
+    under ``<that>/wandb``): ``WANDB_DIR`` when it is set (passed explicitly: wandb reads its
+    environment once per process), else the run directory itself; None — W&B's own default —
+    when there is no run directory or it is on object storage.
+
+    Args:
+        run_dir: the run directory the published checkpoints are in, or None.
+
+    Returns:
+        A local directory, or None.
+
+    Example:
+        >>> import os
+        >>> wandb_dir("runs/demo") == (Path(os.environ.get("WANDB_DIR") or "runs/demo"))
+        True
+    """
+    if os.environ.get("WANDB_DIR"):
+        return Path(os.environ["WANDB_DIR"])
+    if run_dir is None:
+        return None
+    path = run_path(run_dir)
+    return None if is_remote(path) else Path(path)
 
 
 @contextlib.contextmanager
@@ -23,7 +55,7 @@ def wandb_run(
     mode: str = "offline",
     project: str = "keisei-shogi-rl",
     name: str | None = None,
-    directory: str | os.PathLike[str] | None = None,
+    directory: PathArg | None = None,
     config: Mapping[str, Any] | None = None,
 ) -> Iterator[Any]:
     """Start a W&B run, yield it, and finish it on exit.
@@ -33,7 +65,9 @@ def wandb_run(
             not set (an online init on a machine without network would hang on the server).
         project: the W&B project (Keisei's by default).
         name: the run's name.
-        directory: where wandb writes its files (wandb's default when None).
+        directory: the run directory whose checkpoints are published: W&B's files go under
+            ``<directory>/wandb`` unless ``WANDB_DIR`` is set (see :func:`wandb_dir`; W&B's
+            own default, ``./wandb``, when None).
         config: the run's config.
 
     Yields:
@@ -46,10 +80,11 @@ def wandb_run(
     except ImportError:
         yield None
         return
+    root = wandb_dir(directory)
     run = wandb.init(
         project=project,
         name=name,
-        dir=str(Path(directory)) if directory is not None else None,
+        dir=str(root) if root is not None else None,
         config=dict(config or {}),
     )
     try:

@@ -52,7 +52,14 @@ from keisei_fn.store.listing import read_listed
 from keisei_fn.store.locate import resolve_stem
 from keisei_fn.store.names import parse_stem
 
-__all__ = ["PUBLISH_ENV", "PublishResult", "flush_outbox", "publish", "publishing_enabled"]
+__all__ = [
+    "PUBLISH_ENV",
+    "PublishResult",
+    "flush_outbox",
+    "publish",
+    "publishable",
+    "publishing_enabled",
+]
 
 log = logging.getLogger("keisei_fn.publish")
 
@@ -92,16 +99,36 @@ class PublishResult:
         reason: a short human explanation.
         artifact_name: the artifact's name, once known.
         aliases: the aliases applied (W&B adds ``latest`` itself).
+        checkpoint: the checkpoint's name (``checkpoint_ts100``, ``final_model``), or the path
+            it was given as when it could not be read.
+
+    ``str()`` is one line for people: ``published checkpoint_ts100 as ppo-1-checkpoint-ts100
+    (aliases ts-100): logged to W&B run 1a2b3c``, ``failed checkpoint_ts200: IntegrityError:
+    ...``.
+
+    Example:
+        >>> str(PublishResult(status="skipped", reason="wandb not installed",
+        ...                   checkpoint="final_model"))
+        'skipped final_model: wandb not installed'
     """
 
     status: Status
     reason: str
     artifact_name: str | None = None
     aliases: tuple[str, ...] = ()
+    checkpoint: str | None = None
 
     def replace(self, **changes: Any) -> PublishResult:
         """Return a copy with ``changes`` applied."""
         return replace(self, **changes)
+
+    def __str__(self) -> str:
+        what = self.checkpoint or self.artifact_name or "checkpoint"
+        if self.artifact_name and self.artifact_name != what:
+            what += f" as {self.artifact_name}"
+        if self.aliases and self.status != "failed":
+            what += f" (aliases {', '.join(self.aliases)})"
+        return f"{self.status} {what}" + (f": {self.reason}" if self.reason else "")
 
 
 def publishing_enabled(enabled: bool | None = None) -> bool:
@@ -154,11 +181,35 @@ def _is_transient(wandb: Any, exc: Exception) -> bool:
 
 
 def _describe(exc: BaseException) -> str:
-    return f"{type(exc).__module__}.{type(exc).__qualname__}: {exc}"
+    return f"{type(exc).__qualname__}: {exc}"
 
 
-def _current_meta(checkpoint: CheckpointMeta | str | os.PathLike[str]) -> CheckpointMeta:
-    """The checkpoint as it is on disk now, checked at the listed level."""
+def _label(checkpoint: CheckpointMeta | PathArg) -> str:
+    """A checkpoint's name for a result: the meta's, or the path as given."""
+    return checkpoint.name if isinstance(checkpoint, CheckpointMeta) else str(checkpoint)
+
+
+def publishable(checkpoint: CheckpointMeta | PathArg) -> CheckpointMeta:
+    """The checkpoint :func:`publish` would publish, as it is on disk now (checked at the
+    listed level) — to find out before starting a W&B run whether there is anything to publish.
+
+    Args:
+        checkpoint: as for :func:`publish`.
+
+    Returns:
+        Its current meta.
+
+    Raises:
+        CheckpointNotFoundError, IncompleteCheckpointError, IntegrityError: no such checkpoint,
+            or not a valid one (a meta that no longer matches the weights on disk included).
+        UnsupportedFormatError: a sharded checkpoint (consolidate it first) or a legacy file.
+
+    Example:
+        >>> publishable("runs/none/checkpoint_ts1")
+        Traceback (most recent call last):
+        ...
+        keisei_fn.errors.CheckpointNotFoundError: no checkpoint at runs/none/checkpoint_ts1
+    """
     path = checkpoint.path if isinstance(checkpoint, CheckpointMeta) else resolve_stem(checkpoint)
     current = read_listed(path)[0]
     if current.sharded:
@@ -282,8 +333,13 @@ def _deliver(
     sleep: Sleep,
 ) -> PublishResult:
     """Publish one planned artifact through the ledger."""
-    done = PublishResult(status="published", reason="", artifact_name=plan.artifact)
-    done = done.replace(aliases=plan.aliases)
+    done = PublishResult(
+        status="published",
+        reason="",
+        artifact_name=plan.artifact,
+        aliases=plan.aliases,
+        checkpoint=plan.checkpoint,
+    )
     try:
         if _latest_event(run_dir, plan.key) == "published":
             return done.replace(reason="already published (publication ledger)")
@@ -355,10 +411,10 @@ def publish(
     connected = _connect(enabled, run)
     if isinstance(connected, str):
         log.info("not publishing %s: %s", checkpoint, connected)
-        return PublishResult(status="skipped", reason=connected)
+        return PublishResult(status="skipped", reason=connected, checkpoint=_label(checkpoint))
     wandb, run = connected
     try:
-        meta = _current_meta(checkpoint)
+        meta = publishable(checkpoint)
         plan = plan_publication(
             meta,
             run_name=run_name,
@@ -370,7 +426,7 @@ def publish(
         )
     except (OSError, ValueError, TypeError) as exc:
         log.error("cannot publish %s: %s", checkpoint, exc)
-        return PublishResult(status="failed", reason=_describe(exc))
+        return PublishResult(status="failed", reason=_describe(exc), checkpoint=_label(checkpoint))
     return _deliver(
         wandb,
         run,
@@ -450,8 +506,13 @@ def flush_outbox(
     connected = _connect(enabled, run)
     if isinstance(connected, str):
         return [
-            PublishResult(status="skipped", reason=connected, artifact_name=artifact)
-            for artifact, _ in pending
+            PublishResult(
+                status="skipped",
+                reason=connected,
+                artifact_name=artifact,
+                checkpoint=record.get("checkpoint"),
+            )
+            for (artifact, _), record in pending.items()
         ]
     wandb, run = connected
     results = []
@@ -471,7 +532,12 @@ def flush_outbox(
             _record_outcome(run_dir, failed, "failed", _describe(exc))
             log.error("pending publication %s cannot be published: %s", failed.artifact, exc)
             results.append(
-                PublishResult(status="failed", reason=_describe(exc), artifact_name=failed.artifact)
+                PublishResult(
+                    status="failed",
+                    reason=_describe(exc),
+                    artifact_name=failed.artifact,
+                    checkpoint=failed.checkpoint,
+                )
             )
             continue
         results.append(

@@ -19,7 +19,6 @@ Example:
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Collection
 from functools import partial
 from typing import Any
@@ -43,7 +42,6 @@ from keisei_fn.distributed import on_rank_zero
 from keisei_fn.errors import (
     CheckpointExistsError,
     CheckpointNotFoundError,
-    IncompleteCheckpointError,
     IntegrityError,
     SpecError,
 )
@@ -51,7 +49,7 @@ from keisei_fn.meta import FORMAT_VERSION, CheckpointMeta, build_sidecar
 from keisei_fn.nets import build_model
 from keisei_fn.paths import PathArg, RunPath, run_path
 from keisei_fn.state import TrainState, thaw
-from keisei_fn.store._fs import file_exists, hash_file
+from keisei_fn.store._fs import hash_file
 from keisei_fn.store.commit import (
     commit,
     existing_checkpoint,
@@ -65,7 +63,7 @@ from keisei_fn.store.listing import (
     read_listed,
     stable,
 )
-from keisei_fn.store.locate import resolve_stem
+from keisei_fn.store.locate import resolve_stem, run_dir_checkpoint
 from keisei_fn.store.names import (
     FINAL_MODEL,
     RESUME_PREFIX,
@@ -92,8 +90,6 @@ __all__ = [
     "save_state",
     "verify_checkpoint",
 ]
-
-log = logging.getLogger("keisei_fn.store")
 
 
 def save_state(
@@ -387,16 +383,10 @@ def load_model(
         and every error of :func:`load_state`.
     """
     path = run_path(source)
-    state = meta = None
     load = partial(_load_stem, verify=True, map_location="cpu", parts=MODEL_ONLY)
-    if is_run_dir(path) and file_exists(sidecar_path(path / FINAL_MODEL)):
-        try:
-            state, meta = stable(path / FINAL_MODEL, load)
-        except (IntegrityError, IncompleteCheckpointError) as exc:
-            log.warning(
-                "final model in %s is not usable, using the latest checkpoint: %s", path, exc
-            )
-    if state is None or meta is None:
+    if is_run_dir(path):
+        state, meta = run_dir_checkpoint(path, load)
+    else:
         state, meta = load_state_with_meta(path, parts=MODEL_ONLY)
     if state.spec is None:
         raise SpecError(

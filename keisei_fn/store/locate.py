@@ -1,20 +1,28 @@
 """Which checkpoint a user's path names: either file of the pair (the sidecar, or the weights
-file it names), a sharded checkpoint's shards directory, or the stem itself. Shared by every
+file it names), a sharded checkpoint's shards directory, or the stem itself — or a run
+directory, which stands for its final model, else its latest checkpoint. Shared by every
 loading path (single file and sharded) and by ``publish`` and the CLI, so that none of them
 imports another's module to find a checkpoint.
 """
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Callable
+from typing import TypeVar
+
 from keisei_fn.errors import (
     CheckpointNotFoundError,
     IncompleteCheckpointError,
+    IntegrityError,
     UnsupportedFormatError,
 )
 from keisei_fn.paths import PathArg, RunPath, run_path
 from keisei_fn.store._fs import file_exists
-from keisei_fn.store.listing import payloads, read_listed
+from keisei_fn.store.listing import is_run_dir, newest_usable, payloads, read_listed, stable
 from keisei_fn.store.names import (
+    FINAL_MODEL,
+    RESUME_PREFIX,
     SIDECAR_SUFFIX,
     WEIGHTS_SUFFIX,
     generation_stem,
@@ -22,7 +30,10 @@ from keisei_fn.store.names import (
     sidecar_path,
 )
 
-__all__ = ["LEGACY_SUFFIXES", "resolve_stem"]
+__all__ = ["LEGACY_SUFFIXES", "resolve_checkpoint", "resolve_stem", "run_dir_checkpoint"]
+
+log = logging.getLogger("keisei_fn.store")
+T = TypeVar("T")
 
 #: Suffixes of pickled torch checkpoints (Keisei's ``.pth``), never loaded directly.
 LEGACY_SUFFIXES = (".pth", ".pt", ".ckpt", ".bin")
@@ -76,3 +87,67 @@ def resolve_stem(source: PathArg) -> RunPath:
     if not (file_exists(sidecar_path(path)) or payloads(path)):
         raise CheckpointNotFoundError(f"no checkpoint at {source}")
     return path
+
+
+def run_dir_checkpoint(
+    run_dir: RunPath, use: Callable[[RunPath], T], *, prefix: str = RESUME_PREFIX
+) -> T:
+    """``use(stem)`` of the checkpoint a run directory stands for: its final model when it has
+    one and ``use`` succeeds on it, else the newest ``prefix`` checkpoint for which ``use``
+    succeeds (see :func:`~keisei_fn.store.listing.newest_usable`). The one rule of
+    ``load_model`` and of every CLI command that takes a checkpoint.
+
+    Args:
+        run_dir: an existing run directory.
+        use: reads or checks one stem (e.g. ``read_listed``, or a load that verifies); an
+            ``IntegrityError`` or ``IncompleteCheckpointError`` on the final model falls back to
+            the latest checkpoint with a warning.
+        prefix: the resume prefix.
+
+    Returns:
+        What ``use`` returned.
+
+    Raises:
+        CheckpointNotFoundError: no usable final model and no usable ``prefix`` checkpoint.
+        Every other error of ``use`` on the final model.
+    """
+    final = run_dir / FINAL_MODEL
+    if file_exists(sidecar_path(final)):
+        try:
+            return stable(final, use)
+        except (IntegrityError, IncompleteCheckpointError) as exc:
+            log.warning(
+                "final model in %s is not usable, using the latest checkpoint: %s", run_dir, exc
+            )
+    found = newest_usable(run_dir, use, prefix=prefix)
+    if found is None:
+        raise CheckpointNotFoundError(
+            f"no valid checkpoint in {run_dir}: no final model and no valid {prefix}* checkpoint"
+        )
+    return found
+
+
+def resolve_checkpoint(source: PathArg) -> RunPath:
+    """The checkpoint stem a user path names, a run directory included (its final model, else
+    its latest checkpoint, by :func:`run_dir_checkpoint` at the listed level).
+
+    Args:
+        source: as for :func:`resolve_stem`, or a run directory; local or an fsspec URL.
+
+    Returns:
+        The stem (``<run_dir>/<name>``); for a run directory, a listed-valid one.
+
+    Raises:
+        CheckpointNotFoundError: nothing there, or a run directory without a valid checkpoint.
+        and every error of :func:`resolve_stem`.
+
+    Example:
+        >>> resolve_checkpoint("runs/none")
+        Traceback (most recent call last):
+        ...
+        keisei_fn.errors.CheckpointNotFoundError: no checkpoint at runs/none
+    """
+    path = run_path(source)
+    if not is_run_dir(path):
+        return resolve_stem(path)
+    return run_dir_checkpoint(path, lambda stem: read_listed(stem)[0].path)
