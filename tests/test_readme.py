@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import random
 import re
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -103,3 +104,53 @@ def test_prove_your_own_loop_example(tmp_path: Path) -> None:
     )
     assert result.returncode == 0, result.stdout + result.stderr
     assert "1 passed" in result.stdout
+
+
+def test_command_line_block_runs_as_written(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Every line of the CLI quick start, in a directory holding what it names: a demo run,
+    Keisei ``.pth`` files and a sharded checkpoint."""
+    from test_legacy import keisei_checkpoint, trained
+
+    from keisei_fn.cli import main
+    from keisei_fn.store import sharded
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    spec = kf.ModelSpec(model_type="testmodel")  # runs/demo: the demo's network, 3 saves
+    demo = kf.build_model(spec, seed=0)
+    for step in (100, 200, 300):
+        kf.save_state(
+            kf.capture(spec, demo, step=step, extra={"legal_mass": step / 1000}), "runs/demo"
+        )
+    kf.save_final_model(kf.capture(spec, demo, step=300), "runs/demo")
+    Path("old").mkdir()
+    _, live, optimizer, scheduler = trained(kf.ModelSpec())  # Keisei's default network
+    for name, step in (("final_model.pth", 4096), ("checkpoint_ts10240.pth", 10240)):
+        content = keisei_checkpoint(live, optimizer, scheduler, global_timestep=step)
+        torch.save(content, Path("old") / name)
+    small = kf.build_model(kf.ModelSpec(model_type="testmodel"), seed=0)
+    sharded.save_sharded(
+        small, None, "runs/fsdp", step=5, spec=kf.ModelSpec(model_type="testmodel")
+    )
+    capsys.readouterr()
+
+    block = re.search(r"```bash\n(.*?)```", section_body("Quick start: the command line"), re.S)
+    assert block is not None
+    for line in block.group(1).splitlines():
+        argv = shlex.split(line, comments=True)
+        assert argv[0] == "keisei-fn"
+        try:
+            code = main(argv[1:])
+        except SystemExit as exited:  # --version, like --help, exits from argparse
+            code = exited.code
+        out, err = capsys.readouterr()
+        assert code == 0, f"{line}\n{out}\n{err}"
+        if argv[1] == "analyze":
+            assert "white to move" in out
+            assert len([row for row in out.splitlines() if row[:1].isdigit()]) == 3
+    assert [m.step for m in kf.list_checkpoints("models/run")] == [4096, 10240]
+    assert kf.latest_checkpoint("runs/single") is not None
+    assert Path("runs/demo/wandb").is_dir() and not Path("wandb").exists()  # W&B's files
