@@ -10,6 +10,7 @@ Messages say what happened, where (path, key), expected vs found, and how to fix
 from __future__ import annotations
 
 __all__ = [
+    "AlreadyConvertedError",
     "CheckpointExistsError",
     "CheckpointNotFoundError",
     "IllegalMoveError",
@@ -55,6 +56,11 @@ class StateMismatchError(KeiseiFnError, ValueError):
 
 class UnsupportedFormatError(KeiseiFnError, ValueError):
     """A file is of a format or version this library does not read (e.g. a pickled ``.pth``)."""
+
+
+class AlreadyConvertedError(UnsupportedFormatError):
+    """A file handed to ``import_legacy`` is already a keisei_fn checkpoint (its sidecar or
+    weights file): it needs no conversion; load it directly."""
 
 
 class UnsupportedDtypeError(KeiseiFnError, TypeError):

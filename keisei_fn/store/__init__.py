@@ -2,14 +2,14 @@
 
 Submodules: ``commit`` (the commit protocol every layout follows, and the run directory's
 writer/pruner lock), ``checkpoints`` (save/load/verify), ``listing`` (validity, list, latest),
-``locate`` (which checkpoint a user's path names), ``resume``, ``retention`` (RetentionPolicy,
-plan_prune, prune), ``checkpointer`` (the loop-facing helper), ``background`` (AsyncSaver),
-``ledger`` (the publication ledger), ``files`` (directory checks, sizes and local copies
-for the CLI and ``publish``), ``legacy`` (Keisei ``.pth`` import), ``convert``
-(``consolidate``: a sharded checkpoint → a single-file one), ``sharded`` (FSDP2 checkpoints
-through DCP, imported on first use; its parts are the ``sharded_*`` modules), ``weights`` (the
-safetensors file), ``names`` and ``_fs`` (file primitives for local paths and fsspec URLs
-alike).
+``locate`` (which checkpoint a user's path names), ``sniff`` (what a file is, by its first
+bytes), ``resume``, ``retention`` (RetentionPolicy, plan_prune, prune), ``checkpointer`` (the
+loop-facing helper), ``background`` (AsyncSaver), ``ledger`` (the publication ledger), ``files``
+(directory checks, sizes and local copies for the CLI and ``publish``), ``legacy`` (Keisei
+``.pth`` import), ``convert`` (``consolidate``: a sharded checkpoint → a single-file one),
+``sharded`` (FSDP2 checkpoints through DCP, imported on first use; its parts are the
+``sharded_*`` modules), ``weights`` (the safetensors file), ``names`` and ``_fs`` (file
+primitives for local paths and fsspec URLs alike).
 """
 
 from keisei_fn.store.background import AsyncSaver, SaveHandle

@@ -1,0 +1,145 @@
+"""A new user's first hour (issue #17): what they meet first says what is true.
+
+- Files are judged by their content, never by their suffix: random bytes named ``.pth`` are
+  "not a recognisable checkpoint", a ``torch.save`` file under any name is one (convert it), and
+  our own checkpoint handed to ``convert`` needs no conversion.
+"""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import pytest
+import safetensors.torch
+import torch
+
+from keisei_fn import ModelSpec, build_model, capture, import_legacy, load_state, save_state
+from keisei_fn.cli import main
+from keisei_fn.errors import (
+    AlreadyConvertedError,
+    IncompleteCheckpointError,
+    IntegrityError,
+    UnsupportedFormatError,
+)
+from keisei_fn.meta import CheckpointMeta
+from keisei_fn.store import verify_checkpoint
+from keisei_fn.store.sniff import HEAD_BYTES, identify_bytes, identify_file
+
+TORCH_SUFFIXES = (".bin", ".pt", ".ckpt", ".pth")
+SPEC = ModelSpec(model_type="testmodel")
+
+
+def our_checkpoint(run_dir: Path, step: int = 10) -> CheckpointMeta:
+    return save_state(capture(SPEC, build_model(SPEC, seed=0), step=step), run_dir)
+
+
+def random_bytes(size: int = 4096) -> bytes:
+    data = random.Random(17).randbytes(size)
+    assert identify_bytes(data).kind == "unknown"
+    return data
+
+
+def cli(capsys: pytest.CaptureFixture[str], *args: str | Path) -> tuple[int, str]:
+    code = main([str(a) for a in args])
+    captured = capsys.readouterr()
+    return code, captured.out + captured.err
+
+
+# --- item 6: files are judged by their content ---------------------------------------------------
+
+
+@pytest.mark.parametrize("suffix", TORCH_SUFFIXES)
+def test_random_bytes_are_not_called_a_pickled_checkpoint(tmp_path, capsys, suffix):
+    path = tmp_path / f"model{suffix}"
+    path.write_bytes(random_bytes())
+    for load in (load_state, verify_checkpoint):
+        with pytest.raises(UnsupportedFormatError, match="not a recognisable checkpoint") as info:
+            load(path)
+        message = str(info.value)
+        assert "first bytes" in message and "pickle" not in message
+        assert "could run code" not in message and "torch.save" not in message
+    for command in ("info", "verify"):
+        code, output = cli(capsys, command, path)
+        assert code == 2
+        assert "not a recognisable checkpoint (first bytes" in output
+        assert "pickle" not in output
+
+
+@pytest.mark.parametrize("suffix", [*TORCH_SUFFIXES, ".safetensors", ""])
+def test_a_torch_save_file_under_any_name_is_named_and_sent_to_convert(tmp_path, capsys, suffix):
+    path = tmp_path / f"checkpoint_ts5{suffix}"
+    torch.save({"model_state_dict": build_model(SPEC, seed=0).state_dict()}, path)
+    with pytest.raises(UnsupportedFormatError, match=r"a torch\.save zip archive") as info:
+        load_state(path)
+    assert "import_legacy" in str(info.value) and "keisei-fn convert" in str(info.value)
+    code, output = cli(capsys, "info", path)
+    assert code == 2 and "torch.save zip archive" in output and "convert" in output
+
+
+def test_the_pre_1_6_torch_format_is_named_too(tmp_path):
+    path = tmp_path / "old.bin"
+    torch.save({"w": torch.zeros(2)}, path, _use_new_zipfile_serialization=False)
+    with pytest.raises(UnsupportedFormatError, match=r"pre-1\.6 .* pickle format.*import_legacy"):
+        load_state(path)
+
+
+@pytest.mark.parametrize("which", ["weights", "sidecar"])
+def test_convert_on_our_own_checkpoint_says_it_needs_no_conversion(tmp_path, capsys, which):
+    meta = our_checkpoint(tmp_path / "run")
+    path = meta.weights_path if which == "weights" else meta.sidecar_path
+    with pytest.raises(AlreadyConvertedError, match="needs no conversion") as info:
+        import_legacy(path, tmp_path / "imported")
+    assert "load_state" in str(info.value) and "torch.save" not in str(info.value)
+    assert isinstance(info.value, UnsupportedFormatError)
+    code, output = cli(capsys, "convert", path, tmp_path / "imported")
+    assert code == 2 and "needs no conversion" in output and "load it directly" in output.lower()
+    assert not (tmp_path / "imported").exists()
+    assert load_state(path).step == 10  # and it loads directly, as the message says
+
+
+def test_convert_names_what_a_foreign_file_is(tmp_path):
+    foreign = tmp_path / "model.safetensors"
+    safetensors.torch.save_file({"w": torch.zeros(2)}, foreign)
+    with pytest.raises(UnsupportedFormatError, match="is a safetensors file") as info:
+        import_legacy(foreign, tmp_path / "run")
+    assert not isinstance(info.value, AlreadyConvertedError)
+    garbage = tmp_path / "garbage.pth"
+    garbage.write_bytes(random_bytes())
+    with pytest.raises(IntegrityError, match="not a recognisable checkpoint"):
+        import_legacy(garbage, tmp_path / "run")
+
+
+def test_load_names_foreign_and_misnamed_files(tmp_path):
+    foreign = tmp_path / "model.safetensors"
+    safetensors.torch.save_file({"w": torch.zeros(2)}, foreign)
+    with pytest.raises(UnsupportedFormatError, match="is a safetensors file;"):
+        load_state(foreign)
+    empty = tmp_path / "model.pt"
+    empty.write_bytes(b"")
+    with pytest.raises(IntegrityError, match="empty"):
+        load_state(empty)
+    meta = our_checkpoint(tmp_path / "run")
+    renamed = tmp_path / "weights.bin"
+    renamed.write_bytes(meta.weights_path.read_bytes())
+    with pytest.raises(IncompleteCheckpointError, match=r"keisei_fn weights file.*no sidecar"):
+        load_state(renamed)
+    sidecar = tmp_path / "sidecar.bin"
+    sidecar.write_bytes(meta.sidecar_path.read_bytes())
+    with pytest.raises(UnsupportedFormatError, match=r"sidecar.*checkpoint_ts10\.json"):
+        load_state(sidecar)
+
+
+def test_identify_file_reads_only_the_first_bytes(tmp_path, monkeypatch):
+    import keisei_fn.store.sniff as sniff
+
+    path = tmp_path / "big.bin"
+    path.write_bytes(random_bytes(3 * HEAD_BYTES))
+    asked = []
+    real = sniff.read_head
+    monkeypatch.setattr(
+        sniff, "read_head", lambda p, *, limit: asked.append(limit) or real(p, limit=limit)
+    )
+    assert identify_file(path).kind == "unknown"
+    assert asked == [HEAD_BYTES]
+    assert real(path, limit=HEAD_BYTES) == path.read_bytes()[:HEAD_BYTES]
