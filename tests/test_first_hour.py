@@ -3,17 +3,20 @@
 - Files are judged by their content, never by their suffix: random bytes named ``.pth`` are
   "not a recognisable checkpoint", a ``torch.save`` file under any name is one (convert it), and
   our own checkpoint handed to ``convert`` needs no conversion.
+- The docs describe the ``or`` override bug as older Keisei versions' (fixed in February 2026).
 """
 
 from __future__ import annotations
 
 import random
+import re
 from pathlib import Path
 
 import pytest
 import safetensors.torch
 import torch
 
+import keisei_fn.spec as spec_module
 from keisei_fn import ModelSpec, build_model, capture, import_legacy, load_state, save_state
 from keisei_fn.cli import main
 from keisei_fn.errors import (
@@ -46,7 +49,7 @@ def cli(capsys: pytest.CaptureFixture[str], *args: str | Path) -> tuple[int, str
     return code, captured.out + captured.err
 
 
-# --- item 6: files are judged by their content ---------------------------------------------------
+# --- item 6: files are judged by their content -------------------------------------------
 
 
 @pytest.mark.parametrize("suffix", TORCH_SUFFIXES)
@@ -143,3 +146,25 @@ def test_identify_file_reads_only_the_first_bytes(tmp_path, monkeypatch):
     assert identify_file(path).kind == "unknown"
     assert asked == [HEAD_BYTES]
     assert real(path, limit=HEAD_BYTES) == path.read_bytes()[:HEAD_BYTES]
+
+
+# --- item 15: docs say what Keisei does now ----------------------------------------------
+
+#: "Keisei resolved overrides with `or`" / "Keisei bug: `args.se_ratio or ...`": Keisei fixed
+#: that in February 2026; only older Keisei versions did it.
+STALE_OR_CLAIM = re.compile(r"(?<!older )Keisei(?: bug:)? (?:resolved|resolves|`args\.\w+ or)")
+
+
+def test_docs_describe_the_or_overrides_as_older_keiseis():
+    root = Path(__file__).resolve().parent.parent
+    files = [root / "README.md", *root.glob("keisei_fn/**/*.py"), *root.glob("tests/*.py")]
+    stale = [
+        f"{path.relative_to(root)}: {match[0]!r}"
+        for path in files
+        if path.name != Path(__file__).name
+        for match in STALE_OR_CLAIM.finditer(" ".join(path.read_text().split()))
+    ]
+    assert not stale, "Keisei resolves overrides with `is not None` since February 2026"
+    assert "older Keisei versions resolved overrides with ``or``" in " ".join(
+        (spec_module.__doc__ or "").split()
+    )
