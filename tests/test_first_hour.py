@@ -3,6 +3,9 @@
 - Files are judged by their content, never by their suffix: random bytes named ``.pth`` are
   "not a recognisable checkpoint", a ``torch.save`` file under any name is one (convert it), and
   our own checkpoint handed to ``convert`` needs no conversion.
+- Periodic W&B artifacts carry Keisei's top-level ``global_timestep``,
+  ``total_episodes_completed``, ``elo_state`` and ``metrics_history`` (read back from offline
+  run files, as in ``test_publish``).
 - The docs describe the ``or`` override bug as older Keisei versions' (fixed in February 2026).
 """
 
@@ -14,6 +17,7 @@ from pathlib import Path
 
 import pytest
 import safetensors.torch
+import test_publish
 import torch
 
 import keisei_fn.spec as spec_module
@@ -26,8 +30,15 @@ from keisei_fn.errors import (
     UnsupportedFormatError,
 )
 from keisei_fn.meta import CheckpointMeta
-from keisei_fn.store import verify_checkpoint
+from keisei_fn.publish import artifact_metadata, flush_outbox, publish
+from keisei_fn.publish.plan import PERIODIC_KEYS
+from keisei_fn.store import pending_publications, verify_checkpoint
 from keisei_fn.store.sniff import HEAD_BYTES, identify_bytes, identify_file
+
+#: test_publish's fixtures: a real offline W&B run, whose records are read back from its file.
+wandb_dir = test_publish.wandb_dir
+offline = test_publish.offline
+tiny_checkpoint = test_publish.tiny_checkpoint
 
 TORCH_SUFFIXES = (".bin", ".pt", ".ckpt", ".pth")
 SPEC = ModelSpec(model_type="testmodel")
@@ -168,3 +179,64 @@ def test_docs_describe_the_or_overrides_as_older_keiseis():
     assert "older Keisei versions resolved overrides with ``or``" in " ".join(
         (spec_module.__doc__ or "").split()
     )
+
+
+# --- item 14: Keisei's periodic-artifact metadata keys -----------------------------------------
+
+
+def test_periodic_artifacts_carry_keiseis_trainer_stats_at_the_top(tmp_path, offline):
+    elo = {"black_rating": 1516.0, "white_rating": 1484.0, "rating_history": [1500.0, 1516.0]}
+    history = {"policy_losses": [0.5, float("nan")], "learning_rates": [3e-4, 3e-4]}
+    run_dir = tmp_path / "run"
+    periodic = tiny_checkpoint(run_dir, 10240, elo_state=elo, metrics_history=history)
+    bare = tiny_checkpoint(run_dir, 20480)
+    initial = save_state(
+        capture(None, torch.nn.Linear(2, 2), step=64, episodes=3, extra={"elo_state": elo}),
+        run_dir,
+        prefix="initial_eval_checkpoint_ts",
+    )
+    final = save_state(capture(None, torch.nn.Linear(2, 2), step=30720), run_dir, kind="final")
+    for meta in (periodic, bare, initial, final):
+        assert publish(meta, run_name="keisei", run=offline.run).status == "published"
+
+    logged = {a["name"]: a["metadata"] for a in offline.artifacts()}
+    md = logged["keisei-checkpoint-ts10240"]
+    assert (md["global_timestep"], md["total_episodes_completed"]) == (10240, 102)
+    assert md["elo_state"] == elo
+    assert md["metrics_history"] == {"policy_losses": [0.5, "nan"], "learning_rates": [3e-4] * 2}
+    assert (
+        md["extra"]["elo_state"] == elo and md["extra"]["metrics_history"] == md["metrics_history"]
+    )
+    assert md["training_timesteps"] == 10240 and md["total_episodes"] == 102  # as before
+
+    md = logged["keisei-checkpoint-ts20480"]
+    assert (md["global_timestep"], md["total_episodes_completed"]) == (20480, 204)
+    assert "elo_state" not in md and "metrics_history" not in md
+    md = logged["keisei-initial-eval-checkpoint-ts64"]
+    assert (md["global_timestep"], md["total_episodes_completed"], md["elo_state"]) == (64, 3, elo)
+    md = logged["keisei-final-checkpoint"]  # Keisei's final artifacts had only the game counts
+    assert not set(PERIODIC_KEYS) & set(md)
+    assert md["training_timesteps"] == 30720
+
+
+def test_a_queued_publication_of_a_keisei_sized_history_flushes_with_its_metadata(
+    tmp_path, offline
+):
+    """Keisei keeps 1000 values per metric; the ledger's pending record must stay readable (it
+    refuses to parse a line with more than a few hundred values), so it records only the
+    caller's metadata and the rest is rebuilt from the checkpoint when flushed."""
+    history = {name: [0.25] * 1000 for name in ("policy_losses", "value_losses", "entropies")}
+    meta = tiny_checkpoint(tmp_path / "run", 10240, metrics_history=history)
+    down = test_publish.FlakyRun(offline.run, [TimeoutError("down")] * 3)
+
+    queued = publish(meta, run_name="keisei", run=down, backoff=0, metadata={"note": "mine"})
+
+    assert queued.status == "queued"
+    assert list(pending_publications(meta.run_dir)), "the pending record was unreadable"
+    (flushed,) = flush_outbox(meta.run_dir, run=offline.run, backoff=0)
+    assert flushed.status == "published"
+    (logged,) = offline.artifacts()
+    md = logged["metadata"]
+    assert md == artifact_metadata(meta, {"note": "mine"})
+    assert md["global_timestep"] == 10240 and md["metrics_history"] == history
+    assert md["note"] == "mine"
