@@ -35,6 +35,7 @@ from keisei_fn.state import GameStats, TrainState
 from keisei_fn.store import (
     AsyncSaver,
     Checkpointer,
+    CheckpointList,
     PrunePlan,
     Resumed,
     RetentionPolicy,
@@ -79,6 +80,7 @@ __all__ = [
     "FEATURE_SPECS",
     "ActorCriticResTower",
     "AsyncSaver",
+    "CheckpointList",
     "CheckpointMeta",
     "Checkpointer",
     "FeatureSpec",

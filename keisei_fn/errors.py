@@ -18,6 +18,7 @@ __all__ = [
     "IntegrityError",
     "InvalidPositionError",
     "KeiseiFnError",
+    "MissingExtraError",
     "SpecError",
     "StateMismatchError",
     "UnsupportedDtypeError",
@@ -28,6 +29,10 @@ __all__ = [
 
 class KeiseiFnError(Exception):
     """Root of every error raised by keisei_fn."""
+
+
+class MissingExtraError(KeiseiFnError, ImportError):
+    """An optional dependency is not installed; the message names the extra that brings it."""
 
 
 class SpecError(KeiseiFnError, ValueError):

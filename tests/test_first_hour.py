@@ -3,6 +3,9 @@
 - Files are judged by their content, never by their suffix: random bytes named ``.pth`` are
   "not a recognisable checkpoint", a ``torch.save`` file under any name is one (convert it), and
   our own checkpoint handed to ``convert`` needs no conversion.
+- ``print(meta)``, ``print(state)``, ``print(analyze(model))`` and ``print(list_checkpoints(..))``
+  show tables (the CLI's rendering), Jupyter gets HTML tables, and ``list_checkpoints(..).plot()``
+  draws the checkpoints' metrics over steps.
 - Periodic W&B artifacts carry Keisei's top-level ``global_timestep``,
   ``total_episodes_completed``, ``elo_state`` and ``metrics_history`` (read back from offline
   run files, as in ``test_publish``).
@@ -13,6 +16,7 @@ from __future__ import annotations
 
 import random
 import re
+import sys
 from pathlib import Path
 
 import pytest
@@ -21,12 +25,25 @@ import test_publish
 import torch
 
 import keisei_fn.spec as spec_module
-from keisei_fn import ModelSpec, build_model, capture, import_legacy, load_state, save_state
+from keisei_fn import (
+    CheckpointList,
+    ModelSpec,
+    build_model,
+    capture,
+    import_legacy,
+    list_checkpoints,
+    load_model,
+    load_state,
+    save_final_model,
+    save_state,
+)
 from keisei_fn.cli import main
 from keisei_fn.errors import (
     AlreadyConvertedError,
     IncompleteCheckpointError,
     IntegrityError,
+    MissingExtraError,
+    SpecError,
     UnsupportedFormatError,
 )
 from keisei_fn.meta import CheckpointMeta
@@ -240,3 +257,125 @@ def test_a_queued_publication_of_a_keisei_sized_history_flushes_with_its_metadat
     assert md == artifact_metadata(meta, {"note": "mine"})
     assert md["global_timestep"] == 10240 and md["metrics_history"] == history
     assert md["note"] == "mine"
+
+
+# --- item 9: notebooks print tables, not dataclass reprs ---------------------------------------
+
+
+def test_print_analysis_shows_the_clis_table(tmp_path, capsys):
+    from keisei_fn.analysis import Analysis, MoveScore, analyze
+
+    meta = our_checkpoint(tmp_path / "run")
+    model, _ = load_model(meta.path)
+    result = analyze(model, top_k=3)
+    text = str(result)
+    assert "Analysis(" not in text and "MoveScore(" not in text
+    assert text.splitlines()[0] == result.sfen
+    assert "#  move" in text and all(m.usi in text for m in result.moves)
+    assert repr(result).startswith("Analysis(sfen=")  # repr unchanged, for debugging
+    code, output = cli(capsys, "analyze", meta.path, "--top-k", "3")
+    assert code == 0 and text.split("\n", 1)[1] in output  # the same lines as the CLI's
+
+    html = result._repr_html_()
+    assert html.startswith("<table>") and "<th>move</th>" in html
+    assert all(f"<td>{m.usi}</td>" in html for m in result.moves)
+    hostile = Analysis(
+        sfen="<b>&", side="black", value=0.0, legal_mass=1.0,
+        moves=(MoveScore(usi="<i>", index=0, probability=1.0),),
+    )  # fmt: skip
+    html = hostile._repr_html_()
+    assert "&lt;b&gt;&amp;" in html and "&lt;i&gt;" in html and "<b>" not in html
+
+
+def test_print_meta_and_state_show_field_tables(tmp_path):
+    model = build_model(SPEC, seed=0)
+    optimizer = torch.optim.Adam(model.parameters(), lr=3e-4)
+    extra = {"loss": 0.123456, "note": "<script>", "history": [1.0, 2.0]}
+    state = capture(SPEC, model, optimizer, step=10, episodes=4, extra=extra)
+    meta = save_state(state, tmp_path / "run")
+
+    text = str(meta)
+    assert "CheckpointMeta(" not in text and repr(meta).startswith("CheckpointMeta(")
+    assert text.splitlines()[0] == "checkpoint_ts10"
+    assert text.splitlines()[1].split() == ["field", "value"]
+    for field, value in [
+        ("kind", "periodic"), ("step", "10"), ("episodes", "4"), ("extra.loss", "0.1235"),
+        ("extra.history", "list of 2"), ("extra.note", "<script>"),
+        ("games", "0 black wins, 0 white wins, 0 draws"),
+    ]:  # fmt: skip
+        assert any(line.split(None, 1) == [field, value] for line in text.splitlines()), field
+    assert "testmodel  depth 1  width 16" in text
+    html = meta._repr_html_()
+    assert html.startswith("<table><caption>checkpoint_ts10</caption>")
+    assert "<td>&lt;script&gt;</td>" in html and "<script>" not in html
+
+    loaded = load_state(meta.path)
+    text = str(loaded)
+    assert "TrainState(" not in text and text.splitlines()[0] == "TrainState at step 10"
+    assert "parameter states" in text and "(lr 0.0003)" in text and "extra.loss" in text
+    html = loaded._repr_html_()
+    assert html.startswith("<table>") and "&lt;script&gt;" in html and "<script>" not in html
+
+
+def run_with_metrics(run_dir: Path) -> list[tuple[int, float, float]]:
+    """Three checkpoints recording the demo's legal mass and a loss; the final model none."""
+    model = build_model(SPEC, seed=0)
+    points = [(100, 0.9, 0.05), (200, 0.5, 0.3), (300, 0.25, 0.6)]
+    for step, loss, mass in points:
+        extra = {"loss": loss, "train_legal_mass": mass, "completed": False}
+        save_state(capture(SPEC, model, step=step, extra=extra), run_dir)
+    save_final_model(capture(SPEC, model, step=300), run_dir)
+    return points
+
+
+def test_list_checkpoints_prints_a_table_and_stays_a_list(tmp_path):
+    run_dir = tmp_path / "run"
+    assert list_checkpoints(run_dir) == [] and str(list_checkpoints(run_dir)) == "no checkpoints"
+    run_with_metrics(run_dir)
+
+    listed = list_checkpoints(run_dir)
+    assert isinstance(listed, CheckpointList) and isinstance(listed, list)
+    assert [m.step for m in listed] == [100, 200, 300, 300]
+    lines = str(listed).splitlines()
+    assert lines[0].split() == ["name", "step", "kind", "size", "age", "loss", "train_legal_mass"]
+    assert lines[1].split()[:3] == ["checkpoint_ts100", "100", "periodic"]
+    assert lines[1].split()[-2:] == ["0.9", "0.05"] and lines[4].split()[-2:] == ["-", "-"]
+    html = listed._repr_html_()
+    assert html.startswith("<table>") and "<th>train_legal_mass</th>" in html
+    assert "<td>checkpoint_ts300</td>" in html
+
+
+def test_plot_draws_one_line_per_metric_over_steps(tmp_path, monkeypatch):
+    matplotlib = pytest.importorskip("matplotlib")
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    points = run_with_metrics(tmp_path / "run")
+    listed = list_checkpoints(tmp_path / "run")
+
+    ax = listed.plot(("loss", "train_legal_mass"))
+    lines = ax.get_lines()
+    assert [line.get_label() for line in lines] == ["loss", "train_legal_mass"]
+    for line, column in zip(lines, (1, 2), strict=True):
+        assert list(line.get_xdata()) == [p[0] for p in points]
+        assert list(line.get_ydata()) == [p[column] for p in points]
+    assert ax.get_xlabel() == "step"
+    plt.close(ax.figure)
+
+    _, own = plt.subplots()
+    assert listed.plot(ax=own) is own and len(own.get_lines()) == 2  # every metric by default
+    plt.close(own.figure)
+    with pytest.raises(SpecError, match=r"extra\['lr'\].*loss"):
+        listed.plot(["lr"])
+
+    monkeypatch.setitem(sys.modules, "matplotlib.pyplot", None)  # not installed
+    with pytest.raises(MissingExtraError, match=r"keisei-fn\[notebook\]"):
+        listed.plot()
+
+
+def test_the_cli_and_the_reprs_render_with_the_same_functions():
+    import keisei_fn.cli.table as cli_table
+    import keisei_fn.display as display
+
+    for name in ("render_table", "human_bytes", "human_age"):
+        assert getattr(cli_table, name) is getattr(display, name)
