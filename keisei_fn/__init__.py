@@ -35,6 +35,7 @@ from keisei_fn.state import GameStats, TrainState, thaw
 from keisei_fn.store import (
     AsyncSaver,
     Checkpointer,
+    CheckpointList,
     Preemption,
     PrunePlan,
     Resumed,
@@ -81,6 +82,7 @@ __all__ = [
     "FEATURE_SPECS",
     "ActorCriticResTower",
     "AsyncSaver",
+    "CheckpointList",
     "CheckpointMeta",
     "Checkpointer",
     "FeatureSpec",

@@ -11,10 +11,12 @@ Example:
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 from torch import nn
 
+from keisei_fn.display import html_table, render_table
 from keisei_fn.errors import SpecError
 
 __all__ = ["Analysis", "MoveScore", "analyze"]
@@ -46,6 +48,37 @@ class Analysis:
     value: float
     legal_mass: float
     moves: tuple[MoveScore, ...]
+
+    #: The columns of the moves table (``keisei-fn analyze`` prints the same).
+    HEADER: ClassVar[tuple[str, ...]] = ("#", "move", "prob")
+
+    @property
+    def summary(self) -> str:
+        """``black to move; value +0.012; legal mass 0.034``."""
+        return f"{self.side} to move; value {self.value:+.3f}; legal mass {self.legal_mass:.3f}"
+
+    def rows(self) -> list[list[str]]:
+        """The moves table's rows: rank, USI move, probability among the legal moves."""
+        return [[str(i + 1), m.usi, f"{m.probability:.3f}"] for i, m in enumerate(self.moves)]
+
+    def __str__(self) -> str:
+        """The position, the summary line and the moves table, as ``keisei-fn analyze`` prints
+        them (``print(analyze(model))`` in a notebook); ``repr`` is unchanged.
+
+        Example:
+            >>> result = Analysis(sfen="9/9/9/9/9/9/9/9/9 b - 1", side="black", value=0.5,
+            ...     legal_mass=0.25, moves=(MoveScore(usi="7g7f", index=3, probability=1.0),))
+            >>> print(result)
+            9/9/9/9/9/9/9/9/9 b - 1
+            black to move; value +0.500; legal mass 0.250
+            #  move  prob
+            1  7g7f  1.000
+        """
+        return f"{self.sfen}\n{self.summary}\n{render_table(self.HEADER, self.rows())}"
+
+    def _repr_html_(self) -> str:
+        """The moves table as HTML, captioned with the position and the summary (Jupyter)."""
+        return html_table(self.HEADER, self.rows(), caption=f"{self.sfen}: {self.summary}")
 
 
 def analyze(

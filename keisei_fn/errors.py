@@ -10,6 +10,7 @@ Messages say what happened, where (path, key), expected vs found, and how to fix
 from __future__ import annotations
 
 __all__ = [
+    "AlreadyConvertedError",
     "CheckpointExistsError",
     "CheckpointNotFoundError",
     "IllegalMoveError",
@@ -17,6 +18,7 @@ __all__ = [
     "IntegrityError",
     "InvalidPositionError",
     "KeiseiFnError",
+    "MissingExtraError",
     "SpecError",
     "StateMismatchError",
     "UnsupportedDtypeError",
@@ -27,6 +29,10 @@ __all__ = [
 
 class KeiseiFnError(Exception):
     """Root of every error raised by keisei_fn."""
+
+
+class MissingExtraError(KeiseiFnError, ImportError):
+    """An optional dependency is not installed; the message names the extra that brings it."""
 
 
 class SpecError(KeiseiFnError, ValueError):
@@ -55,6 +61,11 @@ class StateMismatchError(KeiseiFnError, ValueError):
 
 class UnsupportedFormatError(KeiseiFnError, ValueError):
     """A file is of a format or version this library does not read (e.g. a pickled ``.pth``)."""
+
+
+class AlreadyConvertedError(UnsupportedFormatError):
+    """A file handed to ``import_legacy`` is already a keisei_fn checkpoint (its sidecar or
+    weights file): it needs no conversion; load it directly."""
 
 
 class UnsupportedDtypeError(KeiseiFnError, TypeError):

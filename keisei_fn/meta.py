@@ -46,6 +46,14 @@ import torch
 
 from keisei_fn._version import __version__
 from keisei_fn.codec import DTYPE_NAMES, check_json_cost, dumps, loads
+from keisei_fn.display import (
+    extra_rows,
+    fields_html,
+    fields_text,
+    human_age,
+    human_bytes,
+    spec_summary,
+)
 from keisei_fn.errors import IntegrityError, SpecError, UnsupportedFormatError
 from keisei_fn.paths import PathArg, RunPath, run_path
 from keisei_fn.spec import ModelSpec
@@ -546,6 +554,47 @@ class CheckpointMeta:
     def replace(self, **changes: Any) -> CheckpointMeta:
         """Return a copy with ``changes`` applied."""
         return replace(self, **changes)
+
+    def _rows(self) -> list[list[str]]:
+        """The ``field``/``value`` rows of :meth:`__str__` and :meth:`_repr_html_`."""
+        layout = f"{self.world_size} shards in {self.shards_dir}" if self.sharded else "1 file"
+        return [
+            ["path", str(self.path)],
+            ["kind", self.kind],
+            ["step", str(self.step)],
+            ["episodes", str(self.episodes)],
+            ["games", str(self.stats)],
+            ["spec", spec_summary(self.spec)],
+            ["created", f"{self.created} ({human_age(self.created)} ago)"],
+            ["size", f"{human_bytes(self.total_bytes)} ({layout}, {len(self.tensors)} tensors)"],
+            ["weights", f"{self.weights_file}  {self.weights_digest[:23]}…"],
+            ["format", f"{FORMAT_NAME} {self.format_version}"],
+            *extra_rows(self.extra),
+        ]
+
+    def __str__(self) -> str:
+        """A ``field``/``value`` table of the checkpoint (``print(meta)`` in a notebook);
+        ``repr`` is unchanged.
+
+        Example:
+            >>> meta = CheckpointMeta(path="runs/a/checkpoint_ts10", name="checkpoint_ts10",
+            ...     format_version=3, kind="periodic", step=10, episodes=2, stats=GameStats(),
+            ...     spec=None, weights_size=2000, weights_digest="blake3:00", digest="blake3:11",
+            ...     created="2025-01-01T00:00:00+00:00", extra={"loss": 0.5})
+            >>> print("\\n".join(str(meta).splitlines()[:5]))
+            checkpoint_ts10
+            field       value
+            path        runs/a/checkpoint_ts10
+            kind        periodic
+            step        10
+            >>> str(meta).splitlines()[-1]
+            'extra.loss  0.5'
+        """
+        return fields_text(self.name, self._rows())
+
+    def _repr_html_(self) -> str:
+        """The same table as HTML, for Jupyter."""
+        return fields_html(self.name, self._rows())
 
     @classmethod
     def from_sidecar(

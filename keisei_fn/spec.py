@@ -7,8 +7,9 @@ spec says is exactly what gets built:
 - the test model types (``"dummy"``, ``"testmodel"``, ``"resumemodel"``) always build depth 1,
   width 16, no SE, so the spec records exactly that.
 
-Overrides win whenever they are not ``None``: ``0``, ``0.0``, ``""`` and ``False`` are values
-(Keisei resolved overrides with ``or``, so an explicit ``se_ratio=0`` silently became 0.25).
+Overrides win whenever they are not ``None``: ``0``, ``0.0``, ``""`` and ``False`` are values,
+as in Keisei since February 2026 (older Keisei versions resolved overrides with ``or``, so an
+explicit ``se_ratio=0`` silently became 0.25 there).
 
 This module imports neither torch nor cshogi.
 

@@ -23,6 +23,7 @@ from typing import Any
 
 import torch
 
+from keisei_fn.display import extra_rows, fields_html, fields_text, human_bytes, spec_summary
 from keisei_fn.errors import StateMismatchError
 from keisei_fn.spec import ModelSpec
 
@@ -159,6 +160,10 @@ class GameStats:
         """Games played."""
         return self.black_wins + self.white_wins + self.draws
 
+    def __str__(self) -> str:
+        """``3 black wins, 2 white wins, 1 draws``."""
+        return f"{self.black_wins} black wins, {self.white_wins} white wins, {self.draws} draws"
+
     def replace(self, **changes: Any) -> GameStats:
         """Return a copy with ``changes`` applied."""
         return replace(self, **changes)
@@ -235,6 +240,59 @@ class TrainState:
     def replace(self, **changes: Any) -> TrainState:
         """Return a copy with ``changes`` applied (tensors are shared, not cloned)."""
         return replace(self, **changes)
+
+    def _rows(self) -> list[list[str]]:
+        """The ``field``/``value`` rows of :meth:`__str__` and :meth:`_repr_html_`."""
+        groups = (self.optimizer or {}).get("param_groups") or ()
+        optimizer = (
+            "none"
+            if self.optimizer is None
+            else f"{len(self.optimizer.get('state') or {})} parameter states, "
+            f"{len(groups)} param groups"
+            + (f" (lr {groups[0]['lr']:.4g})" if groups and "lr" in groups[0] else "")
+        )
+        return [
+            ["spec", spec_summary(self.spec)],
+            ["step", str(self.step)],
+            ["episodes", str(self.episodes)],
+            ["games", str(self.stats)],
+            ["model", f"{len(self.model)} tensor{'' if len(self.model) == 1 else 's'}"],
+            ["optimizer", optimizer],
+            *(
+                [name, "none" if getattr(self, name) is None else "saved"]
+                for name in ("scheduler", "scaler")
+            ),
+            ["rng", ", ".join(self.rng) if self.rng else "none"],
+            ["tensor bytes", human_bytes(self.nbytes)],
+            *extra_rows(self.extra),
+        ]
+
+    def __str__(self) -> str:
+        """A ``field``/``value`` table (``print(state)`` in a notebook); ``repr`` is unchanged.
+
+        Example:
+            >>> state = TrainState(spec=None, step=3, model={"w": torch.zeros(2)},
+            ...                    extra={"loss": 0.25})
+            >>> print(state)  # doctest: +NORMALIZE_WHITESPACE
+            TrainState at step 3
+            field         value
+            spec          none (an arbitrary user model)
+            step          3
+            episodes      0
+            games         0 black wins, 0 white wins, 0 draws
+            model         1 tensor
+            optimizer     none
+            scheduler     none
+            scaler        none
+            rng           none
+            tensor bytes  8 B
+            extra.loss    0.25
+        """
+        return fields_text(f"TrainState at step {self.step}", self._rows())
+
+    def _repr_html_(self) -> str:
+        """The same table as HTML, for Jupyter."""
+        return fields_html(f"TrainState at step {self.step}", self._rows())
 
     @property
     def nbytes(self) -> int:

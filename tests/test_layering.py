@@ -24,7 +24,7 @@ entry           ``keisei_fn`` (the public API),      cli
                 ``__main__``
 cli             cli                                  demo, analysis, testing, info
 demo            demo (``keisei-fn demo``)            publish, shogi
-analysis        analysis (policy on positions)       shogi
+analysis        analysis (policy on positions)       shogi, display
 testing         testing                              store
 publish         publish                              store
 store           store                                meta, capture, distributed
@@ -33,7 +33,9 @@ codec           codec                                state
 capture         capture, rng (bridges between live   state, nets, distributed
                 torch objects and snapshots)
 info            info (beside nets)                   nets, precision
-state           state (TrainState, GameStats)        spec
+state           state (TrainState, GameStats)        spec, display
+display         display (tables, sizes, ages for     spec
+                the CLI and notebook reprs)
 nets            nets                                 spec
 shogi           shogi, sfen                          spec
 spec            spec, features (the registry)        errors
@@ -71,6 +73,7 @@ LAYER_OF: Mapping[str, str] = {
     "rng": "capture",
     "info": "info",
     "state": "state",
+    "display": "display",
     "nets": "nets",
     "shogi": "shogi",
     "sfen": "shogi",
@@ -88,7 +91,7 @@ MAY_IMPORT: Mapping[str, frozenset[str]] = {
     "entry": frozenset({"cli"}),
     "cli": frozenset({"demo", "analysis", "testing", "info"}),
     "demo": frozenset({"publish", "shogi"}),
-    "analysis": frozenset({"shogi"}),
+    "analysis": frozenset({"shogi", "display"}),
     "testing": frozenset({"store"}),
     "publish": frozenset({"store"}),
     "store": frozenset({"meta", "capture", "distributed"}),
@@ -96,7 +99,8 @@ MAY_IMPORT: Mapping[str, frozenset[str]] = {
     "codec": frozenset({"state"}),
     "capture": frozenset({"state", "nets", "distributed"}),
     "info": frozenset({"nets", "precision"}),
-    "state": frozenset({"spec"}),
+    "state": frozenset({"spec", "display"}),
+    "display": frozenset({"spec"}),
     "nets": frozenset({"spec"}),
     "shogi": frozenset({"spec"}),
     "spec": frozenset({"errors"}),

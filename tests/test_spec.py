@@ -39,7 +39,8 @@ def test_nonpositive_se_ratio_means_no_se(ratio):
 
 
 def test_explicit_zero_se_ratio_override_wins_over_config():
-    """Keisei bug: `args.se_ratio or config.se_ratio` turned an explicit 0 into 0.25."""
+    """Older Keisei versions' bug (fixed in February 2026): `args.se_ratio or
+    config.se_ratio` turned an explicit 0 into 0.25."""
     config = {"training": {"se_ratio": 0.25}}
     assert ModelSpec.from_config(config, argparse.Namespace(se_ratio=0.0)).se_ratio == 0.0
     assert ModelSpec.from_config(config, {"se_ratio": 0}).se_ratio == 0.0

@@ -8,7 +8,10 @@ characters, no ``..``; a long run name is shortened, never the suffix that names
 
 Metadata carries Keisei's keys (``training_timesteps``, ``total_episodes``, ``black_wins``,
 ``white_wins``, ``draws``, ``checkpoint_type``, ``model_type``, ``feature_set`` — the spec's
-real feature set, ``training_completed`` for finals) plus the sidecar's digests and spec. It is
+real feature set, ``training_completed`` for finals; and for periodic checkpoints, whose
+metadata Keisei merged with its trainer's stats, :data:`PERIODIC_KEYS`: ``global_timestep``,
+``total_episodes_completed`` and, from the state's ``extra`` when there, ``elo_state`` and
+``metrics_history``) plus the sidecar's digests and spec. It is
 made JSON-safe for W&B before an artifact is built: non-finite floats become strings (W&B
 raises on ±inf and turns NaN into null), the user's ``extra`` state (e.g. ``metrics_history``)
 is nested under one key, and at most 100 top-level keys are kept (the rest go under
@@ -26,7 +29,7 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from keisei_fn.meta import CheckpointMeta
@@ -36,6 +39,7 @@ __all__ = [
     "MAX_METADATA_KEYS",
     "MAX_NAME_LENGTH",
     "NAME_PATTERN",
+    "PERIODIC_KEYS",
     "Publication",
     "artifact_metadata",
     "artifact_name",
@@ -51,6 +55,9 @@ MAX_METADATA_KEYS = 100
 #: Every artifact name and alias this module produces fullmatches this.
 NAME_PATTERN = re.compile(r"[A-Za-z0-9_.-]{1,128}")
 OVERFLOW_KEY = "overflow"
+#: Top-level keys of Keisei's periodic-checkpoint artifacts (its trainer's stats), beyond those
+#: of every artifact; the last two come from the state's ``extra``.
+PERIODIC_KEYS = ("global_timestep", "total_episodes_completed", "elo_state", "metrics_history")
 _UNSAFE = re.compile(r"[^A-Za-z0-9_.-]+")
 _DOTS = re.compile(r"\.{2,}")
 _INT64 = 2**63
@@ -174,6 +181,11 @@ def artifact_metadata(
 ) -> dict[str, Any]:
     """Keisei's metadata keys, the sidecar's digests and spec, then ``extra``; sanitised.
 
+    A periodic checkpoint's metadata also has Keisei's :data:`PERIODIC_KEYS` at the top level
+    (``elo_state`` and ``metrics_history`` when the state's ``extra`` holds them; they stay
+    under ``"extra"`` too), so dashboards and scripts written for Keisei's artifacts keep
+    working.
+
     Args:
         meta: the checkpoint.
         extra: the caller's metadata; it is added last and wins on a key clash.
@@ -190,6 +202,10 @@ def artifact_metadata(
         >>> md = artifact_metadata(meta)
         >>> md["feature_set"], md["checkpoint_type"], md["training_completed"]
         ('testfeats', 'final', True)
+        >>> periodic = meta.replace(kind="periodic", extra={"elo_state": {"k_factor": 32.0}})
+        >>> md = artifact_metadata(periodic)
+        >>> md["global_timestep"], md["total_episodes_completed"], md["elo_state"]
+        (5, 2, {'k_factor': 32.0})
     """
     spec = meta.spec
     metadata: dict[str, Any] = {
@@ -204,6 +220,10 @@ def artifact_metadata(
     }
     if meta.training_completed:
         metadata["training_completed"] = True
+    if meta.kind == "periodic":  # Keisei merged its trainer's stats into these at the top
+        trainer_stats = {"global_timestep": meta.step, "total_episodes_completed": meta.episodes}
+        trainer_stats |= {k: meta.extra[k] for k in PERIODIC_KEYS[2:] if k in meta.extra}
+        metadata |= trainer_stats
     metadata |= {
         "checkpoint": meta.name,
         "kind": meta.kind,
@@ -224,6 +244,11 @@ def artifact_metadata(
 class Publication:
     """One artifact version to log, as the publication ledger records it.
 
+    The ledger records the caller's metadata only: the rest is rebuilt from the checkpoint
+    (:func:`artifact_metadata`) when a pending publication is flushed, so a record stays small
+    whatever the checkpoint's ``extra`` holds (a Keisei ``metrics_history`` has thousands of
+    values, and the ledger refuses to parse a line with more than a few hundred).
+
     Attributes:
         artifact: the artifact name.
         type: the artifact type.
@@ -232,6 +257,7 @@ class Publication:
         description: the artifact's description.
         checkpoint: the checkpoint's file stem in the run directory.
         digest: the weights digest; ``(artifact, digest)`` is the publication's key.
+        user_metadata: the caller's part of ``metadata``, JSON-safe (what the ledger records).
     """
 
     artifact: str
@@ -241,10 +267,12 @@ class Publication:
     description: str | None
     checkpoint: str
     digest: str
+    user_metadata: Mapping[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "aliases", tuple(self.aliases))
         object.__setattr__(self, "metadata", freeze(dict(self.metadata)))
+        object.__setattr__(self, "user_metadata", freeze(dict(self.user_metadata)))
 
     @property
     def key(self) -> tuple[str, str]:
@@ -256,7 +284,8 @@ class Publication:
         return replace(self, **changes)
 
     def record(self, event: str) -> dict[str, Any]:
-        """A ledger record for ``event`` with everything needed to republish."""
+        """A ledger record for ``event`` with everything needed to republish (the metadata:
+        the caller's part; see the class docstring)."""
         return {
             "event": event,
             "artifact": self.artifact,
@@ -264,13 +293,15 @@ class Publication:
             "checkpoint": self.checkpoint,
             "type": self.type,
             "aliases": list(self.aliases),
-            "metadata": thaw(self.metadata),
+            "metadata": thaw(self.user_metadata),
             "description": self.description,
         }
 
     @classmethod
     def from_record(cls, record: Mapping[str, Any]) -> Publication:
-        """Rebuild from a ledger record written by :meth:`record`.
+        """Rebuild from a ledger record written by :meth:`record`; its ``metadata`` is the
+        caller's part only, until :meth:`for_checkpoint` adds the checkpoint's (a record of an
+        earlier keisei_fn holds the whole metadata, which wins over the rebuilt keys).
 
         Raises:
             KeyError, TypeError: for a record that lacks a field or has a mistyped one.
@@ -283,7 +314,20 @@ class Publication:
             description=record.get("description"),
             checkpoint=str(record["checkpoint"]),
             digest=str(record["digest"]),
+            user_metadata=dict(record["metadata"]),
         )
+
+    def for_checkpoint(self, meta: CheckpointMeta) -> Publication:
+        """This publication with its whole metadata: ``meta``'s (:func:`artifact_metadata`)
+        and then the caller's part.
+
+        Args:
+            meta: the checkpoint this publication is of.
+
+        Returns:
+            A copy whose ``metadata`` is what :func:`plan_publication` gave it.
+        """
+        return self.replace(metadata=artifact_metadata(meta, self.user_metadata))
 
 
 def plan_publication(
@@ -327,6 +371,7 @@ def plan_publication(
         type=sanitize_name(artifact_type or "model", fallback="model"),
         aliases=tuple(dict.fromkeys(sanitize_name(a, fallback="latest") for a in chosen)),
         metadata=artifact_metadata(meta, metadata),
+        user_metadata=_json_safe(metadata or {}),
         description=description or f"{meta.kind} checkpoint {meta.name} at timestep {meta.step}",
         checkpoint=meta.name,
         digest=meta.weights_digest,

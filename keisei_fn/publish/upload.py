@@ -442,8 +442,7 @@ def publish(
 def _pending_plan(run_dir: RunPath, record: Mapping[str, Any]) -> Publication:
     """The publication a pending ledger record describes, its checkpoint still on disk."""
     plan = Publication.from_record(record)
-    _planned_meta(run_dir, plan)
-    return plan
+    return plan.for_checkpoint(_planned_meta(run_dir, plan))
 
 
 def _planned_meta(run_dir: RunPath, plan: Publication) -> CheckpointMeta:

@@ -2,18 +2,20 @@
 
 Submodules: ``commit`` (the commit protocol every layout follows, and the run directory's
 writer/pruner lock), ``checkpoints`` (save/load/verify), ``listing`` (validity, list, latest),
-``locate`` (which checkpoint a user's path names), ``resume``, ``follow`` (workers that load
-each newer checkpoint), ``retention`` (RetentionPolicy, plan_prune, prune), ``checkpointer``
-(the loop-facing helper), ``background`` (AsyncSaver), ``preemption`` (a signal becomes a
-checkpoint and an exit), ``ledger`` (the publication ledger), ``files`` (directory checks,
-sizes and local copies for the CLI and ``publish``), ``legacy`` (Keisei ``.pth`` import),
-``convert`` (``consolidate``: a sharded checkpoint → a single-file one), ``sharded`` (FSDP2
-checkpoints through DCP, imported on first use; its parts are the ``sharded_*`` modules),
-``weights`` (the safetensors file), ``names`` and ``_fs`` (file primitives for local paths and
-fsspec URLs alike).
+``checkpoint_list`` (what ``list_checkpoints`` returns: a list that prints as a table and
+plots), ``locate`` (which checkpoint a user's path names), ``sniff`` (what a file is, by its
+first bytes), ``resume``, ``follow`` (workers that load each newer checkpoint), ``retention``
+(RetentionPolicy, plan_prune, prune), ``checkpointer`` (the loop-facing helper),
+``background`` (AsyncSaver), ``preemption`` (a signal becomes a checkpoint and an exit),
+``ledger`` (the publication ledger), ``files`` (directory checks, sizes and local copies for
+the CLI and ``publish``), ``legacy`` (Keisei ``.pth`` import), ``convert`` (``consolidate``: a
+sharded checkpoint → a single-file one), ``sharded`` (FSDP2 checkpoints through DCP, imported
+on first use; its parts are the ``sharded_*`` modules), ``weights`` (the safetensors file),
+``names`` and ``_fs`` (file primitives for local paths and fsspec URLs alike).
 """
 
 from keisei_fn.store.background import AsyncSaver, SaveHandle
+from keisei_fn.store.checkpoint_list import CheckpointList
 from keisei_fn.store.checkpointer import Checkpointer, SaveResult, checkpoint_due, round_interval
 from keisei_fn.store.checkpoints import (
     load_model,
@@ -34,6 +36,7 @@ from keisei_fn.store.retention import PrunePlan, RetentionPolicy, plan_prune, pr
 
 __all__ = [
     "AsyncSaver",
+    "CheckpointList",
     "Checkpointer",
     "Preemption",
     "PrunePlan",

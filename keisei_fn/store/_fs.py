@@ -375,6 +375,22 @@ def read_bounded(path: RunPath, *, limit: int) -> bytes:
         return f.read(limit + 1)
 
 
+def read_head(path: RunPath, *, limit: int) -> bytes:
+    """A file's first ``limit`` bytes (all of it when it is shorter); never more is read.
+
+    Raises:
+        FileNotFoundError: when it does not exist.
+        IntegrityError: when it is not a regular file (a FIFO is never waited on).
+    """
+    if is_remote(path):
+        head: bytes = retrying(
+            lambda: path.fs.cat_file(path.path, start=0, end=limit), what=f"read {path}"
+        )
+        return head[:limit]
+    with open_regular(path) as f:
+        return f.read(limit)
+
+
 def open_regular(path: Path) -> IO[bytes]:
     """Open a local regular file for reading; a FIFO or device swapped in after a stat is
     refused without blocking (opened non-blocking, checked with fstat).

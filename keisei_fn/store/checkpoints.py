@@ -354,7 +354,9 @@ def load_state(
         CheckpointNotFoundError: nothing there (or no valid checkpoint in the directory).
         IntegrityError: a corrupt file, naming it.
         IncompleteCheckpointError: a save that never committed.
-        UnsupportedFormatError: a legacy ``.pth`` (use ``import_legacy``) or a newer format.
+        UnsupportedFormatError: a ``torch.save`` file, whatever its name (use
+            ``import_legacy``), another file that is not a checkpoint's (the message says what
+            its first bytes are), or a newer format.
         SpecError: for an unknown part name.
     """
     return load_state_with_meta(

@@ -58,6 +58,7 @@ except ImportError:  # NumPy < 2
 
 from keisei_fn.capture import model_problems, optimizer_problems
 from keisei_fn.errors import (
+    AlreadyConvertedError,
     CheckpointNotFoundError,
     IntegrityError,
     SpecError,
@@ -72,6 +73,7 @@ from keisei_fn.spec import ModelSpec
 from keisei_fn.state import GameStats, TrainState
 from keisei_fn.store.checkpoints import save_final_model, save_state
 from keisei_fn.store.names import FINAL_MODEL, RESUME_PREFIX
+from keisei_fn.store.sniff import HEAD_BYTES, FileKind, identify_bytes
 
 __all__ = ["import_legacy"]
 
@@ -87,7 +89,6 @@ _NUMPY_SCALAR_GLOBALS: list[Any] = [
     *dict.fromkeys(type(np.dtype(code)) for code in "?bhilqBHILQefd"),
 ]
 
-_ZIP_MAGIC = b"PK\x03\x04"
 #: Keisei's step-named files: ``checkpoint_ts10240``, ``initial_eval_checkpoint_ts0``.
 _TS_NAME = re.compile(r"(?P<prefix>[A-Za-z_]*_ts)(?P<step>\d+)")
 #: Names in torch's refusal messages: ``GLOBAL io.open was not...``, ``but got <class 'x.Y'>``.
@@ -127,10 +128,14 @@ def import_legacy(
     Raises:
         CheckpointNotFoundError: ``pth_path`` does not exist (or is a directory).
         IntegrityError: the file is empty, truncated, fails a CRC check, or is not a
-            ``torch.save`` file at all.
-        UnsupportedFormatError: the pickle needs objects beyond tensors, containers, numbers
-            and NumPy scalars (they are named, and never built), or the content is not a Keisei
-            checkpoint (no ``model_state_dict``, a malformed optimizer state, non-int counters).
+            recognisable file at all (its first bytes are named).
+        AlreadyConvertedError: the file is a keisei_fn checkpoint's sidecar or weights file:
+            it needs no conversion (load it directly).
+        UnsupportedFormatError: the file is of another known kind (a foreign safetensors or JSON
+            file, a zip archive that is not torch.save's), the pickle needs objects beyond
+            tensors, containers, numbers and NumPy scalars (they are named, and never built),
+            or the content is not a Keisei checkpoint (no ``model_state_dict``, a malformed
+            optimizer state, non-int counters).
         StateMismatchError: the weights (or the Adam state) do not fit ``spec`` (or the
             inferred spec), listing every missing/unexpected key and shape/dtype difference.
         SpecError: the spec cannot be inferred, ``kind`` is unknown, or the step is 0 for a
@@ -209,10 +214,12 @@ def _load_pickle(path: Path) -> Any:
             f"no legacy checkpoint file at {path} ({what}); check the path"
         )
     with open(path, "rb") as file:
-        head = file.read(len(_ZIP_MAGIC))
-        if not head:
+        found = identify_bytes(file.read(HEAD_BYTES))
+        if found.kind == "empty":
             raise IntegrityError(f"{path} is empty (0 bytes): the original save never completed")
-        is_zip = head == _ZIP_MAGIC
+        if not (found.is_torch or found.is_zip):
+            raise _not_torch(path, found)
+        is_zip = found.is_zip
         if is_zip:
             _check_zip(file, path)
         file.seek(0)
@@ -233,6 +240,21 @@ def _load_pickle(path: Path) -> Any:
                     f"{path}: not a readable torch.save file, truncated or corrupt "
                     f"({type(exc).__name__}: {exc})"
                 ) from exc
+
+
+def _not_torch(path: Path, found: FileKind) -> UnsupportedFormatError | IntegrityError:
+    """The error for a file that is not a ``torch.save`` file, by what it is."""
+    what = f"{path} is {found.description}"
+    if found.is_ours:
+        return AlreadyConvertedError(
+            f"{what}: it needs no conversion. Load it directly: keisei_fn.load_state("
+            f"{str(path)!r}) or keisei_fn.load_model(...), or `keisei-fn info {path}`"
+        )
+    if found.kind == "unknown":  # a damaged torch.save file, perhaps
+        return IntegrityError(f"{what}: not a torch.save file, or a corrupt one")
+    return UnsupportedFormatError(
+        f"{what}: import_legacy converts torch.save files (Keisei's .pth checkpoints) only"
+    )
 
 
 def _check_zip(file: IO[bytes], path: Path) -> None:

@@ -40,6 +40,7 @@ from keisei_fn.store._fs import (
     modified_age,
     read_bounded,
 )
+from keisei_fn.store.checkpoint_list import CheckpointList
 from keisei_fn.store.names import (
     RESUME_PREFIX,
     SIDECAR_SUFFIX,
@@ -312,18 +313,24 @@ def resume_candidates(run_dir: RunPath, prefix: str = RESUME_PREFIX) -> Iterator
         yield run_dir / name[: -len(SIDECAR_SUFFIX)]
 
 
-def list_checkpoints(run_dir: PathArg) -> list[CheckpointMeta]:
+def list_checkpoints(run_dir: PathArg) -> CheckpointList:
     """Every listed-valid checkpoint of a run directory, sorted by step.
 
     Periodic checkpoints of every prefix, final checkpoints and the final model are included;
     incomplete and corrupt ones are not (``keisei-fn verify`` names them). A run directory that
     does not exist yet has none.
 
+    Returns:
+        A list of metas that prints as a table and plots its checkpoints' metrics
+        (:class:`~keisei_fn.store.checkpoint_list.CheckpointList`).
+
     Example:
         >>> list_checkpoints("runs/does-not-exist")
         []
+        >>> print(list_checkpoints("runs/does-not-exist"))
+        no checkpoints
     """
-    return scan_run_dir(run_dir).valid
+    return CheckpointList(scan_run_dir(run_dir).valid)
 
 
 def stable(stem: RunPath, use: Callable[[RunPath], T]) -> T:

@@ -15,6 +15,7 @@ from keisei_fn.errors import (
     CheckpointNotFoundError,
     IncompleteCheckpointError,
     IntegrityError,
+    KeiseiFnError,
     UnsupportedFormatError,
 )
 from keisei_fn.paths import PathArg, RunPath, run_path
@@ -29,13 +30,22 @@ from keisei_fn.store.names import (
     shards_stem,
     sidecar_path,
 )
+from keisei_fn.store.sniff import FileKind, identify_file
 
-__all__ = ["LEGACY_SUFFIXES", "resolve_checkpoint", "resolve_stem", "run_dir_checkpoint"]
+__all__ = [
+    "LEGACY_SUFFIXES",
+    "not_loadable",
+    "resolve_checkpoint",
+    "resolve_stem",
+    "run_dir_checkpoint",
+]
 
 log = logging.getLogger("keisei_fn.store")
 T = TypeVar("T")
 
-#: Suffixes of pickled torch checkpoints (Keisei's ``.pth``), never loaded directly.
+#: Names that suggest a pickled torch checkpoint (Keisei's ``.pth``): used only to mention such
+#: files in a run directory's messages. A file a user names is judged by its content
+#: (``keisei_fn.store.sniff``), never by its suffix.
 LEGACY_SUFFIXES = (".pth", ".pt", ".ckpt", ".bin")
 
 
@@ -51,7 +61,10 @@ def resolve_stem(source: PathArg) -> RunPath:
         that something is there (a shards directory's sidecar is read, to map it to its stem).
 
     Raises:
-        UnsupportedFormatError: for a legacy ``.pth``/``.pt`` file.
+        UnsupportedFormatError: for a file that is not one of a checkpoint's, whatever its
+            name: a ``torch.save`` file or pickle (convert it with ``import_legacy``), or
+            anything else (the message says what its first bytes are).
+        IntegrityError: for an empty file.
         CheckpointNotFoundError: when nothing exists there.
         IncompleteCheckpointError: for a payload (a weights file or shards directory) that no
             sidecar names.
@@ -72,21 +85,66 @@ def resolve_stem(source: PathArg) -> RunPath:
                 "(a save that never committed, or a checkpoint replaced since)"
             )
         return meta.path
-    if path.suffix in LEGACY_SUFFIXES:
-        if not file_exists(path):
-            raise CheckpointNotFoundError(f"no such file: {path}")
-        raise UnsupportedFormatError(
-            f"{path} is a pickled torch checkpoint; it is never loaded directly (it could run "
-            f"code). Convert it once with keisei_fn.import_legacy({str(path)!r}, run_dir) or "
-            "`keisei-fn convert`"
-        )
+    stem = path
     for suffix in (WEIGHTS_SUFFIX, SIDECAR_SUFFIX):
         if path.name.endswith(suffix):
-            path = path.parent / path.name[: -len(suffix)]
+            stem = path.parent / path.name[: -len(suffix)]
             break
-    if not (file_exists(sidecar_path(path)) or payloads(path)):
-        raise CheckpointNotFoundError(f"no checkpoint at {source}")
-    return path
+    if file_exists(sidecar_path(stem)):
+        return stem
+    if file_exists(path):  # no sidecar: what is the file?
+        found = identify_file(path)
+        if found.kind != "weights" or not payloads(stem):
+            raise not_loadable(path, found)
+        return stem  # an uncommitted weights file: read_listed says so
+    if payloads(stem):
+        return stem
+    raise CheckpointNotFoundError(f"no checkpoint at {source}")
+
+
+def not_loadable(path: RunPath, found: FileKind) -> KeiseiFnError:
+    """The error for a file that is not a checkpoint's sidecar or weights, by what it is.
+
+    Args:
+        path: the file a user named.
+        found: what its content is (:func:`keisei_fn.store.sniff.identify_file`).
+
+    Returns:
+        An :class:`UnsupportedFormatError` (a torch.save file or pickle: convert it; anything
+        else: what it is and what a checkpoint is), :class:`IncompleteCheckpointError` (our
+        weights file, but no sidecar names it) or :class:`IntegrityError` (an empty file).
+
+    Example:
+        >>> from keisei_fn.store.sniff import identify_bytes
+        >>> error = not_loadable(run_path("model.bin"), identify_bytes(b"hello"))
+        >>> type(error).__name__
+        'UnsupportedFormatError'
+        >>> str(error)[:65]
+        "model.bin is not a recognisable checkpoint (first bytes b'hello')"
+    """
+    what = f"{path} is {found.description}"
+    if found.is_torch:
+        return UnsupportedFormatError(
+            f"{what}: keisei_fn never unpickles a file directly (unpickling can run code). "
+            f"Convert it once with keisei_fn.import_legacy({str(path)!r}, run_dir) or "
+            f"`keisei-fn convert {path} RUN_DIR`, then load the converted checkpoint"
+        )
+    if found.kind == "empty":
+        return IntegrityError(f"{what}: a save that never completed, or not a checkpoint")
+    if found.kind == "weights":
+        return IncompleteCheckpointError(
+            f"{what}, but no sidecar names it: a checkpoint is loaded through its <name>.json "
+            "sidecar (the commit point), which is missing or names another file"
+        )
+    if found.kind == "sidecar":
+        return UnsupportedFormatError(
+            f"{what} under another name: sidecars are named <name>.json; rename it to "
+            f"{found.name or '<name>'}.json beside its weights file, and load that"
+        )
+    return UnsupportedFormatError(
+        f"{what}; a keisei_fn checkpoint is a <name>.json sidecar plus the .safetensors weights "
+        "file it names"
+    )
 
 
 def run_dir_checkpoint(
