@@ -82,14 +82,23 @@ def test_training_loop_runs_and_resumes_everything_it_saves(
 def test_notebook_example(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
+    """On a run like the demo's: checkpoints recording the demo's metrics, a final model."""
+    import matplotlib
+
+    matplotlib.use("Agg")
     monkeypatch.chdir(tmp_path)
     spec = kf.ModelSpec(model_type="testmodel")
     model = kf.build_model(spec, seed=0)
+    for step in (100, 200, 300):
+        metrics = {"train_legal_mass": step / 400, "heldout_legal_mass": step / 500}
+        kf.save_state(kf.capture(spec, model, step=step, extra=metrics), "runs/demo")
     kf.save_final_model(kf.capture(spec, model, step=300), "runs/demo")
-    run_blocks("Quick start: a notebook")
+    namespace = run_blocks("Quick start: a notebook")
     out = capsys.readouterr().out
-    assert out.startswith("final_model 300 ")
-    assert "7g7f" in out or "value" in out.lower()
+    assert "train_legal_mass" in out and "checkpoint_ts200" in out and "final_model" in out
+    assert "black to move" in out
+    assert len([row for row in out.splitlines() if row[:1].isdigit()]) == 5  # top-5 moves
+    assert namespace["meta"].kind == "final_model"  # type: ignore[attr-defined]
 
 
 def test_prove_your_own_loop_example(tmp_path: Path) -> None:
