@@ -22,6 +22,9 @@ TESTED_SECTIONS = {
     "Quick start: a training loop": "test_training_loop_runs_and_resumes_everything_it_saves",
     "Quick start: a notebook": "test_notebook_example",
     "Prove your own loop resumes exactly": "test_prove_your_own_loop_example",
+    "Shared clusters: preemption, time-based saves, workers that follow": (
+        "test_cluster_example_saves_by_steps_and_time_and_a_worker_follows"
+    ),
 }
 
 
@@ -163,3 +166,20 @@ def test_command_line_block_runs_as_written(
     assert [m.step for m in kf.list_checkpoints("models/run")] == [4096, 10240]
     assert kf.latest_checkpoint("runs/single") is not None
     assert Path("runs/demo/wandb").is_dir() and not Path("wandb").exists()  # W&B's files
+
+
+def test_cluster_example_saves_by_steps_and_time_and_a_worker_follows(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Without a signal the learner trains to the end; the worker loads the last checkpoint
+    and stops because the learner finished. (Real signals: test_preemption.)"""
+    monkeypatch.chdir(tmp_path)
+    rng = random.getstate(), np.random.get_state(), torch.get_rng_state()
+    try:
+        run_blocks("Shared clusters: preemption, time-based saves, workers that follow")
+    finally:
+        random.setstate(rng[0])
+        np.random.set_state(rng[1])
+        torch.set_rng_state(rng[2])
+    assert [m.step for m in kf.list_checkpoints("models/cluster_run")] == [10240, 20480, 20480]
+    assert capsys.readouterr().out == "now playing with step 20480\n"
