@@ -196,3 +196,24 @@ def test_bad_checkpointer_timing_is_refused(tmp_path: Path) -> None:
     ):
         with pytest.raises(SpecError):
             Checkpointer(run_dir=tmp_path, **bad)  # type: ignore[arg-type]
+
+
+def test_prune_command_takes_the_time_rules(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from keisei_fn.cli import main
+
+    for step in (10, 20, 30):
+        save_state(make_state(step, 0, seed=step), tmp_path)
+    assert main(["prune", str(tmp_path), "--keep-within", "90m"]) == 0
+    assert "created within 1:30:00" in capsys.readouterr().out
+    assert [m.step for m in list_checkpoints(tmp_path)] == [10, 20, 30]
+    assert main(["prune", str(tmp_path), "--keep-daily", "1"]) == 0
+    assert "deleted       checkpoint_ts10" in capsys.readouterr().out
+    assert [m.step for m in list_checkpoints(tmp_path)] == [30]
+    for bad in (["--keep-within", "6x"], ["--keep-best", "win_rate"], ["--keep-daily", "0"]):
+        with pytest.raises(SystemExit) as exited:
+            code = main(["prune", str(tmp_path), *bad])
+            raise SystemExit(code)
+        err = capsys.readouterr().err
+        assert exited.value.code == 2 and "error" in err and "Traceback" not in err, err

@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Sequence
+from datetime import timedelta
 from typing import Any
 
 from keisei_fn._version import __version__
@@ -49,6 +50,28 @@ class _Parser(argparse.ArgumentParser):
             return self.parse_known_intermixed_args(args, namespace)
         finally:
             self._intermixing = False
+
+
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+
+
+def _duration(text: str) -> timedelta:
+    """``90m``, ``6h``, ``7d``, ``2w`` (or plain seconds) as a timedelta, for argparse."""
+    number, unit = (text[:-1], text[-1]) if text[-1:] in _UNITS else (text, "s")
+    try:
+        seconds = float(number) * _UNITS[unit]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a duration: {text!r} (e.g. 90m, 6h, 7d)") from None
+    return timedelta(seconds=seconds)
+
+
+def _keep_best(text: str) -> tuple[str, str, int]:
+    """``METRIC:max|min:K`` as ``RetentionPolicy.keep_best``, for argparse."""
+    metric, _, rest = text.partition(":")
+    mode, _, k = rest.partition(":")
+    if not metric or mode not in ("max", "min") or not k.isdigit():
+        raise argparse.ArgumentTypeError(f"expected METRIC:max|min:K, got {text!r}")
+    return metric, mode, int(k)
 
 
 def _add_spec_options(parser: argparse.ArgumentParser) -> None:
@@ -191,7 +214,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run_dir", help="the run directory")
     p.add_argument("--keep-last", type=int, help="keep the newest N periodic checkpoints")
     p.add_argument("--keep-every", type=int, help="also keep steps that are multiples of N")
-    p.add_argument("--keep-best", metavar="METRIC:max|min:K", help="keep the K best by a metric")
+    p.add_argument(
+        "--keep-best",
+        type=_keep_best,
+        metavar="METRIC:max|min:K",
+        help="also keep the K best by a metric in extra",
+    )
+    p.add_argument(
+        "--keep-within",
+        type=_duration,
+        metavar="DURATION",
+        help="also keep what was saved in the last DURATION (e.g. 90m, 6h, 7d)",
+    )
+    p.add_argument(
+        "--keep-hourly", type=int, metavar="N", help="also keep the newest of each of N hours"
+    )
+    p.add_argument(
+        "--keep-daily", type=int, metavar="N", help="also keep the newest of each of N days"
+    )
     p.add_argument("--max-bytes", type=int, help="delete oldest until the total fits")
     p.add_argument("--dry-run", action="store_true", help="show the plan, delete nothing")
     p.set_defaults(run=commands.cmd_prune)

@@ -223,14 +223,13 @@ def cmd_prune(args: argparse.Namespace) -> int:
     """Apply a retention policy (``--dry-run`` to only show the plan)."""
     from keisei_fn.store.retention import RetentionPolicy, prune
 
-    keep_best = None
-    if args.keep_best:
-        metric, mode, k = args.keep_best.split(":")
-        keep_best = (metric, mode, int(k))
     policy = RetentionPolicy(
         keep_last=args.keep_last,
         keep_every=args.keep_every,
-        keep_best=keep_best,
+        keep_best=args.keep_best,
+        keep_within=args.keep_within,
+        keep_hourly=args.keep_hourly,
+        keep_daily=args.keep_daily,
         max_bytes=args.max_bytes,
     )
     plan = prune(_existing_run_dir(args.run_dir), policy, dry_run=args.dry_run)
