@@ -323,14 +323,7 @@ def read_weights(
         OSError: when it cannot be mapped or downloaded.
         IntegrityError: naming the file, for any size, digest or header problem.
     """
-    try:
-        actual = file_size(path)
-    except FileNotFoundError:
-        raise IncompleteCheckpointError(f"{path}: the weights file is missing") from None
-    if actual != size:
-        raise IntegrityError(f"{path}: size is {actual} bytes, the sidecar records {size}")
-    if size < 8:
-        raise IntegrityError(f"{path}: {size} bytes is too short for a safetensors file")
+    _check_size(path, size)
     mapped = None  # the identity of the local file mapped, if it stayed the same throughout
     if is_remote(path):
         data = _download(path, size)
@@ -385,6 +378,18 @@ def _identity(path: Path, digest: str) -> tuple[Any, ...] | None:
     except OSError:
         return None
     return (found.st_dev, found.st_ino, found.st_size, found.st_mtime_ns, found.st_ctime_ns, digest)
+
+
+def _check_size(path: RunPath, size: int) -> None:
+    """Raise unless a weights file is there with its recorded ``size`` (at least 8 bytes)."""
+    try:
+        actual = file_size(path)
+    except FileNotFoundError:
+        raise IncompleteCheckpointError(f"{path}: the weights file is missing") from None
+    if actual != size:
+        raise IntegrityError(f"{path}: size is {actual} bytes, the sidecar records {size}")
+    if size < 8:
+        raise IntegrityError(f"{path}: {size} bytes is too short for a safetensors file")
 
 
 def _map(path: Path, size: int) -> memoryview:
@@ -535,14 +540,7 @@ def read_tensors(
         IntegrityError: naming the file, for a size, header or digest problem, or a name the
             file does not hold.
     """
-    try:
-        actual = file_size(path)
-    except FileNotFoundError:
-        raise IncompleteCheckpointError(f"{path}: the weights file is missing") from None
-    if actual != size:
-        raise IntegrityError(f"{path}: size is {actual} bytes, the sidecar records {size}")
-    if size < 8:
-        raise IntegrityError(f"{path}: {size} bytes is too short for a safetensors file")
+    _check_size(path, size)
     header_len = _header_length(read_ranges(path, [(0, 8)])[0], size, path)
     data_start = 8 + header_len
     (raw_header,) = read_ranges(path, [(8, data_start)])
