@@ -31,6 +31,7 @@ __all__ = [
     "html_table",
     "human_age",
     "human_bytes",
+    "parse_utc",
     "render_table",
     "spec_summary",
 ]
@@ -104,6 +105,25 @@ def human_bytes(n: int) -> str:
     raise AssertionError("unreachable")
 
 
+def parse_utc(text: str) -> datetime | None:
+    """An ISO-8601 time as an aware UTC datetime (a time without an offset is taken as UTC),
+    or None when it is not one or cannot be expressed in UTC (near the calendar's limits).
+
+    Example:
+        >>> parse_utc("2026-12-07T21:00:00+09:00")
+        datetime.datetime(2026, 12, 7, 12, 0, tzinfo=datetime.timezone.utc)
+        >>> parse_utc("yesterday") is None
+        True
+    """
+    try:
+        parsed = datetime.fromisoformat(text)
+        if parsed.tzinfo is None:
+            return parsed.replace(tzinfo=UTC)
+        return parsed.astimezone(UTC)
+    except (TypeError, ValueError, OverflowError):
+        return None
+
+
 def human_age(created: str, *, now: datetime | None = None) -> str:
     """``42s``, ``5m``, ``3h``, ``2d`` since an ISO-8601 UTC time (``?`` when unparsable).
 
@@ -111,9 +131,8 @@ def human_age(created: str, *, now: datetime | None = None) -> str:
         >>> human_age("2025-01-01T00:00:00+00:00", now=datetime(2025, 1, 1, 3, tzinfo=UTC))
         '3h'
     """
-    try:
-        then = datetime.fromisoformat(created)
-    except ValueError:
+    then = parse_utc(created)
+    if then is None:
         return "?"
     seconds = max(0.0, ((now or datetime.now(UTC)) - then).total_seconds())
     for unit, length in (("d", 86400), ("h", 3600), ("m", 60)):

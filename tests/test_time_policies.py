@@ -61,51 +61,61 @@ def minutes_before_now(*ago: int) -> list[int]:
 
 def test_keep_within_keeps_what_is_younger_than_the_duration() -> None:
     # 12:00 back to 10:00 inclusive: 7 checkpoints
-    assert kept(RetentionPolicy(keep_within=timedelta(hours=2))) == minutes_before_now(
+    assert kept(RetentionPolicy(keep_last=0, keep_within=timedelta(hours=2))) == minutes_before_now(
         120, 100, 80, 60, 40, 20, 0
     )
 
 
 def test_keep_hourly_keeps_the_newest_of_each_of_the_last_hours() -> None:
     # hours 12:xx (12:00 only), 11:xx (11:40), 10:xx (10:40)
-    assert kept(RetentionPolicy(keep_hourly=3)) == minutes_before_now(80, 20, 0)
+    assert kept(RetentionPolicy(keep_last=0, keep_hourly=3)) == minutes_before_now(80, 20, 0)
 
 
 def test_keep_daily_keeps_the_newest_of_each_of_the_last_days() -> None:
     # Dec 7 (12:00), Dec 6 (23:40), Dec 5 (23:40)
-    assert kept(RetentionPolicy(keep_daily=3)) == minutes_before_now(
+    assert kept(RetentionPolicy(keep_last=0, keep_daily=3)) == minutes_before_now(
         12 * 60 + 24 * 60 + 20, 12 * 60 + 20, 0
     )
 
 
 def test_periods_without_a_checkpoint_do_not_count_as_restic_does() -> None:
     sparse = [meta(1, "2026-12-01T08:00:00+00:00"), meta(2, "2026-12-07T11:00:00+00:00")]
-    assert kept(RetentionPolicy(keep_daily=2), sparse) == [1, 2]
-    assert kept(RetentionPolicy(keep_hourly=2), sparse) == [1, 2]
+    assert kept(RetentionPolicy(keep_last=0, keep_daily=2), sparse) == [1, 2]
+    assert kept(RetentionPolicy(keep_last=0, keep_hourly=2), sparse) == [1, 2]
 
 
 def test_rules_combine_and_the_newest_resume_point_is_always_kept() -> None:
     policy = RetentionPolicy(keep_last=1, keep_within=timedelta(minutes=30), keep_daily=2)
     assert kept(policy) == minutes_before_now(12 * 60 + 20, 20, 0)
     old = [meta(1, "2020-01-01T00:00:00+00:00"), meta(2, "2020-01-01T00:20:00+00:00")]
-    assert kept(RetentionPolicy(keep_within=timedelta(hours=1)), old) == [2]  # newest only
+    assert kept(RetentionPolicy(keep_last=0, keep_within=timedelta(hours=1)), old) == [
+        2
+    ]  # newest only
 
 
-def test_a_time_rule_alone_deletes_what_no_rule_keeps() -> None:
-    """keep_last=None means "keep all" only in a policy with no keep rule at all."""
+def test_keep_last_none_keeps_everything_and_warns_beside_other_rules() -> None:
     assert len(kept(RetentionPolicy())) == len(EVERY_20_MIN)
-    assert len(kept(RetentionPolicy(keep_daily=1))) == 1
+    with pytest.warns(UserWarning, match="keep_last=None keeps every"):
+        policy = RetentionPolicy(keep_daily=1)
+    assert len(kept(policy)) == len(EVERY_20_MIN)  # as before time rules existed
+    assert len(kept(RetentionPolicy(keep_last=0, keep_daily=1))) == 1
 
 
-def test_times_in_other_zones_naive_times_and_unreadable_times() -> None:
-    tokyo = meta(1, "2026-12-07T20:30:00+09:00")  # 11:30 UTC
-    naive = meta(2, "2026-12-07T11:40:00")  # taken as UTC
-    broken = meta(3, "yesterday")
-    future = meta(4, "2026-12-08T00:00:00+00:00")  # clock skew: counts as within
-    metas = [tokyo, naive, broken, future]
-    plan = plan_prune(metas, RetentionPolicy(keep_within=timedelta(hours=1)), now=NOW)
-    assert set(plan.keep) == {"checkpoint_ts1", "checkpoint_ts2", "checkpoint_ts4"}
-    assert plan.delete == ("checkpoint_ts3",)
+def test_times_in_other_zones_naive_future_and_unreadable_times() -> None:
+    metas = [
+        meta(1, "2026-12-07T20:30:00+09:00"),  # 11:30 UTC
+        meta(2, "2026-12-07T11:40:00"),  # no offset: taken as UTC
+        meta(3, "yesterday"),  # unreadable: kept by no time rule
+        meta(4, "2026-12-08T00:00:00+00:00"),  # 12 h ahead: kept by no time rule
+        meta(5, "2026-12-07T12:02:00+00:00"),  # another machine's clock, 2 min ahead
+        meta(6, "9999-12-31T23:00:00-05:00"),  # beyond the calendar in UTC: unreadable
+        meta(7, "2026-12-07T11:59:00+00:00"),  # the newest resume point
+    ]
+    policy = RetentionPolicy(keep_last=0, keep_within=timedelta(hours=1))
+    within = plan_prune(metas, policy, now=NOW)
+    assert set(within.keep) == {f"checkpoint_ts{s}" for s in (1, 2, 5, 7)}
+    daily = plan_prune(metas, RetentionPolicy(keep_last=0, keep_daily=1), now=NOW)
+    assert set(daily.keep) == {"checkpoint_ts5", "checkpoint_ts7"}  # 4 takes no day's slot
 
 
 def test_bad_rules_and_a_naive_clock_are_refused() -> None:
@@ -119,13 +129,15 @@ def test_bad_rules_and_a_naive_clock_are_refused() -> None:
         with pytest.raises(SpecError):
             RetentionPolicy(**bad)  # type: ignore[arg-type]
     with pytest.raises(SpecError, match="timezone-aware"):
-        plan_prune(EVERY_20_MIN, RetentionPolicy(keep_daily=1), now=datetime(2026, 12, 7))
+        plan_prune(
+            EVERY_20_MIN, RetentionPolicy(keep_last=0, keep_daily=1), now=datetime(2026, 12, 7)
+        )
 
 
 def test_prune_takes_the_clock(tmp_path: Path) -> None:
     for step in (10, 20, 30):
         save_state(make_state(step, 0, seed=step), tmp_path)
-    policy = RetentionPolicy(keep_within=timedelta(hours=1))
+    policy = RetentionPolicy(keep_last=0, keep_within=timedelta(hours=1))
     assert prune(tmp_path, policy, dry_run=True).delete == ()  # all just created
     later = datetime.now(UTC) + timedelta(hours=2)
     plan = prune(tmp_path, policy, now=later)
@@ -205,10 +217,10 @@ def test_prune_command_takes_the_time_rules(
 
     for step in (10, 20, 30):
         save_state(make_state(step, 0, seed=step), tmp_path)
-    assert main(["prune", str(tmp_path), "--keep-within", "90m"]) == 0
+    assert main(["prune", str(tmp_path), "--keep-last", "0", "--keep-within", "90m"]) == 0
     assert "created within 1:30:00" in capsys.readouterr().out
     assert [m.step for m in list_checkpoints(tmp_path)] == [10, 20, 30]
-    assert main(["prune", str(tmp_path), "--keep-daily", "1"]) == 0
+    assert main(["prune", str(tmp_path), "--keep-last", "0", "--keep-daily", "1"]) == 0
     assert "deleted       checkpoint_ts10" in capsys.readouterr().out
     assert [m.step for m in list_checkpoints(tmp_path)] == [30]
     for bad in (["--keep-within", "6x"], ["--keep-best", "win_rate"], ["--keep-daily", "0"]):

@@ -22,11 +22,13 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import warnings
 from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+from keisei_fn.display import parse_utc
 from keisei_fn.distributed import on_rank_zero
 from keisei_fn.errors import CheckpointNotFoundError, KeiseiFnError, SpecError
 from keisei_fn.meta import CheckpointMeta
@@ -54,14 +56,17 @@ class RetentionPolicy:
     """Which periodic checkpoints to keep; a checkpoint kept by any rule is kept.
 
     Args:
-        keep_last: the newest N. None: keep all when no other ``keep_*`` rule is set (the
-            default policy deletes nothing), else not a rule (``RetentionPolicy(keep_daily=7)``
-            keeps one checkpoint per day for a week, and the newest resume point).
+        keep_last: the newest N; None (the default) keeps every periodic checkpoint, whatever
+            the other rules say (so ``keep_last=0`` lets the other rules alone decide, e.g.
+            ``RetentionPolicy(keep_last=0, keep_daily=7)``: one per day for a week, and the
+            newest resume point). A policy with other keep rules and ``keep_last=None`` warns.
         keep_every: also keep every checkpoint whose step is a multiple of this.
         keep_best: ``(metric, mode, k)``: the k best by ``extra[metric]`` (a number),
             ``mode`` "max" or "min".
         keep_within: also keep every checkpoint created within this duration before ``now``
             (restic measures from the newest snapshot instead; a training run wants the clock).
+            A creation time unreadable, or more than :data:`FUTURE_TOLERANCE` ahead of ``now``,
+            counts for no time rule.
         keep_hourly: also keep the newest checkpoint of each of the last N UTC hours that have
             one (as restic's ``--keep-hourly``: hours without a checkpoint do not count).
         keep_daily: the same per UTC day.
@@ -108,16 +113,18 @@ class RetentionPolicy:
                     f"got {self.keep_best!r}"
                 )
             object.__setattr__(self, "keep_best", (metric, mode, k))
+        rules = (self.keep_every, self.keep_best, self.keep_within, self.keep_hourly)
+        if self.keep_last is None and any(r is not None for r in (*rules, self.keep_daily)):
+            warnings.warn(
+                "RetentionPolicy: keep_last=None keeps every periodic checkpoint, so the other "
+                "keep rules change nothing; set keep_last (0: let them alone decide)",
+                UserWarning,
+                stacklevel=3,
+            )
 
     def replace(self, **changes: Any) -> RetentionPolicy:
         """Return a copy with ``changes`` applied."""
         return replace(self, **changes)
-
-    @property
-    def has_keep_rules(self) -> bool:
-        """Whether any ``keep_*`` rule is set."""
-        rules = (self.keep_last, self.keep_every, self.keep_best, self.keep_within)
-        return any(r is not None for r in (*rules, self.keep_hourly, self.keep_daily))
 
 
 @dataclass(frozen=True, slots=True)
@@ -135,13 +142,16 @@ def _metric(meta: CheckpointMeta, name: str) -> float | None:
     return float(value)
 
 
-def _created(meta: CheckpointMeta) -> datetime | None:
-    """The sidecar's creation time (UTC; a naive time is taken as UTC), None if unparsable."""
-    try:
-        created = datetime.fromisoformat(meta.created)
-    except (TypeError, ValueError):
-        return None
-    return created if created.tzinfo is not None else created.replace(tzinfo=UTC)
+def _created(meta: CheckpointMeta, now: datetime) -> datetime | None:
+    """The sidecar's creation time in UTC, or None (kept by no time rule) when it cannot be
+    read or lies more than :data:`FUTURE_TOLERANCE` ahead of ``now``."""
+    created = parse_utc(meta.created)
+    return created if created is not None and created - now <= FUTURE_TOLERANCE else None
+
+
+#: How far ahead of the pruner's clock a creation time may be (another machine's clock) and
+#: still count for the time rules; a time further ahead would keep its checkpoint forever.
+FUTURE_TOLERANCE = timedelta(minutes=5)
 
 
 def _newest_per_period(
@@ -203,8 +213,8 @@ def plan_prune(
         raise SpecError(f"plan_prune's now must be timezone-aware, got {now!r}")
     by_policy: dict[str, str] = {}
     periodic = [m for m in ordered if m.kind == "periodic"]
-    if policy.keep_last is None and not policy.has_keep_rules:
-        by_policy.update((m.name, "no keep rule") for m in periodic)
+    if policy.keep_last is None:
+        by_policy.update((m.name, "no keep_last limit") for m in periodic)
     elif policy.keep_last:
         by_policy.update(
             (m.name, f"among the last {policy.keep_last}") for m in periodic[-policy.keep_last :]
@@ -219,15 +229,15 @@ def plan_prune(
         scored.sort(key=lambda vm: (vm[0] if mode == "max" else -vm[0], vm[1].step), reverse=True)
         for _, meta in scored[:k]:
             by_policy.setdefault(meta.name, f"best {k} by {metric} ({mode})")
-    timed = [(created, m) for m in periodic if (created := _created(m)) is not None]
+    clock = now or datetime.now(UTC)
+    timed = [(created, m) for m in periodic if (created := _created(m, clock)) is not None]
     if policy.keep_within is not None:
-        clock = now or datetime.now(UTC)
         for created, meta in timed:
-            if clock - created <= policy.keep_within:  # a future time (skew) counts as within
+            if clock - created <= policy.keep_within:
                 by_policy.setdefault(meta.name, f"created within {policy.keep_within}")
     for count, unit, period in (
-        (policy.keep_hourly, "hour", lambda t: t.astimezone(UTC).timetuple()[:4]),
-        (policy.keep_daily, "day", lambda t: t.astimezone(UTC).timetuple()[:3]),
+        (policy.keep_hourly, "hour", lambda t: t.timetuple()[:4]),
+        (policy.keep_daily, "day", lambda t: t.timetuple()[:3]),
     ):
         if count:
             for meta in _newest_per_period(timed, period, count):
