@@ -3,6 +3,7 @@ code, and a resumed run bit-identical to one never interrupted."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -110,5 +111,83 @@ def test_the_next_maybe_save_saves_and_exits_even_when_not_due(tmp_path: Path) -
 def test_bad_preemptions_are_refused() -> None:
     for signals, code in (((), None), ((signal.SIGKILL,), None), ((signal.SIGTERM,), 256),
                           ((signal.SIGTERM,), True), ((99999,), None)):  # fmt: skip
-        with pytest.raises((SpecError, ValueError)):
+        with pytest.raises(SpecError):
             kf.Preemption(signals=signals, exit_code=code)
+    preemption = kf.Preemption(signals=(signal.SIGUSR2,))
+    with preemption, pytest.raises(SpecError, match="already entered"), preemption:
+        pass
+
+
+TORCHRUN = Path(sys.executable).with_name("torchrun")
+
+
+@pytest.mark.skipif(not TORCHRUN.exists(), reason="torchrun not installed")
+@pytest.mark.parametrize("mode", ["signal", "time"])
+def test_ranks_decide_together(mode: str, tmp_path: Path) -> None:
+    """A signal that reaches the ranks at different steps, or clocks that disagree, still
+    make every rank save the same checkpoint at the same step (a rank deciding alone would
+    leave the others waiting in a collective)."""
+    run_dir, out = tmp_path / "run", tmp_path / "out"
+    script = Path(__file__).with_name("ddp_preemption.py")
+    result = subprocess.run(
+        [str(TORCHRUN), "--standalone", "--nproc_per_node=2", str(script), run_dir, out, mode],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    ranks = [json.loads((out / f"rank{r}.json").read_text()) for r in (0, 1)]
+    detail = result.stdout[-2000:] + result.stderr[-2000:]
+    if mode == "signal":
+        assert ranks[0]["exit"] == ranks[1]["exit"] == [3, 143], (ranks, detail)
+        assert [m.step for m in kf.list_checkpoints(run_dir)] == [3]
+    else:
+        assert result.returncode == 0, detail
+        assert ranks[0]["saved"] == ranks[1]["saved"] == [4, 8], ranks  # rank 0's clock
+    for meta in kf.list_checkpoints(run_dir):
+        kf.verify_checkpoint(meta.path)
+
+
+def test_a_second_signal_after_the_exit_cannot_cut_the_teardown_short(tmp_path: Path) -> None:
+    script = f"""
+import atexit, os, signal, time
+import torch
+import keisei_fn as kf
+atexit.register(lambda: (time.sleep(0.3), print("teardown finished", flush=True)))
+state = kf.TrainState(spec=None, step=1, model={{"w": torch.zeros(2)}})
+with kf.Preemption() as preemption:
+    ckpt = kf.Checkpointer(run_dir={str(tmp_path)!r}, interval=1000, preemption=preemption)
+    os.kill(os.getpid(), signal.SIGTERM)
+    try:
+        ckpt.maybe_save(state, step=1, last_saved=0)
+    finally:
+        atexit.register(lambda: os.kill(os.getpid(), signal.SIGTERM))  # runs first
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert done.returncode == 143, done.stderr
+    assert "teardown finished" in done.stdout
+    assert [m.step for m in kf.list_checkpoints(tmp_path)] == [1]
+
+
+def test_a_loop_on_another_thread_still_exits_the_process(tmp_path: Path) -> None:
+    script = f"""
+import os, signal, threading, time
+import torch
+import keisei_fn as kf
+state = kf.TrainState(spec=None, step=1, model={{"w": torch.zeros(2)}})
+with kf.Preemption() as preemption:
+    ckpt = kf.Checkpointer(run_dir={str(tmp_path)!r}, interval=1000, preemption=preemption)
+    def loop():
+        while True:
+            ckpt.maybe_save(state, step=1, last_saved=0)
+            time.sleep(0.01)
+    threading.Thread(target=loop, daemon=True).start()
+    os.kill(os.getpid(), signal.SIGTERM)
+    time.sleep(30)
+print("the main thread went on")
+"""
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 143 and "went on" not in done.stdout, done.stderr
+    assert [m.step for m in kf.list_checkpoints(tmp_path)] == [1]

@@ -71,8 +71,9 @@ class AsyncSaver:
         run_dir: the run directory.
         preemption: an entered :class:`~keisei_fn.store.preemption.Preemption`: once its signal
             arrived, the next ``save`` finishes the write in flight, writes its state before
-            returning, and exits the process with the preemption's exit code. (Check
-            ``preemption.requested`` in your loop to call ``save`` at once.)
+            returning, and exits the process with the preemption's exit code. (Call ``save``
+            at once when ``preemption.requested_anywhere()``, asked on every step: on every
+            rank alike under ``torch.distributed``.)
         save_options: keyword options of ``save_state`` (``kind``, ``prefix``, ``overwrite``).
     """
 
@@ -84,6 +85,7 @@ class AsyncSaver:
         self._options = save_options
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="keisei-fn-save")
         self._last: SaveHandle | None = None
+        self._closed = False
         self._lock = threading.Lock()
 
     def save(self, state: TrainState) -> SaveHandle:
@@ -97,7 +99,9 @@ class AsyncSaver:
             SystemExit: once ``preemption`` was requested, after this state is committed (or
                 failed to save: the last committed checkpoint stays).
         """
-        if self.preemption is not None and self.preemption.requested:
+        if self._pool._shutdown:
+            raise RuntimeError("AsyncSaver is closed")
+        if self.preemption is not None and self.preemption.requested_anywhere():
             self._save_and_exit(self.preemption, state)
         with self._lock:
             if self._last is not None:
@@ -128,6 +132,7 @@ class AsyncSaver:
 
     def close(self) -> None:
         """Wait for the write in flight and stop the worker (raises a pending error)."""
+        self._closed = True
         try:
             self.wait()
         finally:
@@ -145,4 +150,5 @@ class AsyncSaver:
         if exc_type is None:
             self.close()
         else:  # do not mask the original error; still finish the write in flight
+            self._closed = True
             self._pool.shutdown(wait=True)

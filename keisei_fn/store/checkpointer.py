@@ -22,6 +22,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
+from keisei_fn.distributed import gathered, rank_and_world
 from keisei_fn.errors import SpecError
 from keisei_fn.meta import CheckpointMeta
 from keisei_fn.paths import RunPath, run_path
@@ -117,8 +118,11 @@ class Checkpointer:
         retention: applied after each successful save (None keeps everything).
         prefix: checkpoint name prefix.
         preemption: an entered :class:`~keisei_fn.store.preemption.Preemption`: once its
-            signal arrived, the next ``maybe_save`` saves whether due or not, then exits the
-            process with its exit code.
+            signal arrived (on any rank), the next ``maybe_save`` saves whether due or not,
+            then exits the process with its exit code.
+
+    The timer restarts with :meth:`replace`. Retention's time rules use the wall clock (the
+    sidecars' creation times), not ``clock``.
 
     Raises:
         SpecError: for a non-positive interval or duration, or neither given.
@@ -158,6 +162,9 @@ class Checkpointer:
     def due(self, step: int, *, last_saved: int) -> bool:
         """Whether a save is due now: by steps (:func:`checkpoint_due`) or by time.
 
+        Under ``torch.distributed`` with several ranks and ``every_seconds`` set, this is a
+        collective (rank 0's clock decides for all), like :meth:`maybe_save`.
+
         Args:
             step: completed timesteps now.
             last_saved: completed timesteps at the last save.
@@ -165,14 +172,26 @@ class Checkpointer:
         Returns:
             True when either rule says so.
         """
-        by_steps = self.interval is not None and checkpoint_due(
-            step, interval=self.interval, last_saved=last_saved
-        )
+        return self._decide(step, last_saved)[1]
+
+    def _decide(self, step: int, last_saved: int) -> tuple[bool, bool]:
+        """``(preempted, due)``, agreed between the ranks: a signal on any rank preempts
+        them all, and rank 0's clock decides a time-based save (one small message per call,
+        only with a preemption or ``every_seconds``)."""
+        preempted = self.preemption is not None and self.preemption.requested
         by_time = (
             self.every_seconds is not None
             and self.clock() - self._timer.since >= self.every_seconds
         )
-        return by_steps or by_time
+        if (self.preemption is not None or self.every_seconds is not None) and (
+            rank_and_world()[1] > 1
+        ):
+            votes = gathered(lambda: (preempted, by_time))
+            preempted, by_time = any(p for p, _ in votes), votes[0][1]
+        by_steps = self.interval is not None and checkpoint_due(
+            step, interval=self.interval, last_saved=last_saved
+        )
+        return preempted, by_steps or by_time
 
     def replace(self, **changes: Any) -> Checkpointer:
         """Return a copy with ``changes`` applied."""
@@ -203,10 +222,13 @@ class Checkpointer:
             SystemExit: after the save (or its failure: the last committed checkpoint stays)
                 once ``preemption`` was requested.
         """
-        if self.preemption is not None and self.preemption.requested:
+        preempted, due = self._decide(step, last_saved)
+        if preempted and self.preemption is not None:
+            if last_saved == step and step > 0:
+                self.preemption.exit(f"step {step} is saved already")
             result = self._save(snapshot, step=step, last_saved=last_saved)
             self.preemption.exit(result.reason)
-        if not force and not self.due(step, last_saved=last_saved):
+        if not force and not due:
             return SaveResult(status="skipped", last_saved=last_saved, reason="not due")
         return self._save(snapshot, step=step, last_saved=last_saved)
 

@@ -9,11 +9,17 @@ until the checkpoint is committed, and exits the process with ``exit_code``. A s
 while that save runs changes nothing: the save finishes (and SIGKILL at any instant still leaves
 the last committed checkpoint, by the commit protocol).
 
-The default exit code is 128 + the signal's number (143 for SIGTERM): what a process killed by
-that signal reports, so job scripts, SLURM's accounting and torchrun's agent see "stopped by the
-scheduler" — unlike 0 ("finished": nothing requeues it) or 1 ("crashed"). A job script that
-requeues itself tests for it, e.g. ``srun python train.py; [ $? -eq 143 ] && scontrol requeue
-$SLURM_JOB_ID``.
+The default exit code is 128 + the number of the first of ``signals`` (143 for SIGTERM),
+whichever of them arrived: what a process killed by that signal reports, so job scripts, SLURM's
+accounting and torchrun's agent see "stopped by the scheduler" — unlike 0 ("finished": nothing
+requeues it) or 1 ("crashed"). A job script that requeues itself tests for it, e.g.
+``srun python train.py; [ $? -eq 143 ] && scontrol requeue $SLURM_JOB_ID``.
+
+Under ``torch.distributed`` the scheduler signals each rank's process at its own moment, so the
+ranks decide together: ``Checkpointer.maybe_save`` (and :meth:`Preemption.requested_anywhere`,
+for loops driving an ``AsyncSaver``) ask every rank once per call, and when any rank got the
+signal, all of them save at the same step and exit. After ``exit``, the signals stay caught
+until the process is gone, so a second one cannot cut its teardown short.
 
 Example:
     >>> import os, signal
@@ -25,13 +31,17 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
 import signal
+import sys
 import threading
 from collections.abc import Callable, Sequence
 from types import FrameType, TracebackType
 from typing import NoReturn
 
+from keisei_fn.distributed import gathered, rank_and_world
 from keisei_fn.errors import SpecError
 
 __all__ = ["Preemption"]
@@ -54,13 +64,17 @@ class Preemption:
         received: the number of the first signal that arrived, or None.
 
     Raises:
-        SpecError: for no signals, SIGKILL/SIGSTOP (which cannot be caught) or a bad code.
+        SpecError: for no signals, an unknown signal, SIGKILL/SIGSTOP (which cannot be
+            caught) or a bad code.
     """
 
     def __init__(
         self, signals: Sequence[int] = (signal.SIGTERM,), *, exit_code: int | None = None
     ) -> None:
-        self.signals = tuple(signal.Signals(s) for s in signals)
+        try:
+            self.signals = tuple(signal.Signals(s) for s in signals)
+        except ValueError as exc:
+            raise SpecError(f"Preemption: {exc}") from None
         if not self.signals:
             raise SpecError("Preemption needs at least one signal")
         uncatchable = {signal.SIGKILL, signal.SIGSTOP} & set(self.signals)
@@ -72,7 +86,8 @@ class Preemption:
         self.exit_code = code
         self.requested = False
         self.received: int | None = None
-        self._previous: dict[signal.Signals, _Handler] = {}
+        self._previous: dict[signal.Signals, _Handler] | None = None
+        self._exiting = False
 
     def _handle(self, signum: int, frame: FrameType | None) -> None:
         # Only a flag: the save happens on the loop's thread, between steps.
@@ -80,11 +95,26 @@ class Preemption:
             self.received = signum
         self.requested = True
 
+    def requested_anywhere(self) -> bool:
+        """Whether the signal arrived on this rank or any other — a collective under
+        ``torch.distributed`` with several ranks (call it on every rank at the same point of
+        the loop); :attr:`requested` alone otherwise.
+
+        Example:
+            >>> Preemption().requested_anywhere()
+            False
+        """
+        _, world = rank_and_world()
+        if world == 1:
+            return self.requested
+        return any(gathered(lambda: self.requested))
+
     def __enter__(self) -> Preemption:
         if threading.current_thread() is not threading.main_thread():
             raise SpecError("Preemption must be entered on the main thread (signals go there)")
-        for sig in self.signals:
-            self._previous[sig] = signal.signal(sig, self._handle)
+        if self._previous is not None:
+            raise SpecError("this Preemption is already entered")
+        self._previous = {sig: signal.signal(sig, self._handle) for sig in self.signals}
         return self
 
     def __exit__(
@@ -93,17 +123,27 @@ class Preemption:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        for sig, previous in self._previous.items():
-            signal.signal(sig, previous)
-        self._previous.clear()
+        previous, self._previous = self._previous, None
+        if previous is not None and not self._exiting:  # exiting: keep them caught
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
 
     def exit(self, saved: str) -> NoReturn:
-        """Leave the process with ``exit_code`` (``SystemExit``: ``finally`` blocks and context
-        managers still run), after the preemption checkpoint was dealt with.
+        """Leave the process with ``exit_code``, after the preemption checkpoint was dealt
+        with: on the main thread by ``SystemExit`` (``finally`` blocks, context managers and
+        ``atexit`` still run); on another thread, where ``SystemExit`` would end only that
+        thread, by ``os._exit`` after flushing the logs and standard streams.
 
         Args:
             saved: what happened to the checkpoint, for the log.
         """
+        self._exiting = True
         name = signal.Signals(self.received).name if self.received is not None else "a signal"
         log.warning("preempted by %s: %s; exiting with %d", name, saved, self.exit_code)
-        raise SystemExit(self.exit_code)
+        if threading.current_thread() is threading.main_thread():
+            raise SystemExit(self.exit_code)
+        logging.shutdown()
+        for stream in (sys.stdout, sys.stderr):
+            with contextlib.suppress(Exception):
+                stream.flush()
+        os._exit(self.exit_code)
