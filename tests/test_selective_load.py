@@ -6,9 +6,11 @@ from __future__ import annotations
 import json
 import os
 import re
+import time
 from collections.abc import Callable
 from functools import partial
 from pathlib import Path
+from types import SimpleNamespace
 
 import fsspec
 import pytest
@@ -229,3 +231,33 @@ def test_a_file_verified_before_is_not_hashed_again_while_unchanged(
     assert hashes(load) == 1 and hashes(load) == 0  # a new file is hashed, once
     os.utime(replaced.weights_path, ns=(0, 0))  # a back-dated mtime still changes the ctime
     assert hashes(load) == 1
+
+
+def test_a_file_changed_during_its_verification_is_hashed_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The identity remembered is the one mapped (fstat of the mapped file, taken before the
+    hash), so a change in place right after the hash is seen by the next load."""
+    state = adam_state()
+    meta = kf.save_state(state, tmp_path)
+    real_time_ns = time.time_ns
+    monkeypatch.setattr(weights, "time", SimpleNamespace(time_ns=lambda: real_time_ns() + 10**10))
+    real = weights.hash_chunks
+
+    class ChangingAfterTheHash:
+        def __init__(self) -> None:
+            self._hasher = real()
+
+        def update(self, data: object) -> None:
+            self._hasher.update(data)
+
+        def hexdigest(self) -> str:
+            digest = self._hasher.hexdigest()  # of the bytes as they were: verification passes
+            flip(meta.weights_path, first_byte_of(meta.weights_path, "model/stem.weight"))
+            return digest
+
+    monkeypatch.setattr(weights, "hash_chunks", ChangingAfterTheHash)
+    kf.load_state(meta.path)
+    monkeypatch.setattr(weights, "hash_chunks", real)
+    with pytest.raises(IntegrityError, match="digest"):
+        kf.load_state(meta.path)

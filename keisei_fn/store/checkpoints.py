@@ -42,7 +42,6 @@ from keisei_fn.distributed import on_rank_zero
 from keisei_fn.errors import (
     CheckpointExistsError,
     CheckpointNotFoundError,
-    IntegrityError,
     SpecError,
 )
 from keisei_fn.meta import FORMAT_VERSION, CheckpointMeta, build_sidecar
@@ -73,8 +72,8 @@ from keisei_fn.store.names import (
 )
 from keisei_fn.store.weights import (
     WrittenWeights,
+    check_digests,
     check_listed,
-    digest_of,
     read_tensors,
     read_weights,
     tensor_bytes,
@@ -275,14 +274,9 @@ def _read_single_file(
         recheck=each_tensor,
     )
     check_listed(tensors, sidecar["tensors"], meta.weights_path)
-    if each_tensor:
-        for name, recorded in meta.tensor_digests.items():
-            found = digest_of(tensor_bytes(tensors[name]))
-            if found != recorded:
-                raise IntegrityError(
-                    f"{meta.weights_path}: tensor {name!r} has digest {found}, the sidecar "
-                    f"records {recorded}"
-                )
+    if each_tensor and meta.tensor_digests:  # format 3
+        pieces = {name: tensor_bytes(tensor) for name, tensor in tensors.items()}
+        check_digests(meta.weights_path, pieces, meta.tensor_digests)
     return decode_state(tensors, sidecar["aliases"], sidecar["state"], parts=parts)
 
 

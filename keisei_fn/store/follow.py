@@ -1,8 +1,9 @@
 """Following a learner: self-play and evaluation workers that load each newer checkpoint.
 
-A worker process calls :func:`follow` on the learner's run directory; each time a newer
-committed checkpoint appears it loads its model part (verified, tensor by tensor) into the
-worker's model and yields its meta. It only ever loads what a sidecar commits, in increasing
+A worker process calls :func:`follow` on the learner's run directory; each time it looks, it
+loads the newest committed checkpoint newer than what it holds (its model part, verified tensor
+by tensor) into the worker's model and yields its meta — checkpoints saved and superseded
+between two looks are skipped. It only ever loads what a sidecar commits, in increasing
 step order, and survives the learner's pruning at any instant: a checkpoint removed between the
 listing and the read is skipped, never an error.
 
@@ -46,7 +47,8 @@ def follow(
     stop: Callable[[], bool] | None = None,
     prefix: str = RESUME_PREFIX,
 ) -> Iterator[CheckpointMeta]:
-    """Load each newer checkpoint of a run directory into ``model``, as it appears.
+    """Load the newest checkpoint of a run directory into ``model`` whenever a newer one is
+    there (every ``poll`` seconds; ones superseded between two looks are skipped).
 
     Waits while the run directory is empty (or missing) or holds nothing newer than what
     ``model`` holds. A checkpoint that fails to load (corrupt, incomplete, a model that does

@@ -34,7 +34,7 @@ from collections.abc import Collection, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
 import blake3
 import orjson
@@ -302,10 +302,11 @@ def read_weights(
     """Read and (when ``digest`` is given) verify a weights file.
 
     A local file this process verified before is not hashed again while its identity (device,
-    inode, size, modification and change times) and the digest asked for are the same: a file
-    the store wrote is never changed in place, and any change in place changes its times. Only
-    files last modified at least :data:`TRUSTED_AGE_NS` before their verification are
-    remembered, so a change within the file system's timestamp granularity cannot go unseen.
+    inode, size, modification and change times, taken with ``fstat`` from the very file
+    mapped) and the digest asked for are the same: a file the store wrote is never changed in
+    place, and any change in place changes its times. Only files last changed at least
+    :data:`TRUSTED_AGE_NS` before the load began are remembered, so a change within the file
+    system's timestamp granularity, even one during the hash, cannot go unseen.
     (Bit rot under an unchanged identity is ``verify_checkpoint``'s to find: it always hashes.)
 
     Args:
@@ -324,22 +325,30 @@ def read_weights(
         IntegrityError: naming the file, for any size, digest or header problem.
     """
     _check_size(path, size)
-    mapped = None  # the identity of the local file mapped, if it stayed the same throughout
+    identity = None  # of the local file mapped: what the cache of verified files knows it by
     if is_remote(path):
         data = _download(path, size)
     else:
-        before = _identity(path, digest) if digest is not None else None
-        data = _map(path, size)
-        if before is not None and _identity(path, before[-1]) == before:
-            mapped = before
-    if digest is not None and (recheck or mapped is None or mapped not in _verified):
+        started = time.time_ns()  # before the mapping: a change during the hash is newer
+        data, found = _map(path, size)
+        identity = (
+            found.st_dev,
+            found.st_ino,
+            found.st_size,
+            found.st_mtime_ns,
+            found.st_ctime_ns,
+            digest,
+        )
+    if digest is not None and (recheck or identity is None or identity not in _verified):
         hasher = hash_chunks()
         hasher.update(data)
-        found = "blake3:" + hasher.hexdigest()
-        if found != digest:
-            raise IntegrityError(f"{path}: weights digest is {found}, the sidecar records {digest}")
-        if mapped is not None and time.time_ns() - mapped[4] >= TRUSTED_AGE_NS:  # ctime
-            _verified.add(mapped)
+        found_digest = "blake3:" + hasher.hexdigest()
+        if found_digest != digest:
+            raise IntegrityError(
+                f"{path}: weights digest is {found_digest}, the sidecar records {digest}"
+            )
+        if identity is not None and started - found.st_ctime_ns >= TRUSTED_AGE_NS:
+            _verified.add(identity)
     return _parse(data, path)
 
 
@@ -371,15 +380,6 @@ class _Verified:
 _verified = _Verified()
 
 
-def _identity(path: Path, digest: str) -> tuple[Any, ...] | None:
-    """``(device, inode, size, mtime, ctime, digest)`` of a local file, None if it is gone."""
-    try:
-        found = os.stat(path)
-    except OSError:
-        return None
-    return (found.st_dev, found.st_ino, found.st_size, found.st_mtime_ns, found.st_ctime_ns, digest)
-
-
 def _check_size(path: RunPath, size: int) -> None:
     """Raise unless a weights file is there with its recorded ``size`` (at least 8 bytes)."""
     try:
@@ -392,31 +392,39 @@ def _check_size(path: RunPath, size: int) -> None:
         raise IntegrityError(f"{path}: {size} bytes is too short for a safetensors file")
 
 
-def _map(path: Path, size: int) -> memoryview:
-    """A private copy-on-write memory map of a local file."""
+def _map(
+    path: Path, size: int, ranges: Sequence[tuple[int, int]] | None = None
+) -> tuple[memoryview, os.stat_result]:
+    """A private copy-on-write memory map of a local file, and the ``fstat`` of exactly the
+    file mapped. With ``ranges``, only those are read: the kernel's readahead is off for the
+    map and asked for those ranges alone.
+
+    Raises:
+        IncompleteCheckpointError: when the file is gone.
+        IntegrityError: when its size is not ``size``.
+        OSError: when it cannot be mapped.
+    """
     try:
-        mapped = torch.UntypedStorage.from_file(os.fspath(path), shared=False, nbytes=size)
-    except RuntimeError as exc:  # gone or shrunk since the stat, or not mappable
-        if not os.path.lexists(path):
-            raise IncompleteCheckpointError(f"{path}: the weights file is missing") from exc
-        raise OSError(f"cannot map {path}: {exc}") from exc
-    storage = cast(torch.UntypedStorage, mapped)  # from_file's stub says a base class
-    return torch.empty(0, dtype=torch.uint8).set_(storage).numpy().data
-
-
-def _map_ranges(path: Path, size: int, ranges: Sequence[tuple[int, int]]) -> memoryview:
-    """A private copy-on-write map of a local file from which only ``ranges`` are read: the
-    kernel's readahead is off for the map and asked for those ranges alone."""
-    with open_regular(path) as file:
-        if os.fstat(file.fileno()).st_size != size:
-            raise IntegrityError(f"{path}: its size changed while it was read")
-        mapping = mmap.mmap(file.fileno(), size, access=mmap.ACCESS_COPY)
-    mapping.madvise(mmap.MADV_RANDOM)
-    for start, end in ranges:
-        aligned = start - start % mmap.PAGESIZE
-        if end > aligned:
-            mapping.madvise(mmap.MADV_WILLNEED, aligned, end - aligned)
-    return memoryview(mapping)
+        file = open_regular(path)
+    except FileNotFoundError:
+        raise IncompleteCheckpointError(f"{path}: the weights file is missing") from None
+    with file:
+        found = os.fstat(file.fileno())
+        if found.st_size != size:
+            raise IntegrityError(
+                f"{path}: size is {found.st_size} bytes, the sidecar records {size}"
+            )
+        try:
+            mapping = mmap.mmap(file.fileno(), size, access=mmap.ACCESS_COPY)
+        except (OSError, ValueError) as exc:
+            raise OSError(f"cannot map {path}: {exc}") from exc
+    if ranges is not None:
+        mapping.madvise(mmap.MADV_RANDOM)
+        for start, end in ranges:
+            aligned = start - start % mmap.PAGESIZE
+            if end > aligned:
+                mapping.madvise(mmap.MADV_WILLNEED, aligned, end - aligned)
+    return memoryview(mapping), found
 
 
 def _download(path: RunPath, size: int) -> memoryview:
@@ -533,7 +541,9 @@ def read_tensors(
             to skip verification.
 
     Returns:
-        name → CPU tensor in memory of its own (writable; the file is not mapped).
+        name → CPU tensor: local files give copy-on-write views of a private map of the file
+        from which only those tensors' pages are read; remote files give views of one buffer
+        per ranged read.
 
     Raises:
         IncompleteCheckpointError: when the file is missing.
@@ -559,26 +569,42 @@ def read_tensors(
     if is_remote(path):
         pieces: list[Bytes] = list(read_ranges(path, ranges))  # one ranged GET each
     else:
-        mapped = _map_ranges(path, size, ranges)
+        mapped = _map(path, size, ranges)[0]
         pieces = [mapped[start:end] for start, end in ranges]
     tensors: dict[str, torch.Tensor] = {}
-    with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:  # hashes on all cores
-        checks = []
-        for run, piece in zip(runs, pieces, strict=True):
-            for span in run:
-                offset = span.begin - run[0].begin
-                if digests is not None:
-                    data = memoryview(piece)[offset : offset + span.end - span.begin]
-                    checks.append((span.name, pool.submit(digest_of, data, threads=1)))
-                tensors[span.name] = _view(span, piece, offset)
-        if digests is not None:
-            for name, digest in checks:
-                if digest.result() != digests.get(name):
-                    raise IntegrityError(
-                        f"{path}: tensor {name!r} has digest {digest.result()}, the sidecar "
-                        f"records {digests.get(name)}"
-                    )
+    pieces_of: dict[str, memoryview] = {}
+    for run, piece in zip(runs, pieces, strict=True):
+        for span in run:
+            offset = span.begin - run[0].begin
+            pieces_of[span.name] = memoryview(piece)[offset : offset + span.end - span.begin]
+            tensors[span.name] = _view(span, piece, offset)
+    if digests is not None:
+        check_digests(path, pieces_of, digests)
     return tensors
+
+
+def check_digests(
+    path: RunPath, pieces: Mapping[str, memoryview], digests: Mapping[str, str]
+) -> None:
+    """Check each tensor's bytes against its recorded digest, hashing on every core (reading
+    a mapped file's pages as they are hashed).
+
+    Args:
+        path: the weights file, for the message.
+        pieces: stored name → that tensor's bytes.
+        digests: stored name → its recorded ``"blake3:<hex>"``.
+
+    Raises:
+        IntegrityError: naming the file and the first tensor that differs (or has no digest).
+    """
+    with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
+        found = dict(zip(pieces, pool.map(digest_of, pieces.values()), strict=True))
+    for name, digest in found.items():
+        if digest != digests.get(name):
+            raise IntegrityError(
+                f"{path}: tensor {name!r} has digest {digest}, the sidecar records "
+                f"{digests.get(name)}"
+            )
 
 
 def _sane(shape: list[int]) -> bool:
