@@ -229,3 +229,12 @@ def test_prune_command_takes_the_time_rules(
             raise SystemExit(code)
         err = capsys.readouterr().err
         assert exited.value.code == 2 and "error" in err and "Traceback" not in err, err
+
+
+def test_a_time_without_an_offset_prints_its_age_as_utc() -> None:
+    from keisei_fn.display import human_age
+    from keisei_fn.store.checkpoint_list import CheckpointList
+
+    naive = meta(1, "2026-12-07T11:00:00")
+    assert human_age(naive.created, now=NOW) == "1h"
+    assert "checkpoint_ts1" in str(CheckpointList([naive]))

@@ -330,9 +330,11 @@ def load_state(
             ``keisei_fn.store.sharded``) loads as one full state, whatever its world size.
         map_location: device for model and optimizer tensors (RNG states stay on the CPU).
         verify: check the weights digest (BLAKE3 of the memory-mapped file on all cores: most
-            of the load time; ``verify=False`` maps the file lazily). Loaded tensors are
-            copy-on-write views of a local file, which the store never writes over in place
-            (a remote file is downloaded into memory).
+            of the load time; ``verify=False`` maps the file lazily). A local file this
+            process verified before, unchanged since (same inode, size and times), is not
+            hashed again (see ``keisei_fn.store.weights.read_weights``; ``verify_checkpoint``
+            always hashes). Loaded tensors are copy-on-write views of a local file, which the
+            store never writes over in place (a remote file is downloaded into memory).
         prefix: the resume prefix, when ``source`` is a run directory.
         parts: which of ``"model"``, ``"optimizer"``, ``"scheduler"``, ``"scaler"``, ``"rng"``,
             ``"extra"`` to load (default: all); the others are None (an empty model and
