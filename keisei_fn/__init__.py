@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 from keisei_fn import errors
 from keisei_fn._version import __version__
 from keisei_fn.capture import capture, restore_
+from keisei_fn.diff import StateDiff, diff_checkpoints, diff_states
 from keisei_fn.features import FEATURE_SPECS, FeatureSpec, get_feature_spec, register_feature_set
 from keisei_fn.info import model_info
 from keisei_fn.meta import CheckpointMeta
@@ -96,6 +97,7 @@ __all__ = [
     "RetentionPolicy",
     "SaveHandle",
     "SaveResult",
+    "StateDiff",
     "TrainState",
     "__version__",
     "build_model",
@@ -103,6 +105,8 @@ __all__ = [
     "capture",
     "checkpoint_due",
     "consolidate",
+    "diff_checkpoints",
+    "diff_states",
     "errors",
     "flush_outbox",
     "follow",

@@ -22,7 +22,8 @@ layer           modules                              may import (directly; and a
 ==============  ===================================  =============================================
 entry           ``keisei_fn`` (the public API),      cli
                 ``__main__``
-cli             cli                                  demo, analysis, testing, info
+cli             cli                                  demo, analysis, testing, info, diff
+diff            diff (what changed between states)   store
 demo            demo (``keisei-fn demo``)            publish, shogi
 analysis        analysis (policy on positions)       shogi, display
 testing         testing                              store
@@ -65,6 +66,7 @@ LAYER_OF: Mapping[str, str] = {
     "demo": "demo",
     "analysis": "analysis",
     "testing": "testing",
+    "diff": "diff",
     "publish": "publish",
     "store": "store",
     "meta": "meta",
@@ -89,7 +91,8 @@ LAYER_OF: Mapping[str, str] = {
 #: Layer → the layers directly below it that it may import.
 MAY_IMPORT: Mapping[str, frozenset[str]] = {
     "entry": frozenset({"cli"}),
-    "cli": frozenset({"demo", "analysis", "testing", "info"}),
+    "cli": frozenset({"demo", "analysis", "testing", "info", "diff"}),
+    "diff": frozenset({"store"}),
     "demo": frozenset({"publish", "shogi"}),
     "analysis": frozenset({"shogi", "display"}),
     "testing": frozenset({"store"}),

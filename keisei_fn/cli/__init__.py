@@ -272,6 +272,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("sfen", nargs="?", help="position, quoted (default: the start position)")
     p.add_argument("--top-k", type=int, default=5, metavar="K", help="moves to show (default: 5)")
     p.set_defaults(run=commands.cmd_analyze)
+
+    p = sub.add_parser("diff", help="what changed between two checkpoints")
+    p.add_argument("before", help="the older checkpoint (file, stem or run directory)")
+    p.add_argument("after", help="the newer checkpoint (file, stem or run directory)")
+    p.add_argument("--top", type=int, default=10, metavar="N", help="tensors to show (default: 10)")
+    p.add_argument("--json", action="store_true", help="the whole diff as JSON")
+    p.set_defaults(run=commands.cmd_diff)
     return parser
 
 

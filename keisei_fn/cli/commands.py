@@ -345,3 +345,16 @@ def cmd_consolidate(args: argparse.Namespace) -> int:
     meta = consolidate(args.sharded, args.out_run_dir)
     print(f"wrote {meta.weights_path} ({human_bytes(meta.weights_size)}, step {meta.step})")
     return 0
+
+
+def cmd_diff(args: argparse.Namespace) -> int:
+    """What changed between two checkpoints: spec, metadata, the top tensors by relative
+    change (``--json``: everything). Exit 0 when identical, 1 when they differ (as ``diff``)."""
+    from keisei_fn.diff import diff_checkpoints
+
+    found = diff_checkpoints(args.before, args.after)
+    if args.json:
+        _print_json(found.to_json())
+    else:
+        print(found.summary(top=args.top))
+    return 0 if found.identical else 1
