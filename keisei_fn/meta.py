@@ -572,9 +572,17 @@ class CheckpointMeta:
             *extra_rows(self.extra),
         ]
 
+    def __repr__(self) -> str:
+        """One line: what and where, not every tensor's layout (``str`` has the table)."""
+        return (
+            f"CheckpointMeta(name={self.name!r}, kind={self.kind!r}, step={self.step}, "
+            f"path={str(self.path)!r}, {len(self.tensors)} tensors, "
+            f"{human_bytes(self.total_bytes)})"
+        )
+
     def __str__(self) -> str:
         """A ``field``/``value`` table of the checkpoint (``print(meta)`` in a notebook);
-        ``repr`` is unchanged.
+        ``repr`` is one line.
 
         Example:
             >>> meta = CheckpointMeta(path="runs/a/checkpoint_ts10", name="checkpoint_ts10",

@@ -267,8 +267,19 @@ class TrainState:
             *extra_rows(self.extra),
         ]
 
+    def __repr__(self) -> str:
+        """One line: the step, the spec and how much there is, not the tensors themselves
+        (``str`` has the table; ``keisei_fn.testing.assert_states_equal`` compares)."""
+        parts = [f"step={self.step}", f"spec={self.spec!r}"]
+        parts.append(f"model={len(self.model)} tensors")
+        parts += [name for name in ("optimizer", "scheduler", "scaler", "rng")
+                  if getattr(self, name) is not None]  # fmt: skip
+        if self.extra:
+            parts.append(f"extra keys={sorted(map(str, self.extra))}")
+        return f"TrainState({', '.join(parts)}, {human_bytes(self.nbytes)})"
+
     def __str__(self) -> str:
-        """A ``field``/``value`` table (``print(state)`` in a notebook); ``repr`` is unchanged.
+        """A ``field``/``value`` table (``print(state)`` in a notebook); ``repr`` is one line.
 
         Example:
             >>> state = TrainState(spec=None, step=3, model={"w": torch.zeros(2)},

@@ -33,7 +33,7 @@ from keisei_fn.store import append_ledger, list_checkpoints, read_ledger
 TINY = ModelSpec(tower_depth=1, tower_width=4, se_ratio=0.5, num_actions=5)
 WHITE_SFEN = "lnsgkgsnl/1r5b1/ppppppppp/9/9/2P6/PP1PPPPPP/1B5R1/LNSGKGSNL w - 2"
 COMMANDS = ("demo", "ls", "info", "verify", "prune", "convert", "consolidate", "publish")
-COMMANDS += ("flush", "analyze")
+COMMANDS += ("flush", "analyze", "diff")
 
 
 def cli(capsys: pytest.CaptureFixture[str], *args: object) -> tuple[int, str, str]:

@@ -21,6 +21,7 @@ Example:
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Sequence
 from datetime import timedelta
@@ -56,12 +57,14 @@ _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
 
 
 def _duration(text: str) -> timedelta:
-    """``90m``, ``6h``, ``7d``, ``2w`` (or plain seconds) as a timedelta, for argparse."""
-    number, unit = (text[:-1], text[-1]) if text[-1:] in _UNITS else (text, "s")
+    """``30s``, ``90m``, ``6h``, ``7d``, ``2w`` as a timedelta, for argparse (a unit is
+    required: a bare ``6`` would be read as seconds by some tools and hours by others)."""
     try:
-        seconds = float(number) * _UNITS[unit]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a duration: {text!r} (e.g. 90m, 6h, 7d)") from None
+        seconds = float(text[:-1]) * _UNITS[text[-1:]]
+    except (KeyError, ValueError):
+        raise argparse.ArgumentTypeError(
+            f"not a duration: {text!r} (a number and a unit: s, m, h, d or w; e.g. 6h)"
+        ) from None
     return timedelta(seconds=seconds)
 
 
@@ -269,7 +272,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("analyze", help="top-k legal moves and value of a position")
     p.add_argument("checkpoint", help="checkpoint file, final model or run directory")
-    p.add_argument("sfen", nargs="?", help="position, quoted (default: the start position)")
+    p.add_argument(
+        "sfen", nargs="?", help="position, quoted, or startpos (default: the start position)"
+    )
     p.add_argument("--top-k", type=int, default=5, metavar="K", help="moves to show (default: 5)")
     p.set_defaults(run=commands.cmd_analyze)
 
@@ -307,6 +312,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     try:
         return int(args.run(args))
+    except BrokenPipeError:  # `keisei-fn ls | head`: the reader is gone; leave quietly
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141  # 128 + SIGPIPE, as a shell reports a program killed by it
     except (KeiseiFnError, OSError) as exc:
         print(f"keisei-fn: error: {exc}", file=sys.stderr)
         return 2
+    except Exception as exc:
+        if not _storage_error(exc):
+            raise
+        print(f"keisei-fn: error: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 2
+
+
+def _storage_error(exc: Exception) -> bool:
+    """Whether an error comes from an object store's client (no credentials, no endpoint, a
+    refused request): the user's setup, not a bug, so one line like every user error."""
+    clients = {"botocore", "aiobotocore", "s3fs", "gcsfs", "google", "aiohttp"}
+    return any(kind.__module__.split(".")[0] in clients for kind in type(exc).__mro__)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -223,15 +224,23 @@ def cmd_prune(args: argparse.Namespace) -> int:
     """Apply a retention policy (``--dry-run`` to only show the plan)."""
     from keisei_fn.store.retention import RetentionPolicy, prune
 
-    policy = RetentionPolicy(
-        keep_last=args.keep_last,
-        keep_every=args.keep_every,
-        keep_best=args.keep_best,
-        keep_within=args.keep_within,
-        keep_hourly=args.keep_hourly,
-        keep_daily=args.keep_daily,
-        max_bytes=args.max_bytes,
-    )
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        policy = RetentionPolicy(
+            keep_last=args.keep_last,
+            keep_every=args.keep_every,
+            keep_best=args.keep_best,
+            keep_within=args.keep_within,
+            keep_hourly=args.keep_hourly,
+            keep_daily=args.keep_daily,
+            max_bytes=args.max_bytes,
+        )
+    if caught:  # keep rules without --keep-last: they change nothing
+        print(
+            "note: without --keep-last every periodic checkpoint is kept; add --keep-last 0 "
+            "to let the other rules decide",
+            file=sys.stderr,
+        )
     plan = prune(_existing_run_dir(args.run_dir), policy, dry_run=args.dry_run)
     verb = "would delete" if args.dry_run else "deleted"
     for name, reason in sorted(plan.keep.items()):
@@ -292,11 +301,8 @@ def cmd_analyze(args: argparse.Namespace) -> int:
     from keisei_fn.store.checkpoints import load_model
 
     model, meta = load_model(args.checkpoint)
-    result = analyze(model, args.sfen, top_k=args.top_k)
-    print(f"{meta.name} (step {meta.step}) on {result.sfen}")
-    print(f"{result.side} to move; value {result.value:+.3f}; legal mass {result.legal_mass:.3f}")
-    rows = [[str(i + 1), m.usi, f"{m.probability:.3f}"] for i, m in enumerate(result.moves)]
-    print(render_table(["#", "move", "prob"], rows))
+    sfen = None if args.sfen == "startpos" else args.sfen  # USI's name for it
+    print(f"{meta.name} (step {meta.step}) on {analyze(model, sfen, top_k=args.top_k)}")
     return 0
 
 

@@ -9,6 +9,7 @@ Example:
 
 from __future__ import annotations
 
+import html
 import logging
 from dataclasses import dataclass
 
@@ -51,6 +52,18 @@ class Resumed:
     state: TrainState
     path: RunPath
     copied_from: RunPath | None = None
+
+    def __str__(self) -> str:
+        """Where the run resumes from, then the state's table."""
+        where = f"resumed at step {self.state.step} from {self.path}"
+        if self.copied_from is not None:
+            where += f" (a copy of the parent directory's {self.copied_from})"
+        return f"{where}\n{self.state}"
+
+    def _repr_html_(self) -> str:
+        """The same, as HTML for Jupyter."""
+        where = html.escape(str(self).splitlines()[0])
+        return f"<p>{where}</p>{self.state._repr_html_()}"
 
 
 def _copy_checkpoint(meta: CheckpointMeta, run_dir: RunPath) -> None:
