@@ -67,8 +67,12 @@ def test_training_loop_runs_and_resumes_everything_it_saves(
         assert first["step"] == 12 * 2048 and first["elo"] == {"rating": 1500.0, "games": 12}
         # checkpoints every 10,240 timesteps (keep_last=5), and the final model
         listed = [(m.kind, m.step) for m in kf.list_checkpoints("models/my_run")]
-        assert listed == [("periodic", 10240), ("periodic", 20480), ("final_model", 24576)]
+        periodic = [("periodic", step) for step in (10240, 20480, 24576)]  # the end too
+        assert listed == [*periodic, ("final_model", 24576)]
 
+        kf.prune("models/my_run", kf.RetentionPolicy(keep_last=2))  # as if killed after 20480
+        for name in ("checkpoint_ts24576", "final_model"):
+            (Path("models/my_run") / f"{name}.json").unlink()
         second = run_blocks("Quick start: a training loop")  # a rerun resumes
         assert "resumed at step 20480" in capsys.readouterr().out
         resumed = second["resumed"]
@@ -76,6 +80,9 @@ def test_training_loop_runs_and_resumes_everything_it_saves(
         assert resumed.state.extra["elo_state"]["games"] == 10  # what was saved at 20480
         assert second["elo"] == {"rating": 1500.0, "games": 12}  # ... restored and counted on
         assert second["step"] == 12 * 2048
+        third = run_blocks("Quick start: a training loop")  # a finished run: nothing to do
+        assert "resumed at step 24576" in capsys.readouterr().out
+        assert third["elo"] == {"rating": 1500.0, "games": 12}
     finally:  # the README's resume restores the global RNGs: leave them as they were
         random.setstate(rng[0])
         np.random.set_state(rng[1])
