@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import gc
 import io
-import os
 import re
 import signal
 import subprocess
@@ -23,6 +22,7 @@ import fsspec
 import pytest
 import torch
 import upath.registry
+from cli_inprocess import run as run_cli
 from fsspec.implementations.memory import MemoryFileSystem
 from saved_states import raw_bytes
 from upath.implementations.memory import MemoryPath
@@ -301,25 +301,31 @@ def test_s3_process_killed_during_upload_leaves_no_bad_latest(
 
 
 def test_s3_cli_in_a_fresh_process(s3_url: str, tmp_path) -> None:
-    """The command line reaches S3 from the standard AWS environment variables alone: ls,
-    verify, prune, info and publish (W&B offline) on an s3:// run directory."""
+    """The command line reaches S3 from the standard AWS environment variables alone: ls in a
+    fresh ``python -m keisei_fn`` process (nothing configured but its environment), then
+    verify, prune, info and publish (W&B offline) on the s3:// run directory, run in this
+    process (``cli_inprocess``; s3fs's cached clients are dropped first)."""
+    import s3fs
+
     save_state(trained_state(10), s3_url)
     save_state(trained_state(20, seed=1), s3_url)
+    fresh = subprocess.run(
+        [sys.executable, "-m", "keisei_fn", "ls", "--verify", s3_url],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert fresh.returncode == 0, fresh.stderr
+    assert "verified" in fresh.stdout and "checkpoint_ts20" in fresh.stdout, fresh.stdout
+    s3fs.S3FileSystem.clear_instance_cache()
     wandb = {"WANDB_MODE": "offline", "WANDB_DIR": str(tmp_path), "WANDB_SILENT": "true"}
     for args, expected in (
-        (["ls", "--verify", s3_url], "verified"),
         (["verify", s3_url], "ok       checkpoint_ts20"),
         (["prune", s3_url, "--keep-last", "1"], "checkpoint_ts10"),
         (["info", f"{s3_url}/checkpoint_ts20"], "checkpoint_ts20"),
         (["publish", f"{s3_url}/checkpoint_ts20", "--run-name", "r"], "published"),
     ):
-        done = subprocess.run(
-            [sys.executable, "-m", "keisei_fn", *args],
-            capture_output=True,
-            text=True,
-            timeout=120,
-            env={**os.environ, **wandb},
-        )
+        done = run_cli(*args, env=wandb)
         assert done.returncode == 0, done.stderr
         assert expected in done.stdout, done.stdout
     assert [m.step for m in list_checkpoints(s3_url)] == [20]
