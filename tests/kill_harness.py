@@ -20,6 +20,7 @@ saw as JSON lines (``Recorder``), which the test reads back (``read_records``, `
 from __future__ import annotations
 
 import atexit
+import contextlib
 import importlib
 import json
 import multiprocessing
@@ -98,8 +99,10 @@ class Zygote:
         return int(self.process.stdout.readline())
 
     def kill(self, pid: int) -> int:
-        """SIGKILL the victim ``pid``; returns its wait status once it is gone."""
-        os.kill(pid, signal.SIGKILL)
+        """SIGKILL the victim ``pid``; returns its wait status once it is gone (its own, if it
+        had already ended: ``sigkilled`` tells)."""
+        with contextlib.suppress(ProcessLookupError):  # ended and reaped by the zygote
+            os.kill(pid, signal.SIGKILL)
         return self.wait()
 
     def wait(self) -> int:
