@@ -21,8 +21,13 @@ lint: setup
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/mypy
 
+# pytest-xdist: one worker per core, each test file on one worker (module fixtures such as a
+# torchrun job or the demo run start once). `make test PYTEST_WORKERS=0` runs the tests in one
+# process, as plain `pytest` does.
+PYTEST_WORKERS ?= auto
+
 test: lint
-	$(PY) -m pytest
+	$(PY) -m pytest -n $(PYTEST_WORKERS) --dist loadfile
 
 bench: setup  # python -m benchmarks --help for options (--quick, --sections, --repeat)
 	$(PY) -m benchmarks

@@ -9,21 +9,28 @@ real saves, and the kill is a real SIGKILL. A victim that returns or raises exit
 (its traceback on the zygote's stderr), which ``sigkilled`` tells from a kill. Victims record
 what they began and what returned in a ``Log``, which ``read_log`` reads back after the kill.
 
-**Workers** (``test_commit_protocol``, ``test_protocol_review``). ``run_workers`` starts a fresh
-Python that imports torch, keisei_fn and the test module once, then forks the workers
-(``multiprocessing`` "fork" context, before any torch work in that process), so a test costs one
-interpreter start. Each worker waits for the others, then runs a function of the test module;
-workers write what they saw as JSON lines (``Recorder``), which the test reads back
-(``read_records``, ``read_race``).
+**Workers** (``test_commit_protocol``, ``test_protocol_review``). ``run_workers`` asks a zygote
+(one per test process, started on first use; it has imported torch and keisei_fn) to fork a
+coordinator, which imports the test module and forks the workers (``multiprocessing`` "fork"
+context, before any torch work in that process), so a test costs no interpreter start. Each
+worker waits for the others, then runs a function of the test module; workers write what they
+saw as JSON lines (``Recorder``), which the test reads back (``read_records``, ``read_race``).
 """
 
 from __future__ import annotations
 
+import atexit
+import contextlib
+import importlib
 import json
+import multiprocessing
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
+import threading
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -92,9 +99,16 @@ class Zygote:
         return int(self.process.stdout.readline())
 
     def kill(self, pid: int) -> int:
-        """SIGKILL the victim ``pid``; returns its wait status once it is gone."""
+        """SIGKILL the victim ``pid``; returns its wait status once it is gone (its own, if it
+        had already ended: ``sigkilled`` tells)."""
+        with contextlib.suppress(ProcessLookupError):  # ended and reaped by the zygote
+            os.kill(pid, signal.SIGKILL)
+        return self.wait()
+
+    def wait(self) -> int:
+        """Wait for the victim forked last to end; returns its wait status (a victim that
+        returns or raises exits with status 3)."""
         assert self.process.stdout is not None
-        os.kill(pid, signal.SIGKILL)
         return int(self.process.stdout.readline())
 
     def close(self) -> None:
@@ -136,25 +150,23 @@ def read_log(path: Path) -> list[tuple[str, int, int]]:
 
 # --- concurrent workers -----------------------------------------------------------------------
 
-_HARNESS = r"""
-import importlib, json, multiprocessing, sys
-sys.path.insert(0, sys.argv[1])
-import kill_harness
-importlib.import_module(sys.argv[2])  # torch and keisei_fn are imported once, before forking
 
-jobs = json.loads(sys.argv[3])
-ctx = multiprocessing.get_context("fork")
-barrier, stop = ctx.Barrier(len(jobs)), ctx.Event()
-workers = [
-    ctx.Process(target=kill_harness.worker_main, args=(sys.argv[2], job, barrier, stop))
-    for job in jobs
-]
-for worker in workers:
-    worker.start()
-for worker in workers:
-    worker.join()
-print(json.dumps([worker.exitcode for worker in workers]))
-"""
+def run_jobs(module: str, jobs: list[dict[str, Any]], result: str) -> None:
+    """The coordinator, forked by the workers' zygote: import ``module``, fork one worker per job
+    (before any torch work here), wait for them all, and write their exit codes to ``result``.
+    It leads its own process group, so that a timeout kills it and its workers together, and
+    its stdout (and the workers') goes to stderr: the zygote's stdout is its protocol."""
+    os.setpgid(0, 0)
+    os.dup2(2, 1)
+    importlib.import_module(module)
+    ctx = multiprocessing.get_context("fork")
+    barrier, stop = ctx.Barrier(len(jobs)), ctx.Event()
+    workers = [ctx.Process(target=worker_main, args=(module, job, barrier, stop)) for job in jobs]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join()
+    Path(result).write_text(json.dumps([worker.exitcode for worker in workers]))
 
 
 def worker_main(module: str, job: dict[str, Any], barrier: Any, stop: Any) -> None:
@@ -164,6 +176,33 @@ def worker_main(module: str, job: dict[str, Any], barrier: Any, stop: Any) -> No
     getattr(sys.modules[module], job.pop("fn"))(barrier=barrier, stop=stop, **job)
 
 
+@dataclass
+class _Workers:
+    """The zygote that forks ``run_workers``' coordinators, its stderr file and its folder."""
+
+    zygote: Zygote
+    folder: Path
+    stderr: Path
+    calls: int = 0
+
+
+_workers: _Workers | None = None
+
+
+def _workers_zygote() -> _Workers:
+    """This process's zygote for ``run_workers``, started on first use, killed at exit."""
+    global _workers
+    if _workers is None or _workers.zygote.process.poll() is not None:
+        folder = Path(tempfile.mkdtemp(prefix="keisei-workers-"))
+        stderr = folder / "stderr"
+        with open(stderr, "a") as file:  # O_APPEND: the zygote's writes always land at the end
+            zygote = Zygote("kill_harness:run_jobs", stderr=file)
+        atexit.register(shutil.rmtree, folder, ignore_errors=True)
+        atexit.register(zygote.close)
+        _workers = _Workers(zygote, folder, stderr)
+    return _workers
+
+
 def run_workers(module: str, jobs: list[dict[str, Any]], *, timeout: float) -> None:
     """Run the jobs (``{"fn": name of a function of ``module``, **its keyword arguments}``) in
     concurrent processes started together; fail if any of them crashed.
@@ -171,15 +210,28 @@ def run_workers(module: str, jobs: list[dict[str, Any]], *, timeout: float) -> N
     Each function is also given ``barrier`` (a ``multiprocessing.Barrier`` of all the workers)
     and ``stop`` (a ``multiprocessing.Event``) as keyword arguments.
     """
-    out = subprocess.run(
-        [sys.executable, "-c", _HARNESS, TESTS_DIR, module, json.dumps(jobs)],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
-    assert out.returncode == 0, out.stderr[-4000:]
-    codes = json.loads(out.stdout.splitlines()[-1])
-    assert codes == [0] * len(jobs), f"worker exit codes {codes}:\n{out.stderr[-4000:]}"
+    workers = _workers_zygote()
+    workers.calls += 1
+    result = workers.folder / f"result{workers.calls}.json"
+    logged = workers.stderr.stat().st_size
+
+    def stderr() -> str:  # what the zygote's children wrote during this call
+        with open(workers.stderr, "rb") as file:
+            file.seek(logged)
+            return file.read()[-4000:].decode(errors="replace")
+
+    pid = workers.zygote.fork(module, jobs, str(result))
+    status: list[int] = []
+    waiter = threading.Thread(target=lambda: status.append(workers.zygote.wait()), daemon=True)
+    waiter.start()
+    waiter.join(timeout)
+    if waiter.is_alive():  # the coordinator and its workers
+        os.killpg(pid, signal.SIGKILL)
+        waiter.join()
+        raise AssertionError(f"the workers did not finish in {timeout} s:\n{stderr()}")
+    assert result.exists(), f"the coordinator failed (wait status {status}):\n{stderr()}"
+    codes = json.loads(result.read_text())
+    assert codes == [0] * len(jobs), f"worker exit codes {codes}:\n{stderr()}"
 
 
 class Recorder:

@@ -2,15 +2,11 @@
 
 from __future__ import annotations
 
-import os
-import signal
-import subprocess
-import sys
-import textwrap
 import time
 
 import pytest
 import torch
+from kill_harness import Log, Zygote, read_log, sigkilled
 from saved_states import raw_bytes
 
 from keisei_fn import ModelSpec, build_model, capture, latest_checkpoint, load_state
@@ -69,38 +65,39 @@ def test_wait_and_close_raise_the_pending_error(tmp_path):
         saver.close()
 
 
-CHILD = textwrap.dedent(
-    """
-    import sys, torch
-    from keisei_fn import ModelSpec, build_model, capture
-    from keisei_fn.store.background import AsyncSaver
+def background_saver(run_dir: str, log_path: str) -> None:
+    """A victim (forked by ``kill_harness.Zygote``): saves in the background, step after step,
+    until it is killed, logging each save it submitted."""
+    log = Log(log_path)
     spec = ModelSpec(tower_depth=2, tower_width=64)
     model = build_model(spec, seed=0)
     opt = torch.optim.Adam(model.parameters())
-    with AsyncSaver(sys.argv[1]) as saver:
+    with AsyncSaver(run_dir) as saver:
         for step in range(1, 10_000):
             saver.save(capture(spec, model, opt, step=step))
-            print(step, flush=True)
-    """
-)
+            log("submitted", step, 0)
 
 
 def test_killed_during_background_writes_leaves_nothing_partial(tmp_path):
-    """SIGKILL while the worker writes: latest_checkpoint is always loadable."""
-    for delay in (0.3, 0.7, 1.1):
-        run_dir = tmp_path / f"run{delay}"
-        proc = subprocess.Popen(
-            [sys.executable, "-c", CHILD, str(run_dir)], stdout=subprocess.PIPE, text=True
-        )
-        assert proc.stdout is not None
-        proc.stdout.readline()  # the first save was submitted
-        time.sleep(delay)
-        os.kill(proc.pid, signal.SIGKILL)
-        proc.wait()
-        latest = latest_checkpoint(run_dir)
-        assert latest is not None
-        load_state(latest)  # verified: never a partial or corrupt checkpoint
-        scan = scan_run_dir(run_dir)
-        assert scan.valid and not scan.invalid  # leftovers (temp files) are invisible
-        for meta in scan.valid:
-            verify_checkpoint(meta.path)
+    """SIGKILL while the worker writes: latest_checkpoint is always loadable. The savers are
+    real processes forked by one zygote (an interpreter start and a torch import for all)."""
+    with (
+        open(tmp_path / "stderr", "w") as stderr,
+        Zygote("test_background:background_saver", stderr=stderr) as zygote,
+    ):
+        for delay in (0.3, 0.7, 1.1):
+            run_dir, log = tmp_path / f"run{delay}", tmp_path / f"log{delay}"
+            pid = zygote.fork(str(run_dir), str(log))
+            deadline = time.monotonic() + 60
+            while not read_log(log):  # the first save was submitted
+                assert time.monotonic() < deadline, (tmp_path / "stderr").read_text()[-4000:]
+                time.sleep(0.005)
+            time.sleep(delay)
+            assert sigkilled(zygote.kill(pid)), (tmp_path / "stderr").read_text()[-4000:]
+            latest = latest_checkpoint(run_dir)
+            assert latest is not None
+            load_state(latest)  # verified: never a partial or corrupt checkpoint
+            scan = scan_run_dir(run_dir)
+            assert scan.valid and not scan.invalid  # leftovers (temp files) are invisible
+            for meta in scan.valid:
+                verify_checkpoint(meta.path)

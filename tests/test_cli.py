@@ -1,4 +1,10 @@
-"""The installed ``keisei-fn`` command, run in subprocesses on real run directories."""
+"""The ``keisei-fn`` command line on real run directories.
+
+Most commands run inside the test process (``cli_inprocess.run``: same exit code, stdout and
+stderr, no interpreter start); the installed ``keisei-fn`` script and ``python -m keisei_fn`` are
+started as real processes in ``test_help_on_every_command``, and the demo that is killed
+mid-run is a real ``keisei-fn`` process.
+"""
 
 from __future__ import annotations
 
@@ -13,6 +19,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from cli_inprocess import run
 
 CLI = [str(Path(sys.executable).parent / "keisei-fn")]
 SHORT_DEMO = [
@@ -25,17 +32,6 @@ SHORT_DEMO = [
     "--wandb",
     "disabled",
 ]
-
-
-def run(*args: str, cwd: Path | None = None, env: dict[str, str] | None = None):
-    return subprocess.run(
-        [*CLI, *args],
-        capture_output=True,
-        text=True,
-        cwd=cwd,
-        timeout=300,
-        env={**os.environ, **(env or {})},
-    )
 
 
 @pytest.fixture(scope="module")
@@ -61,10 +57,15 @@ def test_help_on_every_command():
         "analyze",
     ):
         result = run(command, "--help")
-        assert result.returncode == 0 and "usage: keisei-fn" in result.stdout
+        assert result.returncode == 0 and "usage: keisei-fn" in result.stdout, command
+        assert result.stderr == "", command
     assert run("--help").returncode == 0
+    # the real entry points, each in a fresh interpreter: the installed script and the module
+    script = subprocess.run([*CLI, "--help"], capture_output=True, text=True, timeout=300)
+    assert script.returncode == 0 and "usage: keisei-fn" in script.stdout
+    assert "analyze" in script.stdout and script.stderr == ""
     module = subprocess.run(
-        [sys.executable, "-m", "keisei_fn", "--help"], capture_output=True, text=True
+        [sys.executable, "-m", "keisei_fn", "--help"], capture_output=True, text=True, timeout=300
     )
     assert module.returncode == 0 and "analyze" in module.stdout
 
@@ -179,9 +180,11 @@ def test_demo_killed_mid_run_resumes_exactly(tmp_path):
         "--wandb",
         "disabled",
     ]
-    env = {"OMP_NUM_THREADS": "1"}  # bit-exact across processes
+    # one intra-op thread in every run: bit-exact across processes (the in-process runs get it
+    # from torch.set_num_threads, the killed process from OMP_NUM_THREADS)
+    env = {"OMP_NUM_THREADS": "1"}
     straight = tmp_path / "straight"
-    assert run("demo", "--run-dir", str(straight), *args, env=env).returncode == 0
+    assert run("demo", "--run-dir", straight, *args, threads=1).returncode == 0
 
     killed = tmp_path / "killed"
     proc = subprocess.Popen(
@@ -198,7 +201,7 @@ def test_demo_killed_mid_run_resumes_exactly(tmp_path):
     proc.wait()
     assert not (killed / "final_model.json").exists()
 
-    result = run("demo", "--run-dir", str(killed), *args, env=env)
+    result = run("demo", "--run-dir", killed, *args, threads=1)
     assert result.returncode == 0, result.stdout + result.stderr
     assert f"resumed from {killed}/checkpoint_ts" in result.stdout
     final_line = next(ln for ln in result.stdout.splitlines() if ln.startswith("finished"))

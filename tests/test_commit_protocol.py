@@ -26,11 +26,12 @@ Covers these items of issue #16 (the kill loop, item 6, is ``tests/test_kill_loo
    processes loop ``latest_checkpoint`` / ``load_state`` / ``resume`` for a few seconds; none
    may see "nothing" or an error.
 
-Concurrent tests use real processes (``kill_harness.run_workers``): a fresh Python imports
-torch and keisei_fn once, then forks the workers (``multiprocessing`` "fork" context, before any
-torch work in that process), so a test costs one interpreter start. Workers write what they saw
-as JSON lines; the test checks them. The states saved are ``saved_states.expected_state``.
-Nothing under test is mocked: the fault injection wraps the real system calls.
+Concurrent tests use real processes (``kill_harness.run_workers``): a zygote that imported
+torch and keisei_fn once forks a coordinator, which forks the workers (``multiprocessing``
+"fork" context, before any torch work in that process), so a test costs no interpreter start.
+Workers write what they saw as JSON lines; the test checks them. The states saved are
+``saved_states.expected_state``. Nothing under test is mocked: the fault injection wraps the
+real system calls.
 
 Checkpoints are found through the public API only (``list_checkpoints``/``scan_run_dir`` and a
 meta's ``sidecar_path``/``weights_path``), never by weights file names: after the rewrite a
@@ -378,7 +379,7 @@ def test_io_fault_sweep_leaves_old_or_new_and_nothing_broken(mode_name: str) -> 
     assert not result.problems, _problem_report(result.problems, f"the {mode_name} sweep")
 
 
-# --- processes: one interpreter start, forked workers (kill_harness.run_workers) ------------
+# --- processes: forked workers (kill_harness.run_workers) -----------------------------------
 
 
 def _listed_problems(run_dir: Path) -> list[str]:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -34,11 +35,21 @@ def fingerprints(out: Path, nproc: int) -> list[dict[str, object]]:
     return [json.loads((out / f"rank{r}.json").read_text()) for r in range(nproc)]
 
 
-@pytest.mark.skipif(not TORCHRUN.exists(), reason="torchrun not installed")
-def test_two_rank_ddp_resume_is_bit_identical(tmp_path):
+@pytest.fixture(scope="module")
+def saved_at_3(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A run directory after a 2-rank job trained 3 of 6 steps, saved, and exited (one torchrun
+    job for the module's two tests, which only read it)."""
+    if not TORCHRUN.exists():
+        pytest.skip("torchrun not installed")
+    root = tmp_path_factory.mktemp("ddp")
+    torchrun(2, root / "run", root / "out", 6, 3)  # train 3 steps, save, exit
+    return root / "run"
+
+
+def test_two_rank_ddp_resume_is_bit_identical(tmp_path, saved_at_3):
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     torchrun(2, straight / "run", straight / "out", 6)
-    torchrun(2, resumed / "run", resumed / "out", 6, 3)  # train 3 steps, save, exit
+    shutil.copytree(saved_at_3, resumed / "run")
     files = sorted(p.name for p in (resumed / "run").iterdir())
     (meta,) = kf.list_checkpoints(resumed / "run")
     assert files == sorted(["checkpoint_ts3.json", meta.weights_file])  # rank 0 wrote once
@@ -50,9 +61,8 @@ def test_two_rank_ddp_resume_is_bit_identical(tmp_path):
     assert a[0]["python"] != a[1]["python"]  # the ranks really had different streams
 
 
-def test_resume_with_another_world_size_reseeds_with_a_warning(tmp_path, caplog):
-    torchrun(2, tmp_path / "run", tmp_path / "out", 4, 2)
-    state = kf.load_state(tmp_path / "run")
+def test_resume_with_another_world_size_reseeds_with_a_warning(saved_at_3, caplog):
+    state = kf.load_state(saved_at_3)
     net = torch.nn.Sequential(
         torch.nn.Linear(16, 32), torch.nn.Dropout(0.2), torch.nn.ReLU(), torch.nn.Linear(32, 4)
     )

@@ -11,7 +11,6 @@ import gc
 import io
 import os
 import re
-import signal
 import subprocess
 import sys
 import time
@@ -20,10 +19,13 @@ from collections.abc import Iterator
 from contextlib import redirect_stdout
 
 import fsspec
+import fsspec.config
 import pytest
 import torch
 import upath.registry
+from cli_inprocess import run as run_cli
 from fsspec.implementations.memory import MemoryFileSystem
+from kill_harness import Log, Zygote, read_log, sigkilled
 from saved_states import raw_bytes
 from upath.implementations.memory import MemoryPath
 
@@ -261,34 +263,53 @@ def test_an_upload_cut_off_midway_commits_nothing(flaky: str) -> None:
 
 # --- S3 only: real processes --------------------------------------------------------------
 
-KILLED_SAVER = """
-import sys, torch
-from keisei_fn import TrainState, save_state
-url = sys.argv[1]
-gen = torch.Generator().manual_seed(0)
-for step in range(1, 1000):
-    big = torch.randn(4 << 20, generator=gen)  # 16 MiB: a multipart upload each time
-    save_state(TrainState(spec=None, step=step, model={"w": big}), url)
-    print(step, flush=True)
-"""
+
+def killed_saver(url: str, log_path: str, environ: dict[str, str]) -> None:
+    """A victim (forked by the ``saver_zygote``) in the test's environment, as a fresh process
+    started by the test would be: saves 16 MiB states (a multipart upload each), step after
+    step, logging each save that returned, until it is killed."""
+    os.environ.clear()
+    os.environ.update(environ)
+    fsspec.config.conf.pop("s3", None)  # read from FSSPEC_S3_* at import, as s3_url clears it
+    log = Log(log_path)
+    gen = torch.Generator().manual_seed(0)
+    for step in range(1, 1000):
+        big = torch.randn(4 << 20, generator=gen)  # 16 MiB: a multipart upload each time
+        save_state(TrainState(spec=None, step=step, model={"w": big}), url)
+        log("saved", step, 0)
+
+
+@pytest.fixture(scope="module")
+def saver_zygote(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Zygote]:
+    """One zygote (torch, keisei_fn and s3fs imported once) forks every ``killed_saver``."""
+    stderr_path = tmp_path_factory.mktemp("zygote") / "stderr"
+    with (
+        open(stderr_path, "w") as stderr,
+        Zygote("test_object_store:killed_saver", stderr=stderr, preload=("s3fs",)) as zygote,
+    ):
+        yield zygote
 
 
 @pytest.mark.parametrize("kill_after_saves", [1, 2, 3])
 def test_s3_process_killed_during_upload_leaves_no_bad_latest(
-    s3_url: str, kill_after_saves: int, monkeypatch: pytest.MonkeyPatch
+    s3_url: str,
+    kill_after_saves: int,
+    monkeypatch: pytest.MonkeyPatch,
+    saver_zygote: Zygote,
+    tmp_path,
 ) -> None:
     """SIGKILL a process in the middle of an upload: whatever latest_checkpoint returns loads."""
-    proc = subprocess.Popen(
-        [sys.executable, "-c", KILLED_SAVER, s3_url], stdout=subprocess.PIPE, text=True
-    )
+    log = tmp_path / "log"
+    pid = saver_zygote.fork(s3_url, str(log), dict(os.environ))
     try:
-        for _ in range(kill_after_saves):
-            assert proc.stdout is not None and proc.stdout.readline()
+        deadline = time.monotonic() + 120
+        while len(read_log(log)) < kill_after_saves:
+            assert time.monotonic() < deadline, f"{read_log(log)} after 120 s"
+            time.sleep(0.005)
         time.sleep(0.05 * kill_after_saves)  # somewhere inside the next upload
-        proc.send_signal(signal.SIGKILL)
     finally:
-        proc.kill()
-        proc.wait(timeout=30)
+        status = saver_zygote.kill(pid)
+    assert sigkilled(status), f"the saver ended by itself (wait status {status})"
     latest = latest_checkpoint(s3_url)
     assert latest is not None
     state = load_state(latest)
@@ -302,25 +323,31 @@ def test_s3_process_killed_during_upload_leaves_no_bad_latest(
 
 
 def test_s3_cli_in_a_fresh_process(s3_url: str, tmp_path) -> None:
-    """The command line reaches S3 from the standard AWS environment variables alone: ls,
-    verify, prune, info and publish (W&B offline) on an s3:// run directory."""
+    """The command line reaches S3 from the standard AWS environment variables alone: ls in a
+    fresh ``python -m keisei_fn`` process (nothing configured but its environment), then
+    verify, prune, info and publish (W&B offline) on the s3:// run directory, run in this
+    process (``cli_inprocess``; s3fs's cached clients are dropped first)."""
+    import s3fs
+
     save_state(trained_state(10), s3_url)
     save_state(trained_state(20, seed=1), s3_url)
+    fresh = subprocess.run(
+        [sys.executable, "-m", "keisei_fn", "ls", "--verify", s3_url],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert fresh.returncode == 0, fresh.stderr
+    assert "verified" in fresh.stdout and "checkpoint_ts20" in fresh.stdout, fresh.stdout
+    s3fs.S3FileSystem.clear_instance_cache()
     wandb = {"WANDB_MODE": "offline", "WANDB_DIR": str(tmp_path), "WANDB_SILENT": "true"}
     for args, expected in (
-        (["ls", "--verify", s3_url], "verified"),
         (["verify", s3_url], "ok       checkpoint_ts20"),
         (["prune", s3_url, "--keep-last", "1"], "checkpoint_ts10"),
         (["info", f"{s3_url}/checkpoint_ts20"], "checkpoint_ts20"),
         (["publish", f"{s3_url}/checkpoint_ts20", "--run-name", "r"], "published"),
     ):
-        done = subprocess.run(
-            [sys.executable, "-m", "keisei_fn", *args],
-            capture_output=True,
-            text=True,
-            timeout=120,
-            env={**os.environ, **wandb},
-        )
+        done = run_cli(*args, env=wandb)
         assert done.returncode == 0, done.stderr
         assert expected in done.stdout, done.stdout
     assert [m.step for m in list_checkpoints(s3_url)] == [20]

@@ -19,6 +19,7 @@ from typing import Any
 
 import pytest
 import torch
+from cli_inprocess import run as run_cli
 from saved_states import raw
 
 import keisei_fn as kf
@@ -290,15 +291,11 @@ def test_cli_and_publish_on_a_sharded_run(tmp_path):
     model, optimizer = plain_job()
     sharded.save_sharded(model, optimizer, tmp_path / "run", step=5, spec=spec)
 
-    def cli(*args: str) -> subprocess.CompletedProcess[str]:
-        command = [sys.executable, "-m", "keisei_fn", *map(str, args)]
-        return subprocess.run(command, capture_output=True, text=True, timeout=120)
-
-    listed = cli("ls", "--verify", tmp_path / "run")
+    listed = run_cli("ls", "--verify", tmp_path / "run")
     assert listed.returncode == 0 and "periodic (1 shards)" in listed.stdout
     assert "verified" in listed.stdout
-    assert cli("verify", tmp_path / "run").returncode == 0
-    done = cli("consolidate", tmp_path / "run", tmp_path / "single")
+    assert run_cli("verify", tmp_path / "run").returncode == 0
+    done = run_cli("consolidate", tmp_path / "run", tmp_path / "single")
     assert done.returncode == 0, done.stderr
     loaded, meta = kf.load_model(tmp_path / "single")
     assert meta.name == "checkpoint_ts5" and not meta.sharded
@@ -345,7 +342,5 @@ def test_a_shards_directory_names_its_checkpoint_only_when_committed(tmp_path):
     stale.mkdir()
     with pytest.raises(IncompleteCheckpointError, match="never committed"):
         kf.load_state(stale)
-    done = subprocess.run(
-        [sys.executable, "-m", "keisei_fn", "verify", str(latest)], capture_output=True, text=True
-    )
+    done = run_cli("verify", latest)
     assert done.returncode == 0 and "ok  checkpoint_ts5" in done.stdout

@@ -497,10 +497,12 @@ def train_states(
         A strategy of states.
 
     Example:
-        >>> from hypothesis import find
-        >>> state = find(train_states(specs=st.none()), lambda state: len(state.model) == 2)
-        >>> state.spec is None and state.step > 0
-        True
+        >>> from hypothesis import given, settings
+        >>> @settings(max_examples=5)
+        ... @given(train_states(specs=st.none(), steps=st.integers(1, 100)))
+        ... def test_states(state):
+        ...     assert state.spec is None and 1 <= state.step <= 100
+        >>> test_states()
     """
     spec = draw(specs if specs is not None else st.none() | model_specs())
     model, params = draw(_model(spec))
@@ -544,9 +546,12 @@ def checkpoint_metas(
         A strategy of metas.
 
     Example:
-        >>> from hypothesis import find
-        >>> find(checkpoint_metas(kinds=["periodic"]), lambda meta: meta.step == 5).name
-        'checkpoint_ts5'
+        >>> from hypothesis import given, settings
+        >>> @settings(max_examples=5)
+        ... @given(checkpoint_metas(kinds=["periodic"], steps=st.just(5)))
+        ... def test_metas(meta):
+        ...     assert meta.kind == "periodic" and meta.name.endswith("_ts5")
+        >>> test_metas()
     """
     kind = draw(st.sampled_from(tuple(kinds)))
     step = draw(steps if steps is not None else st.integers(1, 10**6))
