@@ -151,13 +151,17 @@ def read_log(path: Path) -> list[tuple[str, int, int]]:
 # --- concurrent workers -----------------------------------------------------------------------
 
 
-def run_jobs(module: str, jobs: list[dict[str, Any]], result: str) -> None:
-    """The coordinator, forked by the workers' zygote: import ``module``, fork one worker per job
-    (before any torch work here), wait for them all, and write their exit codes to ``result``.
-    It leads its own process group, so that a timeout kills it and its workers together, and
-    its stdout (and the workers') goes to stderr: the zygote's stdout is its protocol."""
+def run_jobs(module: str, jobs: list[dict[str, Any]], result: str, environ: dict[str, str]) -> None:
+    """The coordinator, forked by the workers' zygote: take the calling test's environment
+    (e.g. the S3 fixture's settings, set after the zygote started), import ``module``, fork one
+    worker per job (before any torch work here), wait for them all, and write their exit codes
+    to ``result``. It leads its own process group, so that a timeout kills it and its workers
+    together, and its stdout (and the workers') goes to stderr: the zygote's stdout is its
+    protocol."""
     os.setpgid(0, 0)
     os.dup2(2, 1)
+    os.environ.clear()
+    os.environ.update(environ)
     importlib.import_module(module)
     ctx = multiprocessing.get_context("fork")
     barrier, stop = ctx.Barrier(len(jobs)), ctx.Event()
@@ -220,7 +224,7 @@ def run_workers(module: str, jobs: list[dict[str, Any]], *, timeout: float) -> N
             file.seek(logged)
             return file.read()[-4000:].decode(errors="replace")
 
-    pid = workers.zygote.fork(module, jobs, str(result))
+    pid = workers.zygote.fork(module, jobs, str(result), dict(os.environ))
     status: list[int] = []
     waiter = threading.Thread(target=lambda: status.append(workers.zygote.wait()), daemon=True)
     waiter.start()

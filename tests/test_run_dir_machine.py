@@ -36,11 +36,13 @@ from keisei_fn.testing import assert_states_equal, train_states
 
 STEPS = st.integers(1, 12)
 STATES = train_states(specs=st.none(), steps=st.just(1))
-POLICIES = st.builds(
+MAX_BYTES = st.none() | st.integers(1, 20_000)
+# keep_last=None keeps every checkpoint (other keep rules beside it only warn)
+POLICIES = st.builds(RetentionPolicy, max_bytes=MAX_BYTES) | st.builds(
     RetentionPolicy,
-    keep_last=st.none() | st.integers(0, 3),
+    keep_last=st.integers(0, 3),
     keep_every=st.none() | st.sampled_from([2, 4]),
-    max_bytes=st.none() | st.integers(1, 20_000),
+    max_bytes=MAX_BYTES,
 )
 
 
