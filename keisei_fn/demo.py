@@ -15,6 +15,7 @@ A run trains to ``steps`` (default :data:`DEFAULT_STEPS`) or until the training 
 mass reaches the target, then saves its final state marked complete. Running it again on a
 complete run trains nothing — unless ``steps`` is given beyond the step it ended at: then it
 trains on from that last checkpoint to ``steps`` (a target already reached does not stop it).
+A run resumes only from its own directory's checkpoints.
 """
 
 from __future__ import annotations
@@ -170,7 +171,8 @@ def run_demo(config: DemoConfig, *, say: Print = print, progress: bool | None = 
     train_obs, train_masks = _pool(config.pool_size, config.seed)
     held_obs, held_masks = _pool(config.heldout_size, config.seed + 1_000_003)
 
-    resumed = resume(config.run_dir)
+    # Only the run's own checkpoints: never a copy of a parent directory's run.
+    resumed = resume(config.run_dir, search_parent=False)
     step = 0
     if resumed is not None:
         restore_(resumed.state, model, optimizer, generators={"batches": sampler})
