@@ -208,20 +208,16 @@ def run_demo(config: DemoConfig, *, say: Print = print, progress: bool | None = 
             f"{config.seed}); checkpoint every {config.checkpoint_every} steps, keep the last "
             f"{config.keep_last}"
         )
-        if continuing:
+        if not stop_at_target:
             say(
-                f"training on from step {step} to step {limit}"
-                + (
-                    ""
-                    if stop_at_target
-                    else f" (target legal mass {config.target_legal_mass} already reached: "
-                    "it does not stop this run)"
-                )
+                f"training on from step {step} to step {limit} (target legal mass "
+                f"{config.target_legal_mass} already reached: it does not stop this run)"
             )
         else:
             say(
-                f"training to step {limit}, or until the legal mass reaches "
-                f"{config.target_legal_mass}"
+                f"training {f'on from step {step} ' if continuing else ''}to step {limit}, or "
+                f"until the legal mass reaches {config.target_legal_mass} (checked every "
+                f"{config.eval_every} steps; ETAs are to step {limit}: an upper bound)"
             )
 
     checkpointer = Checkpointer(
@@ -244,7 +240,7 @@ def run_demo(config: DemoConfig, *, say: Print = print, progress: bool | None = 
     bar = tqdm(
         total=limit,
         initial=step,
-        desc=f"to step {limit}",
+        desc=f"{'up ' if stop_at_target else ''}to step {limit}",
         disable=not progress if progress is not None else None,
         unit="step",
         dynamic_ncols=True,
@@ -272,10 +268,12 @@ def run_demo(config: DemoConfig, *, say: Print = print, progress: bool | None = 
                 )
                 if bar.disable:
                     rate = (time.perf_counter() - loop_started) / (step - first_step)
+                    eta = _duration(rate * (limit - step))
                     say(
                         f"step {step:5d}/{limit}  loss {loss.item():.3f}  legal mass: "
                         f"train {train_mass:.3f}  held-out {held_mass:.3f}  "
-                        f"ETA {_duration(rate * (limit - step))}"
+                        # the target may stop the run before `limit`: then it is an upper bound
+                        f"ETA {'<= ' if stop_at_target else ''}{eta}"
                     )
             result = checkpointer.maybe_save(snapshot, step=step, last_saved=last_saved)
             if result.status == "saved" and result.meta is not None:

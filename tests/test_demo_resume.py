@@ -6,6 +6,7 @@ seconds.
 
 from __future__ import annotations
 
+import re
 import shutil
 from dataclasses import replace
 from pathlib import Path
@@ -48,6 +49,16 @@ def straight(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[str]]
     return run_dir, lines
 
 
+@pytest.fixture(scope="module")
+def trained_on(straight: tuple[Path, list[str]]) -> tuple[Path, list[str]]:
+    """The straight run, complete at the target, trained on to step 25 uninterrupted."""
+    run_dir = straight[0].parent / "trained_on"
+    shutil.copytree(straight[0], run_dir)
+    result, lines = demo_run(run_dir, steps=25)
+    assert (result.step, result.trained) == (25, True), lines
+    return run_dir, lines
+
+
 # --- 3: a run resumes from its own directory only ---------------------------------------------
 
 
@@ -62,3 +73,19 @@ def test_a_run_in_a_subdirectory_of_a_complete_run_starts_fresh(straight, tmp_pa
     assert (result.resumed_from, result.trained, result.step) == (None, True, 5)
     assert load_state(child).step == 5
     assert sorted(p.name for p in parent.iterdir()) == [*before, "seed1"]
+
+
+# --- 4: an ETA the target may cut short says it is an upper bound ------------------------------
+
+
+def test_the_eta_is_an_upper_bound_when_the_target_may_stop_the_run(straight, trained_on):
+    lines = straight[1]
+    assert (
+        "training to step 60, or until the legal mass reaches 0.05 (checked every 5 steps; ETAs "
+        "are to step 60: an upper bound)"
+    ) in lines
+    progress = [line for line in lines if line.startswith("step ")]
+    assert progress and all(re.search(r"/60  .* ETA <= \d+s$", line) for line in progress)
+    # training on past the target: nothing stops it before its step, the ETA is one
+    progress = [line for line in trained_on[1] if line.startswith("step ")]
+    assert progress and all(re.search(r"/25  .* ETA \d+s$", line) for line in progress)
