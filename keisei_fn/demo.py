@@ -8,17 +8,17 @@ saves on an interval, retention), ``save_final_model``, publishing to W&B (offli
 the checkpoint table and ``analyze``.
 
 Everything that decides the run — weights, optimizer, the batch sampler's generator, the global
-RNGs — is in each checkpoint, so a run interrupted at any point (Ctrl-C, or killed) resumes
-exactly from its last checkpoint: it stops at the same step with the same weights as a run never
-interrupted. Ctrl-C lets the step in progress finish and saves it (a second Ctrl-C interrupts at
-once, saving nothing); the target is checked only every ``eval_every`` steps, a resumed run
-included.
+RNGs, the step it trains to and whether the target stops it — is in each checkpoint, so a run
+interrupted at any point (Ctrl-C, or killed) resumes exactly from its last checkpoint: it stops
+at the same step with the same weights as a run never interrupted. Ctrl-C lets the step in
+progress finish and saves it (a second Ctrl-C interrupts at once, saving nothing); the target
+is checked only every ``eval_every`` steps, a resumed run included.
 
 A run trains to ``steps`` (default :data:`DEFAULT_STEPS`) or until the training pool's legal
 mass reaches the target, then saves its final state marked complete. Running it again on a
 complete run trains nothing — unless ``steps`` is given beyond the step it ended at: then it
-trains on from that last checkpoint to ``steps`` (a target already reached does not stop it).
-A run resumes only from its own directory's checkpoints.
+trains on from that last checkpoint to ``steps`` (a target already reached does not stop it,
+nor does it after an interruption). A run resumes only from its own directory's checkpoints.
 """
 
 from __future__ import annotations
@@ -60,9 +60,10 @@ class DemoConfig:
 
     Args:
         run_dir: where checkpoints go (a second run with the same directory resumes).
-        steps: train to this step (optimizer steps in all, across resumes); None:
-            :data:`DEFAULT_STEPS`, and a complete run stays complete. Given beyond the step a
-            complete run ended at, it trains on from there.
+        steps: train to this step (optimizer steps in all, across resumes); None: the step an
+            interrupted run was training to, else :data:`DEFAULT_STEPS`, and a complete run
+            stays complete. Given beyond the step a complete run ended at, it trains on from
+            there.
         target_legal_mass: stop once the training pool's legal mass reaches this.
         seed: seeds the network, the position pools and the batch sampler.
         pool_size: training positions; heldout_size: positions never trained on.
@@ -182,6 +183,10 @@ def _deferred_ctrl_c() -> Iterator[Callable[[], bool]]:
         signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
+def _recorded_step(value: object) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else None
+
+
 def _recorded_mass(value: object) -> float | None:
     if isinstance(value, bool) or not isinstance(value, int | float):
         return None
@@ -221,8 +226,11 @@ def run_demo(config: DemoConfig, *, say: Print = print, progress: bool | None = 
         say(f"fresh start in {config.run_dir} (no checkpoint to resume)")
     ended = dict(resumed.state.extra) if resumed is not None else {}
     completed = bool(ended.get("completed"))
-    continuing = completed and config.steps is not None and config.steps > step
-    limit = config.steps if config.steps is not None else DEFAULT_STEPS
+    recorded_limit = None if completed else _recorded_step(ended.get("target_step"))
+    if config.steps is not None:
+        limit = config.steps
+    else:  # an interrupted run goes on to the step it was training to
+        limit = recorded_limit if recorded_limit is not None else DEFAULT_STEPS
     # Between two measurements (off the eval_every grid) an interrupted run held the last one,
     # as its saves record: so does its resume, and its saves record the same.
     train_mass = _recorded_mass(ended.get("train_legal_mass"))
@@ -230,8 +238,14 @@ def run_demo(config: DemoConfig, *, say: Print = print, progress: bool | None = 
     if completed or step % config.eval_every == 0 or train_mass is None or held_mass is None:
         train_mass = legal_mass(model, train_obs, train_masks)
         held_mass = legal_mass(model, held_obs, held_masks)
-    # A target already reached when a complete run trains on does not stop it.
-    stop_at_target = not (continuing and train_mass >= config.target_legal_mass)
+    if completed:
+        continuing = config.steps is not None and config.steps > step
+        # A target already reached when a complete run trains on does not stop it.
+        stop_at_target = not (continuing and train_mass >= config.target_legal_mass)
+    else:
+        # A run interrupted while training on past its target goes on past it.
+        continuing = ended.get("ignore_target") is True
+        stop_at_target = not continuing
     training = continuing or not completed
     if not training:
         why = ended.get("stopped") or (
@@ -278,7 +292,14 @@ def run_demo(config: DemoConfig, *, say: Print = print, progress: bool | None = 
             optimizer,
             step=step,
             generators={"batches": sampler},
-            extra={"train_legal_mass": train_mass, "heldout_legal_mass": held_mass, **extra},
+            extra={
+                "train_legal_mass": train_mass,
+                "heldout_legal_mass": held_mass,
+                # what a resume of this checkpoint trains to, and whether the target stops it
+                "target_step": limit,
+                **({} if stop_at_target else {"ignore_target": True}),
+                **extra,
+            },
         )
 
     bar = tqdm(

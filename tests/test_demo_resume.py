@@ -43,14 +43,14 @@ BASE = DemoConfig(
 STOP = 15  # where the run above stops: the first measurement at or over the target
 
 
+class Killed(BaseException):
+    """What ``kill -9`` does to the demo: it stops, nothing runs after."""
+
+
 def demo_run(run_dir: Path, **changes: object) -> tuple[DemoResult, list[str]]:
     lines: list[str] = []
     config = replace(BASE, run_dir=run_dir, **changes)
     return run_demo(config, say=lines.append, progress=False), lines
-
-
-class Killed(BaseException):
-    """What ``kill -9`` does to the demo: it stops, nothing runs after."""
 
 
 def killed_after_saving(run_dir: Path, name: str, **changes: object) -> list[str]:
@@ -156,6 +156,36 @@ def test_ctrl_c_mid_step_saves_that_whole_step_and_resumes_exactly(straight, tmp
     assert result.step == STOP and result.reached_target, lines
     assert weight_bytes(run_dir) == weight_bytes(straight[0])
     assert final_extra(run_dir) == final_extra(straight[0])
+
+
+# --- 1: a run trained on past its target goes on past it after an interruption ---------------
+
+
+@pytest.mark.parametrize("how", ["kill", "ctrl-c", "ctrl-c, then rerun without --steps"])
+def test_an_interrupted_train_on_trains_on_to_its_step(
+    straight, trained_on, tmp_path, monkeypatch, how
+):
+    run_dir = tmp_path / "run"
+    shutil.copytree(straight[0], run_dir)
+    if how == "kill":
+        killed_after_saving(run_dir, "checkpoint_ts21", steps=25)
+        resumed_at = 21
+    else:  # Ctrl-C in the 4th step of the train-on: step 19
+        ctrl_c_in_step(monkeypatch, run_dir, 4, steps=25)
+        resumed_at = 19
+    assert (
+        load_state(run_dir).step == resumed_at and not (run_dir / "checkpoint_ts25.json").exists()
+    )
+
+    result, lines = demo_run(run_dir, steps=None if "without" in how else 25)
+    assert f"at step {resumed_at}" in lines[0]
+    assert (
+        f"training on from step {resumed_at} to step 25 (target legal mass 0.05 already reached: "
+        "it does not stop this run)"
+    ) in lines
+    assert (result.step, result.target_step, result.trained) == (25, 25, True), lines
+    assert final_extra(run_dir)["stopped"] == "step limit 25 reached"
+    assert weight_bytes(run_dir) == weight_bytes(trained_on[0])
 
 
 # --- 3: a run resumes from its own directory only ---------------------------------------------
