@@ -8,19 +8,26 @@ saves on an interval, retention), ``save_final_model``, publishing to W&B (offli
 the checkpoint table and ``analyze``.
 
 Everything that decides the run — weights, optimizer, the batch sampler's generator, the global
-RNGs — is in each checkpoint, so a run interrupted at any point (Ctrl-C, or killed) resumes
-exactly from its last checkpoint.
+RNGs, the step it trains to and whether the target stops it — is in each checkpoint, so a run
+interrupted at any point (Ctrl-C, or killed) resumes exactly from its last checkpoint: it stops
+at the same step with the same weights as a run never interrupted. Ctrl-C lets the step in
+progress finish and saves it (a second Ctrl-C interrupts at once, saving nothing); the target
+is checked only every ``eval_every`` steps, a resumed run included.
 
 A run trains to ``steps`` (default :data:`DEFAULT_STEPS`) or until the training pool's legal
 mass reaches the target, then saves its final state marked complete. Running it again on a
 complete run trains nothing — unless ``steps`` is given beyond the step it ended at: then it
-trains on from that last checkpoint to ``steps`` (a target already reached does not stop it).
+trains on from that last checkpoint to ``steps`` (a target already reached does not stop it,
+nor does it after an interruption). A run resumes only from its own directory's checkpoints.
 """
 
 from __future__ import annotations
 
+import signal
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -53,9 +60,10 @@ class DemoConfig:
 
     Args:
         run_dir: where checkpoints go (a second run with the same directory resumes).
-        steps: train to this step (optimizer steps in all, across resumes); None:
-            :data:`DEFAULT_STEPS`, and a complete run stays complete. Given beyond the step a
-            complete run ended at, it trains on from there.
+        steps: train to this step (optimizer steps in all, across resumes); None: the step an
+            interrupted run was training to, else :data:`DEFAULT_STEPS`, and a complete run
+            stays complete. Given beyond the step a complete run ended at, it trains on from
+            there.
         target_legal_mass: stop once the training pool's legal mass reaches this.
         seed: seeds the network, the position pools and the batch sampler.
         pool_size: training positions; heldout_size: positions never trained on.
@@ -148,6 +156,43 @@ def _pool(n: int, seed: int) -> tuple[Tensor, Tensor]:
     return shogi.encode_observations(boards), shogi.legal_masks(boards).float()
 
 
+@contextmanager
+def _deferred_ctrl_c() -> Iterator[Callable[[], bool]]:
+    """While inside, the first Ctrl-C only sets a flag (the returned callable reads it), so that
+    the loop ends the step in progress and saves it — a step cut short would leave the sampler,
+    the optimizer or the weights half-way, which no resume can make exact. A second Ctrl-C
+    raises KeyboardInterrupt at once. Off the main thread, or when SIGINT has a handler other
+    than Python's default, nothing changes (and the flag stays False)."""
+    if (
+        threading.current_thread() is not threading.main_thread()
+        or signal.getsignal(signal.SIGINT) is not signal.default_int_handler
+    ):
+        yield lambda: False
+        return
+    requested = False
+
+    def request(signum: int, frame: object) -> None:
+        nonlocal requested
+        requested = True
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+    signal.signal(signal.SIGINT, request)
+    try:
+        yield lambda: requested
+    finally:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
+def _recorded_step(value: object) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else None
+
+
+def _recorded_mass(value: object) -> float | None:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    return float(value)
+
+
 def run_demo(config: DemoConfig, *, say: Print = print, progress: bool | None = None) -> DemoResult:
     """Train, checkpoint, resume, publish and analyse — the README's main job.
 
@@ -170,7 +215,8 @@ def run_demo(config: DemoConfig, *, say: Print = print, progress: bool | None = 
     train_obs, train_masks = _pool(config.pool_size, config.seed)
     held_obs, held_masks = _pool(config.heldout_size, config.seed + 1_000_003)
 
-    resumed = resume(config.run_dir)
+    # Only the run's own checkpoints: never a copy of a parent directory's run.
+    resumed = resume(config.run_dir, search_parent=False)
     step = 0
     if resumed is not None:
         restore_(resumed.state, model, optimizer, generators={"batches": sampler})
@@ -180,12 +226,26 @@ def run_demo(config: DemoConfig, *, say: Print = print, progress: bool | None = 
         say(f"fresh start in {config.run_dir} (no checkpoint to resume)")
     ended = dict(resumed.state.extra) if resumed is not None else {}
     completed = bool(ended.get("completed"))
-    continuing = completed and config.steps is not None and config.steps > step
-    limit = config.steps if config.steps is not None else DEFAULT_STEPS
-    train_mass = legal_mass(model, train_obs, train_masks)
-    held_mass = legal_mass(model, held_obs, held_masks)
-    # A target already reached when a complete run trains on does not stop it.
-    stop_at_target = not (continuing and train_mass >= config.target_legal_mass)
+    recorded_limit = None if completed else _recorded_step(ended.get("target_step"))
+    if config.steps is not None:
+        limit = config.steps
+    else:  # an interrupted run goes on to the step it was training to
+        limit = recorded_limit if recorded_limit is not None else DEFAULT_STEPS
+    # Between two measurements (off the eval_every grid) an interrupted run held the last one,
+    # as its saves record: so does its resume, and its saves record the same.
+    train_mass = _recorded_mass(ended.get("train_legal_mass"))
+    held_mass = _recorded_mass(ended.get("heldout_legal_mass"))
+    if completed or step % config.eval_every == 0 or train_mass is None or held_mass is None:
+        train_mass = legal_mass(model, train_obs, train_masks)
+        held_mass = legal_mass(model, held_obs, held_masks)
+    if completed:
+        continuing = config.steps is not None and config.steps > step
+        # A target already reached when a complete run trains on does not stop it.
+        stop_at_target = not (continuing and train_mass >= config.target_legal_mass)
+    else:
+        # A run interrupted while training on past its target goes on past it.
+        continuing = ended.get("ignore_target") is True
+        stop_at_target = not continuing
     training = continuing or not completed
     if not training:
         why = ended.get("stopped") or (
@@ -206,20 +266,16 @@ def run_demo(config: DemoConfig, *, say: Print = print, progress: bool | None = 
             f"{config.seed}); checkpoint every {config.checkpoint_every} steps, keep the last "
             f"{config.keep_last}"
         )
-        if continuing:
+        if not stop_at_target:
             say(
-                f"training on from step {step} to step {limit}"
-                + (
-                    ""
-                    if stop_at_target
-                    else f" (target legal mass {config.target_legal_mass} already reached: "
-                    "it does not stop this run)"
-                )
+                f"training on from step {step} to step {limit} (target legal mass "
+                f"{config.target_legal_mass} already reached: it does not stop this run)"
             )
         else:
             say(
-                f"training to step {limit}, or until the legal mass reaches "
-                f"{config.target_legal_mass}"
+                f"training {f'on from step {step} ' if continuing else ''}to step {limit}, or "
+                f"until the legal mass reaches {config.target_legal_mass} (checked every "
+                f"{config.eval_every} steps; ETAs are to step {limit}: an upper bound)"
             )
 
     checkpointer = Checkpointer(
@@ -236,56 +292,85 @@ def run_demo(config: DemoConfig, *, say: Print = print, progress: bool | None = 
             optimizer,
             step=step,
             generators={"batches": sampler},
-            extra={"train_legal_mass": train_mass, "heldout_legal_mass": held_mass, **extra},
+            extra={
+                "train_legal_mass": train_mass,
+                "heldout_legal_mass": held_mass,
+                # what a resume of this checkpoint trains to, and whether the target stops it
+                "target_step": limit,
+                **({} if stop_at_target else {"ignore_target": True}),
+                **extra,
+            },
         )
 
     bar = tqdm(
         total=limit,
         initial=step,
-        desc=f"to step {limit}",
+        desc=f"{'up ' if stop_at_target else ''}to step {limit}",
         disable=not progress if progress is not None else None,
         unit="step",
         dynamic_ncols=True,
     )
     loop_started = time.perf_counter()
-    try:
-        while (
-            training
-            and step < limit
-            and not (stop_at_target and train_mass >= config.target_legal_mass)
-        ):
-            batch = torch.randint(len(train_obs), (config.batch_size,), generator=sampler)
-            logits, _ = model(train_obs[batch])
-            loss = legality_loss(logits, train_masks[batch])
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()  # type: ignore[no-untyped-call]
-            optimizer.step()
-            step += 1
-            bar.update(1)
-            if step % config.eval_every == 0:
-                train_mass = legal_mass(model, train_obs, train_masks)
-                held_mass = legal_mass(model, held_obs, held_masks)
-                bar.set_postfix(
-                    loss=f"{loss.item():.3f}", train=f"{train_mass:.3f}", heldout=f"{held_mass:.3f}"
+    interrupted = False
+    saved_name = None
+    with _deferred_ctrl_c() as ctrl_c:
+        try:
+            while (
+                training
+                and step < limit
+                # on the eval_every grid only, right after a resume too: where a run never
+                # interrupted checks it
+                and not (
+                    stop_at_target
+                    and step % config.eval_every == 0
+                    and train_mass >= config.target_legal_mass
                 )
-                if bar.disable:
-                    rate = (time.perf_counter() - loop_started) / (step - first_step)
-                    say(
-                        f"step {step:5d}/{limit}  loss {loss.item():.3f}  legal mass: "
-                        f"train {train_mass:.3f}  held-out {held_mass:.3f}  "
-                        f"ETA {_duration(rate * (limit - step))}"
+            ):
+                batch = torch.randint(len(train_obs), (config.batch_size,), generator=sampler)
+                logits, _ = model(train_obs[batch])
+                loss = legality_loss(logits, train_masks[batch])
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()  # type: ignore[no-untyped-call]
+                optimizer.step()
+                step += 1
+                bar.update(1)
+                if step % config.eval_every == 0:
+                    train_mass = legal_mass(model, train_obs, train_masks)
+                    held_mass = legal_mass(model, held_obs, held_masks)
+                    bar.set_postfix(
+                        loss=f"{loss.item():.3f}",
+                        train=f"{train_mass:.3f}",
+                        heldout=f"{held_mass:.3f}",
                     )
-            result = checkpointer.maybe_save(snapshot, step=step, last_saved=last_saved)
-            if result.status == "saved" and result.meta is not None:
-                say(f"saved {result.meta.name} ({result.meta.weights_size / 1e6:.1f} MB)")
-            last_saved = result.last_saved
-    except KeyboardInterrupt:
-        bar.close()
-        if step > last_saved:
-            meta = save_state(snapshot(), config.run_dir)
-            say(f"\ninterrupted: saved {meta.name}; run the same command again to resume")
-        raise
+                    if bar.disable:
+                        rate = (time.perf_counter() - loop_started) / (step - first_step)
+                        eta = _duration(rate * (limit - step))
+                        say(
+                            f"step {step:5d}/{limit}  loss {loss.item():.3f}  legal mass: "
+                            f"train {train_mass:.3f}  held-out {held_mass:.3f}  "
+                            f"ETA {'<= ' if stop_at_target else ''}{eta}"
+                        )
+                result = checkpointer.maybe_save(snapshot, step=step, last_saved=last_saved)
+                if result.status == "saved" and result.meta is not None:
+                    say(f"saved {result.meta.name} ({result.meta.weights_size / 1e6:.1f} MB)")
+                    saved_name = result.meta.name
+                last_saved = result.last_saved
+                if ctrl_c():  # a whole step: save it below
+                    interrupted = True
+                    break
+        except KeyboardInterrupt:  # a second Ctrl-C: a step cut short is no state to resume
+            bar.close()
+            say(
+                "\ninterrupted mid-step: not saved; run the same command again to "
+                + (f"resume from checkpoint_ts{last_saved}" if last_saved else "start over")
+            )
+            raise
     bar.close()
+    if interrupted:
+        if step > last_saved:
+            saved_name = save_state(snapshot(), config.run_dir).name
+        say(f"\ninterrupted: saved {saved_name}; run the same command again to resume")
+        raise KeyboardInterrupt
     if training and step % config.eval_every:  # measure the final weights
         train_mass = legal_mass(model, train_obs, train_masks)
         held_mass = legal_mass(model, held_obs, held_masks)

@@ -419,7 +419,8 @@ def test_demo_trains_on_from_a_run_that_stopped_at_its_step_limit(capsys, tmp_pa
     rc, out, err = cli(capsys, *args, "--steps", "30")
     assert rc == 1, err  # the target is out of reach in 30 steps
     assert "training to step 30, or until the legal mass reaches 0.99" in out
-    assert re.search(r"^step +25/30 .* ETA \d+s$", out, re.M), out  # target step and ETA
+    # target step and ETA: to step 30, which the target may cut short, so at most
+    assert re.search(r"^step +25/30 .* ETA <= \d+s$", out, re.M), out
     assert "finished at step 30" in out
 
     rc, out, _ = cli(capsys, *args)  # `make demo` again: nothing to train, and says so
@@ -428,7 +429,7 @@ def test_demo_trains_on_from_a_run_that_stopped_at_its_step_limit(capsys, tmp_pa
 
     rc, out, err = cli(capsys, *args, "--steps", "55")
     assert f"resumed from {run_dir}/checkpoint_ts30" in out, err
-    assert "training on from step 30 to step 55\n" in out
+    assert "training on from step 30 to step 55, or until the legal mass reaches 0.99 (" in out
     assert re.search(r"^step +50/55 ", out, re.M) and "finished at step 55" in out
     final = {m.name: m for m in list_checkpoints(run_dir)}
     assert final["final_model"].step == 55 and final["checkpoint_ts55"].kind == "final"
