@@ -167,8 +167,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--steps",
         type=int,
         metavar="N",
-        help="train to step N, stopping earlier at the target legal mass (default: 3000); on "
-        "a complete run, N beyond its step trains on from its last checkpoint",
+        help="train to step N, stopping earlier at the target legal mass (default: 3000, or "
+        "the step an interrupted run was training to); on a complete run, N beyond its step "
+        "trains on from its last checkpoint",
     )
     p.add_argument(
         "--target-legal-mass",
