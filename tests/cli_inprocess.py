@@ -13,6 +13,10 @@ A subprocess pays an interpreter start and a torch import (1-4 s on two cores) f
   directory, torch's thread count and the global RNGs (the demo seeds torch's; ``restore_``
   restores Python's, NumPy's and torch's).
 
+What a C extension writes straight to file descriptor 1 or 2 is not in ``stdout``/``stderr``
+(pytest's own capture gets it), and nothing here isolates module-level caches: a test whose
+point is a fresh interpreter starts one.
+
 The real entry points stay covered by a few tests that start them: ``tests/test_cli.py`` runs
 the installed ``keisei-fn`` script and ``python -m keisei_fn``, and kills a real demo process.
 """
