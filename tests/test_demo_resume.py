@@ -104,6 +104,15 @@ def final_extra(run_dir: Path) -> dict[str, object]:
     return dict(load_state(run_dir / f"checkpoint_ts{load_state(run_dir).step}").extra)
 
 
+@pytest.fixture(autouse=True)
+def terminal_sigint() -> object:
+    """Python's own Ctrl-C handler, as in a terminal (pytest-xdist's workers ignore SIGINT),
+    put back as it was after the test."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
+
+
 @pytest.fixture(scope="module")
 def straight(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[str]]:
     """A run never interrupted: it stops at the target, at step ``STOP``."""
