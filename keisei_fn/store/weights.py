@@ -227,11 +227,9 @@ def tensor_bytes(tensor: torch.Tensor) -> memoryview:
     return tensor.reshape(-1).view(torch.uint8).numpy().data
 
 
-def digest_of(data: memoryview | bytes, *, threads: int | None = None) -> str:
-    """``"blake3:<hex>"`` of one tensor's bytes (by default on all cores only when it is
-    large; ``threads`` decides instead)."""
-    if threads is None:
-        threads = blake3.blake3.AUTO if len(data) >= _PARALLEL_HASH_BYTES else 1
+def digest_of(data: memoryview | bytes) -> str:
+    """``"blake3:<hex>"`` of one tensor's bytes (all cores only when it is large)."""
+    threads = blake3.blake3.AUTO if len(data) >= _PARALLEL_HASH_BYTES else 1
     return "blake3:" + blake3.blake3(data, max_threads=threads).hexdigest()
 
 
