@@ -86,6 +86,28 @@ def test_a_signal_gives_a_checkpoint_an_exit_code_and_an_exact_resume(
     assert final_weights(tmp_path) == uninterrupted
 
 
+TEARDOWN_SIGNAL = """
+import os, signal, keisei_fn as kf
+
+class SignalAtTeardown:  # a module global: deleted when the interpreter tears down __main__
+    def __del__(self) -> None:
+        os.kill(os.getpid(), signal.SIGUSR1)
+
+sentinel = SignalAtTeardown()
+with kf.Preemption(signals=(signal.SIGTERM, signal.SIGUSR1)) as preemption:
+    os.kill(os.getpid(), signal.SIGTERM)
+    preemption.exit("saved nothing")
+"""
+
+
+def test_a_second_signal_during_interpreter_teardown_keeps_the_exit_code() -> None:
+    # Python resets its handlers to the default (which kills) before it tears down modules; a
+    # second signal then (CI saw one 0.1 s after the first) must not turn 143 into "killed".
+    done = subprocess.run([sys.executable, "-c", TEARDOWN_SIGNAL], capture_output=True, text=True)
+    assert done.returncode == 143, (done.returncode, done.stderr)
+    assert "preempted by SIGTERM: saved nothing; exiting with 143" in done.stderr
+
+
 def test_preemption_restores_the_previous_handlers() -> None:
     before = signal.getsignal(signal.SIGUSR2)
     with kf.Preemption(signals=(signal.SIGUSR2,)) as preemption:
@@ -104,7 +126,10 @@ def test_the_next_maybe_save_saves_and_exits_even_when_not_due(tmp_path: Path) -
         os.kill(os.getpid(), signal.SIGUSR2)
         with pytest.raises(SystemExit) as exited:
             ckpt.maybe_save(state, step=7, last_saved=0)
+        assert signal.getsignal(signal.SIGUSR2) == signal.SIG_IGN  # until the process is gone
     assert exited.value.code == 75
+    assert signal.getsignal(signal.SIGUSR2) == signal.SIG_IGN
+    signal.signal(signal.SIGUSR2, signal.SIG_DFL)  # this test's process goes on
     assert [m.step for m in kf.list_checkpoints(tmp_path)] == [7]
 
 

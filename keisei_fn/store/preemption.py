@@ -18,8 +18,10 @@ requeues it) or 1 ("crashed"). A job script that requeues itself tests for it, e
 Under ``torch.distributed`` the scheduler signals each rank's process at its own moment, so the
 ranks decide together: ``Checkpointer.maybe_save`` (and :meth:`Preemption.requested_anywhere`,
 for loops driving an ``AsyncSaver``) ask every rank once per call, and when any rank got the
-signal, all of them save at the same step and exit. After ``exit``, the signals stay caught
-until the process is gone, so a second one cannot cut its teardown short.
+signal, all of them save at the same step and exit. After ``exit``, the signals are ignored
+until the process is gone, so a second one cannot cut its teardown short (Python's own handlers
+would not do: the interpreter resets them to the default, which kills, before it tears down
+its modules).
 
 Example:
     >>> import os, signal
@@ -124,7 +126,7 @@ class Preemption:
         tb: TracebackType | None,
     ) -> None:
         previous, self._previous = self._previous, None
-        if previous is not None and not self._exiting:  # exiting: keep them caught
+        if previous is not None and not self._exiting:  # exiting: keep them ignored
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
 
@@ -141,6 +143,8 @@ class Preemption:
         name = signal.Signals(self.received).name if self.received is not None else "a signal"
         log.warning("preempted by %s: %s; exiting with %d", name, saved, self.exit_code)
         if threading.current_thread() is threading.main_thread():
+            for sig in self.signals:
+                signal.signal(sig, signal.SIG_IGN)
             raise SystemExit(self.exit_code)
         logging.shutdown()
         for stream in (sys.stdout, sys.stderr):
