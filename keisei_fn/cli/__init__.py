@@ -77,6 +77,37 @@ def _keep_best(text: str) -> tuple[str, str, int]:
     return metric, mode, int(k)
 
 
+def _registry_target(text: str) -> str:
+    """A W&B Registry collection (``keisei_fn.publish.registry_target``), for argparse."""
+    from keisei_fn.errors import SpecError
+    from keisei_fn.publish.registry import registry_target
+
+    try:
+        return registry_target(text)
+    except SpecError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _best_by(text: str) -> tuple[str, str]:
+    """``METRIC`` or ``METRIC:max|min`` (default max), for argparse."""
+    metric, _, mode = text.partition(":")
+    if not metric or mode not in ("", "max", "min"):
+        raise argparse.ArgumentTypeError(f"expected METRIC or METRIC:max|min, got {text!r}")
+    return metric, mode or "max"
+
+
+def _metric(text: str) -> tuple[str, float]:
+    """``NAME=NUMBER``, for argparse."""
+    name, _, value = text.partition("=")
+    try:
+        number = float(value)
+    except ValueError:
+        number = None
+    if not name or number is None:
+        raise argparse.ArgumentTypeError(f"expected NAME=NUMBER, got {text!r}")
+    return name, number
+
+
 def _add_spec_options(parser: argparse.ArgumentParser) -> None:
     """Keisei's CLI names for the model spec (its ``train.py`` spells them with underscores;
     both spellings work); unset options fall back to config/defaults."""
@@ -263,6 +294,38 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("publish", help="publish a checkpoint to W&B")
     p.add_argument("path", help="checkpoint file, stem or run directory")
     p.add_argument("--run-name", required=True, help="Keisei run name (artifact name prefix)")
+    p.add_argument(
+        "--metric",
+        type=_metric,
+        action="append",
+        default=[],
+        metavar="NAME=NUMBER",
+        help="an evaluation result for the artifact's metrics (repeatable)",
+    )
+    p.add_argument(
+        "--link-to",
+        type=_registry_target,
+        metavar="COLLECTION",
+        help="link the artifact to a W&B Registry collection, "
+        "[ORG/]wandb-registry-REGISTRY/COLLECTION (online runs only)",
+    )
+    p.add_argument(
+        "--best",
+        type=_best_by,
+        metavar="METRIC[:max|min]",
+        help="move the run's best alias here if this is the best published by METRIC",
+    )
+    p.add_argument(
+        "--best-link-to",
+        type=_registry_target,
+        metavar="COLLECTION",
+        help="with --best: link each new best to this W&B Registry collection",
+    )
+    p.add_argument(
+        "--no-reference",
+        action="store_true",
+        help="for an s3:// checkpoint: upload copies instead of W&B references",
+    )
     _add_wandb_options(p)
     p.set_defaults(run=commands.cmd_publish)
 

@@ -265,14 +265,29 @@ def cmd_publish(args: argparse.Namespace) -> int:
     """Publish one checkpoint (a run directory: its final model, else its latest checkpoint)
     to W&B, offline unless WANDB_MODE or --wandb says otherwise; W&B's files go under the run
     directory's ``wandb/`` unless WANDB_DIR is set. One line says what happened."""
-    from keisei_fn.publish import publish, publishable, wandb_run
+    from keisei_fn.errors import SpecError
+    from keisei_fn.publish import BestBy, publish, publishable, wandb_run
     from keisei_fn.store.locate import resolve_checkpoint
 
+    if args.best_link_to and not args.best:
+        raise SpecError("--best-link-to needs --best METRIC")
+    best = None
+    if args.best:
+        metric, mode = args.best
+        best = BestBy(metric, mode, link_to=args.best_link_to)
     meta = publishable(resolve_checkpoint(args.path))  # before any W&B run is started
     with wandb_run(
         mode=args.wandb, project=args.project, name=args.run_name, directory=meta.run_dir
     ) as run:
-        result = publish(meta, run_name=args.run_name, run=run)
+        result = publish(
+            meta,
+            run_name=args.run_name,
+            run=run,
+            metrics=dict(args.metric),
+            link_to=args.link_to,
+            best=best,
+            reference=not args.no_reference,
+        )
     print(result)
     return 0 if result.status in ("published", "skipped", "queued") else 1
 
