@@ -25,6 +25,7 @@ TESTED_SECTIONS = {
     "Shared clusters: preemption, time-based saves, workers that follow": (
         "test_cluster_example_saves_by_steps_and_time_and_a_worker_follows"
     ),
+    "W&B: registry links, the best alias, evaluation metrics": "test_wandb_registry_example",
 }
 
 
@@ -190,3 +191,25 @@ def test_cluster_example_saves_by_steps_and_time_and_a_worker_follows(
         torch.set_rng_state(rng[2])
     assert [m.step for m in kf.list_checkpoints("models/cluster_run")] == [10240, 20480, 20480]
     assert capsys.readouterr().out == "now playing with step 20480\n"
+
+
+def test_wandb_registry_example(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import wandb_records
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("WANDB_DIR", raising=False)  # W&B's files under runs/ppo-1/wandb
+    for var in ("WANDB_DATA_DIR", "WANDB_CACHE_DIR", "WANDB_CONFIG_DIR"):
+        monkeypatch.setenv(var, str(tmp_path / "wandb-home"))
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    run_blocks("W&B: registry links, the best alias, evaluation metrics")
+    lines = capsys.readouterr().out.splitlines()
+    assert [("best by win_rate" in line) for line in lines] == [True, True, False, False]
+    assert "not linked to wandb-registry-model/shogi: W&B offline runs cannot link" in lines[-1]
+    (run_file,) = Path("runs/ppo-1/wandb").rglob("run-*.wandb")
+    logged = wandb_records.artifacts(run_file)
+    best = [a for a in logged if a["name"] == "ppo-1-best-checkpoint"]
+    assert [a["metadata"]["training_timesteps"] for a in best] == [10240, 20480]
+    assert all(a["metadata"]["metrics"]["elo"] == 1500.0 for a in logged[:-1])
