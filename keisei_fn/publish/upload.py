@@ -11,7 +11,8 @@ again. (Two processes flushing the same run directory at the same instant may bo
 version; W&B makes no second version of unchanged contents.)
 
 Nothing but ``KeyboardInterrupt`` and ``SystemExit`` leaves these functions (those always do,
-during backoff sleeps too); everything else becomes a :class:`PublishResult`. wandb is imported
+during backoff sleeps too) — and ``SpecError`` for a malformed argument of :func:`publish`,
+before anything is done; everything else becomes a :class:`PublishResult`. wandb is imported
 only when something is published: training, saving and loading never need it.
 
 Evaluation results, registry links, ``best``, references: the artifact's ``"metrics"`` hold the
@@ -25,12 +26,14 @@ the whole, and a flush redoes it (W&B makes no second version of unchanged conte
 runs cannot link**: wandb 0.31's ``Run.link_artifact`` raises ``NotImplementedError`` in offline
 mode (after logging the artifact a second time), so an offline run is never asked to link; the
 publication is ``published`` with the target left unlinked (said in the result's reason and the
-ledger's ``unlinked`` field): link it in the W&B UI, or publish again from an online run, after
-``wandb sync``. A checkpoint on ``s3://`` is logged as W&B *references* to its objects
-(``Artifact.add_reference``, which needs ``boto3`` — the ``s3`` extra — and reads each object's
-ETag and size with the standard AWS settings: ``AWS_ENDPOINT_URL`` or W&B's
-``AWS_S3_ENDPOINT_URL``, credentials from the environment; a run directory's fsspec
-``storage_options`` are not seen by W&B): no byte is uploaded or staged. The artifact then holds
+ledger's ``unlinked`` field): after ``wandb sync``, link it in the W&B UI or with W&B's API
+(``wandb.Api().artifact(name).link(target)``). A version the ledger already marks published
+is not logged, linked or ranked again: give ``link_to``/``best`` the first time. A checkpoint on
+``s3://`` is logged as W&B *references* to its objects (``Artifact.add_reference``, which
+needs ``boto3`` — the ``s3`` extra — and reads each object's ETag and size with the standard
+AWS settings: ``AWS_ENDPOINT_URL`` or W&B's ``AWS_S3_ENDPOINT_URL``, credentials from the
+environment; a run directory's fsspec ``storage_options`` are not seen by W&B): no byte is
+uploaded or staged. The artifact then holds
 only pointers: a referenced checkpoint that retention prunes can no longer be downloaded from
 W&B (unless the bucket keeps object versions, which W&B records), so keep what you publish
 (``keep_every``, ``keep_best``) or pass ``reference=False`` to upload copies.
