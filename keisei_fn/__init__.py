@@ -20,6 +20,7 @@ from keisei_fn._version import __version__
 from keisei_fn.capture import capture, restore_
 from keisei_fn.diff import StateDiff, diff_checkpoints, diff_states
 from keisei_fn.features import FEATURE_SPECS, FeatureSpec, get_feature_spec, register_feature_set
+from keisei_fn.grow import grow
 from keisei_fn.info import model_info
 from keisei_fn.meta import CheckpointMeta
 from keisei_fn.nets import (
@@ -111,6 +112,7 @@ __all__ = [
     "flush_outbox",
     "follow",
     "get_feature_spec",
+    "grow",
     "import_legacy",
     "latest_checkpoint",
     "list_checkpoints",
