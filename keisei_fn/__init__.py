@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 from keisei_fn import errors
 from keisei_fn._version import __version__
 from keisei_fn.capture import capture, restore_
+from keisei_fn.compat import check_compatible
 from keisei_fn.diff import StateDiff, diff_checkpoints, diff_states
 from keisei_fn.features import FEATURE_SPECS, FeatureSpec, get_feature_spec, register_feature_set
 from keisei_fn.grow import grow
@@ -104,6 +105,7 @@ __all__ = [
     "build_model",
     "canonical_state_dict",
     "capture",
+    "check_compatible",
     "checkpoint_due",
     "consolidate",
     "diff_checkpoints",
