@@ -5,6 +5,7 @@ loadable."""
 
 from __future__ import annotations
 
+import json
 import random
 import shutil
 import subprocess
@@ -13,10 +14,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from cli_inprocess import run
 from golden import GOLDEN_V1, GOLDEN_V2, golden_state
 from kill_harness import Zygote, sigkilled
 from saved_states import expected_state
 
+import keisei_fn as kf
 from keisei_fn import (
     RetentionPolicy,
     list_checkpoints,
@@ -164,3 +167,41 @@ def test_a_migration_killed_at_random_moments_leaves_every_checkpoint_loadable(
             scan = scan_run_dir(run_dir)
             assert not scan.leftovers and not scan.invalid and len(scan.valid) == len(STEPS)
     print(f"{mixed} of {KILLS} kills interrupted the migration between checkpoints or inside one")
+
+
+def test_the_migrate_verb_and_info_show_formats_and_versions(tmp_path: Path) -> None:
+    shutil.copytree(GOLDEN_V1, tmp_path, dirs_exist_ok=True)
+    info = run("info", str(tmp_path))
+    assert info.returncode == 0, info.stderr
+    written = "written by     keisei_fn 0.1.0, torch 2.13.0+cpu; format 1"  # the golden's writer
+    assert written + "\n" in info.stdout
+    dry = run("migrate", str(tmp_path), "--dry-run")
+    assert (dry.returncode, dry.stdout.split()) == (
+        0,
+        ["would", "migrate", "checkpoint_ts2048", "format", "1", "→", "3"],
+    )
+    done = run("migrate", str(tmp_path))
+    assert done.returncode == 0 and done.stdout.split()[:2] == ["migrated", "checkpoint_ts2048"]
+    info = run("info", str(tmp_path))
+    by = f"keisei_fn {kf.__version__}, torch {torch.__version__}"
+    assert f"{written[:-1]}3 (migrated from format 1 by {by})\n" in info.stdout
+    as_json = json.loads(run("info", str(tmp_path), "--json").stdout)
+    assert as_json["format_version"] == 3 and as_json["versions"]["keisei_fn"] == "0.1.0"
+    assert as_json["migrated"]["from_format_version"] == 1
+    again = run("migrate", str(tmp_path))
+    assert again.returncode == 0
+    assert again.stdout.splitlines()[-1] == f"{tmp_path}: nothing to migrate"
+    (tmp_path / "checkpoint_ts9.json").write_bytes(b"{}")
+    assert run("migrate", str(tmp_path)).returncode == 1  # a skipped checkpoint
+    missing = run("migrate", str(tmp_path / "nope"))
+    assert missing.returncode == 2 and "no run directory" in missing.stderr
+
+
+def test_info_says_unknown_for_versions_a_sidecar_does_not_record(tmp_path: Path) -> None:
+    meta = save_state(expected_state(1, 0), tmp_path)
+    sidecar = loads(meta.sidecar_path.read_bytes())
+    sidecar["versions"] = {"python": "3.11.7"}
+    del sidecar["digest"]
+    meta.sidecar_path.write_bytes(dumps({**sidecar, "digest": digest_bytes(dumps(sidecar))}))
+    info = run("info", str(meta.path))
+    assert "written by     keisei_fn unknown, torch unknown; format 3\n" in info.stdout

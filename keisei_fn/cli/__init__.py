@@ -285,6 +285,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top", type=int, default=10, metavar="N", help="tensors to show (default: 10)")
     p.add_argument("--json", action="store_true", help="the whole diff as JSON")
     p.set_defaults(run=commands.cmd_diff)
+
+    p = sub.add_parser(
+        "migrate", help="rewrite a run directory's older-format checkpoints in the newest format"
+    )
+    p.add_argument("run_dir", help="the run directory (in place; each checkpoint atomically)")
+    p.add_argument("--dry-run", action="store_true", help="show what would change, write nothing")
+    p.set_defaults(run=commands.cmd_migrate)
     return parser
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import sys
 import warnings
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -129,7 +130,7 @@ def cmd_info(args: argparse.Namespace) -> int:
     from keisei_fn.store.listing import read_listed
     from keisei_fn.store.locate import resolve_checkpoint
 
-    meta, _ = read_listed(resolve_checkpoint(args.path))
+    meta, sidecar = read_listed(resolve_checkpoint(args.path))
     data: dict[str, Any] = {
         "name": meta.name,
         "path": str(meta.path),
@@ -139,6 +140,8 @@ def cmd_info(args: argparse.Namespace) -> int:
         "stats": meta.stats.to_json(),
         "created": meta.created,
         "versions": dict(meta.versions),
+        "format_version": meta.format_version,
+        "migrated": sidecar.get("migrated"),
         "weights": {"size": meta.weights_size, "digest": meta.weights_digest},
         "tensors": len(meta.tensors),
         "spec": meta.spec.to_json() if meta.spec else None,
@@ -155,6 +158,10 @@ def cmd_info(args: argparse.Namespace) -> int:
         f"wins, {meta.stats.draws} draws"
     )
     print(f"weights        {human_bytes(meta.weights_size)}  {meta.weights_digest[:23]}…")
+    print(
+        f"written by     {_writer(meta.versions)}; format {meta.format_version}"
+        + _migration(sidecar.get("migrated"))
+    )
     by_part: dict[str, int] = {}
     for name in meta.tensors:
         part = name.split("/", 1)[0]
@@ -165,6 +172,20 @@ def cmd_info(args: argparse.Namespace) -> int:
     else:
         print("spec           none (an arbitrary user model)")
     return 0
+
+
+def _writer(versions: Mapping[str, Any]) -> str:
+    """``keisei_fn 0.1.0, torch 2.5.1`` ("unknown" for a version a sidecar does not record)."""
+    return ", ".join(f"{name} {versions.get(name, 'unknown')}" for name in ("keisei_fn", "torch"))
+
+
+def _migration(migrated: Any) -> str:
+    """`` (migrated from format 1 by keisei_fn 0.2.0, torch ...)``, or ``""``."""
+    if not isinstance(migrated, Mapping):
+        return ""
+    versions = migrated.get("versions")
+    by = _writer(versions if isinstance(versions, Mapping) else {})
+    return f" (migrated from format {migrated.get('from_format_version', '?')} by {by})"
 
 
 def _print_spec(spec: ModelSpec, info: dict[str, Any]) -> None:
@@ -364,3 +385,18 @@ def cmd_diff(args: argparse.Namespace) -> int:
     else:
         print(found.summary(top=args.top))
     return 0 if found.identical else 1
+
+
+def cmd_migrate(args: argparse.Namespace) -> int:
+    """Rewrite the run directory's checkpoints of older on-disk formats in the newest one, in
+    place (``--dry-run``: only say what would change). Exit 1 when a checkpoint was skipped
+    (invalid, corrupt or unreadable: left as it is)."""
+    from keisei_fn.store.migrate import migrate
+
+    run_dir = _existing_run_dir(args.run_dir)
+    done = migrate(run_dir, dry_run=args.dry_run)
+    for migration in done:
+        print(migration)
+    if not any(m.status in ("migrated", "would migrate") for m in done):
+        print(f"{run_dir}: nothing to migrate")
+    return 1 if any(m.status == "skipped" for m in done) else 0
