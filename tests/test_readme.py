@@ -25,6 +25,9 @@ TESTED_SECTIONS = {
     "Shared clusters: preemption, time-based saves, workers that follow": (
         "test_cluster_example_saves_by_steps_and_time_and_a_worker_follows"
     ),
+    "Growing a network, compatibility and migrations": (
+        "test_grow_compatibility_and_migration_example"
+    ),
 }
 
 
@@ -190,3 +193,19 @@ def test_cluster_example_saves_by_steps_and_time_and_a_worker_follows(
         torch.set_rng_state(rng[2])
     assert [m.step for m in kf.list_checkpoints("models/cluster_run")] == [10240, 20480, 20480]
     assert capsys.readouterr().out == "now playing with step 20480\n"
+
+
+def test_grow_compatibility_and_migration_example(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    before = kf.build_model(kf.ModelSpec(tower_depth=2, tower_width=32), seed=0).eval()
+    namespace = run_blocks("Growing a network, compatibility and migrations")
+    out = capsys.readouterr().out.splitlines()
+    assert out[0] == "spec differs: tower_depth 4 vs 2, tower_width 48 vs 32"
+    assert out[1].startswith("36 tensors in the checkpoint are not in the model")
+    x = torch.randn(2, 46, 9, 9)
+    grown = namespace["model"]
+    assert isinstance(grown, torch.nn.Module)
+    with torch.no_grad():
+        torch.testing.assert_close(grown.eval()(x), before(x), rtol=1e-4, atol=1e-5)
