@@ -1,6 +1,6 @@
 """``check_compatible``: empty exactly when ``restore_`` accepts the checkpoint's model (random
-spec pairs, specs and live models), read from the sidecar alone, summarised when many keys
-differ."""
+spec pairs, specs and live models), read from the sidecar alone (of every format version),
+summarised when many keys differ."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from golden import GOLDEN_V1, GOLDEN_V2, GOLDEN_V3, golden_sharded_model
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -126,3 +127,17 @@ def test_aliased_model_tensors_are_checked_by_their_stored_entry(tmp_path: Path)
 def test_a_missing_checkpoint_is_an_error(tmp_path: Path) -> None:
     with pytest.raises(CheckpointNotFoundError):
         check_compatible(tmp_path / "checkpoint_ts5", ModelSpec())
+
+
+def test_every_format_version_is_read(tmp_path: Path) -> None:
+    """Format 1 and 3 (single file) and format 2 (sharded) sidecars answer alike."""
+    linear = torch.nn.Linear(4, 3)
+    assert check_compatible(GOLDEN_V2, golden_sharded_model()) == ()
+    assert check_compatible(GOLDEN_V2, torch.nn.Linear(4, 4)) == (
+        "2 tensors have other shapes (first: 'weight': checkpoint F32[3, 4], model F32[4, 4])",
+    )
+    for golden in (GOLDEN_V1, GOLDEN_V3):
+        assert check_compatible(golden, linear) == (
+            "2 tensors the model has are not in the checkpoint: 'weight', 'bias'",
+            "6 tensors in the checkpoint are not in the model: 'w', 'tied', 'bf16' and 3 more",
+        )
