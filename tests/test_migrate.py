@@ -10,11 +10,13 @@ import random
 import shutil
 import subprocess
 import time
+import uuid
 from pathlib import Path
 
 import pytest
 import torch
 from cli_inprocess import run
+from fsspec.implementations.memory import MemoryFileSystem
 from golden import GOLDEN_V1, GOLDEN_V2, golden_state
 from kill_harness import Zygote, sigkilled
 from saved_states import expected_state
@@ -205,3 +207,21 @@ def test_info_says_unknown_for_versions_a_sidecar_does_not_record(tmp_path: Path
     meta.sidecar_path.write_bytes(dumps({**sidecar, "digest": digest_bytes(dumps(sidecar))}))
     info = run("info", str(meta.path))
     assert "written by     keisei_fn unknown, torch unknown; format 3\n" in info.stdout
+
+
+def test_a_run_directory_on_an_fsspec_file_system_migrates() -> None:
+    """No lock and no rename there: the weights object is uploaded whole, then the sidecar."""
+    url = f"memory://keisei-test/{uuid.uuid4().hex}"
+    fs = MemoryFileSystem()
+    for path in GOLDEN_V1.iterdir():
+        fs.pipe(f"{url.removeprefix('memory://')}/{path.name}", path.read_bytes())
+    try:
+        assert [m.status for m in migrate(url)] == ["migrated"]
+        meta = verify_checkpoint(f"{url}/checkpoint_ts2048")
+        assert meta.format_version == 3
+        assert_states_equal(golden_state(), load_state(url))
+        assert sorted(p.rsplit("/", 1)[-1] for p in fs.ls(url, detail=False)) == sorted(
+            ["checkpoint_ts2048.json", meta.weights_file]
+        )
+    finally:
+        fs.rm(url.removeprefix("memory://"), recursive=True)
