@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from cli_inprocess import run
 from golden import GOLDEN_V1, GOLDEN_V2, GOLDEN_V3, golden_sharded_model
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -141,3 +142,17 @@ def test_every_format_version_is_read(tmp_path: Path) -> None:
             "2 tensors the model has are not in the checkpoint: 'weight', 'bias'",
             "6 tensors in the checkpoint are not in the model: 'w', 'tied', 'bf16' and 3 more",
         )
+
+
+def test_the_compat_verb(tmp_path: Path) -> None:
+    spec = ModelSpec(tower_depth=1, tower_width=2)  # Keisei's 13,527 actions: no option for them
+    save_state(capture(spec, build_model(spec, seed=0), step=1), tmp_path)
+    ok = run("compat", str(tmp_path), "--tower-depth", "1", "--tower_width", "2")
+    assert (ok.returncode, ok.stdout) == (
+        0,
+        "compatible with resnet, depth 1, width 2, se_ratio 0.25\n",
+    )
+    wider = run("compat", str(tmp_path), "--tower-depth", "1", "--tower-width", "3")
+    assert wider.returncode == 1
+    assert wider.stdout.splitlines()[0] == "spec differs: tower_width 2 vs 3"
+    assert run("compat", str(tmp_path), "--model", "nope").returncode == 2

@@ -5,15 +5,26 @@ moments follow their parameters, and anything but a larger depth or width is ref
 from __future__ import annotations
 
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 import torch
+from cli_inprocess import run
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from saved_states import raw_bytes
 from torch import nn
 
-from keisei_fn import ModelSpec, TrainState, build_model, capture, grow, restore_
+from keisei_fn import (
+    ModelSpec,
+    TrainState,
+    build_model,
+    capture,
+    grow,
+    load_state,
+    restore_,
+    save_state,
+)
 from keisei_fn.errors import GrowError, StateMismatchError
 from keisei_fn.testing import assert_states_equal
 
@@ -239,3 +250,20 @@ def test_a_state_without_spec_or_not_fitting_it_is_refused() -> None:
     with pytest.raises(StateMismatchError):
         grow(other, spec.replace(tower_width=4))
     assert isinstance(state, TrainState)
+
+
+def test_the_grow_verb_saves_the_grown_checkpoint_under_the_same_name(tmp_path: Path) -> None:
+    spec = ModelSpec(tower_depth=1, tower_width=3, num_actions=4)
+    model, opt = _trained(spec, 2, "adam")
+    state = capture(spec, model, opt, step=7, rng=False)
+    save_state(state, tmp_path / "run")
+    out = tmp_path / "grown"
+    done = run("grow", str(tmp_path / "run"), str(out), "--tower-depth", "3", "--seed", "4")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == (
+        f"grew checkpoint_ts7 (depth 1, width 3) → {out / 'checkpoint_ts7.json'} "
+        "(depth 3, width 3)\n"
+    )
+    assert_states_equal(grow(state, spec.replace(tower_depth=3), seed=4), load_state(out))
+    refused = run("grow", str(tmp_path / "run"), str(out), "--tower-width", "2")
+    assert refused.returncode == 2 and "cannot shrink" in refused.stderr

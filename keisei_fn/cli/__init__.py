@@ -292,6 +292,42 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run_dir", help="the run directory (in place; each checkpoint atomically)")
     p.add_argument("--dry-run", action="store_true", help="show what would change, write nothing")
     p.set_defaults(run=commands.cmd_migrate)
+
+    p = sub.add_parser(
+        "grow", help="a checkpoint for a deeper and/or wider tower computing the same function"
+    )
+    p.add_argument("checkpoint", help="checkpoint file, stem or run directory")
+    p.add_argument("out_run_dir", help="the run directory to save the grown checkpoint into")
+    p.add_argument(
+        "--tower-depth",
+        "--tower_depth",
+        dest="tower_depth",
+        type=int,
+        metavar="N",
+        help="residual blocks (default: unchanged)",
+    )
+    p.add_argument(
+        "--tower-width",
+        "--tower_width",
+        dest="tower_width",
+        type=int,
+        metavar="N",
+        help="channels (default: unchanged)",
+    )
+    p.add_argument(
+        "--seed",
+        type=int,
+        default=0,
+        help="seeds the new blocks and the widening's random choices (default: 0)",
+    )
+    p.set_defaults(run=commands.cmd_grow)
+
+    p = sub.add_parser(
+        "compat", help="would a checkpoint load into the network a spec describes (sidecar only)"
+    )
+    p.add_argument("checkpoint", help="checkpoint file, stem or run directory")
+    _add_spec_options(p)
+    p.set_defaults(run=commands.cmd_compat)
     return parser
 
 

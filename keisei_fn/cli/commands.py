@@ -400,3 +400,49 @@ def cmd_migrate(args: argparse.Namespace) -> int:
     if not any(m.status in ("migrated", "would migrate") for m in done):
         print(f"{run_dir}: nothing to migrate")
     return 1 if any(m.status == "skipped" for m in done) else 0
+
+
+def cmd_grow(args: argparse.Namespace) -> int:
+    """Grow a checkpoint's tower (``keisei_fn.grow``) and save the result in another run
+    directory under the same name, step and kind."""
+    from keisei_fn.errors import SpecError
+    from keisei_fn.grow import grow
+    from keisei_fn.store import load_state_with_meta, save_final_model, save_state
+    from keisei_fn.store.locate import resolve_checkpoint
+    from keisei_fn.store.names import RESUME_PREFIX, parse_stem
+
+    state, meta = load_state_with_meta(resolve_checkpoint(args.checkpoint))
+    if state.spec is None:
+        raise SpecError(f"{meta.path}: an arbitrary model without a ModelSpec cannot grow")
+    changes = {k: getattr(args, k) for k in ("tower_depth", "tower_width")}
+    new_spec = state.spec.replace(**{k: v for k, v in changes.items() if v is not None})
+    grown = grow(state, new_spec, seed=args.seed)
+    if meta.kind == "final_model":
+        saved = save_final_model(grown, args.out_run_dir)
+    else:
+        parsed = parse_stem(meta.name)
+        prefix = parsed.prefix if parsed is not None and parsed.step is not None else RESUME_PREFIX
+        saved = save_state(grown, args.out_run_dir, kind=meta.kind, prefix=prefix)
+    print(
+        f"grew {meta.name} (depth {state.spec.tower_depth}, width {state.spec.tower_width}) → "
+        f"{saved.sidecar_path} (depth {new_spec.tower_depth}, width {new_spec.tower_width})"
+    )
+    return 0
+
+
+def cmd_compat(args: argparse.Namespace) -> int:
+    """Whether a checkpoint's model would load into the network the spec options describe
+    (Keisei's defaults for the options not given), from its sidecar alone: exit 0 when it
+    would, 1 with the problems when not."""
+    from keisei_fn.compat import check_compatible
+
+    spec = _spec_from_args(args) or ModelSpec()
+    problems = check_compatible(args.checkpoint, spec)
+    for problem in problems:
+        print(problem)
+    if not problems:
+        print(
+            f"compatible with {spec.model_type}, depth {spec.tower_depth}, width "
+            f"{spec.tower_width}, se_ratio {spec.se_ratio}"
+        )
+    return 1 if problems else 0
