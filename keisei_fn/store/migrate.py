@@ -41,6 +41,7 @@ from keisei_fn.store.weights import check_listed, read_weights, write_weights
 
 __all__ = ["Migration", "migrate"]
 
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Migration:
     """What ``migrate`` did (or, in a dry run, would do) with one checkpoint.
