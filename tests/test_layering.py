@@ -22,8 +22,11 @@ layer           modules                              may import (directly; and a
 ==============  ===================================  =============================================
 entry           ``keisei_fn`` (the public API),      cli
                 ``__main__``
-cli             cli                                  demo, analysis, testing, info, diff
+cli             cli                                  demo, analysis, testing, info, diff,
+                                                     average
 diff            diff (what changed between states)   store
+average         average, ema, ensemble (averaged     store, shogi
+                and mixed models)
 demo            demo (``keisei-fn demo``)            publish, shogi
 analysis        analysis (policy on positions)       shogi, display
 testing         testing                              store
@@ -67,6 +70,9 @@ LAYER_OF: Mapping[str, str] = {
     "analysis": "analysis",
     "testing": "testing",
     "diff": "diff",
+    "average": "average",
+    "ema": "average",
+    "ensemble": "average",
     "publish": "publish",
     "store": "store",
     "meta": "meta",
@@ -91,8 +97,9 @@ LAYER_OF: Mapping[str, str] = {
 #: Layer → the layers directly below it that it may import.
 MAY_IMPORT: Mapping[str, frozenset[str]] = {
     "entry": frozenset({"cli"}),
-    "cli": frozenset({"demo", "analysis", "testing", "info", "diff"}),
+    "cli": frozenset({"demo", "analysis", "testing", "info", "diff", "average"}),
     "diff": frozenset({"store"}),
+    "average": frozenset({"store", "shogi"}),
     "demo": frozenset({"publish", "shogi"}),
     "analysis": frozenset({"shogi", "display"}),
     "testing": frozenset({"store"}),
