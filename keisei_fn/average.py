@@ -4,9 +4,10 @@ The average of states with one spec and one layout (same keys, shapes and dtypes
 whose floating tensors are the weighted means of theirs. It is defined so that it is exact
 where it can be:
 
-- each element is the sum, in float64, of the products ``weight * value`` taken in ascending
-  order (a canonical order), then rounded once to the tensor's dtype: the result does not
-  depend on the order of the states, bit for bit; and averaging one state gives it back;
+- each element is the sum, in float64, of the products ``weight * value`` taken in the order
+  of their bit patterns (a canonical order), then rounded once to the tensor's dtype: the
+  result does not depend on the order of the states, bit for bit; averaging one state gives
+  it back (its tensors are copied);
 - integer and bool tensors are not averaged: a BatchNorm ``num_batches_tracked`` takes the
   largest count of the inputs, and any other must be equal in every input (it is copied);
 - BatchNorm running statistics are averaged like every floating tensor by default, or
@@ -30,7 +31,7 @@ Example:
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
@@ -47,6 +48,7 @@ __all__ = [
     "Positions",
     "average_checkpoints",
     "average_states",
+    "average_summary",
     "last_checkpoints",
     "normalized_weights",
     "recompute_bn",
@@ -125,12 +127,19 @@ def _check_compatible(states: Sequence[TrainState]) -> None:
 
 
 def _weighted_mean(tensors: Sequence[torch.Tensor], weights: Sequence[float]) -> torch.Tensor:
-    """Sum of ``weight * tensor`` per element in float64, in ascending order of the products,
-    rounded once to the tensors' dtype: independent of the order of the inputs."""
+    """Sum of ``weight * tensor`` per element in float64, the products in the order of their
+    bit patterns (a total order: equal keys are equal bits), rounded once to the tensors'
+    dtype: independent of the order of the inputs, NaN payloads and signed zeros included.
+    One tensor is copied as it is (arithmetic would quiet a signalling NaN)."""
+    if len(tensors) == 1:
+        return tensors[0].detach().clone(memory_format=torch.contiguous_format)
     products = torch.stack(
         [t.detach().to(torch.float64) * w for t, w in zip(tensors, weights, strict=True)]
     )
-    total = products.sort(dim=0).values.sum(dim=0)
+    ordered = products.gather(0, products.view(torch.int64).argsort(dim=0))
+    total = ordered[0]
+    for row in ordered[1:]:  # a plain left fold (torch.sum would start from +0.0: -0.0 lost)
+        total = total + row
     return total.to(tensors[0].dtype)
 
 
@@ -369,3 +378,30 @@ def average_checkpoints(
         names=[str(meta.path) for _, meta in loaded],
         recompute_bn=recompute_bn,
     )
+
+
+def average_summary(extra: Mapping[str, Any]) -> str | None:
+    """One line on where an average came from, from its ``extra`` (a state's or a
+    checkpoint meta's); None when it is not an average.
+
+    Example:
+        >>> record = {"inputs": [{"step": 10, "weight": 0.5}, {"step": 20, "weight": 0.5}],
+        ...           "bn": {"recomputed": 64}}
+        >>> print(average_summary({"average": record}))
+        average of 2: step 10 (w 0.5), step 20 (w 0.5); BatchNorm recomputed on 64 positions
+    """
+    record = extra.get(AVERAGE_KEY)
+    if not isinstance(record, Mapping) or not isinstance(record.get("inputs"), Sequence):
+        return None
+    inputs = ", ".join(
+        f"{item.get('source', 'step ' + str(item.get('step')))} (w {item.get('weight', 0):.4g})"
+        for item in record["inputs"]
+        if isinstance(item, Mapping)
+    )
+    bn = record.get("bn")
+    how = (
+        f"recomputed on {bn['recomputed']} positions"
+        if isinstance(bn, Mapping) and "recomputed" in bn
+        else "statistics averaged"
+    )
+    return f"average of {len(record['inputs'])}: {inputs}; BatchNorm {how}"
