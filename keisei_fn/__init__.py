@@ -17,7 +17,12 @@ from typing import TYPE_CHECKING, Any
 
 from keisei_fn import errors
 from keisei_fn._version import __version__
-from keisei_fn.average import average_checkpoints, average_states, recompute_bn
+from keisei_fn.average import (
+    average_checkpoints,
+    average_states,
+    last_checkpoints,
+    recompute_bn,
+)
 from keisei_fn.capture import capture, restore_
 from keisei_fn.diff import StateDiff, diff_checkpoints, diff_states
 from keisei_fn.ema import EMA, ema_init, ema_model, ema_update
@@ -122,6 +127,7 @@ __all__ = [
     "follow",
     "get_feature_spec",
     "import_legacy",
+    "last_checkpoints",
     "latest_checkpoint",
     "list_checkpoints",
     "load_model",

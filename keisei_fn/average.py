@@ -216,7 +216,7 @@ def average_states(
         for i, (s, w) in enumerate(zip(states, shares, strict=True))
     ]
     inputs.sort(key=lambda item: (item["step"], item.get("source", ""), item["weight"]))
-    newest = max(states, key=lambda s: (s.step, s.episodes, s.stats.total))
+    newest = max(states, key=lambda s: (s.step, s.episodes, *s.stats.to_json().values()))
     soup = TrainState(
         spec=states[0].spec,
         step=newest.step,
