@@ -268,7 +268,7 @@ def test_cli_average_paths_weights_and_recompute_bn(run_dir: Path, tmp_path: Pat
     )  # fmt: skip
     assert done.returncode == 0, done.stderr
     state = kf.load_state(out / "final_model")
-    positions = encode_observations(random_positions(5, seed=0))
+    positions = encode_observations(random_positions(5, seed=0, stride=3))
     expected = kf.average_states(
         [kf.load_state(first), kf.load_state(run_dir)], [1, 3], recompute_bn=positions
     )

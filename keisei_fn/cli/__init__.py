@@ -325,7 +325,7 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         metavar="N",
         help="recompute BatchNorm statistics on N positions of seeded random legal play "
-        "(default: average them)",
+        "(every 3rd position, as the demo's; default: average them)",
     )
     p.add_argument(
         "--seed", type=int, default=0, help="seed of the --recompute-bn positions (default: 0)"

@@ -393,7 +393,8 @@ def cmd_average(args: argparse.Namespace) -> int:
     if args.recompute_bn is not None:
         if args.recompute_bn < 1:
             raise SpecError(f"--recompute-bn needs N >= 1 positions, got {args.recompute_bn}")
-        positions = encode_observations(random_positions(args.recompute_bn, seed=args.seed))
+        boards = random_positions(args.recompute_bn, seed=args.seed, stride=3)
+        positions = encode_observations(boards)
     soup = average_checkpoints(sources, args.weights, recompute_bn=positions)
     meta = save_final_model(soup, out, keep_extra=True)
     print(f"averaged {len(sources)} checkpoints → {meta.path} (step {meta.step})")
