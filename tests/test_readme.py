@@ -25,6 +25,7 @@ TESTED_SECTIONS = {
     "Shared clusters: preemption, time-based saves, workers that follow": (
         "test_cluster_example_saves_by_steps_and_time_and_a_worker_follows"
     ),
+    "Model soups, EMA and ensembles": "test_soup_ema_and_ensemble_example",
     "Growing a network, compatibility and migrations": (
         "test_grow_compatibility_and_migration_example"
     ),
@@ -193,6 +194,23 @@ def test_cluster_example_saves_by_steps_and_time_and_a_worker_follows(
         torch.set_rng_state(rng[2])
     assert [m.step for m in kf.list_checkpoints("models/cluster_run")] == [10240, 20480, 20480]
     assert capsys.readouterr().out == "now playing with step 20480\n"
+
+
+def test_soup_ema_and_ensemble_example(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    rng = torch.get_rng_state()
+    try:
+        namespace = run_blocks("Model soups, EMA and ensembles")
+    finally:
+        torch.set_rng_state(rng)
+    assert "black to move" in capsys.readouterr().out
+    ema, soup = namespace["ema"], namespace["soup"]
+    assert isinstance(ema, kf.EMA) and ema.updates == 3
+    assert isinstance(soup, kf.TrainState) and soup.step == 3
+    assert [i["step"] for i in soup.extra["average"]["inputs"]] == [1, 2, 3]
+    assert kf.list_checkpoints("runs/soup_avg")[0].extra["average"]["bn"] == "averaged"
 
 
 def test_grow_compatibility_and_migration_example(

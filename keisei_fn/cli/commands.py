@@ -16,11 +16,13 @@ from typing import Any
 
 import orjson
 
+from keisei_fn.average import AVERAGE_KEY, average_summary
 from keisei_fn.cli.table import human_age, human_bytes, render_table
 from keisei_fn.info import model_info
 from keisei_fn.paths import RunPath, run_path
 from keisei_fn.precision import precision_policy
 from keisei_fn.spec import ModelSpec
+from keisei_fn.state import thaw
 
 #: ``convert --kind`` → ``import_legacy``'s kind.
 CONVERT_KINDS = {"checkpoint": "periodic", "final": "final", "final-model": "final_model"}
@@ -146,6 +148,7 @@ def cmd_info(args: argparse.Namespace) -> int:
         "tensors": len(meta.tensors),
         "spec": meta.spec.to_json() if meta.spec else None,
         "model_info": model_info(meta.spec) if meta.spec else None,
+        "average": thaw(meta.extra.get(AVERAGE_KEY)),
     }
     if args.json:
         data["tensors"] = {k: {"dtype": d, "shape": list(s)} for k, (d, s) in meta.tensors.items()}
@@ -167,6 +170,8 @@ def cmd_info(args: argparse.Namespace) -> int:
         part = name.split("/", 1)[0]
         by_part[part] = by_part.get(part, 0) + 1
     print("tensors        " + ", ".join(f"{n} {part}" for part, n in sorted(by_part.items())))
+    if (average := average_summary(meta.extra)) is not None:
+        print(f"made as        {average}")
     if meta.spec and data["model_info"]:
         _print_spec(meta.spec, data["model_info"])
     else:
@@ -385,6 +390,36 @@ def cmd_diff(args: argparse.Namespace) -> int:
     else:
         print(found.summary(top=args.top))
     return 0 if found.identical else 1
+
+
+def cmd_average(args: argparse.Namespace) -> int:
+    """Average checkpoints (``--last N``: a run directory's newest) into OUT's final model,
+    with the record of what went in (``info`` shows it). OUT must not exist unless
+    ``--force``: then its final model, if any, is replaced."""
+    from keisei_fn.average import average_checkpoints, last_checkpoints
+    from keisei_fn.errors import CheckpointExistsError, SpecError
+    from keisei_fn.shogi import encode_observations, random_positions
+    from keisei_fn.store.checkpoints import save_final_model
+
+    out = run_path(args.out)
+    if out.exists() and not args.force:
+        raise CheckpointExistsError(f"{out} exists; pass --force to write the average into it")
+    if args.last is not None:
+        if len(args.sources) != 1:
+            raise SpecError(f"--last takes one run directory, got {len(args.sources)} sources")
+        sources = last_checkpoints(_existing_run_dir(args.sources[0]), args.last)
+    else:
+        sources = list(args.sources)
+    positions = None
+    if args.recompute_bn is not None:
+        if args.recompute_bn < 1:
+            raise SpecError(f"--recompute-bn needs N >= 1 positions, got {args.recompute_bn}")
+        boards = random_positions(args.recompute_bn, seed=args.seed, stride=3)
+        positions = encode_observations(boards)
+    soup = average_checkpoints(sources, args.weights, recompute_bn=positions)
+    meta = save_final_model(soup, out, keep_extra=True)
+    print(f"averaged {len(sources)} checkpoints → {meta.path} (step {meta.step})")
+    return 0
 
 
 def cmd_migrate(args: argparse.Namespace) -> int:
