@@ -25,6 +25,9 @@ TESTED_SECTIONS = {
     "Shared clusters: preemption, time-based saves, workers that follow": (
         "test_cluster_example_saves_by_steps_and_time_and_a_worker_follows"
     ),
+    "CUDA: pinned snapshots, loads to the GPU, exact AMP resume": (
+        "test_cuda_example_saves_through_the_saver_buffers"
+    ),
 }
 
 
@@ -190,3 +193,18 @@ def test_cluster_example_saves_by_steps_and_time_and_a_worker_follows(
         torch.set_rng_state(rng[2])
     assert [m.step for m in kf.list_checkpoints("models/cluster_run")] == [10240, 20480, 20480]
     assert capsys.readouterr().out == "now playing with step 20480\n"
+
+
+def test_cuda_example_saves_through_the_saver_buffers(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """On the CPU the same code runs (CPU tensors are cloned; the buffers stay unused)."""
+    monkeypatch.chdir(tmp_path)
+    rng = torch.get_rng_state()
+    try:
+        namespace = run_blocks("CUDA: pinned snapshots, loads to the GPU, exact AMP resume")
+    finally:
+        torch.set_rng_state(rng)
+    assert [m.step for m in kf.list_checkpoints("models/gpu_run")] == [5, 10]
+    state = namespace["state"]
+    assert isinstance(state, kf.TrainState) and state.step == 10
