@@ -240,7 +240,10 @@ def copy_to_device(
     for src, out in zip(tensors, outs, strict=True):
         if src.numel() == 0:
             continue
-        src_bytes = src.detach().contiguous().reshape(-1).view(torch.uint8)
+        flat = src.detach().reshape(-1)
+        if flat.stride(0) != 1:  # one element with an odd stride: contiguous, yet not viewable
+            flat = flat.clone(memory_format=torch.contiguous_format)
+        src_bytes = flat.view(torch.uint8)
         out_bytes = out.view(-1).view(torch.uint8)
         for start in range(0, src_bytes.numel(), chunk_bytes):
             end = min(start + chunk_bytes, src_bytes.numel())

@@ -22,10 +22,12 @@ from keisei_fn.testing.strategies import tensors
 
 
 def same(a: torch.Tensor, b: torch.Tensor) -> bool:
-    """Bit-identical: dtype, shape and bytes (an empty tensor has none to compare)."""
+    """Bit-identical: dtype, shape and bytes (an empty tensor has none to compare). Compared
+    through fresh copies: ``raw_bytes`` cannot view one element with an odd stride as bytes."""
     if a.dtype != b.dtype or a.shape != b.shape:
         return False
-    return a.numel() == 0 or raw_bytes(a) == raw_bytes(b)
+    fresh = [t.clone(memory_format=torch.contiguous_format) for t in (a, b)]
+    return a.numel() == 0 or raw_bytes(fresh[0]) == raw_bytes(fresh[1])
 
 
 def storage_of(tensor: torch.Tensor) -> int:
@@ -117,7 +119,7 @@ def test_copy_to_device_refuses_empty_chunks() -> None:
 
 
 def test_async_saver_writes_snapshots_taken_into_its_staging_buffers(tmp_path: Path) -> None:
-    spec = ModelSpec(model_type="testmodel")
+    spec = ModelSpec(model_type="testmodel", num_actions=32)
     model = build_model(spec, seed=0)
     optimizer = torch.optim.Adam(model.parameters(), lr=0.1)
     expected = []
@@ -134,7 +136,7 @@ def test_async_saver_writes_snapshots_taken_into_its_staging_buffers(tmp_path: P
 
 
 def test_restore_clones_cpu_optimizer_state_so_a_step_leaves_the_snapshot_alone() -> None:
-    spec = ModelSpec(model_type="testmodel")
+    spec = ModelSpec(model_type="testmodel", num_actions=32)
     model = build_model(spec, seed=0)
     optimizer = torch.optim.Adam(model.parameters(), lr=0.1)
     model(torch.ones(2, *spec.obs_shape))[0].sum().backward()
