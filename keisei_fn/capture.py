@@ -344,7 +344,9 @@ def _optimizer_copy(saved: Mapping[str, Any], optimizer: torch.optim.Optimizer) 
     device (all but ``step``, which torch places itself) are copied there directly, the rest
     cloned. Assumes :func:`optimizer_problems` found nothing."""
     params: dict[Any, torch.Tensor] = {}
-    for group, live_group in zip(saved["param_groups"], optimizer.param_groups, strict=True):
+    for group, live_group in zip(
+        saved.get("param_groups", ()), optimizer.param_groups, strict=True
+    ):
         params.update(zip(group["params"], live_group["params"], strict=True))
     moved = _on_devices(
         (value, params[index].device)

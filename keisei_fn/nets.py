@@ -46,14 +46,16 @@ def se_pool(x: Tensor) -> Tensor:
     ``adaptive_avg_pool2d`` has no deterministic CUDA backward, so on CUDA with
     ``torch.use_deterministic_algorithms(True)`` this is ``x.mean((2, 3), keepdim=True)``
     (deterministic; it may differ from the pooling in the last bit). Everywhere else it is
-    ``adaptive_avg_pool2d``, so CPU outputs are bit-identical to Keisei's.
+    ``adaptive_avg_pool2d``, so CPU outputs are bit-identical to Keisei's (and a TorchScript
+    model always pools).
 
     Example:
         >>> se_pool(torch.ones(1, 2, 9, 9)).shape
         torch.Size([1, 2, 1, 1])
     """
-    if x.is_cuda and torch.are_deterministic_algorithms_enabled():
-        return x.mean((2, 3), keepdim=True)
+    if not torch.jit.is_scripting():  # noqa: SIM102 (TorchScript skips this block whole)
+        if x.is_cuda and torch.are_deterministic_algorithms_enabled():
+            return x.mean((2, 3), keepdim=True)
     return F.adaptive_avg_pool2d(x, 1)
 
 
