@@ -53,7 +53,8 @@ def se_pool(x: Tensor) -> Tensor:
         >>> se_pool(torch.ones(1, 2, 9, 9)).shape
         torch.Size([1, 2, 1, 1])
     """
-    if not torch.jit.is_scripting():  # noqa: SIM102 (TorchScript skips this block whole)
+    # TorchScript skips this block whole (it has no are_deterministic_algorithms_enabled)
+    if not torch.jit.is_scripting():  # type: ignore[attr-defined]  # noqa: SIM102
         if x.is_cuda and torch.are_deterministic_algorithms_enabled():
             return x.mean((2, 3), keepdim=True)
     return F.adaptive_avg_pool2d(x, 1)

@@ -166,6 +166,7 @@ def test_se_pooling_on_the_cpu_is_adaptive_avg_pool_bit_for_bit_even_when_determ
         assert same(a, b)
 
 
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning")
 def test_the_network_still_scripts_with_the_deterministic_pooling_switch() -> None:
     model = build_model(ModelSpec(tower_depth=1, tower_width=16), seed=0)
     x = torch.randn(2, 46, 9, 9, generator=torch.Generator().manual_seed(1))
