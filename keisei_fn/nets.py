@@ -40,6 +40,9 @@ _WRAPPER_PREFIXES = ("_orig_mod.", "module.")
 _T = TypeVar("_T")
 
 
+_is_scripting = torch.jit.is_scripting  # type: ignore[attr-defined]  # (not exported)
+
+
 def se_pool(x: Tensor) -> Tensor:
     """The mean over H and W of ``(B, C, H, W)``, as ``(B, C, 1, 1)``: the SE blocks' pooling.
 
@@ -54,7 +57,7 @@ def se_pool(x: Tensor) -> Tensor:
         torch.Size([1, 2, 1, 1])
     """
     # TorchScript skips this block whole (it has no are_deterministic_algorithms_enabled)
-    if not torch.jit.is_scripting():  # type: ignore[attr-defined]  # noqa: SIM102
+    if not _is_scripting():  # noqa: SIM102
         if x.is_cuda and torch.are_deterministic_algorithms_enabled():
             return x.mean((2, 3), keepdim=True)
     return F.adaptive_avg_pool2d(x, 1)
