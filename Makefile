@@ -60,5 +60,5 @@ gpu-check:
 	fi
 	PYTHONPATH=$(GPU_SITE):$(CURDIR) $(GPU_PY) -m pytest -p no:cacheprovider -m cuda -rs \
 		tests/test_cuda.py
-	PYTHONPATH=$(GPU_SITE):$(CURDIR) $(GPU_PY) -m benchmarks --quick --models test \
-		--sections gpu --out benchmarks/results/gpu.json
+	PYTHONPATH=$(GPU_SITE):$(CURDIR) $(GPU_PY) -m benchmarks.gpu --quick \
+		--out benchmarks/results/gpu.json

@@ -13,12 +13,18 @@ parameters) with Adam after real steps at batch 256, against baselines measured 
   map_location="cuda")`` of the same tensors (target >= 3x faster), and vs one page-locked
   host-to-device copy of the same bytes (the limit);
 - memory: the peak GPU memory a capture + background save adds (target: none).
+
+``python -m benchmarks --sections gpu`` runs it with the others; ``python -m benchmarks.gpu
+[--quick] [--out FILE]`` runs it alone, importing nothing the other sections need (s3fs, ...):
+what ``make gpu-check`` runs on a bare GPU machine.
 """
 
 from __future__ import annotations
 
+import argparse
 import statistics
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import replace
@@ -26,7 +32,8 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.cases import Row, clear, compared
+from benchmarks import report
+from benchmarks.cases import Row, clear, compared, scratch_dir
 from benchmarks.timing import measure_rounds
 from keisei_fn import AsyncSaver, ModelSpec, build_model, capture, load_state, save_state
 from keisei_fn.codec import encode_state
@@ -244,3 +251,23 @@ def _loop_rows(
         ),
         Row(group=group, measure="background overhead (%)", ours_ms=overhead),
     ]
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``python -m benchmarks.gpu``: the GPU section alone, as a table and a JSON file."""
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.gpu", description=__doc__)
+    parser.add_argument("--quick", action="store_true", help="3 rounds, 20 loop steps")
+    parser.add_argument("--out", type=Path, help="JSON results file (default: none)")
+    args = parser.parse_args(argv)
+    repeat, steps = (3, 20) if args.quick else (7, 50)
+    with scratch_dir(Path(tempfile.gettempdir())) as scratch:
+        rows = gpu_rows(scratch, repeat, steps=steps)
+    print(report.rows_table(rows))
+    if args.out is not None:
+        settings = {"repeat": repeat, "steps": steps, "sections": ["gpu"]}
+        environment = report.environment(scratch.parent)
+        report.write_json(args.out, {"environment": environment, "settings": settings}, rows)
+
+
+if __name__ == "__main__":
+    main()
