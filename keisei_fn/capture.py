@@ -70,9 +70,13 @@ _PARAM_SHAPED = frozenset(
 )
 
 
+#: The tensor types ``capture`` copies to the host (a subclass may not be plain memory).
+_PLAIN = (torch.Tensor, nn.Parameter)
+
+
 class _Cloner:
     """Clones tensors contiguously, once per distinct view, so shared storage stays shared.
-    CUDA tensors are copied to (page-locked) host memory, all at once by :meth:`stage`."""
+    Plain CUDA tensors are copied to (page-locked) host memory, all at once by :meth:`stage`."""
 
     def __init__(self, staging: PinnedBuffers | None = None) -> None:
         self._seen: dict[tuple[Any, ...], torch.Tensor] = {}
@@ -84,8 +88,10 @@ class _Cloner:
         pending: dict[tuple[Any, ...], torch.Tensor] = {}
         for value in values:
             for _, tensor in iter_tensors(value):
+                if tensor.device.type != "cuda" or type(tensor) not in _PLAIN:
+                    continue  # tensor subclasses (DTensor, ...) are cloned as they are
                 key = view_key(tensor)
-                if tensor.device.type == "cuda" and key is not None and key not in self._seen:
+                if key is not None and key not in self._seen:
                     pending.setdefault(key, tensor.detach())
         if pending:
             hosts = copy_to_host(list(pending.values()), self._staging)
@@ -96,7 +102,8 @@ class _Cloner:
             value = value.detach()
             key = view_key(value)
             if key is None:  # no storage to share (empty)
-                return value.to("cpu", copy=True) if value.device.type == "cuda" else value.clone()
+                staged = value.device.type == "cuda" and type(value) in _PLAIN
+                return value.to("cpu", copy=True) if staged else value.clone()
             if key not in self._seen:
                 self._seen[key] = value.clone(memory_format=torch.contiguous_format)
             return self._seen[key]
@@ -129,7 +136,8 @@ def capture(
     CUDA tensors are copied into page-locked host memory (``keisei_fn.staging.copy_to_host``:
     non-blocking copies on a side stream ordered after the current stream), so the snapshot
     costs no GPU memory; the call returns once the copies are complete, so training steps
-    queued after it cannot reach the snapshot. CPU tensors are cloned.
+    queued after it cannot reach the snapshot. CPU tensors, and tensor subclasses such as
+    DTensor, are cloned where they are.
 
     Args:
         spec: the model's architecture, or None for an arbitrary user model.
