@@ -76,13 +76,17 @@ def reference(
 
 
 def test_a_step_right_after_save_returns_never_reaches_the_snapshot(tmp_path: Path) -> None:
+    """The snapshot holds exactly the state after the steps queued before ``capture`` (its
+    copies wait for the training stream), and none of the steps queued after ``save`` returns
+    (``capture`` waits for its copies); what is written is that snapshot."""
     spec = ModelSpec()
     model, optimizer = trained(spec, batch=256)
     expected = {}
     with AsyncSaver(tmp_path) as saver:
         for at in range(1, 5):
-            expected[at] = reference(spec, model, optimizer, at)
+            step(model, optimizer, spec, 256)  # queued, not waited for: the snapshot must see it
             state = capture(spec, model, optimizer, step=at, rng=False, staging=saver.staging)
+            expected[at] = reference(spec, model, optimizer, at)  # nothing else was queued
             saver.save(state)
             step(model, optimizer, spec, 256)  # queued at once: changes every parameter
             step(model, optimizer, spec, 256)
