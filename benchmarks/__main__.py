@@ -8,10 +8,10 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from benchmarks import cases, loop, object_store, report, sharded_bench
+from benchmarks import cases, gpu, loop, object_store, report, sharded_bench
 
 SECTIONS = (
-    "save", "load", "capture", "breakdown", "s3", "sharded", "listing", "import", "loop"
+    "save", "load", "capture", "breakdown", "s3", "sharded", "listing", "import", "loop", "gpu"
 )  # fmt: skip
 DEFAULT_OUT = Path(__file__).parent / "results" / "latest.json"
 
@@ -119,6 +119,11 @@ def main(argv: list[str] | None = None) -> None:
             rows += loop.loop_rows(
                 scratch, max(3, args.repeat // 2), steps=10 if args.quick else 20
             )
+
+    if "gpu" in args.sections:
+        progress("GPU: snapshot, background checkpoints, loads to the GPU, GPU memory")
+        with cases.scratch_dir(parent) as scratch:
+            rows += gpu.gpu_rows(scratch, args.repeat, steps=20 if args.quick else 50)
 
     print(report.rows_table(rows))
     for title, parts in (("save_state part", save_parts), ("load_state part", load_parts)):

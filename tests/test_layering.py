@@ -37,7 +37,9 @@ store           store                                meta, capture, distributed
 meta            meta (CheckpointMeta, the sidecar)   codec, paths, version
 codec           codec                                state
 capture         capture, rng (bridges between live   state, nets, distributed
-                torch objects and snapshots)
+                torch objects and snapshots),
+                staging (host copies of device
+                tensors)
 info            info (beside nets)                   nets, precision
 state           state (TrainState, GameStats)        spec, display
 display         display (tables, sizes, ages for     spec
@@ -83,6 +85,7 @@ LAYER_OF: Mapping[str, str] = {
     "codec": "codec",
     "capture": "capture",
     "rng": "capture",
+    "staging": "capture",
     "info": "info",
     "state": "state",
     "display": "display",

@@ -30,6 +30,9 @@ TESTED_SECTIONS = {
     "Growing a network, compatibility and migrations": (
         "test_grow_compatibility_and_migration_example"
     ),
+    "CUDA: pinned snapshots, loads to the GPU, exact AMP resume": (
+        "test_cuda_example_saves_through_the_saver_buffers"
+    ),
 }
 
 
@@ -250,3 +253,18 @@ def test_grow_compatibility_and_migration_example(
     assert isinstance(grown, torch.nn.Module)
     with torch.no_grad():
         torch.testing.assert_close(grown.eval()(x), before(x), rtol=1e-4, atol=1e-5)
+
+
+def test_cuda_example_saves_through_the_saver_buffers(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """On the CPU the same code runs (CPU tensors are cloned; the buffers stay unused)."""
+    monkeypatch.chdir(tmp_path)
+    rng = torch.get_rng_state()
+    try:
+        namespace = run_blocks("CUDA: pinned snapshots, loads to the GPU, exact AMP resume")
+    finally:
+        torch.set_rng_state(rng)
+    assert [m.step for m in kf.list_checkpoints("models/gpu_run")] == [5, 10]
+    state = namespace["state"]
+    assert isinstance(state, kf.TrainState) and state.step == 10
