@@ -20,6 +20,7 @@ from keisei_fn._version import __version__
 from keisei_fn.capture import capture, restore_
 from keisei_fn.diff import StateDiff, diff_checkpoints, diff_states
 from keisei_fn.features import FEATURE_SPECS, FeatureSpec, get_feature_spec, register_feature_set
+from keisei_fn.health import HealthPolicy, HealthProblem, check_health
 from keisei_fn.info import model_info
 from keisei_fn.meta import CheckpointMeta
 from keisei_fn.nets import (
@@ -88,6 +89,8 @@ __all__ = [
     "Checkpointer",
     "FeatureSpec",
     "GameStats",
+    "HealthPolicy",
+    "HealthProblem",
     "ModelSpec",
     "Precision",
     "Preemption",
@@ -103,6 +106,7 @@ __all__ = [
     "build_model",
     "canonical_state_dict",
     "capture",
+    "check_health",
     "checkpoint_due",
     "consolidate",
     "diff_checkpoints",

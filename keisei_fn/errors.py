@@ -21,6 +21,7 @@ __all__ = [
     "MissingExtraError",
     "SpecError",
     "StateMismatchError",
+    "UnhealthyCheckpointError",
     "UnsupportedDtypeError",
     "UnsupportedFormatError",
     "UnsupportedValueError",
@@ -82,3 +83,8 @@ class UnsupportedValueError(KeiseiFnError, TypeError):
 
 class InvalidPositionError(KeiseiFnError, ValueError):
     """An SFEN string does not describe a valid Shogi position."""
+
+
+class UnhealthyCheckpointError(KeiseiFnError, ValueError):
+    """A checkpoint the health gate marked unhealthy was asked for where only a healthy one
+    will do (publishing it)."""

@@ -69,8 +69,23 @@ def _publish_status(run_dir: RunPath) -> dict[str, str]:
     return status
 
 
+def _health_cell(health: tuple[str, ...] | None) -> str:
+    """``ls``'s health column: ``ok``, ``-`` (not checked) or ``UNHEALTHY`` and which checks.
+
+    Example:
+        >>> _health_cell(("non_finite: model w has 1 NaN of 2 elements", "norm_jump: ..."))
+        'UNHEALTHY: non_finite, norm_jump'
+    """
+    if health is None:
+        return "-"
+    if not health:
+        return "ok"
+    return "UNHEALTHY: " + ", ".join(dict.fromkeys(p.split(":", 1)[0] for p in health))
+
+
 def cmd_ls(args: argparse.Namespace) -> int:
-    """A table of a run directory's checkpoints, including invalid and incomplete ones."""
+    """A table of a run directory's checkpoints, including invalid and incomplete ones; a
+    ``health`` column when the health gate checked any of them."""
     from keisei_fn.store import scan_run_dir, stored_size, verify_checkpoint
 
     run_dir = _existing_run_dir(args.run_dir)
@@ -110,6 +125,11 @@ def cmd_ls(args: argparse.Namespace) -> int:
         print(f"{run_dir}: no checkpoints")
         return 0
     header = ["name", "step", "kind", "size", "age", "integrity", "publish"]
+    if any(meta.health is not None for meta in scan.valid):
+        marks = [_health_cell(meta.health) for meta in scan.valid]
+        marks += ["?"] * (len(rows) - len(marks))  # invalid, unreadable, leftover
+        rows = [[*row, mark] for row, mark in zip(rows, marks, strict=True)]
+        header.append("health")
     print(render_table(header, rows))
     return 0
 
@@ -143,6 +163,7 @@ def cmd_info(args: argparse.Namespace) -> int:
         "tensors": len(meta.tensors),
         "spec": meta.spec.to_json() if meta.spec else None,
         "model_info": model_info(meta.spec) if meta.spec else None,
+        "health": None if meta.health is None else list(meta.health),
     }
     if args.json:
         data["tensors"] = {k: {"dtype": d, "shape": list(s)} for k, (d, s) in meta.tensors.items()}
@@ -155,6 +176,8 @@ def cmd_info(args: argparse.Namespace) -> int:
         f"wins, {meta.stats.draws} draws"
     )
     print(f"weights        {human_bytes(meta.weights_size)}  {meta.weights_digest[:23]}…")
+    if meta.health is not None:
+        print(f"health         {meta.health_summary}")
     by_part: dict[str, int] = {}
     for name in meta.tensors:
         part = name.split("/", 1)[0]

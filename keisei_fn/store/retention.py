@@ -1,7 +1,9 @@
 """Retention: which checkpoints to keep. ``plan_prune`` is pure; ``prune`` applies a plan.
 
-Never deleted, whatever the policy: the newest valid checkpoint, final checkpoints, the final
-model, and checkpoints whose publication is still pending in the run directory's ledger.
+Never deleted, whatever the policy: the newest valid checkpoint, the newest one the health gate
+did not mark unhealthy (so that unhealthy saves filling ``keep_last`` never prune the run's
+only good resume point), final checkpoints, the final model, and checkpoints whose publication
+is still pending in the run directory's ledger.
 Incomplete leftovers (temp files, payloads no sidecar names, sidecars that fail the listed
 check, and, once abandoned for an hour, shards directories no sidecar refers to and open S3
 multipart uploads) are always removed by ``prune``, which holds the run directory's lock (see
@@ -187,7 +189,8 @@ def plan_prune(
         metas: the valid checkpoints of one run directory.
         policy: the retention rules.
         protected: names that must be kept (e.g. pending publications).
-        prefix: the resume prefix; the newest checkpoint with it is always kept.
+        prefix: the resume prefix; the newest checkpoint with it is always kept, and so is the
+            newest healthy one (``CheckpointMeta.healthy``).
         now: the current time for ``keep_within`` (timezone-aware; default: the system clock).
             A checkpoint whose creation time cannot be read is kept by no time rule.
 
@@ -203,6 +206,8 @@ def plan_prune(
     resumable = [m for m in ordered if m.kind != "final_model" and _prefix(m.name) == prefix]
     if resumable:
         always[resumable[-1].name] = "newest resume point"
+    if healthy := [m for m in resumable if m.healthy]:
+        always.setdefault(healthy[-1].name, "newest healthy resume point")
     for meta in ordered:
         if meta.kind != "periodic":
             always.setdefault(meta.name, meta.kind.replace("_", " "))
