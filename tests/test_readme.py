@@ -25,6 +25,7 @@ TESTED_SECTIONS = {
     "Shared clusters: preemption, time-based saves, workers that follow": (
         "test_cluster_example_saves_by_steps_and_time_and_a_worker_follows"
     ),
+    "Health gate: a NaN checkpoint never becomes the resume point": "test_health_gate_example",
 }
 
 
@@ -190,3 +191,15 @@ def test_cluster_example_saves_by_steps_and_time_and_a_worker_follows(
         torch.set_rng_state(rng[2])
     assert [m.step for m in kf.list_checkpoints("models/cluster_run")] == [10240, 20480, 20480]
     assert capsys.readouterr().out == "now playing with step 20480\n"
+
+
+def test_health_gate_example(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    run_blocks("Health gate: a NaN checkpoint never becomes the resume point")
+    saved, unhealthy, resumed, check = capsys.readouterr().out.splitlines()
+    assert saved == "saved checkpoint_ts1"
+    assert unhealthy.startswith("saved checkpoint_ts2, marked unhealthy: non_finite: model ")
+    assert (resumed, check) == ("1", "non_finite")
+    assert [m.healthy for m in kf.list_checkpoints("models/gated")] == [True, False]
