@@ -161,15 +161,31 @@ class HealthPolicy:
 def _floating(value: Any, part: str) -> Iterator[tuple[str, torch.Tensor]]:
     """``(name, tensor)`` for every floating tensor of a state part, named for people."""
     for path, tensor in iter_tensors(value):
-        if tensor.is_floating_point() or tensor.is_complex():
-            yield " ".join([part, ".".join(str(p) for p in path)]), tensor
+        if tensor.is_complex():
+            tensor = torch.view_as_real(tensor)
+        if tensor.is_floating_point():
+            yield " ".join([part, ".".join(str(p) for p in path)]), tensor.detach()
 
 
-def _sum_of_squares(tensor: torch.Tensor) -> float:
-    """The sum of squares in float64: finite for every finite float32 tensor (no overflow)."""
+def _norm(tensor: torch.Tensor) -> float:
+    """A tensor's L2 norm: one pass in float32 (float64 for float64), again in float64 only
+    when a finite tensor's norm overflowed float32; ``nan``/``inf`` for non-finite values."""
     if tensor.numel() == 0:
         return 0.0
-    return float(torch.linalg.vector_norm(tensor.detach(), dtype=torch.float64) ** 2)
+    wide = torch.float64 if tensor.dtype == torch.float64 else torch.float32
+    norm = float(torch.linalg.vector_norm(tensor, dtype=wide))
+    if math.isinf(norm) and bool(torch.isfinite(tensor).all()):
+        norm = float(torch.linalg.vector_norm(tensor, dtype=torch.float64))
+    return norm
+
+
+def _model_norms(state: TrainState) -> dict[str, tuple[torch.Tensor, float]]:
+    """Name → (tensor, norm) of the model's floating tensors."""
+    return {name: (t, _norm(t)) for name, t in _floating(state.model, "model")}
+
+
+def _total(norms: dict[str, tuple[torch.Tensor, float]]) -> float:
+    return math.sqrt(sum(norm * norm for _, norm in norms.values()))
 
 
 def parameter_norm(state: TrainState) -> float:
@@ -183,19 +199,23 @@ def parameter_norm(state: TrainState) -> float:
         >>> parameter_norm(TrainState(spec=None, step=1, model={"w": torch.tensor([3.0, 4.0])}))
         5.0
     """
-    return math.sqrt(sum(_sum_of_squares(t) for _, t in _floating(state.model, "model")))
+    return _total(_model_norms(state))
 
 
-def _non_finite(state: TrainState) -> HealthProblem | None:
+def _non_finite(
+    state: TrainState, model: dict[str, tuple[torch.Tensor, float]]
+) -> HealthProblem | None:
     found = []
-    for part, value in (("model", state.model), ("optimizer", state.optimizer)):
-        for name, tensor in _floating(value, part):
-            if math.isfinite(_sum_of_squares(tensor)):
-                continue
-            nan = int(torch.isnan(tensor).sum())
-            inf = int(torch.isinf(tensor).sum())
-            counts = " and ".join(f"{n} {what}" for n, what in ((nan, "NaN"), (inf, "inf")) if n)
-            found.append(f"{name} has {counts} of {tensor.numel()} elements")
+    optimizer = ((name, (t, _norm(t))) for name, t in _floating(state.optimizer, "optimizer"))
+    for name, (tensor, norm) in [*model.items(), *optimizer]:
+        if math.isfinite(norm):
+            continue
+        nan = int(torch.isnan(tensor).sum())
+        inf = int(torch.isinf(tensor).sum())
+        if not (nan or inf):  # finite values whose norm overflows even float64
+            continue
+        counts = " and ".join(f"{n} {what}" for n, what in ((nan, "NaN"), (inf, "inf")) if n)
+        found.append(f"{name} has {counts} of {tensor.numel()} elements")
     if not found:
         return None
     more = f"; and {len(found) - _NAMED} more tensors" if len(found) > _NAMED else ""
@@ -287,11 +307,12 @@ def check_health(
     """
     policy = policy if policy is not None else HealthPolicy()
     problems = []
-    if policy.finite and (found := _non_finite(state)) is not None:
+    norms = _model_norms(state)
+    if policy.finite and (found := _non_finite(state, norms)) is not None:
         problems.append(found)
     if policy.max_norm_ratio is not None and previous is not None:
         before = previous if isinstance(previous, int | float) else parameter_norm(previous)
-        jump = _norm_jump(parameter_norm(state), float(before), policy.max_norm_ratio)
+        jump = _norm_jump(_total(norms), float(before), policy.max_norm_ratio)
         if jump is not None:
             problems.append(jump)
     if policy.positions and not problems and (found := _saturated(state, policy)) is not None:

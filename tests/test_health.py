@@ -227,6 +227,16 @@ def test_one_non_finite_element_anywhere_makes_a_state_unhealthy(
     assert f"{name} has 1 {kind} of {target.numel()} elements" in str(problem)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_huge_finite_values_are_not_non_finite(dtype: torch.dtype) -> None:
+    huge = torch.full((1000,), torch.finfo(dtype).max, dtype=dtype)
+    state = kf.TrainState(
+        spec=None, step=1, model={"w": huge}, optimizer={"state": {0: {"m": huge}}}
+    )
+    assert check_health(state, policy=NO_VALUE_CHECK) == ()
+    assert math.isfinite(parameter_norm(state)) or dtype == torch.float64
+
+
 def test_many_non_finite_tensors_are_named_up_to_five() -> None:
     model = {f"t{i}": torch.full((2,), math.nan) for i in range(8)}
     (problem,) = check_health(kf.TrainState(spec=None, step=1, model=model))
@@ -303,6 +313,23 @@ def test_health_problems_and_policies_read_well_and_refuse_nonsense() -> None:
     with pytest.raises(SpecError, match="health must be"):
         kf.Checkpointer(run_dir="run", interval=1, health="yes")  # type: ignore[arg-type]
     assert kf.Checkpointer(run_dir="run", interval=1, health=True).health == HealthPolicy()
+
+
+def test_followers_never_load_an_unhealthy_checkpoint(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    spec = kf.ModelSpec(model_type="testmodel")
+    model = kf.build_model(spec, seed=0)
+    kf.save_state(kf.capture(spec, model, step=1), tmp_path, health=())
+    nan = model.state_dict()
+    nan["stem.weight"].fill_(math.nan)
+    broken = kf.TrainState(spec=spec, step=2, model=nan)
+    kf.save_state(broken, tmp_path, health=check_health(broken))
+    worker = kf.build_model(spec, seed=1)
+    followed = [m.step for m in kf.follow(tmp_path, worker, poll=0.01, timeout=0.05)]
+    assert followed == [1]
+    assert "skipping" in caplog.text and "UNHEALTHY: non_finite" in caplog.text
+    assert not worker.stem.weight.isnan().any()  # type: ignore[union-attr]
 
 
 # --- the mark on disk ------------------------------------------------------------------------
