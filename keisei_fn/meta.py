@@ -617,6 +617,24 @@ class CheckpointMeta:
             return "not checked"
         return "UNHEALTHY: " + "; ".join(self.health) if self.health else "healthy"
 
+    @property
+    def health_mark(self) -> str:
+        """A table cell: ``ok``, ``-`` (not checked) or ``UNHEALTHY`` and which checks failed.
+
+        Example:
+            >>> meta = CheckpointMeta(path="run/checkpoint_ts1", name="checkpoint_ts1",
+            ...     format_version=3, kind="periodic", step=1, episodes=0, stats=GameStats(),
+            ...     spec=None, weights_size=0, weights_digest="", digest="", created="?",
+            ...     health=("non_finite: model w has 1 NaN of 2 elements", "norm_jump: ..."))
+            >>> meta.health_mark, meta.replace(health=()).health_mark
+            ('UNHEALTHY: non_finite, norm_jump', 'ok')
+        """
+        if self.health is None:
+            return "-"
+        if not self.health:
+            return "ok"
+        return "UNHEALTHY: " + ", ".join(dict.fromkeys(p.split(":", 1)[0] for p in self.health))
+
     def __repr__(self) -> str:
         """One line: what and where, not every tensor's layout (``str`` has the table)."""
         return (

@@ -422,6 +422,8 @@ def test_ls_and_info_show_the_mark(tmp_path: Path) -> None:
         "checkpoint_ts2 ok",
         "checkpoint_ts3 UNHEALTHY: non_finite",
     ]
+    table = str(kf.list_checkpoints(tmp_path)).splitlines()  # a notebook's view: the same
+    assert table[0].split()[-1] == "health" and table[-1].endswith("UNHEALTHY: non_finite")
     info = cli("info", tmp_path / "checkpoint_ts3")
     assert "health         UNHEALTHY: non_finite: model w has 1 NaN of 2 elements" in info.stdout
     assert cli("info", "--json", tmp_path / "checkpoint_ts3").stdout.count("non_finite") == 1

@@ -69,20 +69,6 @@ def _publish_status(run_dir: RunPath) -> dict[str, str]:
     return status
 
 
-def _health_cell(health: tuple[str, ...] | None) -> str:
-    """``ls``'s health column: ``ok``, ``-`` (not checked) or ``UNHEALTHY`` and which checks.
-
-    Example:
-        >>> _health_cell(("non_finite: model w has 1 NaN of 2 elements", "norm_jump: ..."))
-        'UNHEALTHY: non_finite, norm_jump'
-    """
-    if health is None:
-        return "-"
-    if not health:
-        return "ok"
-    return "UNHEALTHY: " + ", ".join(dict.fromkeys(p.split(":", 1)[0] for p in health))
-
-
 def cmd_ls(args: argparse.Namespace) -> int:
     """A table of a run directory's checkpoints, including invalid and incomplete ones; a
     ``health`` column when the health gate checked any of them."""
@@ -126,7 +112,7 @@ def cmd_ls(args: argparse.Namespace) -> int:
         return 0
     header = ["name", "step", "kind", "size", "age", "integrity", "publish"]
     if any(meta.health is not None for meta in scan.valid):
-        marks = [_health_cell(meta.health) for meta in scan.valid]
+        marks = [meta.health_mark for meta in scan.valid]
         marks += ["?"] * (len(rows) - len(marks))  # invalid, unreadable, leftover
         rows = [[*row, mark] for row, mark in zip(rows, marks, strict=True)]
         header.append("health")
