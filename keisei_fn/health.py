@@ -35,7 +35,7 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Iterator
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from typing import Any, Literal
 
 import torch
@@ -133,7 +133,7 @@ class HealthPolicy:
     max_norm_ratio: float | None = 4.0
     value_bound: float = 3.0
     saturated_fraction: float = 0.9
-    positions: tuple[str, ...] = field(default=EVALUATION_POSITIONS)
+    positions: tuple[str, ...] = EVALUATION_POSITIONS
 
     def __post_init__(self) -> None:
         if self.max_norm_ratio is not None:
@@ -296,8 +296,8 @@ def check_health(
 
     Returns:
         The problems, in the order non-finite, norm jump, value saturation (the value head is
-        only evaluated on a state without the other problems: a NaN network's values say
-        nothing more).
+        not evaluated on a state with non-finite values: a NaN network's values say nothing
+        more).
 
     Example:
         >>> import torch
@@ -315,6 +315,7 @@ def check_health(
         jump = _norm_jump(_total(norms), float(before), policy.max_norm_ratio)
         if jump is not None:
             problems.append(jump)
-    if policy.positions and not problems and (found := _saturated(state, policy)) is not None:
+    finite = not problems or problems[0].check != "non_finite"
+    if policy.positions and finite and (found := _saturated(state, policy)) is not None:
         problems.append(found)
     return tuple(problems)

@@ -272,8 +272,9 @@ def test_the_checkpointer_measures_the_jump_from_the_last_healthy_save(tmp_path:
     )
 
 
-def test_a_saturated_value_head_is_flagged() -> None:
-    model = kf.build_model(SPEC, seed=3)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_a_saturated_value_head_is_flagged(dtype: torch.dtype) -> None:
+    model = kf.build_model(SPEC, seed=3, dtype=dtype)
     state = kf.capture(SPEC, model, step=1)
     assert check_health(state) == ()
     with torch.no_grad():
