@@ -449,7 +449,8 @@ def latest_checkpoint(
     ``initial_eval_checkpoint_ts`` and the final model are not resume points). Only the sidecars
     of the candidates from the top down are read, until one is valid; each one skipped is
     logged once. No side effects. Never raises because of a bad file, and never returns None
-    while a valid checkpoint exists, even while another process saves and prunes.
+    while a valid (and, by default, healthy) checkpoint exists, even while another process
+    saves and prunes.
 
     Example:
         >>> latest_checkpoint("runs/does-not-exist") is None
