@@ -22,8 +22,13 @@ layer           modules                              may import (directly; and a
 ==============  ===================================  =============================================
 entry           ``keisei_fn`` (the public API),      cli
                 ``__main__``
-cli             cli                                  demo, analysis, testing, info, diff
+cli             cli                                  demo, analysis, testing, info, diff,
+                                                     average, compat, grow
 diff            diff (what changed between states)   store
+average         average, ema, ensemble (averaged     store, shogi
+                and mixed models)
+compat          compat (will a checkpoint load)      store
+grow            grow (a state for a larger tower)    state, nets
 demo            demo (``keisei-fn demo``)            publish, shogi
 analysis        analysis (policy on positions)       shogi, display
 testing         testing                              store
@@ -68,6 +73,11 @@ LAYER_OF: Mapping[str, str] = {
     "analysis": "analysis",
     "testing": "testing",
     "diff": "diff",
+    "average": "average",
+    "ema": "average",
+    "ensemble": "average",
+    "compat": "compat",
+    "grow": "grow",
     "publish": "publish",
     "store": "store",
     "meta": "meta",
@@ -93,8 +103,11 @@ LAYER_OF: Mapping[str, str] = {
 #: Layer → the layers directly below it that it may import.
 MAY_IMPORT: Mapping[str, frozenset[str]] = {
     "entry": frozenset({"cli"}),
-    "cli": frozenset({"demo", "analysis", "testing", "info", "diff"}),
+    "cli": frozenset({"demo", "analysis", "testing", "info", "diff", "average", "compat", "grow"}),
     "diff": frozenset({"store"}),
+    "average": frozenset({"store", "shogi"}),
+    "compat": frozenset({"store"}),
+    "grow": frozenset({"state", "nets"}),
     "demo": frozenset({"publish", "shogi"}),
     "analysis": frozenset({"shogi", "display"}),
     "testing": frozenset({"store"}),

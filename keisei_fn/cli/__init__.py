@@ -77,6 +77,16 @@ def _keep_best(text: str) -> tuple[str, str, int]:
     return metric, mode, int(k)
 
 
+def _weights(text: str) -> list[float]:
+    """``0.5,0.3,0.2`` as a list of floats, for argparse."""
+    try:
+        return [float(w) for w in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated numbers, e.g. 0.5,0.3,0.2; got {text!r}"
+        ) from None
+
+
 def _add_spec_options(parser: argparse.ArgumentParser) -> None:
     """Keisei's CLI names for the model spec (its ``train.py`` spells them with underscores;
     both spellings work); unset options fall back to config/defaults."""
@@ -285,6 +295,86 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top", type=int, default=10, metavar="N", help="tensors to show (default: 10)")
     p.add_argument("--json", action="store_true", help="the whole diff as JSON")
     p.set_defaults(run=commands.cmd_diff)
+
+    p = sub.add_parser(
+        "average", help="average checkpoints into one model (a model soup) in a run directory"
+    )
+    p.add_argument(
+        "sources",
+        nargs="+",
+        metavar="SOURCE",
+        help="checkpoints to average (file, stem or run directory); with --last, one run directory",
+    )
+    p.add_argument(
+        "out", metavar="OUT", help="run directory to write the average into, as its final model"
+    )
+    p.add_argument(
+        "--last",
+        type=int,
+        metavar="N",
+        help="average the N newest checkpoint_ts* checkpoints of the run directory SOURCE",
+    )
+    p.add_argument(
+        "--weights",
+        type=_weights,
+        metavar="W,W,...",
+        help="one weight per checkpoint, oldest first with --last (default: equal)",
+    )
+    p.add_argument(
+        "--recompute-bn",
+        type=int,
+        metavar="N",
+        help="recompute BatchNorm statistics on N positions of seeded random legal play "
+        "(every 3rd position, as the demo's; default: average them)",
+    )
+    p.add_argument(
+        "--seed", type=int, default=0, help="seed of the --recompute-bn positions (default: 0)"
+    )
+    p.add_argument("--force", action="store_true", help="write into OUT even if it exists")
+    p.set_defaults(run=commands.cmd_average)
+
+    p = sub.add_parser(
+        "migrate", help="rewrite a run directory's older-format checkpoints in the newest format"
+    )
+    p.add_argument("run_dir", help="the run directory (in place; each checkpoint atomically)")
+    p.add_argument("--dry-run", action="store_true", help="show what would change, write nothing")
+    p.set_defaults(run=commands.cmd_migrate)
+
+    p = sub.add_parser(
+        "grow", help="a checkpoint for a deeper and/or wider tower computing the same function"
+    )
+    p.add_argument("checkpoint", help="checkpoint file, stem or run directory")
+    p.add_argument("out_run_dir", help="the run directory to save the grown checkpoint into")
+    p.add_argument(
+        "--tower-depth",
+        "--tower_depth",
+        dest="tower_depth",
+        type=int,
+        metavar="N",
+        help="residual blocks (default: unchanged)",
+    )
+    p.add_argument(
+        "--tower-width",
+        "--tower_width",
+        dest="tower_width",
+        type=int,
+        metavar="N",
+        help="channels (default: unchanged)",
+    )
+    p.add_argument(
+        "--seed",
+        type=int,
+        default=0,
+        help="seeds the new blocks and the widening's random choices (default: 0)",
+    )
+    p.set_defaults(run=commands.cmd_grow)
+
+    p = sub.add_parser(
+        "compat", help="would a checkpoint load into the network a spec describes (sidecar only)"
+    )
+    p.add_argument("checkpoint", help="checkpoint file, stem or run directory")
+    _add_spec_options(p)
+    p.set_defaults(run=commands.cmd_compat)
     return parser
 
 

@@ -162,17 +162,25 @@ def save_state(
     )
 
 
-def save_final_model(state: TrainState, run_dir: PathArg) -> CheckpointMeta:
+def save_final_model(
+    state: TrainState, run_dir: PathArg, *, keep_extra: bool = False
+) -> CheckpointMeta:
     """Save the model weights (+ spec, step, episodes, stats) as ``final_model.*``.
 
     Optimizer, scheduler, scaler, RNG and ``extra`` are left out: this is the artifact to play
     with, not to resume from. An existing final model is replaced atomically: at any instant
     the old one or the new one is there (see :func:`save_state`).
 
+    Args:
+        state: the state whose model to save.
+        run_dir: the run directory (created if missing).
+        keep_extra: keep ``state.extra`` too (e.g. an average's record of its inputs).
+
     Raises:
         UnsupportedDtypeError: for weights that cannot be stored; OSError on I/O failure.
     """
-    weights_only = state.replace(optimizer=None, scheduler=None, scaler=None, rng=None, extra={})
+    extra = state.extra if keep_extra else {}
+    weights_only = state.replace(optimizer=None, scheduler=None, scaler=None, rng=None, extra=extra)
     stem = run_path(run_dir) / FINAL_MODEL
     return on_rank_zero(
         lambda: _save(encode_state(weights_only), stem, kind="final_model", overwrite=True),
