@@ -335,6 +335,20 @@ def test_followers_never_load_an_unhealthy_checkpoint(
     assert not worker.stem.weight.isnan().any()  # type: ignore[union-attr]
 
 
+def test_averaging_the_last_checkpoints_leaves_unhealthy_ones_out(tmp_path: Path) -> None:
+    state = kf.TrainState(spec=None, step=1, model={"w": torch.ones(2)})
+    kf.save_state(state, tmp_path, health=())
+    kf.save_state(state.replace(step=2), tmp_path)  # not checked: healthy
+    bad = check_health(state.replace(model={"w": torch.full((2,), math.inf)}))
+    kf.save_state(state.replace(step=3), tmp_path, health=bad)
+    assert [Path(p).name for p in kf.last_checkpoints(tmp_path, 2)] == [
+        "checkpoint_ts1",
+        "checkpoint_ts2",
+    ]
+    with pytest.raises(SpecError, match="2 usable"):
+        kf.last_checkpoints(tmp_path, 3)
+
+
 # --- the mark on disk ------------------------------------------------------------------------
 
 
