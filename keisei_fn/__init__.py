@@ -30,6 +30,7 @@ from keisei_fn.ema import EMA, ema_init, ema_model, ema_update
 from keisei_fn.ensemble import Ensemble
 from keisei_fn.features import FEATURE_SPECS, FeatureSpec, get_feature_spec, register_feature_set
 from keisei_fn.grow import grow
+from keisei_fn.health import HealthPolicy, HealthProblem, check_health
 from keisei_fn.info import model_info
 from keisei_fn.meta import CheckpointMeta
 from keisei_fn.nets import (
@@ -101,6 +102,8 @@ __all__ = [
     "Ensemble",
     "FeatureSpec",
     "GameStats",
+    "HealthPolicy",
+    "HealthProblem",
     "ModelSpec",
     "Precision",
     "Preemption",
@@ -119,6 +122,7 @@ __all__ = [
     "canonical_state_dict",
     "capture",
     "check_compatible",
+    "check_health",
     "checkpoint_due",
     "consolidate",
     "diff_checkpoints",

@@ -310,16 +310,17 @@ def _recompute(state: TrainState, positions: Positions, *, batch_size: int = 256
 
 def last_checkpoints(run_dir: PathArg, n: int) -> list[PathArg]:
     """The ``n`` newest valid resume points (``checkpoint_ts*``) of a run directory, oldest
-    first.
+    first; checkpoints the health gate marked unhealthy (``keisei_fn.health``) are left out.
 
     Raises:
-        SpecError: ``n < 1``, or fewer than ``n`` valid checkpoints (it says how many there are).
+        SpecError: ``n < 1``, or fewer than ``n`` usable (valid, not marked unhealthy)
+            checkpoints (it says how many there are).
 
     Example:
         >>> last_checkpoints("runs/none", 1)
         Traceback (most recent call last):
         ...
-        keisei_fn.errors.SpecError: runs/none has 0 valid checkpoint_ts* checkpoints, fewer than 1
+        keisei_fn.errors.SpecError: runs/none has 0 usable checkpoint_ts* checkpoints, fewer than 1
     """
     from keisei_fn.store import list_checkpoints
     from keisei_fn.store.names import RESUME_PREFIX, parse_stem
@@ -329,11 +330,14 @@ def last_checkpoints(run_dir: PathArg, n: int) -> list[PathArg]:
     resume_points = [
         meta
         for meta in list_checkpoints(run_dir)
-        if (parsed := parse_stem(meta.name)) is not None and parsed.prefix == RESUME_PREFIX
+        if (parsed := parse_stem(meta.name)) is not None
+        and parsed.prefix == RESUME_PREFIX
+        and meta.healthy
     ]
     if len(resume_points) < n:
         raise SpecError(
-            f"{run_dir} has {len(resume_points)} valid {RESUME_PREFIX}* checkpoints, fewer than {n}"
+            f"{run_dir} has {len(resume_points)} usable {RESUME_PREFIX}* checkpoints, "
+            f"fewer than {n}"
         )
     return [meta.path for meta in sorted(resume_points, key=lambda m: m.step)[-n:]]
 

@@ -22,6 +22,7 @@ __all__ = [
     "MissingExtraError",
     "SpecError",
     "StateMismatchError",
+    "UnhealthyCheckpointError",
     "UnsupportedDtypeError",
     "UnsupportedFormatError",
     "UnsupportedValueError",
@@ -92,3 +93,8 @@ class GrowError(SpecError):
     def __init__(self, message: str, *, field: str) -> None:
         super().__init__(message)
         self.field = field
+
+
+class UnhealthyCheckpointError(KeiseiFnError, ValueError):
+    """A checkpoint the health gate marked unhealthy was asked for where only a healthy one
+    will do (publishing it)."""

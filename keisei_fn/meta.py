@@ -17,6 +17,11 @@ Format versions (every one is still read):
   hold the files' total size and the digest of that file table.
 - **1**: a single weights file named ``<name>.safetensors``, no per-tensor digests.
 
+A format-3 sidecar may carry the **health mark** of ``keisei_fn.health``: ``"health"``, the
+list of problems the health gate found when the state was saved (empty: checked and healthy).
+A sidecar without it was not checked and reads as healthy. The mark is written in the same
+commit as the rest of the sidecar and covered by its digest.
+
 What a hostile sidecar can cost is bounded before it is parsed: at most
 :data:`MAX_SIDECAR_BYTES` bytes, :data:`MAX_SIDECAR_VALUES` values and
 :data:`MAX_SIDECAR_CONTAINERS` objects and arrays (``keisei_fn.codec.check_json_cost``); the
@@ -35,7 +40,7 @@ from __future__ import annotations
 
 import platform
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from typing import Any, TypeVar
@@ -97,6 +102,8 @@ MAX_SIDECAR_VALUES = 1_000_000
 #: a default checkpoint with Adam state. A small dict costs up to ~232 bytes parsed: ~30 MB.
 MAX_SIDECAR_CONTAINERS = 131_072
 SHARDED = "sharded"
+#: The sidecar field of the health mark (format 3).
+HEALTH = "health"
 #: periodic: a resume point; final: the last full state of a run; final_model: weights only.
 KINDS = ("periodic", "final", "final_model")
 _REQUIRED = {
@@ -143,6 +150,7 @@ def build_sidecar(
     weights_digest: str,
     tensor_digests: Mapping[str, str],
     created: str | None = None,
+    health: Sequence[str] | None = None,
 ) -> dict[str, Any]:
     """Assemble a complete format-3 sidecar (with its own digest) for an encoded state.
 
@@ -157,6 +165,8 @@ def build_sidecar(
         weights_digest: its digest.
         tensor_digests: stored name → digest of that tensor's bytes, for every tensor.
         created: ISO-8601 UTC time; now when None.
+        health: the health gate's problems (empty: checked, healthy); None: not checked (no
+            mark is recorded).
 
     Raises:
         SpecError: for an unknown kind, a weights file name that is not a generation name of
@@ -179,6 +189,10 @@ def build_sidecar(
         created=created,
     )
     sidecar["format_version"] = FORMAT_VERSION
+    if health is not None:
+        if isinstance(health, str) or not all(isinstance(p, str) for p in health):
+            raise SpecError(f"health must be a sequence of strings, got {health!r}")
+        sidecar[HEALTH] = list(health)
     return _sealed(sidecar)
 
 
@@ -502,6 +516,9 @@ def check_sidecar(raw: bytes, *, name: str | None = None, where: str = "sidecar"
         if version == SHARDED_FORMAT_VERSION
         else _single_file_problem(sidecar)
     )
+    health = sidecar.get(HEALTH, [])
+    if not isinstance(health, list) or not all(isinstance(p, str) for p in health):
+        problem = problem or "the health mark is not a list of strings"
     if problem:
         raise IntegrityError(f"{where}: {problem}")
     return sidecar
@@ -540,6 +557,8 @@ class CheckpointMeta:
             for older formats and sharded checkpoints).
         sidecar_size: the sidecar's byte size: its canonical bytes, which are the file's (0 for
             a meta built by hand rather than from a sidecar).
+        health: the problems the health gate (``keisei_fn.health``) recorded when it was saved:
+            empty when checked and healthy, None when it was not checked (read as healthy).
     """
 
     path: RunPath
@@ -562,6 +581,7 @@ class CheckpointMeta:
     weights_file: str = ""
     tensor_digests: Mapping[str, str] = field(default_factory=dict)
     sidecar_size: int = 0
+    health: tuple[str, ...] | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "path", run_path(self.path))
@@ -576,6 +596,23 @@ class CheckpointMeta:
         object.__setattr__(self, "tensors", freeze(dict(self.tensors)))
         object.__setattr__(self, "versions", freeze(dict(self.versions)))
         object.__setattr__(self, "extra", freeze(dict(self.extra)))
+        if self.health is not None:
+            object.__setattr__(self, "health", tuple(self.health))
+
+    @property
+    def healthy(self) -> bool:
+        """False when the health gate recorded a problem; True when it found none or the
+        checkpoint was not checked.
+
+        Example:
+            >>> meta = CheckpointMeta(path="run/checkpoint_ts1", name="checkpoint_ts1",
+            ...     format_version=3, kind="periodic", step=1, episodes=0, stats=GameStats(),
+            ...     spec=None, weights_size=0, weights_digest="", digest="", created="?",
+            ...     health=("non_finite: model w has 1 NaN of 2 elements",))
+            >>> meta.healthy, meta.replace(health=None).healthy
+            (False, True)
+        """
+        return not self.health
 
     @property
     def sharded(self) -> bool:
@@ -626,8 +663,34 @@ class CheckpointMeta:
             ["size", f"{human_bytes(self.total_bytes)} ({layout}, {len(self.tensors)} tensors)"],
             ["weights", f"{self.weights_file}  {self.weights_digest[:23]}…"],
             ["format", f"{FORMAT_NAME} {self.format_version}"],
+            *([] if self.health is None else [["health", self.health_summary]]),
             *extra_rows(self.extra),
         ]
+
+    @property
+    def health_summary(self) -> str:
+        """``"healthy"``, ``"not checked"``, or ``"UNHEALTHY: "`` and the problems."""
+        if self.health is None:
+            return "not checked"
+        return "UNHEALTHY: " + "; ".join(self.health) if self.health else "healthy"
+
+    @property
+    def health_mark(self) -> str:
+        """A table cell: ``ok``, ``-`` (not checked) or ``UNHEALTHY`` and which checks failed.
+
+        Example:
+            >>> meta = CheckpointMeta(path="run/checkpoint_ts1", name="checkpoint_ts1",
+            ...     format_version=3, kind="periodic", step=1, episodes=0, stats=GameStats(),
+            ...     spec=None, weights_size=0, weights_digest="", digest="", created="?",
+            ...     health=("non_finite: model w has 1 NaN of 2 elements", "norm_jump: ..."))
+            >>> meta.health_mark, meta.replace(health=()).health_mark
+            ('UNHEALTHY: non_finite, norm_jump', 'ok')
+        """
+        if self.health is None:
+            return "-"
+        if not self.health:
+            return "ok"
+        return "UNHEALTHY: " + ", ".join(dict.fromkeys(p.split(":", 1)[0] for p in self.health))
 
     def __repr__(self) -> str:
         """One line: what and where, not every tensor's layout (``str`` has the table)."""
@@ -735,6 +798,7 @@ class CheckpointMeta:
                     k: v["digest"] for k, v in sidecar["tensors"].items() if "digest" in v
                 },
                 sidecar_size=sidecar_size,
+                health=tuple(sidecar[HEALTH]) if HEALTH in sidecar else None,
             ),
         )
 

@@ -33,7 +33,8 @@ demo            demo (``keisei-fn demo``)            publish, shogi
 analysis        analysis (policy on positions)       shogi, display
 testing         testing                              store
 publish         publish                              store
-store           store                                meta, capture, distributed
+store           store                                meta, capture, distributed, health
+health          health (the health gate's checks)    state, nets, shogi
 meta            meta (CheckpointMeta, the sidecar)   codec, paths, version
 codec           codec                                state
 capture         capture, rng (bridges between live   state, nets, distributed
@@ -82,6 +83,7 @@ LAYER_OF: Mapping[str, str] = {
     "publish": "publish",
     "store": "store",
     "meta": "meta",
+    "health": "health",
     "codec": "codec",
     "capture": "capture",
     "rng": "capture",
@@ -113,7 +115,8 @@ MAY_IMPORT: Mapping[str, frozenset[str]] = {
     "analysis": frozenset({"shogi", "display"}),
     "testing": frozenset({"store"}),
     "publish": frozenset({"store"}),
-    "store": frozenset({"meta", "capture", "distributed"}),
+    "store": frozenset({"meta", "capture", "distributed", "health"}),
+    "health": frozenset({"state", "nets", "shogi"}),
     "meta": frozenset({"codec", "paths", "version"}),
     "codec": frozenset({"state"}),
     "capture": frozenset({"state", "nets", "distributed"}),

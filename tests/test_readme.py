@@ -33,6 +33,7 @@ TESTED_SECTIONS = {
     "CUDA: pinned snapshots, loads to the GPU, exact AMP resume": (
         "test_cuda_example_saves_through_the_saver_buffers"
     ),
+    "Health gate: a NaN checkpoint never becomes the resume point": "test_health_gate_example",
 }
 
 
@@ -268,3 +269,15 @@ def test_cuda_example_saves_through_the_saver_buffers(
     assert [m.step for m in kf.list_checkpoints("models/gpu_run")] == [5, 10]
     state = namespace["state"]
     assert isinstance(state, kf.TrainState) and state.step == 10
+
+
+def test_health_gate_example(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    run_blocks("Health gate: a NaN checkpoint never becomes the resume point")
+    saved, unhealthy, resumed, check = capsys.readouterr().out.splitlines()
+    assert saved == "saved checkpoint_ts1"
+    assert unhealthy.startswith("saved checkpoint_ts2, marked unhealthy: non_finite: model ")
+    assert (resumed, check) == ("1", "non_finite")
+    assert [m.healthy for m in kf.list_checkpoints("models/gated")] == [True, False]

@@ -73,7 +73,8 @@ def _publish_status(run_dir: RunPath) -> dict[str, str]:
 
 
 def cmd_ls(args: argparse.Namespace) -> int:
-    """A table of a run directory's checkpoints, including invalid and incomplete ones."""
+    """A table of a run directory's checkpoints, including invalid and incomplete ones; a
+    ``health`` column when the health gate checked any of them."""
     from keisei_fn.store import scan_run_dir, stored_size, verify_checkpoint
 
     run_dir = _existing_run_dir(args.run_dir)
@@ -113,6 +114,11 @@ def cmd_ls(args: argparse.Namespace) -> int:
         print(f"{run_dir}: no checkpoints")
         return 0
     header = ["name", "step", "kind", "size", "age", "integrity", "publish"]
+    if any(meta.health is not None for meta in scan.valid):
+        marks = [meta.health_mark for meta in scan.valid]
+        marks += ["?"] * (len(rows) - len(marks))  # invalid, unreadable, leftover
+        rows = [[*row, mark] for row, mark in zip(rows, marks, strict=True)]
+        header.append("health")
     print(render_table(header, rows))
     return 0
 
@@ -148,6 +154,7 @@ def cmd_info(args: argparse.Namespace) -> int:
         "tensors": len(meta.tensors),
         "spec": meta.spec.to_json() if meta.spec else None,
         "model_info": model_info(meta.spec) if meta.spec else None,
+        "health": None if meta.health is None else list(meta.health),
         "average": thaw(meta.extra.get(AVERAGE_KEY)),
     }
     if args.json:
@@ -161,6 +168,8 @@ def cmd_info(args: argparse.Namespace) -> int:
         f"wins, {meta.stats.draws} draws"
     )
     print(f"weights        {human_bytes(meta.weights_size)}  {meta.weights_digest[:23]}…")
+    if meta.health is not None:
+        print(f"health         {meta.health_summary}")
     print(
         f"written by     {_writer(meta.versions)}; format {meta.format_version}"
         + _migration(sidecar.get("migrated"))

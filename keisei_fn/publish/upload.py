@@ -65,7 +65,12 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
-from keisei_fn.errors import IntegrityError, SpecError, UnsupportedFormatError
+from keisei_fn.errors import (
+    IntegrityError,
+    SpecError,
+    UnhealthyCheckpointError,
+    UnsupportedFormatError,
+)
 from keisei_fn.meta import CheckpointMeta
 from keisei_fn.paths import PathArg, RunPath, run_path
 from keisei_fn.publish.plan import (
@@ -245,6 +250,8 @@ def publishable(checkpoint: CheckpointMeta | PathArg) -> CheckpointMeta:
         CheckpointNotFoundError, IncompleteCheckpointError, IntegrityError: no such checkpoint,
             or not a valid one (a meta that no longer matches the weights on disk included).
         UnsupportedFormatError: a sharded checkpoint (consolidate it first) or a legacy file.
+        UnhealthyCheckpointError: the health gate marked it unhealthy (``keisei_fn.health``):
+            it is never published.
 
     Example:
         >>> publishable("runs/none/checkpoint_ts1")
@@ -254,6 +261,7 @@ def publishable(checkpoint: CheckpointMeta | PathArg) -> CheckpointMeta:
     """
     path = checkpoint.path if isinstance(checkpoint, CheckpointMeta) else resolve_stem(checkpoint)
     current = read_listed(path)[0]
+    _refuse_unhealthy(current)
     if current.sharded:
         raise UnsupportedFormatError(
             f"{current.sidecar_path} is a sharded checkpoint: consolidate it into a single file "
@@ -267,6 +275,15 @@ def publishable(checkpoint: CheckpointMeta | PathArg) -> CheckpointMeta:
             f"says {checkpoint.weights_digest}; the checkpoint was replaced since"
         )
     return current
+
+
+def _refuse_unhealthy(meta: CheckpointMeta) -> None:
+    """Raise :class:`UnhealthyCheckpointError` for a checkpoint marked unhealthy."""
+    if not meta.healthy:
+        raise UnhealthyCheckpointError(
+            f"{meta.sidecar_path} is marked unhealthy by the health gate and is never "
+            f"published: {meta.health_summary}"
+        )
 
 
 def _build_artifact(wandb: Any, run_dir: RunPath, plan: Publication) -> Any:
@@ -553,6 +570,10 @@ def publish(
         published returns ``"published"`` without logging it again.
 
     Raises:
+        UnhealthyCheckpointError: the checkpoint is marked unhealthy by the health gate
+            (``keisei_fn.health``): raised, not returned, and nothing is recorded, so a NaN
+            checkpoint never becomes a W&B version (nor moves ``latest``). Check
+            ``meta.healthy`` (or ``SaveResult.healthy``) first in a loop that publishes.
         KeyboardInterrupt, SystemExit: always propagated (the publication stays pending).
         SpecError: malformed ``metrics``, ``link_to`` or ``best`` — the caller's mistake,
             raised before anything is done (it would fail every publication alike).
@@ -585,6 +606,8 @@ def publish(
             best=best,
             reference=reference,
         )
+    except UnhealthyCheckpointError:
+        raise
     except (OSError, ValueError, TypeError) as exc:
         log.error("cannot publish %s: %s", checkpoint, exc)
         return PublishResult(status="failed", reason=_describe(exc), checkpoint=_label(checkpoint))
@@ -623,11 +646,14 @@ def _planned_meta(run_dir: RunPath, plan: Publication) -> CheckpointMeta:
 
     Raises:
         IntegrityError: the plan names no checkpoint, or the checkpoint was replaced since.
+        UnhealthyCheckpointError: it is marked unhealthy now (an identical state re-saved
+            with the health gate on).
     """
     parsed = parse_stem(plan.checkpoint)
     if parsed is None or parsed.stem != plan.checkpoint:
         raise IntegrityError(f"ledger names {plan.checkpoint!r}, not a checkpoint of {run_dir}")
     current = read_listed(run_dir / plan.checkpoint)[0]
+    _refuse_unhealthy(current)
     if current.weights_digest != plan.digest:
         raise IntegrityError(
             f"{current.weights_path}: weights digest is {current.weights_digest}, the "

@@ -5,14 +5,14 @@ writer/pruner lock), ``checkpoints`` (save/load/verify), ``listing`` (validity, 
 ``checkpoint_list`` (what ``list_checkpoints`` returns: a list that prints as a table and
 plots), ``locate`` (which checkpoint a user's path names), ``sniff`` (what a file is, by its
 first bytes), ``resume``, ``follow`` (workers that load each newer checkpoint), ``retention``
-(RetentionPolicy, plan_prune, prune), ``checkpointer`` (the loop-facing helper),
-``background`` (AsyncSaver), ``preemption`` (a signal becomes a checkpoint and an exit),
-``ledger`` (the publication ledger), ``files`` (directory checks, sizes and local copies for
-the CLI and ``publish``), ``legacy`` (Keisei ``.pth`` import), ``convert`` (``consolidate``: a
-sharded checkpoint → a single-file one), ``sharded`` (FSDP2 checkpoints through DCP, imported
-on first use; its parts are the ``sharded_*`` modules), ``weights`` (the safetensors file),
-``names`` and ``_fs`` (file primitives for local paths and fsspec URLs alike); ``migrate``
-(older on-disk formats rewritten in the newest).
+(RetentionPolicy, plan_prune, prune), ``checkpointer`` (the loop-facing helper), ``background``
+(AsyncSaver), ``gate`` (the savers' health gate), ``preemption`` (a signal becomes a checkpoint
+and an exit), ``ledger`` (the publication ledger), ``files`` (directory checks, sizes and local
+copies for the CLI and ``publish``), ``legacy`` (Keisei ``.pth`` import), ``convert``
+(``consolidate``: a sharded checkpoint → a single-file one), ``sharded`` (FSDP2 checkpoints
+through DCP, imported on first use; its parts are the ``sharded_*`` modules), ``weights`` (the
+safetensors file), ``names`` and ``_fs`` (file primitives for local paths and fsspec URLs
+alike); ``migrate`` (older on-disk formats rewritten in the newest).
 """
 
 from keisei_fn.store.background import AsyncSaver, SaveHandle

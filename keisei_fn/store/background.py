@@ -31,11 +31,13 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from types import TracebackType
 from typing import Any, NoReturn
 
+from keisei_fn.health import HealthPolicy
 from keisei_fn.meta import CheckpointMeta
 from keisei_fn.paths import PathArg, run_path
 from keisei_fn.staging import PinnedBuffers
 from keisei_fn.state import TrainState
 from keisei_fn.store.checkpoints import save_state
+from keisei_fn.store.gate import HealthGate, health_policy
 from keisei_fn.store.preemption import Preemption
 
 __all__ = ["AsyncSaver", "SaveHandle"]
@@ -79,19 +81,33 @@ class AsyncSaver:
             returning, and exits the process with the preemption's exit code. (Call ``save``
             at once when ``preemption.requested_anywhere()``, asked on every step: on every
             rank alike under ``torch.distributed``.)
+        health: the health gate, as for ``Checkpointer``: a ``HealthPolicy`` or True for its
+            defaults (None: no check). The check runs on the worker thread, before the write,
+            and its outcome is in the committed sidecar: ``handle.wait().healthy`` and
+            ``.health`` (an unhealthy state is saved all the same, marked).
         save_options: keyword options of ``save_state`` (``kind``, ``prefix``, ``overwrite``).
 
     Attributes:
         staging: the saver's reusable page-locked host buffers, for ``capture(...,
             staging=saver.staging)``: two of them in steady state, one the write in flight
             reads and one the next snapshot fills.
+
+    Raises:
+        SpecError: for a ``health`` that is not a policy, a bool or None.
     """
 
     def __init__(
-        self, run_dir: PathArg, *, preemption: Preemption | None = None, **save_options: Any
+        self,
+        run_dir: PathArg,
+        *,
+        preemption: Preemption | None = None,
+        health: HealthPolicy | bool | None = None,
+        **save_options: Any,
     ) -> None:
         self.run_dir = run_path(run_dir)
         self.preemption = preemption
+        policy = health_policy(health)
+        self._gate = HealthGate(policy) if policy is not None else None
         self._options = save_options
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="keisei-fn-save")
         self._last: SaveHandle | None = None
@@ -118,7 +134,7 @@ class AsyncSaver:
             if self._last is not None:
                 previous, self._last = self._last, None
                 previous.wait()
-            future = self._pool.submit(save_state, state, self.run_dir, **self._options)
+            future = self._pool.submit(self._write, state)
             self._last = SaveHandle(future, state.step)
             return self._last
 
@@ -129,11 +145,17 @@ class AsyncSaver:
         except Exception as exc:  # that checkpoint is lost; this one is written next
             log.error("background save failed before the preemption checkpoint: %s", exc)
         try:
-            meta = save_state(state, self.run_dir, **self._options)
+            meta = self._write(state)
         except Exception as exc:
             log.error("preemption checkpoint at step %d failed: %s", state.step, exc)
             preemption.exit(f"save failed: {exc}")
         preemption.exit(f"saved {meta.name}")
+
+    def _write(self, state: TrainState) -> CheckpointMeta:
+        """Check (with a health gate) and save one state: on the worker thread, in order."""
+        if self._gate is None:
+            return save_state(state, self.run_dir, **self._options)
+        return save_state(state, self.run_dir, health=self._gate.check(state), **self._options)
 
     def wait(self) -> CheckpointMeta | None:
         """Wait for the write in flight, if any; returns its meta (raises its error)."""

@@ -96,14 +96,18 @@ class CheckpointList(list[CheckpointMeta]):
 
     def _table(self) -> tuple[list[str], list[list[str]]]:
         metrics = self.metrics()
+        checked = any(m.health is not None for m in self)  # the health gate was on
         rows = [
-            summary_row(m) + [format_value(m.extra[k]) if k in m.extra else "-" for k in metrics]
+            summary_row(m)
+            + ([m.health_mark] if checked else [])
+            + [format_value(m.extra[k]) if k in m.extra else "-" for k in metrics]
             for m in self
         ]
-        return [*SUMMARY_HEADER, *metrics], rows
+        return [*SUMMARY_HEADER, *(["health"] if checked else []), *metrics], rows
 
     def __str__(self) -> str:
-        """A table: name, step, kind, size, age, then one column per metric."""
+        """A table: name, step, kind, size, age, ``health`` when the health gate checked any
+        of them (see :attr:`CheckpointMeta.health_mark`), then one column per metric."""
         if not self:
             return "no checkpoints"
         return render_table(*self._table())

@@ -24,10 +24,12 @@ from typing import Any, Literal
 
 from keisei_fn.distributed import gathered, rank_and_world
 from keisei_fn.errors import SpecError
+from keisei_fn.health import HealthPolicy, HealthProblem
 from keisei_fn.meta import CheckpointMeta
 from keisei_fn.paths import RunPath, run_path
 from keisei_fn.state import TrainState
 from keisei_fn.store.checkpoints import save_state
+from keisei_fn.store.gate import HealthGate, health_policy
 from keisei_fn.store.names import RESUME_PREFIX
 from keisei_fn.store.preemption import Preemption
 from keisei_fn.store.retention import RetentionPolicy, prune
@@ -79,6 +81,9 @@ class SaveResult:
         meta: the saved checkpoint (when saved).
         error: the exception (when failed).
         reason: a short human explanation.
+        health: the problems the health gate found in the saved state (``health=`` of the
+            Checkpointer; empty when healthy or not checked). An unhealthy state is saved all
+            the same (``status`` is ``"saved"``) and marked so in its sidecar.
     """
 
     status: Literal["saved", "skipped", "failed"]
@@ -86,11 +91,17 @@ class SaveResult:
     meta: CheckpointMeta | None = None
     error: Exception | None = None
     reason: str = ""
+    health: tuple[HealthProblem, ...] = ()
 
     @property
     def ok(self) -> bool:
         """False only for a failed save."""
         return self.status != "failed"
+
+    @property
+    def healthy(self) -> bool:
+        """False when the health gate found a problem in the saved state (see ``health``)."""
+        return not self.health
 
 
 @dataclass(slots=True)
@@ -120,9 +131,16 @@ class Checkpointer:
         preemption: an entered :class:`~keisei_fn.store.preemption.Preemption`: once its
             signal arrived (on any rank), the next ``maybe_save`` saves whether due or not,
             then exits the process with its exit code.
+        health: the health gate (``keisei_fn.health``): a :class:`HealthPolicy`, or True for
+            its defaults (None: no check). Each state is checked before it is saved (the
+            norm jump against the last healthy state this Checkpointer saved); an unhealthy
+            one is still saved, marked unhealthy in its sidecar, so that ``resume``,
+            ``latest_checkpoint`` and ``load_state(run_dir)`` skip it, retention keeps the
+            newest healthy checkpoint, and ``publish`` refuses it. The result's ``health``
+            says what was found.
 
-    The timer restarts with :meth:`replace`. Retention's time rules use the wall clock (the
-    sidecars' creation times), not ``clock``.
+    The timer (and the health gate's baseline) restarts with :meth:`replace`. Retention's time
+    rules use the wall clock (the sidecars' creation times), not ``clock``.
 
     Raises:
         SpecError: for a non-positive interval or duration, or neither given.
@@ -140,7 +158,9 @@ class Checkpointer:
     retention: RetentionPolicy | None = None
     prefix: str = RESUME_PREFIX
     preemption: Preemption | None = None
+    health: HealthPolicy | bool | None = None
     _timer: _Timer = field(init=False, repr=False, compare=False)
+    _gate: HealthGate | None = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "run_dir", run_path(self.run_dir))
@@ -158,6 +178,9 @@ class Checkpointer:
                 f"Checkpointer.every_seconds must be a positive number, got {self.every_seconds!r}"
             )
         object.__setattr__(self, "_timer", _Timer(since=self.clock()))
+        policy = health_policy(self.health)
+        object.__setattr__(self, "health", policy)
+        object.__setattr__(self, "_gate", HealthGate(policy) if policy is not None else None)
 
     def due(self, step: int, *, last_saved: int) -> bool:
         """Whether a save is due now: by steps (:func:`checkpoint_due`) or by time.
@@ -239,7 +262,13 @@ class Checkpointer:
             state = snapshot() if callable(snapshot) else snapshot
             if state.step != step:
                 raise SpecError(f"snapshot is at step {state.step}, the loop says {step}")
-            meta = save_state(state, self.run_dir, prefix=self.prefix)
+            problems = self._gate.check(state) if self._gate is not None else ()
+            meta = save_state(
+                state,
+                self.run_dir,
+                prefix=self.prefix,
+                health=None if self._gate is None else problems,
+            )
         except Exception as exc:  # log and keep training: the loop decides
             log.error("checkpoint at step %d failed: %s", step, exc)
             return SaveResult(
@@ -251,4 +280,11 @@ class Checkpointer:
                 prune(self.run_dir, self.retention, prefix=self.prefix)
             except Exception as exc:
                 log.warning("retention after step %d failed: %s", step, exc)
-        return SaveResult(status="saved", last_saved=step, meta=meta, reason=f"saved {meta.name}")
+        marked = f", marked unhealthy: {'; '.join(map(str, problems))}" if problems else ""
+        return SaveResult(
+            status="saved",
+            last_saved=step,
+            meta=meta,
+            reason=f"saved {meta.name}{marked}",
+            health=problems,
+        )

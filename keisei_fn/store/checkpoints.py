@@ -19,7 +19,7 @@ Example:
 
 from __future__ import annotations
 
-from collections.abc import Collection
+from collections.abc import Collection, Sequence
 from functools import partial
 from typing import Any
 
@@ -44,6 +44,7 @@ from keisei_fn.errors import (
     CheckpointNotFoundError,
     SpecError,
 )
+from keisei_fn.health import HealthProblem
 from keisei_fn.meta import FORMAT_VERSION, CheckpointMeta, build_sidecar
 from keisei_fn.nets import build_model
 from keisei_fn.paths import PathArg, RunPath, run_path
@@ -62,6 +63,7 @@ from keisei_fn.store.listing import (
     newest_usable,
     read_listed,
     stable,
+    unhealthy_note,
 )
 from keisei_fn.store.locate import resolve_stem, run_dir_checkpoint
 from keisei_fn.store.names import (
@@ -99,6 +101,7 @@ def save_state(
     kind: str = "periodic",
     prefix: str = RESUME_PREFIX,
     overwrite: bool = False,
+    health: Sequence[HealthProblem | str] | None = None,
 ) -> CheckpointMeta:
     """Durably and atomically save a TrainState as ``<prefix><step>.json`` (the sidecar) and the
     weights file it names, ``<prefix><step>.<token>.safetensors``.
@@ -125,6 +128,10 @@ def save_state(
         prefix: file name prefix (ASCII letters and underscores); only ``checkpoint_ts`` is a
             resume point by default.
         overwrite: replace a *different* valid checkpoint at the same step.
+        health: the health mark to record in the sidecar: the problems ``check_health`` found
+            (``str`` of each), empty for a healthy state; None records none (not checked).
+            ``Checkpointer(health=...)`` and ``AsyncSaver(health=...)`` pass it. An identical
+            state re-saved with another mark rewrites only the sidecar.
 
     Returns:
         The committed checkpoint's meta.
@@ -145,7 +152,13 @@ def save_state(
         raise SpecError(f"a checkpoint needs step > 0 (completed timesteps), got {state.step}")
     stem = run_path(run_dir) / checkpoint_stem(prefix, state.step)
     return on_rank_zero(
-        lambda: _save(encode_state(state), stem, kind=kind, overwrite=overwrite),
+        lambda: _save(
+            encode_state(state),
+            stem,
+            kind=kind,
+            overwrite=overwrite,
+            health=None if health is None else tuple(str(p) for p in health),
+        ),
         others=lambda: read_listed(stem)[0],
     )
 
@@ -176,7 +189,14 @@ def save_final_model(
     )
 
 
-def _save(encoded: EncodedState, stem: RunPath, *, kind: str, overwrite: bool) -> CheckpointMeta:
+def _save(
+    encoded: EncodedState,
+    stem: RunPath,
+    *,
+    kind: str,
+    overwrite: bool,
+    health: tuple[str, ...] | None = None,
+) -> CheckpointMeta:
     """Save through the commit protocol (``keisei_fn.store.commit``): under the run directory's
     lock, refuse or reuse what is there, write a fresh weights file, commit its sidecar."""
     header_bytes = dumps(encoded.header)
@@ -193,6 +213,7 @@ def _save(encoded: EncodedState, stem: RunPath, *, kind: str, overwrite: bool) -
             weights_size=written.size,
             weights_digest=written.digest,
             tensor_digests=written.tensor_digests,
+            health=health,
         )
 
     with locked(stem.parent):
@@ -205,9 +226,13 @@ def _save(encoded: EncodedState, stem: RunPath, *, kind: str, overwrite: bool) -
                 and old_meta.weights_digest == new.digest
                 and hash_file(old_meta.weights_path) == (new.size, new.digest)
             )
-            if same and (kind == old_meta.kind or (kind, old_meta.kind) == ("periodic", "final")):
+            if same and (kind, old_meta.kind) == ("periodic", "final"):
+                kind = "final"  # an identical periodic save does not demote a final checkpoint
+            if same and health is None:
+                health = old_meta.health  # an unchecked save keeps the recorded mark
+            if same and kind == old_meta.kind and health == old_meta.health:
                 return old_meta
-            if same and old_meta.format_version == FORMAT_VERSION:  # now known as final
+            if same and old_meta.format_version == FORMAT_VERSION:  # now final, or a new mark
                 sidecar = sidecar_for(old_meta.weights_path, new)
                 return commit(stem, sidecar, payload=old_meta.weights_path, replaced=old_meta)
             if not same and not overwrite:
@@ -311,15 +336,17 @@ def load_state_with_meta(
     verify: bool = True,
     prefix: str = RESUME_PREFIX,
     parts: Collection[str] = STATE_PARTS,
+    include_unhealthy: bool = False,
 ) -> tuple[TrainState, CheckpointMeta]:
     """Like :func:`load_state`, also returning the meta of the checkpoint that was loaded."""
     path = run_path(source)
     load = partial(_load_stem, verify=verify, map_location=map_location, parts=check_parts(parts))
     if not is_run_dir(path):
         return stable(resolve_stem(path), load)
-    found = newest_usable(path, load, prefix=prefix)
+    found = newest_usable(path, load, prefix=prefix, healthy_only=not include_unhealthy)
     if found is None:
-        raise CheckpointNotFoundError(f"no valid {prefix}* checkpoint in {path}")
+        note = "" if include_unhealthy else unhealthy_note(path, prefix)
+        raise CheckpointNotFoundError(f"no valid {prefix}* checkpoint in {path}{note}")
     return found
 
 
@@ -330,6 +357,7 @@ def load_state(
     verify: bool = True,
     prefix: str = RESUME_PREFIX,
     parts: Collection[str] = STATE_PARTS,
+    include_unhealthy: bool = False,
 ) -> TrainState:
     """Load a checkpoint as a TrainState, bit-exact (same dtypes, shapes and bytes).
 
@@ -352,12 +380,16 @@ def load_state(
             and the bytes of their tensors (ranged reads on an object store), each verified
             against its own digest in the sidecar; older formats and sharded checkpoints are
             read (and verified) in full.
+        include_unhealthy: when ``source`` is a run directory, also consider checkpoints the
+            health gate marked unhealthy (``keisei_fn.health``); by default they are skipped
+            with a warning. An explicit checkpoint path loads whatever its mark.
 
     Returns:
         The snapshot; a final model loads without optimizer.
 
     Raises:
-        CheckpointNotFoundError: nothing there (or no valid checkpoint in the directory).
+        CheckpointNotFoundError: nothing there (or no valid checkpoint in the directory, or
+            none that is healthy: the message names the unhealthy ones).
         IntegrityError: a corrupt file, naming it.
         IncompleteCheckpointError: a save that never committed.
         UnsupportedFormatError: a ``torch.save`` file, whatever its name (use
@@ -366,7 +398,12 @@ def load_state(
         SpecError: for an unknown part name.
     """
     return load_state_with_meta(
-        source, map_location=map_location, verify=verify, prefix=prefix, parts=parts
+        source,
+        map_location=map_location,
+        verify=verify,
+        prefix=prefix,
+        parts=parts,
+        include_unhealthy=include_unhealthy,
     )[0]
 
 
@@ -377,7 +414,7 @@ def load_model(
 
     Args:
         source: a checkpoint, a final model, or a run directory (its final model if there is
-            a valid one, else its latest checkpoint; the returned meta says which).
+            a valid one, else its latest healthy checkpoint; the returned meta says which).
         device: where to build the model; the verified weights go straight to it (on CUDA
             through page-locked staging, see ``restore_``), with no copy of the model on the
             CPU.

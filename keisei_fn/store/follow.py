@@ -25,7 +25,7 @@ from collections.abc import Callable, Iterator
 from torch import nn
 
 from keisei_fn.capture import restore_
-from keisei_fn.errors import KeiseiFnError, SpecError
+from keisei_fn.errors import KeiseiFnError, SpecError, UnhealthyCheckpointError
 from keisei_fn.meta import CheckpointMeta
 from keisei_fn.paths import PathArg, RunPath, run_path
 from keisei_fn.store._fs import entry_exists, file_identity
@@ -52,9 +52,10 @@ def follow(
 
     Waits while the run directory is empty (or missing) or holds nothing newer than what
     ``model`` holds. A checkpoint that fails to load (corrupt, incomplete, a model that does
-    not fit) is skipped with one warning, and ``model`` keeps the last good weights; it is
-    tried again only if its sidecar is replaced. Only the model part is read and verified
-    (see ``load_state``'s ``parts``); optimizer state, RNG and ``extra`` are not touched.
+    not fit) or that the health gate marked unhealthy is skipped with one warning, and
+    ``model`` keeps the last good weights; it is tried again only if its sidecar is replaced.
+    Only the model part is read and verified (see ``load_state``'s ``parts``); optimizer
+    state, RNG and ``extra`` are not touched.
 
     Args:
         run_dir: the learner's run directory (local or an fsspec URL).
@@ -108,6 +109,8 @@ def _load_newer(
             continue  # pruned since the listing, or known bad
         try:
             state, meta = load_state_with_meta(stem, parts=MODEL_ONLY)
+            if not meta.healthy:
+                raise UnhealthyCheckpointError(f"it is {meta.health_summary}")
             restore_(state, model, rng=False)
         except (KeiseiFnError, OSError) as exc:
             if not entry_exists(sidecar_path(stem)):

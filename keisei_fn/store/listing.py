@@ -355,9 +355,17 @@ def stable(stem: RunPath, use: Callable[[RunPath], T]) -> T:
 
 
 def newest_usable(
-    run_dir: RunPath, use: Callable[[RunPath], T], *, prefix: str = RESUME_PREFIX
+    run_dir: RunPath,
+    use: Callable[[RunPath], T],
+    *,
+    prefix: str = RESUME_PREFIX,
+    healthy_only: bool = False,
 ) -> T | None:
     """``use(stem)`` of the newest resume checkpoint for which it succeeds, or None.
+
+    With ``healthy_only``, a checkpoint the health gate marked unhealthy (see
+    ``keisei_fn.health``) is skipped with a warning, as a corrupt one is; when only unhealthy
+    ones are usable, a warning says so (and None is returned).
 
     Candidates are tried from the highest step down (each through :func:`stable`); one that is
     corrupt, incomplete or unreadable (a symbolic link loop, no permission) is skipped with
@@ -376,6 +384,15 @@ def newest_usable(
         vanished = False
         for stem in resume_candidates(run_dir, prefix):
             try:
+                if healthy_only and not (meta := stable(stem, _meta)).healthy:
+                    if stem.name not in warned:
+                        warned.add(stem.name)
+                        log.warning(
+                            "skipping %s, falling back to an older checkpoint: %s",
+                            stem,
+                            meta.health_summary,
+                        )
+                    continue
                 return stable(stem, use)
             except (KeiseiFnError, OSError) as exc:
                 if not entry_exists(sidecar_path(stem)):
@@ -387,24 +404,61 @@ def newest_usable(
                     warned.add(stem.name)
                     log.warning("skipping %s, falling back to an older checkpoint: %s", stem, exc)
         if not vanished:
-            return None
+            break
+    if healthy_only and (note := unhealthy_note(run_dir, prefix)):
+        log.warning("no healthy %s* checkpoint in %s%s", prefix, run_dir, note)
     return None
 
 
-def latest_checkpoint(run_dir: PathArg, *, prefix: str = RESUME_PREFIX) -> RunPath | None:
+def _meta(stem: RunPath) -> CheckpointMeta:
+    return read_listed(stem)[0]
+
+
+def unhealthy_note(run_dir: RunPath, prefix: str = RESUME_PREFIX) -> str:
+    """``"; N ... marked unhealthy ..."`` naming a run directory's listed-valid ``prefix``
+    checkpoints that the health gate marked unhealthy (the newest with its problems), for the
+    message that no healthy one was found; ``""`` when there is none."""
+    found = []
+    for stem in resume_candidates(run_dir, prefix):
+        try:
+            meta = _meta(stem)
+        except (KeiseiFnError, OSError):
+            continue
+        if not meta.healthy:
+            found.append(meta)
+    if not found:
+        return ""
+    return (
+        f"; {len(found)} checkpoint{'s are' if len(found) > 1 else ' is'} marked unhealthy by "
+        f"the health gate (newest {found[0].name}: {found[0].health_summary}); pass "
+        "include_unhealthy=True, or its path, to use one anyway"
+    )
+
+
+def latest_checkpoint(
+    run_dir: PathArg, *, prefix: str = RESUME_PREFIX, include_unhealthy: bool = False
+) -> RunPath | None:
     """The weights path of the highest-step listed-valid resume checkpoint, or None (for a
     sharded checkpoint: its shards directory).
+
+    A checkpoint the health gate marked unhealthy (``keisei_fn.health``) is skipped with a
+    warning unless ``include_unhealthy``; when every valid one is unhealthy, a warning says so
+    and None is returned.
 
     Never by modification time or name order; only ``prefix`` counts (other prefixes such as
     ``initial_eval_checkpoint_ts`` and the final model are not resume points). Only the sidecars
     of the candidates from the top down are read, until one is valid; each one skipped is
     logged once. No side effects. Never raises because of a bad file, and never returns None
-    while a valid checkpoint exists, even while another process saves and prunes.
+    while a valid (and, by default, healthy) checkpoint exists, even while another process
+    saves and prunes.
 
     Example:
         >>> latest_checkpoint("runs/does-not-exist") is None
         True
     """
     return newest_usable(
-        run_path(run_dir), lambda stem: read_listed(stem)[0].weights_path, prefix=prefix
+        run_path(run_dir),
+        lambda stem: read_listed(stem)[0].weights_path,
+        prefix=prefix,
+        healthy_only=not include_unhealthy,
     )

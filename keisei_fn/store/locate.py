@@ -20,7 +20,14 @@ from keisei_fn.errors import (
 )
 from keisei_fn.paths import PathArg, RunPath, run_path
 from keisei_fn.store._fs import file_exists
-from keisei_fn.store.listing import is_run_dir, newest_usable, payloads, read_listed, stable
+from keisei_fn.store.listing import (
+    is_run_dir,
+    newest_usable,
+    payloads,
+    read_listed,
+    stable,
+    unhealthy_note,
+)
 from keisei_fn.store.names import (
     FINAL_MODEL,
     RESUME_PREFIX,
@@ -152,7 +159,8 @@ def run_dir_checkpoint(
 ) -> T:
     """``use(stem)`` of the checkpoint a run directory stands for: its final model when it has
     one and ``use`` succeeds on it, else the newest ``prefix`` checkpoint for which ``use``
-    succeeds (see :func:`~keisei_fn.store.listing.newest_usable`). The one rule of
+    succeeds and that the health gate did not mark unhealthy (see
+    :func:`~keisei_fn.store.listing.newest_usable`). The one rule of
     ``load_model`` and of every CLI command that takes a checkpoint.
 
     Args:
@@ -177,10 +185,11 @@ def run_dir_checkpoint(
             log.warning(
                 "final model in %s is not usable, using the latest checkpoint: %s", run_dir, exc
             )
-    found = newest_usable(run_dir, use, prefix=prefix)
+    found = newest_usable(run_dir, use, prefix=prefix, healthy_only=True)
     if found is None:
         raise CheckpointNotFoundError(
-            f"no valid checkpoint in {run_dir}: no final model and no valid {prefix}* checkpoint"
+            f"no valid checkpoint in {run_dir}: no final model and no valid {prefix}* "
+            f"checkpoint{unhealthy_note(run_dir, prefix)}"
         )
     return found
 

@@ -26,7 +26,13 @@ from keisei_fn.store._fs import (
 )
 from keisei_fn.store.checkpoints import load_state_with_meta
 from keisei_fn.store.commit import locked
-from keisei_fn.store.listing import is_run_dir, latest_checkpoint, read_listed, resume_candidates
+from keisei_fn.store.listing import (
+    is_run_dir,
+    latest_checkpoint,
+    read_listed,
+    resume_candidates,
+    unhealthy_note,
+)
 from keisei_fn.store.locate import LEGACY_SUFFIXES, resolve_stem
 from keisei_fn.store.names import RESUME_PREFIX, sidecar_path
 
@@ -85,6 +91,7 @@ def resume(
     resume: PathArg | bool | None = "latest",
     search_parent: bool = True,
     prefix: str = RESUME_PREFIX,
+    include_unhealthy: bool = False,
 ) -> Resumed | None:
     """Decide where a run starts from and load it.
 
@@ -97,6 +104,9 @@ def resume(
             the latest one found there into ``run_dir`` (Keisei's behaviour), with a warning;
             the result's ``copied_from`` then names the parent's checkpoint.
         prefix: the resume prefix.
+        include_unhealthy: also resume from a checkpoint the health gate marked unhealthy
+            (``keisei_fn.health``). By default "latest" skips those with a warning and takes
+            the newest healthy one; an explicit path loads whatever its mark.
 
     Returns:
         None for a fresh start, else ``Resumed(state, path, copied_from)``.
@@ -104,8 +114,9 @@ def resume(
     Raises:
         CheckpointNotFoundError: an explicit path that does not exist (Keisei silently started
             fresh), or a run directory that holds checkpoint files (ours, or Keisei's ``.pth``:
-            the message names ``keisei-fn convert``) of which none is usable: never a silent
-            fresh start.
+            the message names ``keisei-fn convert``) of which none is usable, or every usable
+            one marked unhealthy (the message names the newest and its problems): never a
+            silent fresh start.
         IntegrityError, UnsupportedFormatError: an explicit checkpoint that is corrupt or legacy.
     """
     if resume in ("never", False):
@@ -117,11 +128,13 @@ def resume(
         return Resumed(state=state, path=meta.weights_path)
     if not is_run_dir(run_dir) and entry_exists(run_dir):
         raise CheckpointNotFoundError(f"{run_dir} is not a run directory (pass resume=<path>)")
-    found = _load_latest(run_dir, prefix)
+    found = _load_latest(run_dir, prefix, include_unhealthy)
     copied_from = None
     if found is None and search_parent and not _committed_files(run_dir, prefix):
         parent = run_dir.parent if is_remote(run_dir) else run_dir.resolve().parent
-        parent_latest = latest_checkpoint(parent, prefix=prefix)
+        parent_latest = latest_checkpoint(
+            parent, prefix=prefix, include_unhealthy=include_unhealthy
+        )
         if parent_latest is not None:
             source = read_listed(resolve_stem(parent_latest))[0]
             log.warning(
@@ -130,7 +143,7 @@ def resume(
                 source.weights_path,
             )
             on_rank_zero(lambda: _copy_checkpoint(source, run_dir))
-            found = _load_latest(run_dir, prefix)
+            found = _load_latest(run_dir, prefix, include_unhealthy)
             if found is not None and found[1].name == source.name:
                 copied_from = source.weights_path
     if found is not None:
@@ -143,6 +156,8 @@ def resume(
             if legacy and len(legacy) == len(files)
             else "; see `keisei-fn verify` for why each is unusable"
         )
+        if not include_unhealthy and (unhealthy := unhealthy_note(run_dir, prefix)):
+            how = unhealthy
         raise CheckpointNotFoundError(
             f"{run_dir} holds checkpoint files ({', '.join(files[:3])}"
             f"{', ...' if len(files) > 3 else ''}) but no usable {prefix}* checkpoint; refusing "
@@ -151,10 +166,13 @@ def resume(
     return None
 
 
-def _load_latest(run_dir: RunPath, prefix: str) -> tuple[TrainState, CheckpointMeta] | None:
-    """The newest loadable checkpoint (falling back past unusable ones), or None."""
+def _load_latest(
+    run_dir: RunPath, prefix: str, include_unhealthy: bool
+) -> tuple[TrainState, CheckpointMeta] | None:
+    """The newest loadable checkpoint (falling back past unusable ones and, unless
+    ``include_unhealthy``, unhealthy ones), or None."""
     try:
-        return load_state_with_meta(run_dir, prefix=prefix)
+        return load_state_with_meta(run_dir, prefix=prefix, include_unhealthy=include_unhealthy)
     except CheckpointNotFoundError:
         return None
 

@@ -1,9 +1,11 @@
 """Retention: which checkpoints to keep. ``plan_prune`` is pure; ``prune`` applies a plan.
 
-Never deleted, whatever the policy: the newest valid checkpoint, final checkpoints, the final
-model, checkpoints whose publication is still pending in the run directory's ledger, and the
-checkpoint a W&B ``best`` alias names (``keisei_fn.publish`` with ``best=``), so that alias never
-points at a checkpoint the run directory no longer has.
+Never deleted, whatever the policy: the newest valid checkpoint, the newest one the health gate
+did not mark unhealthy (so that unhealthy saves filling ``keep_last`` never prune the run's
+only good resume point), final checkpoints, the final model, checkpoints whose publication is
+still pending in the run directory's ledger, and the checkpoint a W&B ``best`` alias names
+(``keisei_fn.publish`` with ``best=``), so that alias never points at a checkpoint the run
+directory no longer has.
 Incomplete leftovers (temp files, payloads no sidecar names, sidecars that fail the listed
 check, and, once abandoned for an hour, shards directories no sidecar refers to and open S3
 multipart uploads) are always removed by ``prune``, which holds the run directory's lock (see
@@ -213,7 +215,8 @@ def plan_prune(
         policy: the retention rules.
         protected: names that must be kept (e.g. pending publications); a mapping gives
             each one's reason.
-        prefix: the resume prefix; the newest checkpoint with it is always kept.
+        prefix: the resume prefix; the newest checkpoint with it is always kept, and so is the
+            newest healthy one (``CheckpointMeta.healthy``).
         now: the current time for ``keep_within`` (timezone-aware; default: the system clock).
             A checkpoint whose creation time cannot be read is kept by no time rule.
 
@@ -229,6 +232,8 @@ def plan_prune(
     resumable = [m for m in ordered if m.kind != "final_model" and _prefix(m.name) == prefix]
     if resumable:
         always[resumable[-1].name] = "newest resume point"
+    if healthy := [m for m in resumable if m.healthy]:
+        always.setdefault(healthy[-1].name, "newest healthy resume point")
     for meta in ordered:
         if meta.kind != "periodic":
             always.setdefault(meta.name, meta.kind.replace("_", " "))
