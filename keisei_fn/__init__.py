@@ -31,6 +31,7 @@ from keisei_fn.nets import (
 )
 from keisei_fn.precision import Precision, make_scaler, precision_policy
 from keisei_fn.publish import PublishResult, flush_outbox, publish
+from keisei_fn.serve import compare_models, export_model, validate_model
 from keisei_fn.spec import ModelSpec, model_types
 from keisei_fn.state import GameStats, TrainState, thaw
 from keisei_fn.store import (
@@ -104,10 +105,12 @@ __all__ = [
     "canonical_state_dict",
     "capture",
     "checkpoint_due",
+    "compare_models",
     "consolidate",
     "diff_checkpoints",
     "diff_states",
     "errors",
+    "export_model",
     "flush_outbox",
     "follow",
     "get_feature_spec",
@@ -135,5 +138,6 @@ __all__ = [
     "save_state",
     "thaw",
     "unwrap_model",
+    "validate_model",
     "verify_checkpoint",
 ]

@@ -13,9 +13,11 @@ __all__ = [
     "AlreadyConvertedError",
     "CheckpointExistsError",
     "CheckpointNotFoundError",
+    "GateError",
     "IllegalMoveError",
     "IncompleteCheckpointError",
     "IntegrityError",
+    "InvalidModelError",
     "InvalidPositionError",
     "KeiseiFnError",
     "MissingExtraError",
@@ -82,3 +84,13 @@ class UnsupportedValueError(KeiseiFnError, TypeError):
 
 class InvalidPositionError(KeiseiFnError, ValueError):
     """An SFEN string does not describe a valid Shogi position."""
+
+
+class InvalidModelError(KeiseiFnError, ValueError):
+    """A model unfit to serve: ``validate_model`` found non-finite parameters or outputs, or
+    policy/value outputs out of their sane ranges (the message lists the problems)."""
+
+
+class GateError(KeiseiFnError, ValueError):
+    """An export does not behave like its source: the behaviour gate's figures fall short of
+    its thresholds (the message lists them; ``force=True`` exports it anyway)."""

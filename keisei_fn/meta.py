@@ -71,9 +71,12 @@ __all__ = [
     "CheckpointMeta",
     "build_sharded_sidecar",
     "build_sidecar",
+    "check_own_digest",
     "check_sidecar",
     "check_sidecar_cost",
     "digest_bytes",
+    "library_versions",
+    "seal",
 ]
 
 FORMAT_NAME = "keisei_fn.checkpoint"
@@ -121,7 +124,8 @@ def digest_bytes(data: bytes | bytearray | memoryview) -> str:
     return "blake3:" + blake3.blake3(data, max_threads=blake3.blake3.AUTO).hexdigest()
 
 
-def _versions() -> dict[str, str]:
+def library_versions() -> dict[str, str]:
+    """The versions of keisei_fn, torch, safetensors and Python, as files record them."""
     return {
         "keisei_fn": __version__,
         "torch": torch.__version__,
@@ -178,7 +182,7 @@ def build_sidecar(
         created=created,
     )
     sidecar["format_version"] = FORMAT_VERSION
-    return _sealed(sidecar)
+    return seal(sidecar)
 
 
 def _base_sidecar(
@@ -203,12 +207,17 @@ def _base_sidecar(
         "aliases": dict(aliases),
         "weights": weights,
         "created": created or datetime.now(UTC).isoformat(timespec="microseconds"),
-        "versions": _versions(),
+        "versions": library_versions(),
     }
 
 
-def _sealed(sidecar: dict[str, Any]) -> dict[str, Any]:
-    """``sidecar`` with its own digest: of its canonical bytes without the digest field."""
+def seal(sidecar: dict[str, Any]) -> dict[str, Any]:
+    """``sidecar`` with its own digest: of its canonical bytes without the digest field.
+
+    Every JSON file of ours that carries its own digest (checkpoint sidecars, export bundles'
+    sidecars) is sealed here and checked by :func:`check_own_digest`; its keys must sort
+    ``aliases`` (optional), ``created``, ``digest`` first.
+    """
     sidecar.pop("digest", None)
     sidecar["digest"] = digest_bytes(dumps(sidecar))
     return sidecar
@@ -274,7 +283,7 @@ def build_sharded_sidecar(
     sidecar["format_version"] = SHARDED_FORMAT_VERSION
     sidecar["layout"] = SHARDED
     sidecar["shards"] = {"dir": shards_dir, "world_size": world_size, "files": table}
-    return _sealed(sidecar)
+    return seal(sidecar)
 
 
 def _plain_name(value: Any) -> bool:
@@ -340,17 +349,18 @@ def _single_file_problem(sidecar: Mapping[str, Any]) -> str | None:
     return None
 
 
-#: The start of every sidecar keisei_fn writes (keys sorted: ``aliases`` (a flat str → str
-#: object), ``created``, ``digest``). Quotes inside JSON strings are escaped, so ``},"created":"``
-#: can only be structure: the match is exact.
+#: The start of every sealed file keisei_fn writes (keys sorted: ``aliases`` (a flat str → str
+#: object; a bundle's sidecar has none), ``created``, ``digest``). Quotes inside JSON strings are
+#: escaped, so ``},"created":"`` can only be structure: the match is exact.
 _SEALED_PREFIX = re.compile(
-    rb'\{"aliases":\{.*?\},"created":"[^"\\]*",(?P<member>"digest":"(?P<digest>[^"\\]*)",)',
+    rb'\{(?:"aliases":\{.*?\},)?"created":"[^"\\]*",(?P<member>"digest":"(?P<digest>[^"\\]*)",)',
     re.DOTALL,
 )
 
 
-def _check_own_digest(raw: bytes, sidecar: dict[str, Any], where: str) -> None:
-    """The recorded self-digest is BLAKE3 of the sidecar's bytes without its digest member.
+def check_own_digest(raw: bytes, sidecar: dict[str, Any], where: str) -> None:
+    """Check that the recorded self-digest is BLAKE3 of the sidecar's bytes without its digest
+    member (a file sealed by :func:`seal`).
 
     For the canonical bytes keisei_fn writes, those are exactly the canonical bytes of the
     sidecar without its ``digest`` field, so this checks what :func:`_sealed` computed, on the
@@ -421,7 +431,7 @@ def check_sidecar(raw: bytes, *, name: str | None = None, where: str = "sidecar"
     # The digest first: a changed byte anywhere (even in "format" or "format_version") is
     # corruption, not a foreign or newer file. Every format version digests the same way.
     if isinstance(sidecar.get("digest"), str):
-        _check_own_digest(raw, sidecar, where)
+        check_own_digest(raw, sidecar, where)
     if sidecar.get("format") != FORMAT_NAME:
         found = sidecar.get("format")
         raise UnsupportedFormatError(f"{where}: not a {FORMAT_NAME} sidecar (format {found!r})")

@@ -22,13 +22,16 @@ layer           modules                              may import (directly; and a
 ==============  ===================================  =============================================
 entry           ``keisei_fn`` (the public API),      cli
                 ``__main__``
-cli             cli                                  demo, analysis, testing, info, diff
+cli             cli                                  demo, analysis, testing, info, diff,
+                                                     serve
+serve           serve (export bundles, the           store, shogi
+                behaviour gate, validation)
 diff            diff (what changed between states)   store
 demo            demo (``keisei-fn demo``)            publish, shogi
 analysis        analysis (policy on positions)       shogi, display
 testing         testing                              store
 publish         publish                              store
-store           store                                meta, capture, distributed
+store           store                                meta, capture, distributed, quantize
 meta            meta (CheckpointMeta, the sidecar)   codec, paths, version
 codec           codec                                state
 capture         capture, rng (bridges between live   state, nets, distributed
@@ -41,6 +44,7 @@ nets            nets                                 spec
 shogi           shogi, sfen                          spec
 spec            spec, features (the registry)        errors
 precision       precision                            errors
+quantize        quantize (bundle weight encodings)   errors
 distributed     distributed                          errors
 paths           paths                                errors
 version         _version                             (nothing)
@@ -63,6 +67,7 @@ LAYER_OF: Mapping[str, str] = {
     "": "entry",
     "__main__": "entry",
     "cli": "cli",
+    "serve": "serve",
     "demo": "demo",
     "analysis": "analysis",
     "testing": "testing",
@@ -82,6 +87,7 @@ LAYER_OF: Mapping[str, str] = {
     "spec": "spec",
     "features": "spec",
     "precision": "precision",
+    "quantize": "quantize",
     "distributed": "distributed",
     "paths": "paths",
     "_version": "version",
@@ -91,13 +97,14 @@ LAYER_OF: Mapping[str, str] = {
 #: Layer → the layers directly below it that it may import.
 MAY_IMPORT: Mapping[str, frozenset[str]] = {
     "entry": frozenset({"cli"}),
-    "cli": frozenset({"demo", "analysis", "testing", "info", "diff"}),
+    "cli": frozenset({"demo", "analysis", "testing", "info", "diff", "serve"}),
+    "serve": frozenset({"store", "shogi"}),
     "diff": frozenset({"store"}),
     "demo": frozenset({"publish", "shogi"}),
     "analysis": frozenset({"shogi", "display"}),
     "testing": frozenset({"store"}),
     "publish": frozenset({"store"}),
-    "store": frozenset({"meta", "capture", "distributed"}),
+    "store": frozenset({"meta", "capture", "distributed", "quantize"}),
     "meta": frozenset({"codec", "paths", "version"}),
     "codec": frozenset({"state"}),
     "capture": frozenset({"state", "nets", "distributed"}),
@@ -108,6 +115,7 @@ MAY_IMPORT: Mapping[str, frozenset[str]] = {
     "shogi": frozenset({"spec"}),
     "spec": frozenset({"errors"}),
     "precision": frozenset({"errors"}),
+    "quantize": frozenset({"errors"}),
     "distributed": frozenset({"errors"}),
     "paths": frozenset({"errors"}),
     "version": frozenset(),

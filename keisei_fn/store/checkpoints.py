@@ -45,10 +45,11 @@ from keisei_fn.errors import (
     SpecError,
 )
 from keisei_fn.meta import FORMAT_VERSION, CheckpointMeta, build_sidecar
-from keisei_fn.nets import build_model
+from keisei_fn.nets import build_model, set_compute_dtype_
 from keisei_fn.paths import PathArg, RunPath, run_path
 from keisei_fn.state import TrainState, thaw
 from keisei_fn.store._fs import hash_file
+from keisei_fn.store.bundle import bundle_stem, load_bundle_model
 from keisei_fn.store.commit import (
     commit,
     existing_checkpoint,
@@ -361,17 +362,28 @@ def load_state(
 
 
 def load_model(
-    source: PathArg, *, device: str | torch.device = "cpu"
+    source: PathArg,
+    *,
+    device: str | torch.device = "cpu",
+    compute_dtype: torch.dtype | None = None,
 ) -> tuple[nn.Module, CheckpointMeta]:
     """Build the network a checkpoint records and load its weights — the notebook entry point.
 
     Args:
-        source: a checkpoint, a final model, or a run directory (its final model if there is
-            a valid one, else its latest checkpoint; the returned meta says which).
+        source: a checkpoint, a final model, a run directory (its final model if there is
+            a valid one, else its latest checkpoint; the returned meta says which), or an
+            export bundle (its directory, see ``keisei_fn.export_model``).
         device: where to put the model.
+        compute_dtype: the floating dtype the model computes in. None: float32 — a
+            ``bfloat16``/``float16`` bundle is upcast on load (exactly), an ``int8`` one
+            dequantised. ``torch.bfloat16`` or ``torch.float16``: parameters in that dtype,
+            inputs cast to it and outputs back to float32
+            (``keisei_fn.nets.set_compute_dtype_``).
 
     Only the model's tensors are read (and verified, each against its own digest) from a
-    format-3 checkpoint, not its optimizer state.
+    format-3 checkpoint, not its optimizer state. A bundle's weights file is verified whole;
+    its meta is a ``final_model`` named ``bundle`` at the source's step, whose ``extra``
+    holds ``"bundle"``: the dtype and the export record (source, sizes, gate figures).
 
     Returns:
         ``(model in eval mode, meta)``.
@@ -381,6 +393,10 @@ def load_model(
         and every error of :func:`load_state`.
     """
     path = run_path(source)
+    if (bundle := bundle_stem(path)) is not None:
+        load_bundle = partial(load_bundle_model, device=device, compute_dtype=compute_dtype)
+        bundle_model, bundle_meta = stable(bundle, load_bundle)
+        return bundle_model, bundle_meta.as_checkpoint_meta()
     load = partial(_load_stem, verify=True, map_location="cpu", parts=MODEL_ONLY)
     if is_run_dir(path):
         state, meta = run_dir_checkpoint(path, load)
@@ -393,7 +409,10 @@ def load_model(
         )
     model = build_model(state.spec, device="cpu")
     restore_(state, model, rng=False)
-    return model.to(device).eval(), meta
+    model = model.to(device).eval()
+    if compute_dtype is not None and compute_dtype != torch.float32:
+        set_compute_dtype_(model, compute_dtype)
+    return model, meta
 
 
 def verify_checkpoint(path: PathArg) -> CheckpointMeta:
