@@ -104,6 +104,7 @@ def export_rows(
             else:
                 rows.append(compared(group, samples, name, "torch float32", label=measure))
 
+    rows += _int8_kernel_rows(group, reference, repeat)
     table = []
     for dtype, result in results.items():
         bundle = result.bundle
@@ -125,6 +126,31 @@ def export_rows(
              f"{figures.value_mae:.3g}", f"{figures.max_logit_diff:.3g}"]
         )  # fmt: skip
     return rows, table
+
+
+def _int8_kernel_rows(group: str, model: nn.Module, repeat: int) -> list[Row]:
+    """The policy head's Linear at batch 256: float32 vs torch's weight-only int8 CPU kernel
+    (``torch._weight_int8pack_mm``, the kernel an int8 bundle could run) vs dequantise + float32
+    (what the loader does once, here on every call)."""
+    from keisei_fn.quantize import dequantize_int8, quantize_int8
+
+    linear = model.policy_head[4]
+    q, scale = quantize_int8(linear.weight)
+    x = torch.rand(256, linear.in_features)
+    variants: dict[str, Callable[[], object]] = {
+        "policy Linear float32": lambda: torch.nn.functional.linear(x, linear.weight, linear.bias),
+        "policy Linear int8 kernel": lambda: torch._weight_int8pack_mm(x, q, scale) + linear.bias,
+        "policy Linear dequantise + float32": lambda: torch.nn.functional.linear(
+            x, dequantize_int8(q, scale), linear.bias
+        ),
+    }
+    with torch.inference_mode():
+        samples = run_rounds(variants, repeat=repeat * 3)
+    return [
+        compared(f"{group}, batch 256", samples, name, "policy Linear float32")
+        for name in variants
+        if name != "policy Linear float32"
+    ]
 
 
 #: The size/agreement table's header.

@@ -363,9 +363,17 @@ def check_own_digest(raw: bytes, sidecar: dict[str, Any], where: str) -> None:
     member (a file sealed by :func:`seal`).
 
     For the canonical bytes keisei_fn writes, those are exactly the canonical bytes of the
-    sidecar without its ``digest`` field, so this checks what :func:`_sealed` computed, on the
+    sidecar without its ``digest`` field, so this checks what :func:`seal` computed, on the
     file's own bytes: any changed byte (whitespace, number spelling, key order) is detected,
     and nothing is serialised again (no second copy of a large sidecar in memory).
+
+    Args:
+        raw: the file's bytes.
+        sidecar: the parsed file (its ``"digest"`` is the recorded one).
+        where: the file, for messages.
+
+    Raises:
+        IntegrityError: the bytes are not what was sealed.
     """
     recorded = sidecar["digest"]
     match = _SEALED_PREFIX.match(raw)

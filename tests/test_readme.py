@@ -26,6 +26,7 @@ TESTED_SECTIONS = {
         "test_cluster_example_saves_by_steps_and_time_and_a_worker_follows"
     ),
 }
+TESTED_SECTIONS["Export bundles: bfloat16, float16, int8, ONNX"] = "test_export_example"
 
 
 def section_body(section: str) -> str:
@@ -190,3 +191,11 @@ def test_cluster_example_saves_by_steps_and_time_and_a_worker_follows(
         torch.set_rng_state(rng[2])
     assert [m.step for m in kf.list_checkpoints("models/cluster_run")] == [10240, 20480, 20480]
     assert capsys.readouterr().out == "now playing with step 20480\n"
+
+
+def test_export_example(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    namespace = run_blocks("Export bundles: bfloat16, float16, int8, ONNX")
+    result = namespace["result"]
+    assert isinstance(result, kf.serve.ExportResult) and result.passed
+    assert namespace["meta"].extra["bundle"]["dtype"] == "int8"  # type: ignore[attr-defined]

@@ -33,7 +33,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from keisei_fn.errors import GateError, InvalidModelError
+from keisei_fn.errors import GateError, InvalidModelError, SpecError
 from keisei_fn.nets import canonical_state_dict
 from keisei_fn.paths import PathArg
 from keisei_fn.quantize import bundle_dtype, encode_weights
@@ -131,7 +131,8 @@ def export_model(
             f"{source_meta.path} is not fit to export: " + "; ".join(validation.problems)
         )
     spec = source_meta.spec
-    assert spec is not None  # load_model refuses a checkpoint without one
+    if spec is None:  # pragma: no cover - load_model refuses a checkpoint without one
+        raise SpecError(f"{source_meta.path} holds no ModelSpec")
     state = canonical_state_dict(source_model.state_dict())
     tensors, quantized = encode_weights(state, name)
     candidate = bundle_model(spec, tensors, quantized)
