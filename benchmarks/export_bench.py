@@ -1,7 +1,7 @@
 """The ``export`` section: inference bundles of a model in every dtype (and ONNX) against its
 float32 checkpoint — bundle size, load time, positions/s at batch 1 and 256, agreement.
 
-Inference variants, each timed against torch float32 in the same rounds:
+Inference variants, each timed against torch float32 in the same rounds, on one thread each:
 
 - ``torch float32``: the checkpoint's model — and what every bundle computes by default
   (bfloat16/float16 weights upcast, int8 dequantised on load: the same kernels);
@@ -58,6 +58,17 @@ def export_rows(
         The timing rows, and the size/agreement table's rows (dtype, weights, vs the
         checkpoint's weights, ONNX, the gate's figures on the default suite).
     """
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # one thread for torch and onnxruntime alike: a fair pair, and
+    try:  # steady on a shared machine (spinning OpenMP threads are not)
+        return _export_rows(scratch, repeat, spec, label)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _export_rows(
+    scratch: Path, repeat: int, spec: ModelSpec, label: str
+) -> tuple[list[Row], list[list[str]]]:
     run_dir = scratch / "export-run"
     source = save_final_model(capture(spec, build_model(spec, seed=0), step=1), run_dir)
     results = {
@@ -86,7 +97,7 @@ def export_rows(
             scratch / "bundle-bfloat16", compute_dtype=torch.bfloat16
         )[0],
         "int8, dynamic int8 Linear": _int8_dynamic(load_model(scratch / "bundle-int8")[0]),
-        "onnxruntime float32": load_onnx(scratch / "bundle-float32"),
+        "onnxruntime float32": load_onnx(scratch / "bundle-float32", threads=1),
     }
     for batch, rounds in ((1, repeat * 4), (256, repeat)):
         obs = torch.rand(batch, *spec.obs_shape)

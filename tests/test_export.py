@@ -262,6 +262,8 @@ def test_a_killed_export_leaves_nothing_that_loads(source: Path, tmp_path: Path)
         kf.load_model(bundle)
     result = kf.export_model(source, bundle, dtype="bfloat16", positions=FEW)  # starts afresh
     assert kf.load_model(bundle)[1].weights_digest == result.bundle.weights_digest
+    left = sorted(p.name for p in bundle.iterdir())
+    assert left == sorted(["bundle.json", result.bundle.weights_file])  # the killed one's: gone
 
 
 def test_validate_model_catches_a_nan_parameter_and_export_refuses_it(tmp_path: Path) -> None:

@@ -16,7 +16,8 @@ A bundle directory holds
 
 Writing follows the commit protocol (``keisei_fn.store.commit``): under the directory's lock,
 the payloads go to fresh names and are made durable, then the sidecar naming them is written
-atomically, then what a replaced bundle named is removed. A kill or an I/O error at any instant
+atomically, then what a replaced bundle named is removed (and, under the lock, what killed
+exports left). A kill or an I/O error at any instant
 leaves the old bundle or the new one, never a half one that loads (payloads without their
 sidecar are never read). Reading checks the sidecar's own digest, its fields, and the weights
 file's size and digest (the ONNX file's on demand): a changed byte anywhere is refused with
@@ -238,7 +239,7 @@ def write_bundle(
     """
     directory = run_path(out_dir)
     stem = directory / BUNDLE_NAME
-    with locked(directory):
+    with locked(directory) as held:
         names = list_file_names(directory)
         run_files = sorted(n for n in names if split_file(n) is not None)
         if run_files:
@@ -293,10 +294,14 @@ def write_bundle(
                     if payload is not None:
                         remove_payload(payload)
             raise
-        if old is not None:
-            for payload in (old.weights_path, old.onnx_path):
-                if payload is not None:
-                    remove_payload(payload)
+        keep = {weights.name, onnx_path.name if onnx_path is not None else ""}
+        stale = (
+            {p.name for p in (old.weights_path, old.onnx_path) if p is not None} if old else set()
+        )
+        if held:  # no writer is in flight: payloads of killed exports are stale too
+            stale |= {n for n in names if _WEIGHTS_RE.fullmatch(n) or _ONNX_RE.fullmatch(n)}
+        for name in sorted(stale - keep):
+            remove_payload(directory / name)
     return _meta(loads(data), stem)
 
 
