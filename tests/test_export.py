@@ -212,6 +212,8 @@ def test_a_tampered_bundle_is_refused(
             load_onnx(bundle)
         else:
             kf.load_model(bundle)
+    with pytest.raises(IntegrityError):
+        kf.verify_checkpoint(bundle)  # and `keisei-fn verify`
 
 
 def test_a_failed_gate_writes_nothing_unless_forced(source: Path, tmp_path: Path) -> None:
@@ -312,6 +314,8 @@ def test_export_cli(source: Path, tmp_path: Path) -> None:
     assert again.returncode == 2 and "already holds a bundle" in again.stderr
     as_json = run("export", source, tmp_path / "b", "--dtype", "float16", "--overwrite", "--json")
     assert as_json.returncode == 0 and '"dtype": "float16"' in as_json.stdout
+    verified = run("verify", tmp_path / "b")
+    assert verified.returncode == 0 and verified.stdout.startswith("ok  bundle (step 7,")
     analyzed = run("analyze", tmp_path / "b", "--top-k", "2")
     assert analyzed.returncode == 0 and analyzed.stdout.startswith("bundle (step 7)")
     bad = run("export", source, tmp_path / "c", "--dtype", "int4")

@@ -72,7 +72,13 @@ from keisei_fn.store._fs import (
 )
 from keisei_fn.store.commit import fresh_payload, locked, remove_payload
 from keisei_fn.store.names import BUNDLE_NAME, BUNDLE_SIDECAR, sidecar_path, split_file
-from keisei_fn.store.weights import check_listed, read_weights, write_weights
+from keisei_fn.store.weights import (
+    check_digests,
+    check_listed,
+    read_weights,
+    tensor_bytes,
+    write_weights,
+)
 
 __all__ = [
     "BUNDLE_FORMAT",
@@ -85,6 +91,7 @@ __all__ = [
     "read_bundle",
     "read_bundle_meta",
     "read_bundle_onnx",
+    "verify_bundle",
     "write_bundle",
 ]
 
@@ -119,6 +126,7 @@ class BundleMeta:
         quantized: quantised weight's name → its scales' name (``int8`` only).
         export: the export record (source, sizes, gate figures; see ``keisei_fn.serve``).
         tensors: stored name → (safetensors dtype, shape).
+        tensor_digests: stored name → BLAKE3 digest of that tensor's bytes.
         weights_file, weights_size, weights_digest: the weights file.
         onnx_file, onnx_size, onnx_digest: the ONNX file (``onnx_file`` empty when none).
         digest: the sidecar's own digest.
@@ -133,6 +141,7 @@ class BundleMeta:
     quantized: Mapping[str, str] = field(default_factory=dict)
     export: Mapping[str, Any] = field(default_factory=dict)
     tensors: Mapping[str, tuple[str, tuple[int, ...]]] = field(default_factory=dict)
+    tensor_digests: Mapping[str, str] = field(default_factory=dict)
     weights_file: str
     weights_size: int
     weights_digest: str
@@ -144,7 +153,7 @@ class BundleMeta:
     versions: Mapping[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        for name in ("quantized", "export", "tensors", "versions"):
+        for name in ("quantized", "export", "tensors", "tensor_digests", "versions"):
             object.__setattr__(self, name, freeze(dict(getattr(self, name))))
 
     @property
@@ -183,6 +192,7 @@ class BundleMeta:
             versions=self.versions,
             extra={"bundle": {"dtype": self.dtype, **self.export}},
             weights_file=self.weights_file,
+            tensor_digests=self.tensor_digests,
         )
 
 
@@ -383,6 +393,7 @@ def _meta(sidecar: Mapping[str, Any], stem: RunPath) -> BundleMeta:
             quantized={str(k): str(v) for k, v in sidecar["quantized"].items()},
             export=sidecar["export"],
             tensors={k: (v["dtype"], tuple(v["shape"])) for k, v in sidecar["tensors"].items()},
+            tensor_digests={k: str(v["digest"]) for k, v in sidecar["tensors"].items()},
             weights_file=sidecar["weights"]["file"],
             weights_size=sidecar["weights"]["size"],
             weights_digest=sidecar["weights"]["digest"],
@@ -455,6 +466,28 @@ def read_bundle(
     recorded = {k: {"dtype": d, "shape": list(s)} for k, (d, s) in meta.tensors.items()}
     check_listed(tensors, recorded, meta.weights_path)
     return tensors, meta
+
+
+def verify_bundle(source: PathArg) -> BundleMeta:
+    """Fully verify a bundle: its sidecar, the weights file's size, digest and header, every
+    tensor's own digest (hashed even if this process verified the file before), and the ONNX
+    file's digest.
+
+    Raises:
+        CheckpointNotFoundError, IncompleteCheckpointError, IntegrityError,
+        UnsupportedFormatError: naming the file and the problem.
+    """
+    meta = read_bundle_meta(source)
+    tensors = read_weights(
+        meta.weights_path, size=meta.weights_size, digest=meta.weights_digest, recheck=True
+    )
+    recorded = {k: {"dtype": d, "shape": list(s)} for k, (d, s) in meta.tensors.items()}
+    check_listed(tensors, recorded, meta.weights_path)
+    pieces = {name: tensor_bytes(tensor) for name, tensor in tensors.items()}
+    check_digests(meta.weights_path, pieces, meta.tensor_digests)
+    if meta.onnx_path is not None:
+        read_bundle_onnx(meta)
+    return meta
 
 
 def read_bundle_onnx(meta: BundleMeta) -> bytes:

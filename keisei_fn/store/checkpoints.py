@@ -49,7 +49,7 @@ from keisei_fn.nets import build_model, set_compute_dtype_
 from keisei_fn.paths import PathArg, RunPath, run_path
 from keisei_fn.state import TrainState, thaw
 from keisei_fn.store._fs import hash_file
-from keisei_fn.store.bundle import bundle_stem, load_bundle_model
+from keisei_fn.store.bundle import bundle_stem, load_bundle_model, verify_bundle
 from keisei_fn.store.commit import (
     commit,
     existing_checkpoint,
@@ -417,7 +417,8 @@ def load_model(
 
 def verify_checkpoint(path: PathArg) -> CheckpointMeta:
     """Fully verify one checkpoint: sidecar, weights size and digest, header consistency, and
-    (format 3) every tensor's own digest.
+    (format 3) every tensor's own digest — or an export bundle (also its ONNX file's digest;
+    the meta as :func:`load_model` gives it).
 
     Raises:
         CheckpointNotFoundError, IncompleteCheckpointError, IntegrityError,
@@ -429,6 +430,8 @@ def verify_checkpoint(path: PathArg) -> CheckpointMeta:
         ...
         keisei_fn.errors.CheckpointNotFoundError: no checkpoint at runs/none/checkpoint_ts1
     """
+    if (bundle := bundle_stem(path)) is not None:
+        return verify_bundle(bundle).as_checkpoint_meta()
     stem = resolve_stem(path)
     meta, sidecar = read_listed(stem)
     if meta.sharded:  # every file's digest and the shards' layout, not loaded
