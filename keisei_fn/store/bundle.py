@@ -47,6 +47,7 @@ from keisei_fn.errors import (
     IntegrityError,
     StateMismatchError,
     UnsupportedFormatError,
+    UnsupportedValueError,
 )
 from keisei_fn.meta import (
     MAX_SIDECAR_BYTES,
@@ -260,8 +261,8 @@ def write_bundle(
         old = _committed(stem)
         if old is not None and not overwrite:
             raise CheckpointExistsError(
-                f"{sidecar_path(stem)} already holds a bundle; pass overwrite=True (--force) "
-                "to replace it"
+                f"{sidecar_path(stem)} already holds a bundle; pass overwrite=True "
+                "(--overwrite) to replace it"
             )
         weights = fresh_payload(stem, ".safetensors")
         onnx_path = fresh_payload(stem, ".onnx") if onnx is not None else None
@@ -296,7 +297,10 @@ def write_bundle(
                     "size": len(onnx),
                 }
             data = dumps(seal(sidecar))
-            check_sidecar_cost(data, where=str(sidecar_path(stem)))
+            try:
+                check_sidecar_cost(data, where=str(sidecar_path(stem)))
+            except IntegrityError as exc:  # it could never be read back: commit nothing
+                raise UnsupportedValueError(str(exc)) from exc
             write_bytes_durably(sidecar_path(stem), data)
         except BaseException:
             if not _names(stem, weights):  # a failed directory fsync after the rename: kept
