@@ -8,11 +8,12 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from benchmarks import cases, gpu, loop, object_store, report, sharded_bench
+from benchmarks import cases, export_bench, gpu, loop, object_store, report, sharded_bench
 
 SECTIONS = (
     "save", "load", "capture", "breakdown", "s3", "sharded", "listing", "import", "loop", "gpu"
 )  # fmt: skip
+SECTIONS += ("export",)
 DEFAULT_OUT = Path(__file__).parent / "results" / "latest.json"
 
 
@@ -124,8 +125,22 @@ def main(argv: list[str] | None = None) -> None:
         progress("GPU: snapshot, background checkpoints, loads to the GPU, GPU memory")
         with cases.scratch_dir(parent) as scratch:
             rows += gpu.gpu_rows(scratch, args.repeat, steps=20 if args.quick else 50)
+    export_table: list[list[str]] = []
+    if "export" in args.sections:
+        model = "test" if args.quick else "default"
+        progress(f"export bundles of the {model} model: sizes, load, inference, agreement")
+        with cases.scratch_dir(parent) as scratch:
+            export_rows, export_table = export_bench.export_rows(
+                scratch, args.repeat, cases.MODELS[model], model
+            )
+            rows += export_rows
 
     print(report.rows_table(rows))
+    if export_table:
+        print()
+        print(export_bench.TABLE_HEADER)
+        for line in export_table:
+            print("| " + " | ".join(line) + " |")
     for title, parts in (("save_state part", save_parts), ("load_state part", load_parts)):
         if parts:
             print()

@@ -42,6 +42,7 @@ from keisei_fn.nets import (
 )
 from keisei_fn.precision import Precision, make_scaler, precision_policy
 from keisei_fn.publish import PublishResult, flush_outbox, publish
+from keisei_fn.serve import compare_models, export_model, validate_model
 from keisei_fn.spec import ModelSpec, model_types
 from keisei_fn.state import GameStats, TrainState, thaw
 from keisei_fn.store import (
@@ -124,6 +125,7 @@ __all__ = [
     "check_compatible",
     "check_health",
     "checkpoint_due",
+    "compare_models",
     "consolidate",
     "diff_checkpoints",
     "diff_states",
@@ -131,6 +133,7 @@ __all__ = [
     "ema_model",
     "ema_update",
     "errors",
+    "export_model",
     "flush_outbox",
     "follow",
     "get_feature_spec",
@@ -162,5 +165,6 @@ __all__ = [
     "save_state",
     "thaw",
     "unwrap_model",
+    "validate_model",
     "verify_checkpoint",
 ]

@@ -13,10 +13,12 @@ __all__ = [
     "AlreadyConvertedError",
     "CheckpointExistsError",
     "CheckpointNotFoundError",
+    "GateError",
     "GrowError",
     "IllegalMoveError",
     "IncompleteCheckpointError",
     "IntegrityError",
+    "InvalidModelError",
     "InvalidPositionError",
     "KeiseiFnError",
     "MissingExtraError",
@@ -98,3 +100,13 @@ class GrowError(SpecError):
 class UnhealthyCheckpointError(KeiseiFnError, ValueError):
     """A checkpoint the health gate marked unhealthy was asked for where only a healthy one
     will do (publishing it)."""
+
+
+class InvalidModelError(KeiseiFnError, ValueError):
+    """A model unfit to serve: ``validate_model`` found non-finite parameters or outputs, or
+    policy/value outputs out of their sane ranges (the message lists the problems)."""
+
+
+class GateError(KeiseiFnError, ValueError):
+    """An export does not behave like its source: the behaviour gate's figures fall short of
+    its thresholds (the message lists them; ``force=True`` exports it anyway)."""

@@ -76,10 +76,13 @@ __all__ = [
     "CheckpointMeta",
     "build_sharded_sidecar",
     "build_sidecar",
+    "check_own_digest",
     "check_sidecar",
     "check_sidecar_cost",
     "digest_bytes",
+    "library_versions",
     "migrated_sidecar",
+    "seal",
 ]
 
 FORMAT_NAME = "keisei_fn.checkpoint"
@@ -129,7 +132,8 @@ def digest_bytes(data: bytes | bytearray | memoryview) -> str:
     return "blake3:" + blake3.blake3(data, max_threads=blake3.blake3.AUTO).hexdigest()
 
 
-def _versions() -> dict[str, str]:
+def library_versions() -> dict[str, str]:
+    """The versions of keisei_fn, torch, safetensors and Python, as files record them."""
     return {
         "keisei_fn": __version__,
         "torch": torch.__version__,
@@ -193,7 +197,7 @@ def build_sidecar(
         if isinstance(health, str) or not all(isinstance(p, str) for p in health):
             raise SpecError(f"health must be a sequence of strings, got {health!r}")
         sidecar[HEALTH] = list(health)
-    return _sealed(sidecar)
+    return seal(sidecar)
 
 
 def migrated_sidecar(
@@ -246,10 +250,10 @@ def migrated_sidecar(
         "migrated": {
             "from_format_version": sidecar["format_version"],
             "at": datetime.now(UTC).isoformat(timespec="microseconds"),
-            "versions": _versions(),
+            "versions": library_versions(),
         },
     }
-    return _sealed(migrated)
+    return seal(migrated)
 
 
 def _base_sidecar(
@@ -274,12 +278,17 @@ def _base_sidecar(
         "aliases": dict(aliases),
         "weights": weights,
         "created": created or datetime.now(UTC).isoformat(timespec="microseconds"),
-        "versions": _versions(),
+        "versions": library_versions(),
     }
 
 
-def _sealed(sidecar: dict[str, Any]) -> dict[str, Any]:
-    """``sidecar`` with its own digest: of its canonical bytes without the digest field."""
+def seal(sidecar: dict[str, Any]) -> dict[str, Any]:
+    """``sidecar`` with its own digest: of its canonical bytes without the digest field.
+
+    Every JSON file of ours that carries its own digest (checkpoint sidecars, export bundles'
+    sidecars) is sealed here and checked by :func:`check_own_digest`; its keys must sort
+    ``aliases`` (optional), ``created``, ``digest`` first.
+    """
     sidecar.pop("digest", None)
     sidecar["digest"] = digest_bytes(dumps(sidecar))
     return sidecar
@@ -345,7 +354,7 @@ def build_sharded_sidecar(
     sidecar["format_version"] = SHARDED_FORMAT_VERSION
     sidecar["layout"] = SHARDED
     sidecar["shards"] = {"dir": shards_dir, "world_size": world_size, "files": table}
-    return _sealed(sidecar)
+    return seal(sidecar)
 
 
 def _plain_name(value: Any) -> bool:
@@ -411,22 +420,31 @@ def _single_file_problem(sidecar: Mapping[str, Any]) -> str | None:
     return None
 
 
-#: The start of every sidecar keisei_fn writes (keys sorted: ``aliases`` (a flat str → str
-#: object), ``created``, ``digest``). Quotes inside JSON strings are escaped, so ``},"created":"``
-#: can only be structure: the match is exact.
+#: The start of every sealed file keisei_fn writes (keys sorted: ``aliases`` (a flat str → str
+#: object; a bundle's sidecar has none), ``created``, ``digest``). Quotes inside JSON strings are
+#: escaped, so ``},"created":"`` can only be structure: the match is exact.
 _SEALED_PREFIX = re.compile(
-    rb'\{"aliases":\{.*?\},"created":"[^"\\]*",(?P<member>"digest":"(?P<digest>[^"\\]*)",)',
+    rb'\{(?:"aliases":\{.*?\},)?"created":"[^"\\]*",(?P<member>"digest":"(?P<digest>[^"\\]*)",)',
     re.DOTALL,
 )
 
 
-def _check_own_digest(raw: bytes, sidecar: dict[str, Any], where: str) -> None:
-    """The recorded self-digest is BLAKE3 of the sidecar's bytes without its digest member.
+def check_own_digest(raw: bytes, sidecar: dict[str, Any], where: str) -> None:
+    """Check that the recorded self-digest is BLAKE3 of the sidecar's bytes without its digest
+    member (a file sealed by :func:`seal`).
 
     For the canonical bytes keisei_fn writes, those are exactly the canonical bytes of the
-    sidecar without its ``digest`` field, so this checks what :func:`_sealed` computed, on the
+    sidecar without its ``digest`` field, so this checks what :func:`seal` computed, on the
     file's own bytes: any changed byte (whitespace, number spelling, key order) is detected,
     and nothing is serialised again (no second copy of a large sidecar in memory).
+
+    Args:
+        raw: the file's bytes.
+        sidecar: the parsed file (its ``"digest"`` is the recorded one).
+        where: the file, for messages.
+
+    Raises:
+        IntegrityError: the bytes are not what was sealed.
     """
     recorded = sidecar["digest"]
     match = _SEALED_PREFIX.match(raw)
@@ -492,7 +510,7 @@ def check_sidecar(raw: bytes, *, name: str | None = None, where: str = "sidecar"
     # The digest first: a changed byte anywhere (even in "format" or "format_version") is
     # corruption, not a foreign or newer file. Every format version digests the same way.
     if isinstance(sidecar.get("digest"), str):
-        _check_own_digest(raw, sidecar, where)
+        check_own_digest(raw, sidecar, where)
     if sidecar.get("format") != FORMAT_NAME:
         found = sidecar.get("format")
         raise UnsupportedFormatError(f"{where}: not a {FORMAT_NAME} sidecar (format {found!r})")

@@ -31,6 +31,7 @@ __all__ = [
     "canonical_state_dict",
     "register_model",
     "se_pool",
+    "set_compute_dtype_",
     "unwrap_model",
 ]
 
@@ -330,3 +331,48 @@ def canonical_state_dict(state_dict: Mapping[str, _T]) -> dict[str, _T]:
             break
         items = {k[len(prefix) :]: v for k, v in items.items()}
     return items
+
+
+def set_compute_dtype_(model: nn.Module, dtype: torch.dtype) -> nn.Module:
+    """Make an inference model compute in ``dtype``, in place: its floating parameters and
+    buffers are cast to it, its call casts floating tensor arguments to it and floating tensor
+    outputs (in tuples too) back to float32, so callers keep passing and getting float32.
+
+    Args:
+        model: the model (mutated; returned for chaining).
+        dtype: a floating dtype, e.g. ``torch.bfloat16``.
+
+    Returns:
+        ``model``.
+
+    Raises:
+        SpecError: for a dtype that is not floating.
+
+    Example:
+        >>> model = build_model(ModelSpec(model_type="testmodel"), seed=0).eval()
+        >>> logits, _ = set_compute_dtype_(model, torch.bfloat16)(torch.zeros(1, 46, 9, 9))
+        >>> model.stem.weight.dtype, logits.dtype
+        (torch.bfloat16, torch.float32)
+    """
+    if not dtype.is_floating_point:
+        raise SpecError(f"a compute dtype must be floating, got {dtype}")
+    model.to(dtype)
+
+    def cast_in(module: nn.Module, args: tuple[object, ...]) -> tuple[object, ...]:
+        return tuple(_cast(a, dtype) for a in args)
+
+    def cast_out(module: nn.Module, args: object, output: object) -> object:
+        if isinstance(output, tuple):
+            return tuple(_cast(o, torch.float32) for o in output)
+        return _cast(output, torch.float32)
+
+    model.register_forward_pre_hook(cast_in)
+    model.register_forward_hook(cast_out)
+    return model
+
+
+def _cast(value: object, dtype: torch.dtype) -> object:
+    """A floating tensor as ``dtype``; anything else as it is."""
+    if isinstance(value, Tensor) and value.is_floating_point():
+        return value.to(dtype)
+    return value

@@ -23,7 +23,9 @@ layer           modules                              may import (directly; and a
 entry           ``keisei_fn`` (the public API),      cli
                 ``__main__``
 cli             cli                                  demo, analysis, testing, info, diff,
-                                                     average, compat, grow
+                                                     average, compat, grow, serve
+serve           serve (export bundles, the           store, shogi
+                behaviour gate, validation)
 diff            diff (what changed between states)   store
 average         average, ema, ensemble (averaged     store, shogi
                 and mixed models)
@@ -33,7 +35,8 @@ demo            demo (``keisei-fn demo``)            publish, shogi
 analysis        analysis (policy on positions)       shogi, display
 testing         testing                              store
 publish         publish                              store
-store           store                                meta, capture, distributed, health
+store           store                                meta, capture, distributed, health,
+                                                     quantize
 health          health (the health gate's checks)    state, nets, shogi
 meta            meta (CheckpointMeta, the sidecar)   codec, paths, version
 codec           codec                                state
@@ -49,6 +52,7 @@ nets            nets                                 spec
 shogi           shogi, sfen                          spec
 spec            spec, features (the registry)        errors
 precision       precision                            errors
+quantize        quantize (bundle weight encodings)   errors
 distributed     distributed                          errors
 paths           paths                                errors
 version         _version                             (nothing)
@@ -71,6 +75,7 @@ LAYER_OF: Mapping[str, str] = {
     "": "entry",
     "__main__": "entry",
     "cli": "cli",
+    "serve": "serve",
     "demo": "demo",
     "analysis": "analysis",
     "testing": "testing",
@@ -97,6 +102,7 @@ LAYER_OF: Mapping[str, str] = {
     "spec": "spec",
     "features": "spec",
     "precision": "precision",
+    "quantize": "quantize",
     "distributed": "distributed",
     "paths": "paths",
     "_version": "version",
@@ -106,7 +112,10 @@ LAYER_OF: Mapping[str, str] = {
 #: Layer → the layers directly below it that it may import.
 MAY_IMPORT: Mapping[str, frozenset[str]] = {
     "entry": frozenset({"cli"}),
-    "cli": frozenset({"demo", "analysis", "testing", "info", "diff", "average", "compat", "grow"}),
+    "cli": frozenset(
+        {"demo", "analysis", "testing", "info", "diff", "average", "compat", "grow", "serve"}
+    ),
+    "serve": frozenset({"store", "shogi"}),
     "diff": frozenset({"store"}),
     "average": frozenset({"store", "shogi"}),
     "compat": frozenset({"store"}),
@@ -115,7 +124,7 @@ MAY_IMPORT: Mapping[str, frozenset[str]] = {
     "analysis": frozenset({"shogi", "display"}),
     "testing": frozenset({"store"}),
     "publish": frozenset({"store"}),
-    "store": frozenset({"meta", "capture", "distributed", "health"}),
+    "store": frozenset({"meta", "capture", "distributed", "health", "quantize"}),
     "health": frozenset({"state", "nets", "shogi"}),
     "meta": frozenset({"codec", "paths", "version"}),
     "codec": frozenset({"state"}),
@@ -127,6 +136,7 @@ MAY_IMPORT: Mapping[str, frozenset[str]] = {
     "shogi": frozenset({"spec"}),
     "spec": frozenset({"errors"}),
     "precision": frozenset({"errors"}),
+    "quantize": frozenset({"errors"}),
     "distributed": frozenset({"errors"}),
     "paths": frozenset({"errors"}),
     "version": frozenset(),

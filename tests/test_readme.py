@@ -35,6 +35,7 @@ TESTED_SECTIONS = {
     ),
     "Health gate: a NaN checkpoint never becomes the resume point": "test_health_gate_example",
 }
+TESTED_SECTIONS["Export bundles: bfloat16, float16, int8, ONNX"] = "test_export_example"
 
 
 def section_body(section: str) -> str:
@@ -281,3 +282,11 @@ def test_health_gate_example(
     assert unhealthy.startswith("saved checkpoint_ts2, marked unhealthy: non_finite: model ")
     assert (resumed, check) == ("1", "non_finite")
     assert [m.healthy for m in kf.list_checkpoints("models/gated")] == [True, False]
+
+
+def test_export_example(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    namespace = run_blocks("Export bundles: bfloat16, float16, int8, ONNX")
+    result = namespace["result"]
+    assert isinstance(result, kf.serve.ExportResult) and result.passed
+    assert namespace["meta"].extra["bundle"]["dtype"] == "int8"  # type: ignore[attr-defined]

@@ -352,6 +352,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-k", type=int, default=5, metavar="K", help="moves to show (default: 5)")
     p.set_defaults(run=commands.cmd_analyze)
 
+    p = sub.add_parser(
+        "export", help="a verified inference bundle (float32, bfloat16, float16, int8; ONNX)"
+    )
+    p.add_argument("source", help="checkpoint file, final model, run directory or bundle")
+    p.add_argument("out_dir", help="the bundle directory to write (not a run directory)")
+    p.add_argument(
+        "--dtype",
+        required=True,
+        choices=["float32", "bfloat16", "float16", "int8"],
+        help="how the weights are stored (int8: weight-only, per output channel)",
+    )
+    p.add_argument("--onnx", action="store_true", help="also write model.onnx (serve extra)")
+    p.add_argument(
+        "--force", action="store_true", help="write it even when the behaviour gate fails"
+    )
+    p.add_argument("--overwrite", action="store_true", help="replace a bundle in OUT_DIR")
+    p.add_argument("--json", action="store_true", help="the bundle's record as JSON")
+    p.set_defaults(run=commands.cmd_export)
+
     p = sub.add_parser("diff", help="what changed between two checkpoints")
     p.add_argument("before", help="the older checkpoint (file, stem or run directory)")
     p.add_argument("after", help="the newer checkpoint (file, stem or run directory)")

@@ -46,11 +46,12 @@ from keisei_fn.errors import (
 )
 from keisei_fn.health import HealthProblem
 from keisei_fn.meta import FORMAT_VERSION, CheckpointMeta, build_sidecar
-from keisei_fn.nets import build_model
+from keisei_fn.nets import build_model, set_compute_dtype_
 from keisei_fn.paths import PathArg, RunPath, run_path
 from keisei_fn.staging import copy_to_device
 from keisei_fn.state import TrainState, iter_tensors, thaw
 from keisei_fn.store._fs import hash_file
+from keisei_fn.store.bundle import bundle_stem, load_bundle_model, verify_bundle
 from keisei_fn.store.commit import (
     commit,
     existing_checkpoint,
@@ -408,19 +409,30 @@ def load_state(
 
 
 def load_model(
-    source: PathArg, *, device: str | torch.device = "cpu"
+    source: PathArg,
+    *,
+    device: str | torch.device = "cpu",
+    compute_dtype: torch.dtype | None = None,
 ) -> tuple[nn.Module, CheckpointMeta]:
     """Build the network a checkpoint records and load its weights — the notebook entry point.
 
     Args:
-        source: a checkpoint, a final model, or a run directory (its final model if there is
-            a valid one, else its latest healthy checkpoint; the returned meta says which).
+        source: a checkpoint, a final model, a run directory (its final model if there is
+            a valid one, else its latest healthy checkpoint; the returned meta says which), or
+            an export bundle (its directory, see ``keisei_fn.export_model``).
         device: where to build the model; the verified weights go straight to it (on CUDA
             through page-locked staging, see ``restore_``), with no copy of the model on the
             CPU.
+        compute_dtype: the floating dtype the model computes in. None: float32 — a
+            ``bfloat16``/``float16`` bundle is upcast on load (exactly), an ``int8`` one
+            dequantised. ``torch.bfloat16`` or ``torch.float16``: parameters in that dtype,
+            inputs cast to it and outputs back to float32
+            (``keisei_fn.nets.set_compute_dtype_``).
 
     Only the model's tensors are read (and verified, each against its own digest) from a
-    format-3 checkpoint, not its optimizer state.
+    format-3 checkpoint, not its optimizer state. A bundle's weights file is verified whole;
+    its meta is a ``final_model`` named ``bundle`` at the source's step, whose ``extra``
+    holds ``"bundle"``: the dtype and the export record (source, sizes, gate figures).
 
     Returns:
         ``(model in eval mode, meta)``.
@@ -430,6 +442,10 @@ def load_model(
         and every error of :func:`load_state`.
     """
     path = run_path(source)
+    if (bundle := bundle_stem(path)) is not None:
+        load_bundle = partial(load_bundle_model, device=device, compute_dtype=compute_dtype)
+        bundle_model, bundle_meta = stable(bundle, load_bundle)
+        return bundle_model, bundle_meta.as_checkpoint_meta()
     load = partial(_load_stem, verify=True, map_location="cpu", parts=MODEL_ONLY)
     if is_run_dir(path):
         state, meta = run_dir_checkpoint(path, load)
@@ -442,12 +458,16 @@ def load_model(
         )
     model = build_model(state.spec, device=device)
     restore_(state, model, rng=False)
-    return model.eval(), meta
+    model.eval()
+    if compute_dtype is not None and compute_dtype != torch.float32:
+        set_compute_dtype_(model, compute_dtype)
+    return model, meta
 
 
 def verify_checkpoint(path: PathArg) -> CheckpointMeta:
     """Fully verify one checkpoint: sidecar, weights size and digest, header consistency, and
-    (format 3) every tensor's own digest.
+    (format 3) every tensor's own digest — or an export bundle (also its ONNX file's digest;
+    the meta as :func:`load_model` gives it).
 
     Raises:
         CheckpointNotFoundError, IncompleteCheckpointError, IntegrityError,
@@ -459,6 +479,8 @@ def verify_checkpoint(path: PathArg) -> CheckpointMeta:
         ...
         keisei_fn.errors.CheckpointNotFoundError: no checkpoint at runs/none/checkpoint_ts1
     """
+    if (bundle := bundle_stem(path)) is not None:
+        return verify_bundle(bundle).as_checkpoint_meta()
     stem = resolve_stem(path)
     meta, sidecar = read_listed(stem)
     if meta.sharded:  # every file's digest and the shards' layout, not loaded

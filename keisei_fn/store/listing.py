@@ -42,6 +42,7 @@ from keisei_fn.store._fs import (
 )
 from keisei_fn.store.checkpoint_list import CheckpointList
 from keisei_fn.store.names import (
+    BUNDLE_SIDECAR,
     RESUME_PREFIX,
     SIDECAR_SUFFIX,
     WEIGHTS_SUFFIX,
@@ -169,8 +170,13 @@ def _check_shards(meta: CheckpointMeta, sidecar: dict[str, Any]) -> None:
 
 
 def is_run_dir(path: RunPath) -> bool:
-    """Whether ``path`` is a run directory (a directory, but not a sharded checkpoint's)."""
-    return shards_stem(path.name) is None and is_directory(path)
+    """Whether ``path`` is a run directory (a directory, but not a sharded checkpoint's, nor an
+    export bundle's: one holding ``bundle.json``, see ``keisei_fn.store.bundle``)."""
+    return (
+        shards_stem(path.name) is None
+        and is_directory(path)
+        and not file_exists(path / BUNDLE_SIDECAR)
+    )
 
 
 def shard_dirs(run_dir: RunPath, name: str | None = None) -> list[RunPath]:

@@ -20,6 +20,7 @@ from keisei_fn.errors import (
 )
 from keisei_fn.paths import PathArg, RunPath, run_path
 from keisei_fn.store._fs import file_exists
+from keisei_fn.store.bundle import bundle_stem
 from keisei_fn.store.listing import (
     is_run_dir,
     newest_usable,
@@ -196,10 +197,13 @@ def run_dir_checkpoint(
 
 def resolve_checkpoint(source: PathArg) -> RunPath:
     """The checkpoint stem a user path names, a run directory included (its final model, else
-    its latest checkpoint, by :func:`run_dir_checkpoint` at the listed level).
+    its latest checkpoint, by :func:`run_dir_checkpoint` at the listed level), or an export
+    bundle (its directory or ``bundle.json``: the bundle's stem ``<dir>/bundle``, which
+    ``load_model`` takes; see ``keisei_fn.store.bundle``).
 
     Args:
-        source: as for :func:`resolve_stem`, or a run directory; local or an fsspec URL.
+        source: as for :func:`resolve_stem`, a run directory, or a bundle; local or an fsspec
+            URL.
 
     Returns:
         The stem (``<run_dir>/<name>``); for a run directory, a listed-valid one.
@@ -215,6 +219,8 @@ def resolve_checkpoint(source: PathArg) -> RunPath:
         keisei_fn.errors.CheckpointNotFoundError: no checkpoint at runs/none
     """
     path = run_path(source)
+    if (bundle := bundle_stem(path)) is not None:
+        return bundle
     if not is_run_dir(path):
         return resolve_stem(path)
     return run_dir_checkpoint(path, lambda stem: read_listed(stem)[0].path)

@@ -20,6 +20,9 @@ SHARDS_SUFFIX = ".shards"
 SHARDS_RE = re.compile(rf"(?P<stem>{NAME_RE.pattern})\.(?P<token>[0-9a-f]+)\.shards")
 FINAL_MODEL = "final_model"
 GENERATION_RE = re.compile(rf"(?P<stem>{NAME_RE.pattern}|{FINAL_MODEL}){GENERATION_PATTERN}")
+#: An export bundle's stem and sidecar in its directory (``keisei_fn.store.bundle``).
+BUNDLE_NAME = "bundle"
+BUNDLE_SIDECAR = BUNDLE_NAME + SIDECAR_SUFFIX
 #: Keisei's periodic checkpoints: the only prefix that counts as a resume point by default.
 RESUME_PREFIX = "checkpoint_ts"
 
