@@ -396,10 +396,10 @@ def test_a_malformed_mark_is_an_integrity_error() -> None:
         tensor_digests={}, health=[],
     )  # fmt: skip
     assert check_sidecar(dumps(sidecar))["health"] == []
-    from keisei_fn.meta import _sealed
+    from keisei_fn.meta import seal
 
     with pytest.raises(IntegrityError, match="health mark"):
-        check_sidecar(dumps(_sealed({**sidecar, "health": [1]})))
+        check_sidecar(dumps(seal({**sidecar, "health": [1]})))
 
 
 def test_retention_never_prunes_the_newest_healthy_checkpoint() -> None:
