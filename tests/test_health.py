@@ -28,7 +28,7 @@ from keisei_fn.errors import (
 )
 from keisei_fn.health import HealthPolicy, HealthProblem, check_health, parameter_norm
 from keisei_fn.meta import CheckpointMeta
-from keisei_fn.publish import flush_outbox, plan_publication, publish
+from keisei_fn.publish import flush_outbox, plan_publication, publish, publishable
 from keisei_fn.store import append_ledger, read_ledger
 
 #: A small Keisei network: one residual block of 8 channels.
@@ -124,11 +124,16 @@ def test_a_nan_from_training_is_saved_marked_and_never_latest_resumed_or_publish
         assert raw_bytes(tensor) == raw_bytes(states[3].model[name]), name
     assert any(t.is_floating_point() and t.isnan().any() for t in loaded.model.values())
 
-    # Never published: a typed error, nothing in the ledger, nothing logged to W&B.
+    # Never published: "failed" with the typed error's reason (the loop goes on), nothing in the
+    # ledger, nothing logged to W&B.
+    for source in (unhealthy, unhealthy.path):
+        refused = publish(source, run_name="ppo", run=offline_wandb)
+        assert refused.status == "failed", refused
+        assert refused.reason.startswith("UnhealthyCheckpointError") and "marked unhealthy" in (
+            refused.reason
+        )
     with pytest.raises(UnhealthyCheckpointError, match="marked unhealthy"):
-        publish(unhealthy, run_name="ppo", run=offline_wandb)
-    with pytest.raises(UnhealthyCheckpointError):
-        publish(unhealthy.path, run_name="ppo", run=offline_wandb)
+        publishable(unhealthy)
     assert read_ledger(run_dir) == []
     # a pending publication of it (in the outbox) fails once, recorded, and is not retried
     append_ledger(run_dir, plan_publication(unhealthy, run_name="ppo").record("pending"))

@@ -568,12 +568,12 @@ def publish(
     Returns:
         The outcome; see :class:`PublishResult`. Publishing a version the ledger already marks
         published returns ``"published"`` without logging it again.
+        A checkpoint the health gate marked unhealthy (``keisei_fn.health``) is ``"failed"``
+        with the reason (``UnhealthyCheckpointError: ...``) and nothing recorded: a NaN
+        checkpoint never becomes a W&B version nor moves ``latest``, and a loop that publishes
+        every save goes on.
 
     Raises:
-        UnhealthyCheckpointError: the checkpoint is marked unhealthy by the health gate
-            (``keisei_fn.health``): raised, not returned, and nothing is recorded, so a NaN
-            checkpoint never becomes a W&B version (nor moves ``latest``). Check
-            ``meta.healthy`` (or ``SaveResult.healthy``) first in a loop that publishes.
         KeyboardInterrupt, SystemExit: always propagated (the publication stays pending).
         SpecError: malformed ``metrics``, ``link_to`` or ``best`` — the caller's mistake,
             raised before anything is done (it would fail every publication alike).
@@ -606,8 +606,6 @@ def publish(
             best=best,
             reference=reference,
         )
-    except UnhealthyCheckpointError:
-        raise
     except (OSError, ValueError, TypeError) as exc:
         log.error("cannot publish %s: %s", checkpoint, exc)
         return PublishResult(status="failed", reason=_describe(exc), checkpoint=_label(checkpoint))
