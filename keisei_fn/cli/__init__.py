@@ -298,8 +298,12 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="A B",
         help="checkpoints, final models, run directories or bundles (or use --engine-a/-b)",
     )
-    p.add_argument("--engine-a", metavar="CMD", help='player A as a USI engine command, "path args"')
-    p.add_argument("--engine-b", metavar="CMD", help='player B as a USI engine command, "path args"')
+    p.add_argument(
+        "--engine-a", metavar="CMD", help='player A as a USI engine command: "path args"'
+    )
+    p.add_argument(
+        "--engine-b", metavar="CMD", help='player B as a USI engine command: "path args"'
+    )
     p.add_argument("--games", type=int, default=10, metavar="N", help="games (default: 10)")
     p.add_argument(
         "--playouts", type=int, default=0, metavar="K", help="playouts per move (default: 0)"
