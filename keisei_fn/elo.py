@@ -84,7 +84,9 @@ def wilson_interval(score: float, n: int, z: float) -> tuple[float, float]:
     z2 = z * z
     centre = (score + z2 / (2 * n)) / (1 + z2 / n)
     half = z / (1 + z2 / n) * math.sqrt(score * (1 - score) / n + z2 / (4 * n * n))
-    return max(0.0, centre - half), min(1.0, centre + half)
+    low = 0.0 if score == 0.0 else max(0.0, centre - half)
+    high = 1.0 if score == 1.0 else min(1.0, centre + half)
+    return low, high
 
 
 @dataclass(frozen=True, slots=True)
