@@ -129,11 +129,13 @@ class _EnginePlayer:
         self.proc: subprocess.Popen[str] | None = None
         self.lines: queue.Queue[str | None] = queue.Queue()
         self.declared: set[str] = set()
+        self.failed = False  # broke the protocol: restarted before the next game
         self.name = command.name or os.path.basename(command.argv[0])
         self.start()
 
     def start(self) -> None:
         self.close()
+        self.failed = False
         self.lines = queue.Queue()
         with open(self.log, "a", encoding="utf-8") as log:
             self.proc = subprocess.Popen(
@@ -174,6 +176,7 @@ class _EnginePlayer:
             self.proc.stdin.write(line + "\n")
             self.proc.stdin.flush()
         except (OSError, ValueError) as exc:
+            self.failed = True
             raise _EngineFailure(f"{self.name} stopped reading its input ({exc})") from exc
 
     def until(self, prefix: str, timeout: float) -> list[str]:
@@ -184,16 +187,17 @@ class _EnginePlayer:
             try:
                 line = self.lines.get(timeout=max(deadline - time.monotonic(), 0.0))
             except queue.Empty:
+                self.failed = True
                 raise _EngineFailure(f"{self.name}: no {prefix!r} within {timeout:.0f} s") from None
             if line is None:
-                code = self.proc.poll() if self.proc else None
-                raise _EngineFailure(f"{self.name} exited (status {code}) before {prefix!r}")
+                self.failed = True
+                raise _EngineFailure(f"{self.name} closed its output before {prefix!r}")
             seen.append(line)
             if line.split()[:1] == [prefix]:
                 return seen
 
     def new_game(self, seed: int) -> None:
-        if self.proc is None or self.proc.poll() is not None:
+        if self.failed or self.proc is None or self.proc.poll() is not None:
             self.start()
         if "Seed" in self.declared and "Seed" not in self.command.options:
             self.send(f"setoption name Seed value {seed}")
@@ -215,13 +219,18 @@ class _EnginePlayer:
     def close(self) -> None:
         if self.proc is None:
             return
-        with contextlib.suppress(_EngineFailure):
-            self.send("quit")
+        if not self.failed:
+            with contextlib.suppress(_EngineFailure):
+                self.send("quit")
         try:
-            self.proc.wait(timeout=10)
+            self.proc.wait(timeout=0 if self.failed else 10)
         except subprocess.TimeoutExpired:
             self.proc.kill()
             self.proc.wait()
+        for pipe in (self.proc.stdin, self.proc.stdout):
+            with contextlib.suppress(OSError):
+                if pipe is not None:
+                    pipe.close()
         self.proc = None
 
 

@@ -64,8 +64,9 @@ def test_handshake_lists_the_options(model: nn.Module) -> None:
 
 def test_go_prints_a_score_and_a_legal_move(model: nn.Module) -> None:
     moves = ("7g7f", "3c3d")
+    go = "go btime 1000 wtime 1000 byoyomi 1000 binc 0 winc 0"
     lines = talk(model, "usi", "isready", "usinewgame", "position startpos moves 7g7f 3c3d",
-                 "go btime 1000 wtime 1000 byoyomi 1000 binc 0 winc 0", "gameover win", "quit")  # fmt: skip
+                 go, "gameover win", "quit")  # fmt: skip
     info, best = lines[-2:]
     words = info.split()
     assert words[:2] == ["info", "depth"] and words[words.index("score") + 1] == "cp"
