@@ -22,7 +22,11 @@ layer           modules                              may import (directly; and a
 ==============  ===================================  =============================================
 entry           ``keisei_fn`` (the public API),      cli
                 ``__main__``
-cli             cli                                  demo, analysis, testing, info, diff
+cli             cli                                  demo, analysis, testing, info, diff, play
+play            match, usi (games against engines)   player, elo
+player          player (a network choosing moves)    store, search, shogi
+search          search (PUCT over an evaluator)      (nothing)
+elo             elo (Elo maths, the gate)            (nothing)
 diff            diff (what changed between states)   store
 demo            demo (``keisei-fn demo``)            publish, shogi
 analysis        analysis (policy on positions)       shogi, display
@@ -86,12 +90,17 @@ LAYER_OF: Mapping[str, str] = {
     "paths": "paths",
     "_version": "version",
     "errors": "errors",
+    "match": "play",
+    "usi": "play",
+    "player": "player",
+    "search": "search",
+    "elo": "elo",
 }
 
 #: Layer → the layers directly below it that it may import.
 MAY_IMPORT: Mapping[str, frozenset[str]] = {
     "entry": frozenset({"cli"}),
-    "cli": frozenset({"demo", "analysis", "testing", "info", "diff"}),
+    "cli": frozenset({"demo", "analysis", "testing", "info", "diff", "play"}),
     "diff": frozenset({"store"}),
     "demo": frozenset({"publish", "shogi"}),
     "analysis": frozenset({"shogi", "display"}),
@@ -112,6 +121,10 @@ MAY_IMPORT: Mapping[str, frozenset[str]] = {
     "paths": frozenset({"errors"}),
     "version": frozenset(),
     "errors": frozenset(),
+    "play": frozenset({"player", "elo"}),
+    "player": frozenset({"store", "search", "shogi"}),
+    "search": frozenset(),
+    "elo": frozenset(),
 }
 
 #: Open to every layer.

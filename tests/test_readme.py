@@ -25,6 +25,7 @@ TESTED_SECTIONS = {
     "Shared clusters: preemption, time-based saves, workers that follow": (
         "test_cluster_example_saves_by_steps_and_time_and_a_worker_follows"
     ),
+    "Playing: a USI engine and matches with Elo": "test_match_example",
 }
 
 
@@ -190,3 +191,18 @@ def test_cluster_example_saves_by_steps_and_time_and_a_worker_follows(
         torch.set_rng_state(rng[2])
     assert [m.step for m in kf.list_checkpoints("models/cluster_run")] == [10240, 20480, 20480]
     assert capsys.readouterr().out == "now playing with step 20480\n"
+
+
+def test_match_example(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    spec = kf.ModelSpec(model_type="testmodel")
+    for seed, step in ((0, 100), (1, 300)):
+        state = kf.capture(spec, kf.build_model(spec, seed=seed), step=step)
+        kf.save_state(state, "runs/demo")
+    kf.save_final_model(state, "runs/demo")
+    run_blocks("Playing: a USI engine and matches with Elo")
+    out = capsys.readouterr().out
+    assert "4 games" in out and "Elo of B - A: " in out and out.rstrip().endswith(("B", "A"))
+    assert (tmp_path / "m" / "summary.json").exists()
