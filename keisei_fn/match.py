@@ -482,7 +482,7 @@ def play_match(
     b: PathArg | nn.Module | UsiCommand,
     *,
     games: int = 10,
-    playouts: int = 0,
+    playouts: int | tuple[int, int] = 0,
     seed: int = 0,
     out: PathArg | None = None,
     move_cap: int = 256,
@@ -499,8 +499,8 @@ def play_match(
             ``nn.Module``, or a :class:`UsiCommand`.
         b: player B, likewise.
         games: number of games, >= 1 (consecutive pairs share an opening, colours swapped).
-        playouts: PUCT playouts per move of the model players (0: the policy alone); also set
-            as the ``Playouts`` option of engines that declare one.
+        playouts: PUCT playouts per move of the model players (0: the policy alone), or
+            ``(A's, B's)``; also set as the ``Playouts`` option of engines that declare one.
         seed: seeds the openings and the players' samplers (and engines' ``Seed`` option).
         out: the folder for ``game-NNN.csa`` and ``summary.json`` (default: a new
             ``match-<UTC time>`` folder in the current directory).
@@ -522,15 +522,19 @@ def play_match(
     for label, value, low in (("games", games, 1), ("move_cap", move_cap, 1)):
         if isinstance(value, bool) or not isinstance(value, int) or value < low:
             raise SpecError(f"{label} must be an int >= {low}, got {value!r}")
+    per_player = playouts if isinstance(playouts, tuple) else (playouts, playouts)
+    for count in per_player:
+        if isinstance(count, bool) or not isinstance(count, int) or count < 0:
+            raise SpecError(f"playouts must be ints >= 0, got {playouts!r}")
     folder = _new_out_dir(out)
     players: dict[str, _Player] = {}
     results: list[GameResult] = []
     try:
-        for label, source in (("A", a), ("B", b)):
+        for label, source, count in (("A", a, per_player[0]), ("B", b, per_player[1])):
             players[label] = _make_player(
                 source,
                 label=label,
-                playouts=playouts,
+                playouts=count,
                 temperature=temperature,
                 device=device,
                 byoyomi_ms=byoyomi_ms,
@@ -573,7 +577,7 @@ def play_match(
         **result.to_json(),
         "settings": {
             "games": games,
-            "playouts": playouts,
+            "playouts": list(per_player),
             "seed": seed,
             "move_cap": move_cap,
             "opening_plies": opening_plies,

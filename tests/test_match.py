@@ -62,7 +62,7 @@ def test_models_play_a_match_and_write_records(
     assert result.games[0].opening == result.games[1].opening != result.games[2].opening
     assert all(g.reason in ("mate", "resign", "repetition", "move cap") for g in result.games)
     summary = check_records(result.out, 4)
-    assert summary["b"] == str(run_dir) and summary["settings"]["playouts"] == 2  # type: ignore[index]
+    assert summary["b"] == str(run_dir) and summary["settings"]["playouts"] == [2, 2]  # type: ignore[index]
     low, high = summary["elo_interval"]  # type: ignore[misc]
     assert low is None or high is None or low <= high
     again = play_match(model, run_dir, games=4, playouts=2, seed=5, move_cap=24, out="again")
@@ -74,7 +74,7 @@ def test_match_cli_against_an_external_engine(run_dir: Path, tmp_path: Path) -> 
     out = tmp_path / "out"
     ran = cli_inprocess.run(
         "match", run_dir, "--engine-b", engine, "--games", "2", "--move-cap", "12",
-        "--playouts", "2", "--out", out, env={"OMP_NUM_THREADS": "1"},
+        "--playouts", "0", "--playouts-b", "2", "--out", out, env={"OMP_NUM_THREADS": "1"},
     )  # fmt: skip
     assert ran.returncode == 0, ran.stderr
     assert "(B): 2 games" in ran.stdout and "Elo of B - A: " in ran.stdout
@@ -82,6 +82,7 @@ def test_match_cli_against_an_external_engine(run_dir: Path, tmp_path: Path) -> 
     assert f"records and summary.json in {out}" in ran.stdout
     summary = check_records(out, 2)
     assert str(summary["b"]).startswith("keisei-fn")
+    assert summary["settings"]["playouts"] == [0, 2]  # type: ignore[index]
     again = cli_inprocess.run("match", run_dir, run_dir, "--games", "1", "--out", out)
     assert again.returncode == 2 and "already holds a match" in again.stderr
 
@@ -139,3 +140,9 @@ def test_the_gate_asks_whether_b_is_better() -> None:
     assert not is_better(_result(12, 8, 0))
     assert is_better(_result(12, 8, 0), confidence=0.75)
     assert _result(30, 10, 0).elo().elo > 0 > _result(10, 30, 0).elo().elo
+
+
+def test_match_cli_needs_two_players(run_dir: Path) -> None:
+    for args in ([run_dir], [run_dir, run_dir, run_dir], ["--engine-a", "x", run_dir, run_dir]):
+        ran = cli_inprocess.run("match", *args)
+        assert ran.returncode == 2 and "match needs two players" in ran.stderr

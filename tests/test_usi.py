@@ -288,3 +288,17 @@ def test_cshogi_runs_complete_games_between_two_engines(tmp_path: Path, run_dir:
 @pytest.mark.slow
 def test_cshogi_runs_ten_complete_games_between_two_engines(tmp_path: Path, run_dir: Path) -> None:
     _cshogi_games(tmp_path, run_dir, games=10)
+
+
+def test_the_usi_command(run_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from tests import cli_inprocess
+
+    monkeypatch.setattr(sys, "stdin", io.StringIO("usi\nisready\nposition startpos\ngo\nquit\n"))
+    ran = cli_inprocess.run("usi", run_dir)
+    assert ran.returncode == 0, ran.stderr
+    lines = ran.stdout.splitlines()
+    assert "usiok" in lines and "readyok" in lines and lines[-1].split()[1] in legal_usi()
+    monkeypatch.setattr(sys, "stdin", io.StringIO("usi\nisready\n"))
+    missing = cli_inprocess.run("usi", run_dir.parent / "nothing")
+    assert missing.returncode == 2 and "readyok" not in missing.stdout
+    assert missing.stdout.splitlines()[-1].startswith("info string cannot play: no checkpoint")

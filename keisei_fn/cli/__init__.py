@@ -308,6 +308,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--playouts", type=int, default=0, metavar="K", help="playouts per move (default: 0)"
     )
+    p.add_argument("--playouts-b", type=int, metavar="K", help="B's playouts, if not --playouts")
     p.add_argument("--seed", type=int, default=0, help="seeds the openings (default: 0)")
     p.add_argument("--move-cap", type=int, default=256, metavar="N", help="draw after N plies")
     p.add_argument("--out", metavar="DIR", help="records and summary.json (default: ./match-*)")

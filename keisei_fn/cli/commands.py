@@ -393,7 +393,7 @@ def cmd_match(args: argparse.Namespace) -> int:
         players[0],
         players[1],
         games=args.games,
-        playouts=args.playouts,
+        playouts=(args.playouts, args.playouts if args.playouts_b is None else args.playouts_b),
         seed=args.seed,
         move_cap=args.move_cap,
         out=args.out,
