@@ -52,7 +52,7 @@ from torch import nn
 
 from keisei_fn import shogi
 from keisei_fn._version import __version__
-from keisei_fn.errors import IllegalMoveError, InvalidPositionError, KeiseiFnError
+from keisei_fn.errors import IllegalMoveError, InvalidPositionError
 from keisei_fn.paths import PathArg
 from keisei_fn.player import choose_move, load_player
 
@@ -195,7 +195,7 @@ class _Engine:
         if self.model is None:
             try:
                 self.model = load_player(self.source, self.options["Device"])
-            except (KeiseiFnError, OSError, RuntimeError) as exc:
+            except Exception as exc:  # any failure to load is reported, not a crash
                 self.info(f"cannot play: {exc}")
                 raise _Refused(str(exc)) from exc
         return self.model
@@ -220,7 +220,7 @@ class _Engine:
         if name == "Device" and self.model is not None and value != self.options[name]:
             try:
                 self.model = self.model.to(torch.device(value))
-            except (RuntimeError, ValueError) as exc:
+            except Exception as exc:  # torch raises several kinds here
                 self.info(f"cannot use device {value!r}: {exc}")
                 return
         self.options[name] = value
@@ -291,15 +291,20 @@ class _Engine:
         if "nodes" in limits:
             playouts = min(playouts, max(limits["nodes"], 1)) if playouts else 0
         resign = int(self.options["ResignValue"])
-        choice = choose_move(
-            model,
-            self.board,
-            temperature=float(self.options["Temperature"]),
-            playouts=playouts,
-            rng=self.rng,
-            resign_cp=None if resign <= NO_RESIGN else resign,
-            should_stop=should_stop,
-        )
+        try:
+            choice = choose_move(
+                model,
+                self.board,
+                temperature=float(self.options["Temperature"]),
+                playouts=playouts,
+                rng=self.rng,
+                resign_cp=None if resign <= NO_RESIGN else resign,
+                should_stop=should_stop,
+            )
+        except Exception as exc:  # a GUI waits for a bestmove whatever happens
+            self.info(f"cannot search: {type(exc).__name__}: {exc}")
+            self.say("bestmove resign")
+            return
         pv = f" pv {' '.join(choice.pv)}" if choice.pv else ""
         self.say(f"info depth 1 nodes {choice.nodes} score cp {choice.cp}{pv}")
         while waits and not stopped and not self.quit:
@@ -345,9 +350,11 @@ def _check_value(name: str, option: _Option, value: str) -> str | None:
             return f"option Temperature: expected a number >= 0, got {value!r}"
     elif name == "Device":
         try:
-            torch.device(value)
+            device = torch.device(value)
         except (RuntimeError, ValueError):
             return f"option Device: not a torch device: {value!r}"
+        if device.type == "meta":
+            return "option Device: a meta device holds no weights"
     return None
 
 

@@ -143,6 +143,7 @@ def test_an_illegal_move_refuses_the_position(model: nn.Module) -> None:
         "setoption name Playouts value many",
         "setoption name Temperature value -1",
         "setoption name Device value nonsense",
+        "setoption name Device value meta",
         "setoption name Nope value 1",
         "go byoyomi soon",
         "hello engine",
@@ -302,3 +303,19 @@ def test_the_usi_command(run_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None
     missing = cli_inprocess.run("usi", run_dir.parent / "nothing")
     assert missing.returncode == 2 and "readyok" not in missing.stdout
     assert missing.stdout.splitlines()[-1].startswith("info string cannot play: no checkpoint")
+
+
+def test_a_failing_search_still_answers_bestmove(model: nn.Module) -> None:
+    class Failing(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.weight = nn.Parameter(torch.zeros(1))
+
+        def forward(self, obs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            raise RuntimeError("out of memory")
+
+    lines = talk(Failing(), "isready", "position startpos", "go")
+    assert lines[-2:] == [
+        "info string cannot search: RuntimeError: out of memory",
+        "bestmove resign",
+    ]
