@@ -202,13 +202,11 @@ def choose_move(
     evaluate = evaluator(model)
     if playouts == 0:
         moves, priors, value = evaluate(board)
-        weights = priors if temperature == 0 else _tempered(np.log(priors), temperature)
-        pick = _pick(weights, temperature, rng)
+        pick = _pick(priors, temperature, rng)
         cp, pv, nodes = value_to_cp(value), [moves[pick]], 1
     else:
         found = puct_search(board, evaluate, playouts, should_stop=should_stop)
-        weights = found.visits if temperature == 0 else found.visits ** (1.0 / temperature)
-        pick = _pick(weights, temperature, rng)
+        pick = _pick(found.visits, temperature, rng)
         pv = found.pv if found.pv[:1] == [found.moves[pick]] else [found.moves[pick]]
         q = found.q[pick] if found.visits[pick] > 0 else found.root_value
         cp, nodes = value_to_cp(q), found.playouts + 1
@@ -218,16 +216,14 @@ def choose_move(
     return Choice(move=usi[0], cp=cp, pv=usi, nodes=nodes)
 
 
-def _tempered(log_weights: npt.NDArray[np.float64], temperature: float) -> npt.NDArray[np.float64]:
-    scaled = log_weights / temperature
-    out: npt.NDArray[np.float64] = np.exp(scaled - scaled.max())
-    return out
-
-
 def _pick(weights: npt.NDArray[np.float64], temperature: float, rng: random.Random) -> int:
-    """Argmax (first of ties) at temperature 0, else a draw proportional to ``weights``."""
-    if temperature == 0 or not np.isfinite(weights).all() or weights.sum() <= 0:
+    """Argmax (first of ties) at temperature 0, else a draw proportional to
+    ``weights ** (1 / temperature)`` (for policy priors: the softmax of ``logits / T``)."""
+    tempered = weights if temperature == 0 else weights / weights.max()
+    if temperature > 0:
+        tempered = tempered ** (1.0 / temperature)
+    if temperature == 0 or not np.isfinite(tempered).all() or tempered.sum() <= 0:
         return int(np.argmax(weights))
-    cumulative = np.cumsum(weights / weights.sum())
+    cumulative = np.cumsum(tempered / tempered.sum())
     drawn = int(np.searchsorted(cumulative, rng.random(), side="right"))
     return min(drawn, len(weights) - 1)
