@@ -88,13 +88,14 @@ def usi_rows(scratch: Path, repeat: int, *, playouts: int = 800) -> list[Row]:
     )
     positions = shogi.random_positions(4, seed=0, stride=7)
     position = positions[-1]
+    choose_move(model, position)  # warm-up: a search round costs hundreds of evaluations
     searches = run_rounds(
         {
             "policy": lambda: choose_move(model, position),
             "search": lambda: choose_move(model, position, playouts=playouts),
         },
         repeat=max(1, repeat // 2),
-        warmup=1,
+        warmup=0,
     )
     policy_ms, search_ms = searches.median_ms("policy"), searches.median_ms("search")
     rows.append(
