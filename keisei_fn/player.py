@@ -77,7 +77,8 @@ def load_player(source: PathArg | nn.Module, device: str | torch.device = "cpu")
         device: where to put the network.
 
     Returns:
-        The network, in eval mode, on ``device``.
+        The network, in eval mode, on ``device`` (a module given is moved and switched to eval
+        mode in place).
 
     Raises:
         IntegrityError: the model is unsound (a parameter is not finite).
