@@ -31,3 +31,34 @@ test: lint
 
 bench: setup  # python -m benchmarks --help for options (--quick, --sections, --repeat)
 	$(PY) -m benchmarks
+
+# `make gpu-check`: the CUDA tests (pytest -m cuda) and the benchmarks' GPU section, on a machine
+# whose Python (GPU_PY) has a CUDA build of torch, pytest, hypothesis, numpy and safetensors;
+# under 5 minutes. Without a GPU both skip and say why. Our other dependencies are installed
+# from $(GPU_WHEELS) when it holds wheels, so the GPU machine needs no network: run
+# `make gpu-wheels` where the registry is reachable and bring the folder along.
+GPU_PY ?= python3
+GPU_PYTHON_VERSION ?= 3.12
+GPU_WHEELS ?= gpu-wheels
+GPU_SITE ?= /tmp/keisei-fn-gpu-site
+GPU_NEEDS ?= orjson blake3  # what keisei_fn imports beyond the GPU machine's packages
+
+.PHONY: gpu-wheels gpu-check
+
+gpu-wheels:
+	$(GPU_PY) -m pip download --quiet --no-deps --only-binary=:all: \
+		--python-version $(GPU_PYTHON_VERSION) --implementation cp \
+		--platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+		--dest $(GPU_WHEELS) $(GPU_NEEDS)
+
+gpu-check:
+	@if ! $(GPU_PY) -c "import orjson, blake3" 2>/dev/null; then \
+		echo "installing $(GPU_WHEELS)/*.whl into $(GPU_SITE)"; \
+		ls $(GPU_WHEELS)/*.whl >/dev/null 2>&1 || { echo "no wheels: make gpu-wheels"; exit 1; }; \
+		$(GPU_PY) -m pip install --quiet --no-index --no-deps --no-compile --upgrade \
+			--target $(GPU_SITE) $(GPU_WHEELS)/*.whl || exit 1; \
+	fi
+	PYTHONPATH=$(GPU_SITE):$(CURDIR) $(GPU_PY) -m pytest -p no:cacheprovider -m cuda -rs \
+		tests/test_cuda.py
+	PYTHONPATH=$(GPU_SITE):$(CURDIR) $(GPU_PY) -m benchmarks.gpu --quick \
+		--out benchmarks/results/gpu.json

@@ -8,10 +8,10 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from benchmarks import cases, loop, object_store, report, sharded_bench, usi_bench
+from benchmarks import cases, gpu, loop, object_store, report, sharded_bench, usi_bench
 
 SECTIONS = (
-    "save", "load", "capture", "breakdown", "s3", "sharded", "listing", "import", "loop"
+    "save", "load", "capture", "breakdown", "s3", "sharded", "listing", "import", "loop", "gpu"
 )  # fmt: skip
 SECTIONS += ("usi", "matches")
 DEFAULT_OUT = Path(__file__).parent / "results" / "latest.json"
@@ -127,6 +127,10 @@ def main(argv: list[str] | None = None) -> None:
                 scratch, max(3, args.repeat // 2), steps=10 if args.quick else 20
             )
 
+    if "gpu" in args.sections:
+        progress("GPU: snapshot, background checkpoints, loads to the GPU, GPU memory")
+        with cases.scratch_dir(parent) as scratch:
+            rows += gpu.gpu_rows(scratch, args.repeat, steps=20 if args.quick else 50)
     matches: list[dict[str, Any]] = []
     if "usi" in args.sections:
         progress("usi: cold isready, nodes/s at Playouts 0 and 800 (default model)")

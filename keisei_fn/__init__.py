@@ -17,9 +17,19 @@ from typing import TYPE_CHECKING, Any
 
 from keisei_fn import errors
 from keisei_fn._version import __version__
+from keisei_fn.average import (
+    average_checkpoints,
+    average_states,
+    last_checkpoints,
+    recompute_bn,
+)
 from keisei_fn.capture import capture, restore_
+from keisei_fn.compat import check_compatible
 from keisei_fn.diff import StateDiff, diff_checkpoints, diff_states
+from keisei_fn.ema import EMA, ema_init, ema_model, ema_update
+from keisei_fn.ensemble import Ensemble
 from keisei_fn.features import FEATURE_SPECS, FeatureSpec, get_feature_spec, register_feature_set
+from keisei_fn.grow import grow
 from keisei_fn.info import model_info
 from keisei_fn.meta import CheckpointMeta
 from keisei_fn.nets import (
@@ -50,6 +60,7 @@ from keisei_fn.store import (
     list_checkpoints,
     load_model,
     load_state,
+    migrate,
     plan_prune,
     prune,
     resume,
@@ -90,12 +101,14 @@ def __getattr__(name: str) -> Any:
 
 
 __all__ = [
+    "EMA",
     "FEATURE_SPECS",
     "ActorCriticResTower",
     "AsyncSaver",
     "CheckpointList",
     "CheckpointMeta",
     "Checkpointer",
+    "Ensemble",
     "FeatureSpec",
     "GameStats",
     "ModelSpec",
@@ -110,18 +123,26 @@ __all__ = [
     "StateDiff",
     "TrainState",
     "__version__",
+    "average_checkpoints",
+    "average_states",
     "build_model",
     "canonical_state_dict",
     "capture",
+    "check_compatible",
     "checkpoint_due",
     "consolidate",
     "diff_checkpoints",
     "diff_states",
+    "ema_init",
+    "ema_model",
+    "ema_update",
     "errors",
     "flush_outbox",
     "follow",
     "get_feature_spec",
+    "grow",
     "import_legacy",
+    "last_checkpoints",
     "latest_checkpoint",
     "list_checkpoints",
     "load_model",
@@ -129,6 +150,7 @@ __all__ = [
     "load_sharded_",
     "load_state",
     "make_scaler",
+    "migrate",
     "model_info",
     "model_types",
     "plan_prune",
@@ -136,6 +158,7 @@ __all__ = [
     "precision_policy",
     "prune",
     "publish",
+    "recompute_bn",
     "register_feature_set",
     "register_model",
     "restore_",

@@ -22,7 +22,7 @@ Example:
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import torch
@@ -33,7 +33,8 @@ from keisei_fn.errors import StateMismatchError
 from keisei_fn.nets import canonical_state_dict, unwrap_model
 from keisei_fn.rng import Generators, capture_rng, restore_rng_, rng_problems
 from keisei_fn.spec import ModelSpec
-from keisei_fn.state import GameStats, TrainState, thaw, view_key
+from keisei_fn.staging import PinnedBuffers, copy_to_device, copy_to_host
+from keisei_fn.state import GameStats, TrainState, iter_tensors, thaw, view_key
 
 __all__ = [
     "capture",
@@ -69,18 +70,40 @@ _PARAM_SHAPED = frozenset(
 )
 
 
-class _Cloner:
-    """Clones tensors contiguously, once per distinct view, so shared storage stays shared."""
+#: The tensor types ``capture`` copies to the host (a subclass may not be plain memory).
+_PLAIN = (torch.Tensor, nn.Parameter)
 
-    def __init__(self) -> None:
+
+class _Cloner:
+    """Clones tensors contiguously, once per distinct view, so shared storage stays shared.
+    Plain CUDA tensors are copied to (page-locked) host memory, all at once by :meth:`stage`."""
+
+    def __init__(self, staging: PinnedBuffers | None = None) -> None:
         self._seen: dict[tuple[Any, ...], torch.Tensor] = {}
+        self._staging = staging
+
+    def stage(self, values: Iterable[Any]) -> None:
+        """Copy every distinct view of a CUDA tensor in ``values`` to the host in one batch
+        (see ``keisei_fn.staging.copy_to_host``); ``__call__`` then hands out those copies."""
+        pending: dict[tuple[Any, ...], torch.Tensor] = {}
+        for value in values:
+            for _, tensor in iter_tensors(value):
+                if tensor.device.type != "cuda" or type(tensor) not in _PLAIN:
+                    continue  # tensor subclasses (DTensor, ...) are cloned as they are
+                key = view_key(tensor)
+                if key is not None and key not in self._seen:
+                    pending.setdefault(key, tensor.detach())
+        if pending:
+            hosts = copy_to_host(list(pending.values()), self._staging)
+            self._seen.update(zip(pending, hosts, strict=True))
 
     def __call__(self, value: Any) -> Any:
         if isinstance(value, torch.Tensor):
             value = value.detach()
             key = view_key(value)
-            if key is None:  # no storage to share
-                return value.clone(memory_format=torch.contiguous_format)
+            if key is None:  # no storage to share (empty)
+                staged = value.device.type == "cuda" and type(value) in _PLAIN
+                return value.to("cpu", copy=True) if staged else value.clone()
             if key not in self._seen:
                 self._seen[key] = value.clone(memory_format=torch.contiguous_format)
             return self._seen[key]
@@ -106,8 +129,15 @@ def capture(
     extra: Mapping[str, Any] | None = None,
     rng: bool = True,
     generators: Generators | None = None,
+    staging: PinnedBuffers | None = None,
 ) -> TrainState:
     """Snapshot a live training run into an immutable :class:`TrainState`.
+
+    CUDA tensors are copied into page-locked host memory (``keisei_fn.staging.copy_to_host``:
+    non-blocking copies on a side stream ordered after the current stream), so the snapshot
+    costs no GPU memory; the call returns once the copies are complete, so training steps
+    queued after it cannot reach the snapshot. CPU tensors, and tensor subclasses such as
+    DTensor, are cloned where they are.
 
     Args:
         spec: the model's architecture, or None for an arbitrary user model.
@@ -121,27 +151,35 @@ def capture(
         extra: JSON-able user state (e.g. ``{"elo_state": ..., "metrics_history": ...}``).
         rng: capture Python's, NumPy's, torch's (and CUDA's) global RNG states.
         generators: user-held generators to capture, by name (see ``keisei_fn.rng``).
+        staging: where the host copies of CUDA tensors go, for reuse across snapshots (e.g.
+            ``AsyncSaver.staging``); a buffer is reused only once no tensor of an earlier
+            snapshot in it is alive. None: a fresh page-locked buffer.
 
     Returns:
-        The snapshot; later training steps do not change it.
+        The snapshot (CPU tensors); later training steps do not change it.
 
     Raises:
         StateMismatchError: for invalid counters or unsupported generator types.
     """
-    clone = _Cloner()
-    model_state = clone(canonical_state_dict(unwrap_model(model).state_dict()))
+    clone = _Cloner(staging)
+    model_state = canonical_state_dict(unwrap_model(model).state_dict())
+    optimizer_state = optimizer.state_dict() if optimizer is not None else None
+    scheduler_state = scheduler.state_dict() if scheduler is not None else None
     enabled_scaler = scaler is not None and scaler.is_enabled()
+    scaler_state = scaler.state_dict() if enabled_scaler and scaler is not None else None
+    extra_state = dict(extra or {})
+    clone.stage([model_state, optimizer_state, scheduler_state, scaler_state, extra_state])
     return TrainState(
         spec=spec,
         step=step,
         episodes=episodes,
         stats=stats if stats is not None else GameStats(),
-        model=model_state,
-        optimizer=clone(optimizer.state_dict()) if optimizer is not None else None,
-        scheduler=clone(scheduler.state_dict()) if scheduler is not None else None,
-        scaler=clone(scaler.state_dict()) if enabled_scaler and scaler is not None else None,
+        model=clone(model_state),
+        optimizer=clone(optimizer_state),
+        scheduler=clone(scheduler_state),
+        scaler=clone(scaler_state),
         rng=gather_rng(capture_rng(generators)) if rng else None,
-        extra=clone(dict(extra or {})),
+        extra=clone(extra_state),
     )
 
 
@@ -265,14 +303,24 @@ def restore_(
             + "\n  - ".join(problems)
         )
     # load_state_dict copies into parameters and buffers, but hands each ``_extra_state`` over
-    # as it is (a module's set_extra_state may keep it): those get copies.
+    # as it is (a module's set_extra_state may keep it): those get copies. Host tensors bound
+    # for CUDA go there first, through page-locked staging.
+    live = net.state_dict()
+    moved = _on_devices(
+        (tensor, live[key].device)
+        for key, tensor in state.model.items()
+        if key.rsplit(".", 1)[-1] != _EXTRA_STATE
+    )
     model_state = {
-        key: tensor.clone() if key.rsplit(".", 1)[-1] == _EXTRA_STATE else tensor
+        key: moved.get(id(tensor), tensor)
+        if key.rsplit(".", 1)[-1] != _EXTRA_STATE
+        else tensor.clone()
         for key, tensor in state.model.items()
     }
     net.load_state_dict(model_state, strict=True)
+    del model_state, moved
     if optimizer is not None and state.optimizer is not None:
-        optimizer.load_state_dict(thaw(state.optimizer, on_tensor=torch.Tensor.clone))
+        optimizer.load_state_dict(_optimizer_copy(state.optimizer, optimizer))
     restore_loop_state_(
         f"state (step {state.step})",
         step=state.step,
@@ -283,6 +331,38 @@ def restore_(
         rng_state=state.rng if rng else None,
         generators=generators,
     )
+
+
+def _on_devices(pairs: Iterable[tuple[torch.Tensor, torch.device]]) -> dict[int, torch.Tensor]:
+    """``id(tensor)`` → a copy on its CUDA target device, for each host tensor bound for one
+    (through page-locked staging, one batch per device); other tensors are left out."""
+    bound: dict[torch.device, dict[int, torch.Tensor]] = {}
+    for tensor, device in pairs:
+        if device.type == "cuda" and tensor.device.type == "cpu":
+            bound.setdefault(device, {})[id(tensor)] = tensor
+    moved: dict[int, torch.Tensor] = {}
+    for device, tensors in bound.items():
+        moved.update(zip(tensors, copy_to_device(list(tensors.values()), device), strict=True))
+    return moved
+
+
+def _optimizer_copy(saved: Mapping[str, Any], optimizer: torch.optim.Optimizer) -> Any:
+    """A plain copy of a saved optimizer ``state_dict`` for ``load_state_dict`` (which keeps
+    the tensors it is given): the state tensors torch would move to their parameter's CUDA
+    device (all but ``step``, which torch places itself) are copied there directly, the rest
+    cloned. Assumes :func:`optimizer_problems` found nothing."""
+    params: dict[Any, torch.Tensor] = {}
+    for group, live_group in zip(
+        saved.get("param_groups", ()), optimizer.param_groups, strict=True
+    ):
+        params.update(zip(group["params"], live_group["params"], strict=True))
+    moved = _on_devices(
+        (value, params[index].device)
+        for index, entries in saved.get("state", {}).items()
+        for name, value in entries.items()
+        if isinstance(value, torch.Tensor) and name != "step"
+    )
+    return thaw(saved, on_tensor=lambda t: moved[id(t)] if id(t) in moved else t.clone())
 
 
 def restore_loop_state_(

@@ -13,6 +13,7 @@ __all__ = [
     "AlreadyConvertedError",
     "CheckpointExistsError",
     "CheckpointNotFoundError",
+    "GrowError",
     "IllegalMoveError",
     "IncompleteCheckpointError",
     "IntegrityError",
@@ -82,3 +83,12 @@ class UnsupportedValueError(KeiseiFnError, TypeError):
 
 class InvalidPositionError(KeiseiFnError, ValueError):
     """An SFEN string does not describe a valid Shogi position."""
+
+
+class GrowError(SpecError):
+    """``grow`` cannot turn a state into one for the asked spec (a field other than the tower's
+    depth and width differs, or the tower would shrink); ``field`` names the spec field."""
+
+    def __init__(self, message: str, *, field: str) -> None:
+        super().__init__(message)
+        self.field = field

@@ -74,6 +74,7 @@ __all__ = [
     "check_sidecar",
     "check_sidecar_cost",
     "digest_bytes",
+    "migrated_sidecar",
 ]
 
 FORMAT_NAME = "keisei_fn.checkpoint"
@@ -179,6 +180,62 @@ def build_sidecar(
     )
     sidecar["format_version"] = FORMAT_VERSION
     return _sealed(sidecar)
+
+
+def migrated_sidecar(
+    sidecar: Mapping[str, Any],
+    *,
+    weights_file: str,
+    weights_size: int,
+    weights_digest: str,
+    tensor_digests: Mapping[str, str],
+) -> dict[str, Any]:
+    """The format-3 sidecar of an older single-file checkpoint whose tensors were rewritten,
+    unchanged, to ``weights_file`` (``keisei_fn.store.migrate``).
+
+    Everything the old sidecar says is kept (name, kind, state, aliases, tensor layouts, the
+    creation time and the ``versions`` of the library that wrote it); the weights entry names
+    the new file, every tensor gains its digest, and ``"migrated"`` records the format version
+    it came from, when, and the versions of the library that migrated it.
+
+    Args:
+        sidecar: the checked older sidecar (format 1).
+        weights_file: the new weights file's name, ``<name>.<token>.safetensors``.
+        weights_size: its byte size.
+        weights_digest: its digest.
+        tensor_digests: stored name → digest, for every tensor the old sidecar lists.
+
+    Raises:
+        SpecError: a sidecar of another format version than 1, a weights file name that is not
+            a generation name of the checkpoint, or digests for other tensors than listed.
+
+    Example:
+        >>> migrated_sidecar({"format_version": 3, "name": "x"},
+        ...     weights_file="x.0a1b2c3d.safetensors", weights_size=0, weights_digest="",
+        ...     tensor_digests={})
+        Traceback (most recent call last):
+        ...
+        keisei_fn.errors.SpecError: only a format-1 sidecar migrates, not format 3
+    """
+    if sidecar["format_version"] != LEGACY_SINGLE_FILE_VERSION:
+        raise SpecError(f"only a format-1 sidecar migrates, not format {sidecar['format_version']}")
+    name = sidecar["name"]
+    if not re.fullmatch(re.escape(name) + GENERATION_PATTERN, weights_file):
+        raise SpecError(f"{weights_file!r} is not a weights file name for {name!r}")
+    if set(tensor_digests) != set(sidecar["tensors"]):
+        raise SpecError("tensor_digests must hold a digest for every listed tensor and no other")
+    migrated = {
+        **sidecar,
+        "format_version": FORMAT_VERSION,
+        "tensors": {k: {**v, "digest": tensor_digests[k]} for k, v in sidecar["tensors"].items()},
+        "weights": {"file": weights_file, "size": weights_size, "digest": weights_digest},
+        "migrated": {
+            "from_format_version": sidecar["format_version"],
+            "at": datetime.now(UTC).isoformat(timespec="microseconds"),
+            "versions": _versions(),
+        },
+    }
+    return _sealed(migrated)
 
 
 def _base_sidecar(

@@ -30,6 +30,7 @@ __all__ = [
     "build_model",
     "canonical_state_dict",
     "register_model",
+    "se_pool",
     "unwrap_model",
 ]
 
@@ -37,6 +38,29 @@ ModelBuilder = Callable[[ModelSpec], nn.Module]
 
 _WRAPPER_PREFIXES = ("_orig_mod.", "module.")
 _T = TypeVar("_T")
+
+
+_is_scripting = torch.jit.is_scripting  # type: ignore[attr-defined]  # (not exported)
+
+
+def se_pool(x: Tensor) -> Tensor:
+    """The mean over H and W of ``(B, C, H, W)``, as ``(B, C, 1, 1)``: the SE blocks' pooling.
+
+    ``adaptive_avg_pool2d`` has no deterministic CUDA backward, so on CUDA with
+    ``torch.use_deterministic_algorithms(True)`` this is ``x.mean((2, 3), keepdim=True)``
+    (deterministic; it may differ from the pooling in the last bit). Everywhere else it is
+    ``adaptive_avg_pool2d``, so CPU outputs are bit-identical to Keisei's (and a TorchScript
+    model always pools).
+
+    Example:
+        >>> se_pool(torch.ones(1, 2, 9, 9)).shape
+        torch.Size([1, 2, 1, 1])
+    """
+    # TorchScript skips this block whole (it has no are_deterministic_algorithms_enabled)
+    if not _is_scripting():  # noqa: SIM102
+        if x.is_cuda and torch.are_deterministic_algorithms_enabled():
+            return x.mean((2, 3), keepdim=True)
+    return F.adaptive_avg_pool2d(x, 1)
 
 
 class SqueezeExcitation(nn.Module):
@@ -49,7 +73,7 @@ class SqueezeExcitation(nn.Module):
         self.fc2 = nn.Conv2d(hidden, channels, kernel_size=1)
 
     def forward(self, x: Tensor) -> Tensor:
-        scale = F.adaptive_avg_pool2d(x, 1)
+        scale = se_pool(x)
         scale = torch.sigmoid(self.fc2(F.relu(self.fc1(scale))))
         return x * scale
 

@@ -29,13 +29,30 @@ def pytest_configure(config: pytest.Config) -> None:
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Slow tests run only with KEISEI_FN_SLOW=1 (or when selected with ``-m slow``)."""
+    """Slow tests run only with KEISEI_FN_SLOW=1 (or when selected with ``-m slow``); ``cuda``
+    tests only where torch sees a GPU (skipped, saying why)."""
+    skip_cuda = _no_cuda()
+    if skip_cuda is not None:
+        for item in items:
+            if "cuda" in item.keywords:
+                item.add_marker(pytest.mark.skip(reason=skip_cuda))
     if os.environ.get("KEISEI_FN_SLOW") == "1" or "slow" in (config.option.markexpr or ""):
         return
     skip = pytest.mark.skip(reason="slow: set KEISEI_FN_SLOW=1 to run")
     for item in items:
         if "slow" in item.keywords:
             item.add_marker(skip)
+
+
+def _no_cuda() -> str | None:
+    """Why the ``cuda`` tests cannot run here, or None when torch sees a GPU."""
+    import torch
+
+    if torch.version.cuda is None:
+        return f"cuda: torch {torch.__version__} is a CPU build (make gpu-check on a GPU machine)"
+    if not torch.cuda.is_available():
+        return f"cuda: torch {torch.__version__} sees no GPU (make gpu-check on a GPU machine)"
+    return None
 
 
 # -- S3: a real SeaweedFS server on loopback (keisei_fn.testing.s3server) ----------------------

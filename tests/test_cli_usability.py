@@ -34,6 +34,8 @@ TINY = ModelSpec(tower_depth=1, tower_width=4, se_ratio=0.5, num_actions=5)
 WHITE_SFEN = "lnsgkgsnl/1r5b1/ppppppppp/9/9/2P6/PP1PPPPPP/1B5R1/LNSGKGSNL w - 2"
 COMMANDS = ("demo", "ls", "info", "verify", "prune", "convert", "consolidate", "publish")
 COMMANDS += ("flush", "analyze", "diff")
+COMMANDS += ("average",)
+COMMANDS += ("migrate", "grow", "compat")
 COMMANDS += ("usi", "match")
 
 
@@ -166,6 +168,9 @@ MISSING_CASES = {
     "analyze-run-dir-without-checkpoints": ["analyze", "{empty}"],
     "convert": ["convert", "{missing}/checkpoint_ts10.pth", "{out}"],
     "consolidate": ["consolidate", "{missing}", "{out}"],
+    "migrate": ["migrate", "{missing}"],
+    "grow": ["grow", "{missing}", "{out}", "--tower-depth", "2"],
+    "compat": ["compat", "{missing}"],
 }
 
 

@@ -22,12 +22,17 @@ layer           modules                              may import (directly; and a
 ==============  ===================================  =============================================
 entry           ``keisei_fn`` (the public API),      cli
                 ``__main__``
-cli             cli                                  demo, analysis, testing, info, diff, play
+cli             cli                                  demo, analysis, testing, info, diff,
+                                                     average, compat, grow, play
 play            match, usi (games against engines)   player, elo
 player          player (a network choosing moves)    store, search, shogi
 search          search (PUCT over an evaluator)      (nothing)
 elo             elo (Elo maths, the gate)            (nothing)
 diff            diff (what changed between states)   store
+average         average, ema, ensemble (averaged     store, shogi
+                and mixed models)
+compat          compat (will a checkpoint load)      store
+grow            grow (a state for a larger tower)    state, nets
 demo            demo (``keisei-fn demo``)            publish, shogi
 analysis        analysis (policy on positions)       shogi, display
 testing         testing                              store
@@ -36,7 +41,9 @@ store           store                                meta, capture, distributed
 meta            meta (CheckpointMeta, the sidecar)   codec, paths, version
 codec           codec                                state
 capture         capture, rng (bridges between live   state, nets, distributed
-                torch objects and snapshots)
+                torch objects and snapshots),
+                staging (host copies of device
+                tensors)
 info            info (beside nets)                   nets, precision
 state           state (TrainState, GameStats)        spec, display
 display         display (tables, sizes, ages for     spec
@@ -71,12 +78,18 @@ LAYER_OF: Mapping[str, str] = {
     "analysis": "analysis",
     "testing": "testing",
     "diff": "diff",
+    "average": "average",
+    "ema": "average",
+    "ensemble": "average",
+    "compat": "compat",
+    "grow": "grow",
     "publish": "publish",
     "store": "store",
     "meta": "meta",
     "codec": "codec",
     "capture": "capture",
     "rng": "capture",
+    "staging": "capture",
     "info": "info",
     "state": "state",
     "display": "display",
@@ -100,8 +113,13 @@ LAYER_OF: Mapping[str, str] = {
 #: Layer → the layers directly below it that it may import.
 MAY_IMPORT: Mapping[str, frozenset[str]] = {
     "entry": frozenset({"cli"}),
-    "cli": frozenset({"demo", "analysis", "testing", "info", "diff", "play"}),
+    "cli": frozenset(
+        {"demo", "analysis", "testing", "info", "diff", "average", "compat", "grow", "play"}
+    ),
     "diff": frozenset({"store"}),
+    "average": frozenset({"store", "shogi"}),
+    "compat": frozenset({"store"}),
+    "grow": frozenset({"state", "nets"}),
     "demo": frozenset({"publish", "shogi"}),
     "analysis": frozenset({"shogi", "display"}),
     "testing": frozenset({"store"}),

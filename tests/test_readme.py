@@ -25,6 +25,14 @@ TESTED_SECTIONS = {
     "Shared clusters: preemption, time-based saves, workers that follow": (
         "test_cluster_example_saves_by_steps_and_time_and_a_worker_follows"
     ),
+    "W&B: registry links, the best alias, evaluation metrics": "test_wandb_registry_example",
+    "Model soups, EMA and ensembles": "test_soup_ema_and_ensemble_example",
+    "Growing a network, compatibility and migrations": (
+        "test_grow_compatibility_and_migration_example"
+    ),
+    "CUDA: pinned snapshots, loads to the GPU, exact AMP resume": (
+        "test_cuda_example_saves_through_the_saver_buffers"
+    ),
     "Playing: a USI engine and matches with Elo": "test_match_example",
 }
 
@@ -191,6 +199,76 @@ def test_cluster_example_saves_by_steps_and_time_and_a_worker_follows(
         torch.set_rng_state(rng[2])
     assert [m.step for m in kf.list_checkpoints("models/cluster_run")] == [10240, 20480, 20480]
     assert capsys.readouterr().out == "now playing with step 20480\n"
+
+
+def test_wandb_registry_example(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import wandb_records
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("WANDB_DIR", raising=False)  # W&B's files under runs/ppo-1/wandb
+    for var in ("WANDB_DATA_DIR", "WANDB_CACHE_DIR", "WANDB_CONFIG_DIR"):
+        monkeypatch.setenv(var, str(tmp_path / "wandb-home"))
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    run_blocks("W&B: registry links, the best alias, evaluation metrics")
+    lines = capsys.readouterr().out.splitlines()
+    assert [("best by win_rate" in line) for line in lines] == [True, True, False, False]
+    assert "not linked to wandb-registry-model/shogi: W&B offline runs cannot link" in lines[-1]
+    (run_file,) = Path("runs/ppo-1/wandb").rglob("run-*.wandb")
+    logged = wandb_records.artifacts(run_file)
+    best = [a for a in logged if a["name"] == "ppo-1-best-checkpoint"]
+    assert [a["metadata"]["training_timesteps"] for a in best] == [10240, 20480]
+    assert all(a["metadata"]["metrics"]["elo"] == 1500.0 for a in logged[:-1])
+
+
+def test_soup_ema_and_ensemble_example(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    rng = torch.get_rng_state()
+    try:
+        namespace = run_blocks("Model soups, EMA and ensembles")
+    finally:
+        torch.set_rng_state(rng)
+    assert "black to move" in capsys.readouterr().out
+    ema, soup = namespace["ema"], namespace["soup"]
+    assert isinstance(ema, kf.EMA) and ema.updates == 3
+    assert isinstance(soup, kf.TrainState) and soup.step == 3
+    assert [i["step"] for i in soup.extra["average"]["inputs"]] == [1, 2, 3]
+    assert kf.list_checkpoints("runs/soup_avg")[0].extra["average"]["bn"] == "averaged"
+
+
+def test_grow_compatibility_and_migration_example(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    before = kf.build_model(kf.ModelSpec(tower_depth=2, tower_width=32), seed=0).eval()
+    namespace = run_blocks("Growing a network, compatibility and migrations")
+    out = capsys.readouterr().out.splitlines()
+    assert out[0] == "spec differs: tower_depth 4 vs 2, tower_width 48 vs 32"
+    assert out[1].startswith("36 tensors in the checkpoint are not in the model")
+    x = torch.randn(2, 46, 9, 9)
+    grown = namespace["model"]
+    assert isinstance(grown, torch.nn.Module)
+    with torch.no_grad():
+        torch.testing.assert_close(grown.eval()(x), before(x), rtol=1e-4, atol=1e-5)
+
+
+def test_cuda_example_saves_through_the_saver_buffers(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """On the CPU the same code runs (CPU tensors are cloned; the buffers stay unused)."""
+    monkeypatch.chdir(tmp_path)
+    rng = torch.get_rng_state()
+    try:
+        namespace = run_blocks("CUDA: pinned snapshots, loads to the GPU, exact AMP resume")
+    finally:
+        torch.set_rng_state(rng)
+    assert [m.step for m in kf.list_checkpoints("models/gpu_run")] == [5, 10]
+    state = namespace["state"]
+    assert isinstance(state, kf.TrainState) and state.step == 10
 
 
 def test_match_example(

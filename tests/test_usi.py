@@ -319,3 +319,10 @@ def test_a_failing_search_still_answers_bestmove(model: nn.Module) -> None:
         "info string cannot search: RuntimeError: out of memory",
         "bestmove resign",
     ]
+
+
+def test_an_ensemble_plays(model: nn.Module) -> None:
+    other = kf.build_model(kf.ModelSpec(model_type="testmodel"), seed=1).eval()
+    ensemble = kf.Ensemble([model, other], weights=[3, 1])
+    lines = talk(ensemble, "setoption name Playouts value 4", "position startpos", "go")
+    assert lines[-1].split()[1] in legal_usi()

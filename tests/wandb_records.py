@@ -114,7 +114,8 @@ def artifacts(path: str | Path) -> list[dict[str, Any]]:
 
     Each: ``name``, ``type``, ``aliases`` (a set), ``metadata``, ``description``, ``digest``
     (W&B's manifest digest) and ``files``: path in the artifact → ``{"digest", "size",
-    "local_path"}``.
+    "local_path", "ref", "extra"}`` (``ref``: a reference's URI, ``""`` for a file W&B holds;
+    ``extra``: the entry's extra fields, JSON-parsed, e.g. an S3 reference's ``etag``).
     """
     found = []
     for record in read_finished(path):
@@ -134,6 +135,8 @@ def artifacts(path: str | Path) -> list[dict[str, Any]]:
                         "digest": entry.digest,
                         "size": entry.size,
                         "local_path": entry.local_path,
+                        "ref": entry.ref,
+                        "extra": {e.key: json.loads(e.value_json) for e in entry.extra},
                     }
                     for entry in artifact.manifest.contents
                 },

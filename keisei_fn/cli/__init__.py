@@ -77,6 +77,47 @@ def _keep_best(text: str) -> tuple[str, str, int]:
     return metric, mode, int(k)
 
 
+def _registry_target(text: str) -> str:
+    """A W&B Registry collection (``keisei_fn.publish.registry_target``), for argparse."""
+    from keisei_fn.errors import SpecError
+    from keisei_fn.publish.registry import registry_target
+
+    try:
+        return registry_target(text)
+    except SpecError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _best_by(text: str) -> tuple[str, str]:
+    """``METRIC`` or ``METRIC:max|min`` (default max), for argparse."""
+    metric, _, mode = text.partition(":")
+    if not metric or mode not in ("", "max", "min"):
+        raise argparse.ArgumentTypeError(f"expected METRIC or METRIC:max|min, got {text!r}")
+    return metric, mode or "max"
+
+
+def _metric(text: str) -> tuple[str, float]:
+    """``NAME=NUMBER``, for argparse."""
+    name, _, value = text.partition("=")
+    try:
+        number = float(value)
+    except ValueError:
+        number = None
+    if not name or number is None:
+        raise argparse.ArgumentTypeError(f"expected NAME=NUMBER, got {text!r}")
+    return name, number
+
+
+def _weights(text: str) -> list[float]:
+    """``0.5,0.3,0.2`` as a list of floats, for argparse."""
+    try:
+        return [float(w) for w in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated numbers, e.g. 0.5,0.3,0.2; got {text!r}"
+        ) from None
+
+
 def _add_spec_options(parser: argparse.ArgumentParser) -> None:
     """Keisei's CLI names for the model spec (its ``train.py`` spells them with underscores;
     both spellings work); unset options fall back to config/defaults."""
@@ -263,6 +304,38 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("publish", help="publish a checkpoint to W&B")
     p.add_argument("path", help="checkpoint file, stem or run directory")
     p.add_argument("--run-name", required=True, help="Keisei run name (artifact name prefix)")
+    p.add_argument(
+        "--metric",
+        type=_metric,
+        action="append",
+        default=[],
+        metavar="NAME=NUMBER",
+        help="an evaluation result for the artifact's metrics (repeatable)",
+    )
+    p.add_argument(
+        "--link-to",
+        type=_registry_target,
+        metavar="COLLECTION",
+        help="link the artifact to a W&B Registry collection, "
+        "[ORG/]wandb-registry-REGISTRY/COLLECTION (online runs only)",
+    )
+    p.add_argument(
+        "--best",
+        type=_best_by,
+        metavar="METRIC[:max|min]",
+        help="move the run's best alias here if this is the best published by METRIC",
+    )
+    p.add_argument(
+        "--best-link-to",
+        type=_registry_target,
+        metavar="COLLECTION",
+        help="with --best: link each new best to this W&B Registry collection",
+    )
+    p.add_argument(
+        "--no-reference",
+        action="store_true",
+        help="for an s3:// checkpoint: upload copies instead of W&B references",
+    )
     _add_wandb_options(p)
     p.set_defaults(run=commands.cmd_publish)
 
@@ -285,6 +358,86 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top", type=int, default=10, metavar="N", help="tensors to show (default: 10)")
     p.add_argument("--json", action="store_true", help="the whole diff as JSON")
     p.set_defaults(run=commands.cmd_diff)
+
+    p = sub.add_parser(
+        "average", help="average checkpoints into one model (a model soup) in a run directory"
+    )
+    p.add_argument(
+        "sources",
+        nargs="+",
+        metavar="SOURCE",
+        help="checkpoints to average (file, stem or run directory); with --last, one run directory",
+    )
+    p.add_argument(
+        "out", metavar="OUT", help="run directory to write the average into, as its final model"
+    )
+    p.add_argument(
+        "--last",
+        type=int,
+        metavar="N",
+        help="average the N newest checkpoint_ts* checkpoints of the run directory SOURCE",
+    )
+    p.add_argument(
+        "--weights",
+        type=_weights,
+        metavar="W,W,...",
+        help="one weight per checkpoint, oldest first with --last (default: equal)",
+    )
+    p.add_argument(
+        "--recompute-bn",
+        type=int,
+        metavar="N",
+        help="recompute BatchNorm statistics on N positions of seeded random legal play "
+        "(every 3rd position, as the demo's; default: average them)",
+    )
+    p.add_argument(
+        "--seed", type=int, default=0, help="seed of the --recompute-bn positions (default: 0)"
+    )
+    p.add_argument("--force", action="store_true", help="write into OUT even if it exists")
+    p.set_defaults(run=commands.cmd_average)
+
+    p = sub.add_parser(
+        "migrate", help="rewrite a run directory's older-format checkpoints in the newest format"
+    )
+    p.add_argument("run_dir", help="the run directory (in place; each checkpoint atomically)")
+    p.add_argument("--dry-run", action="store_true", help="show what would change, write nothing")
+    p.set_defaults(run=commands.cmd_migrate)
+
+    p = sub.add_parser(
+        "grow", help="a checkpoint for a deeper and/or wider tower computing the same function"
+    )
+    p.add_argument("checkpoint", help="checkpoint file, stem or run directory")
+    p.add_argument("out_run_dir", help="the run directory to save the grown checkpoint into")
+    p.add_argument(
+        "--tower-depth",
+        "--tower_depth",
+        dest="tower_depth",
+        type=int,
+        metavar="N",
+        help="residual blocks (default: unchanged)",
+    )
+    p.add_argument(
+        "--tower-width",
+        "--tower_width",
+        dest="tower_width",
+        type=int,
+        metavar="N",
+        help="channels (default: unchanged)",
+    )
+    p.add_argument(
+        "--seed",
+        type=int,
+        default=0,
+        help="seeds the new blocks and the widening's random choices (default: 0)",
+    )
+    p.set_defaults(run=commands.cmd_grow)
+
+    p = sub.add_parser(
+        "compat", help="would a checkpoint load into the network a spec describes (sidecar only)"
+    )
+    p.add_argument("checkpoint", help="checkpoint file, stem or run directory")
+    _add_spec_options(p)
+    p.set_defaults(run=commands.cmd_compat)
 
     p = sub.add_parser("usi", help="a USI engine on stdin/stdout (for GUIs and match runners)")
     p.add_argument("source", help="checkpoint, final model, run directory or export bundle")

@@ -10,16 +10,19 @@ from __future__ import annotations
 import argparse
 import sys
 import warnings
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import orjson
 
+from keisei_fn.average import AVERAGE_KEY, average_summary
 from keisei_fn.cli.table import human_age, human_bytes, render_table
 from keisei_fn.info import model_info
 from keisei_fn.paths import RunPath, run_path
 from keisei_fn.precision import precision_policy
 from keisei_fn.spec import ModelSpec
+from keisei_fn.state import thaw
 
 #: ``convert --kind`` → ``import_legacy``'s kind.
 CONVERT_KINDS = {"checkpoint": "periodic", "final": "final", "final-model": "final_model"}
@@ -129,7 +132,7 @@ def cmd_info(args: argparse.Namespace) -> int:
     from keisei_fn.store.listing import read_listed
     from keisei_fn.store.locate import resolve_checkpoint
 
-    meta, _ = read_listed(resolve_checkpoint(args.path))
+    meta, sidecar = read_listed(resolve_checkpoint(args.path))
     data: dict[str, Any] = {
         "name": meta.name,
         "path": str(meta.path),
@@ -139,10 +142,13 @@ def cmd_info(args: argparse.Namespace) -> int:
         "stats": meta.stats.to_json(),
         "created": meta.created,
         "versions": dict(meta.versions),
+        "format_version": meta.format_version,
+        "migrated": sidecar.get("migrated"),
         "weights": {"size": meta.weights_size, "digest": meta.weights_digest},
         "tensors": len(meta.tensors),
         "spec": meta.spec.to_json() if meta.spec else None,
         "model_info": model_info(meta.spec) if meta.spec else None,
+        "average": thaw(meta.extra.get(AVERAGE_KEY)),
     }
     if args.json:
         data["tensors"] = {k: {"dtype": d, "shape": list(s)} for k, (d, s) in meta.tensors.items()}
@@ -155,16 +161,36 @@ def cmd_info(args: argparse.Namespace) -> int:
         f"wins, {meta.stats.draws} draws"
     )
     print(f"weights        {human_bytes(meta.weights_size)}  {meta.weights_digest[:23]}…")
+    print(
+        f"written by     {_writer(meta.versions)}; format {meta.format_version}"
+        + _migration(sidecar.get("migrated"))
+    )
     by_part: dict[str, int] = {}
     for name in meta.tensors:
         part = name.split("/", 1)[0]
         by_part[part] = by_part.get(part, 0) + 1
     print("tensors        " + ", ".join(f"{n} {part}" for part, n in sorted(by_part.items())))
+    if (average := average_summary(meta.extra)) is not None:
+        print(f"made as        {average}")
     if meta.spec and data["model_info"]:
         _print_spec(meta.spec, data["model_info"])
     else:
         print("spec           none (an arbitrary user model)")
     return 0
+
+
+def _writer(versions: Mapping[str, Any]) -> str:
+    """``keisei_fn 0.1.0, torch 2.5.1`` ("unknown" for a version a sidecar does not record)."""
+    return ", ".join(f"{name} {versions.get(name, 'unknown')}" for name in ("keisei_fn", "torch"))
+
+
+def _migration(migrated: Any) -> str:
+    """`` (migrated from format 1 by keisei_fn 0.2.0, torch ...)``, or ``""``."""
+    if not isinstance(migrated, Mapping):
+        return ""
+    versions = migrated.get("versions")
+    by = _writer(versions if isinstance(versions, Mapping) else {})
+    return f" (migrated from format {migrated.get('from_format_version', '?')} by {by})"
 
 
 def _print_spec(spec: ModelSpec, info: dict[str, Any]) -> None:
@@ -265,14 +291,29 @@ def cmd_publish(args: argparse.Namespace) -> int:
     """Publish one checkpoint (a run directory: its final model, else its latest checkpoint)
     to W&B, offline unless WANDB_MODE or --wandb says otherwise; W&B's files go under the run
     directory's ``wandb/`` unless WANDB_DIR is set. One line says what happened."""
-    from keisei_fn.publish import publish, publishable, wandb_run
+    from keisei_fn.errors import SpecError
+    from keisei_fn.publish import BestBy, publish, publishable, wandb_run
     from keisei_fn.store.locate import resolve_checkpoint
 
+    if args.best_link_to and not args.best:
+        raise SpecError("--best-link-to needs --best METRIC")
+    best = None
+    if args.best:
+        metric, mode = args.best
+        best = BestBy(metric, mode, link_to=args.best_link_to)
     meta = publishable(resolve_checkpoint(args.path))  # before any W&B run is started
     with wandb_run(
         mode=args.wandb, project=args.project, name=args.run_name, directory=meta.run_dir
     ) as run:
-        result = publish(meta, run_name=args.run_name, run=run)
+        result = publish(
+            meta,
+            run_name=args.run_name,
+            run=run,
+            metrics=dict(args.metric),
+            link_to=args.link_to,
+            best=best,
+            reference=not args.no_reference,
+        )
     print(result)
     return 0 if result.status in ("published", "skipped", "queued") else 1
 
@@ -364,6 +405,97 @@ def cmd_diff(args: argparse.Namespace) -> int:
     else:
         print(found.summary(top=args.top))
     return 0 if found.identical else 1
+
+
+def cmd_average(args: argparse.Namespace) -> int:
+    """Average checkpoints (``--last N``: a run directory's newest) into OUT's final model,
+    with the record of what went in (``info`` shows it). OUT must not exist unless
+    ``--force``: then its final model, if any, is replaced."""
+    from keisei_fn.average import average_checkpoints, last_checkpoints
+    from keisei_fn.errors import CheckpointExistsError, SpecError
+    from keisei_fn.shogi import encode_observations, random_positions
+    from keisei_fn.store.checkpoints import save_final_model
+
+    out = run_path(args.out)
+    if out.exists() and not args.force:
+        raise CheckpointExistsError(f"{out} exists; pass --force to write the average into it")
+    if args.last is not None:
+        if len(args.sources) != 1:
+            raise SpecError(f"--last takes one run directory, got {len(args.sources)} sources")
+        sources = last_checkpoints(_existing_run_dir(args.sources[0]), args.last)
+    else:
+        sources = list(args.sources)
+    positions = None
+    if args.recompute_bn is not None:
+        if args.recompute_bn < 1:
+            raise SpecError(f"--recompute-bn needs N >= 1 positions, got {args.recompute_bn}")
+        boards = random_positions(args.recompute_bn, seed=args.seed, stride=3)
+        positions = encode_observations(boards)
+    soup = average_checkpoints(sources, args.weights, recompute_bn=positions)
+    meta = save_final_model(soup, out, keep_extra=True)
+    print(f"averaged {len(sources)} checkpoints → {meta.path} (step {meta.step})")
+    return 0
+
+
+def cmd_migrate(args: argparse.Namespace) -> int:
+    """Rewrite the run directory's checkpoints of older on-disk formats in the newest one, in
+    place (``--dry-run``: only say what would change). Exit 1 when a checkpoint was skipped
+    (invalid, corrupt or unreadable: left as it is)."""
+    from keisei_fn.store.migrate import migrate
+
+    run_dir = _existing_run_dir(args.run_dir)
+    done = migrate(run_dir, dry_run=args.dry_run)
+    for migration in done:
+        print(migration)
+    if not any(m.status in ("migrated", "would migrate") for m in done):
+        print(f"{run_dir}: nothing to migrate")
+    return 1 if any(m.status == "skipped" for m in done) else 0
+
+
+def cmd_grow(args: argparse.Namespace) -> int:
+    """Grow a checkpoint's tower (``keisei_fn.grow``) and save the result in another run
+    directory under the same name, step and kind."""
+    from keisei_fn.errors import SpecError
+    from keisei_fn.grow import grow
+    from keisei_fn.store import load_state_with_meta, save_final_model, save_state
+    from keisei_fn.store.locate import resolve_checkpoint
+    from keisei_fn.store.names import RESUME_PREFIX, parse_stem
+
+    state, meta = load_state_with_meta(resolve_checkpoint(args.checkpoint))
+    if state.spec is None:
+        raise SpecError(f"{meta.path}: an arbitrary model without a ModelSpec cannot grow")
+    changes = {k: getattr(args, k) for k in ("tower_depth", "tower_width")}
+    new_spec = state.spec.replace(**{k: v for k, v in changes.items() if v is not None})
+    grown = grow(state, new_spec, seed=args.seed)
+    if meta.kind == "final_model":
+        saved = save_final_model(grown, args.out_run_dir)
+    else:
+        parsed = parse_stem(meta.name)
+        prefix = parsed.prefix if parsed is not None and parsed.step is not None else RESUME_PREFIX
+        saved = save_state(grown, args.out_run_dir, kind=meta.kind, prefix=prefix)
+    print(
+        f"grew {meta.name} (depth {state.spec.tower_depth}, width {state.spec.tower_width}) → "
+        f"{saved.sidecar_path} (depth {new_spec.tower_depth}, width {new_spec.tower_width})"
+    )
+    return 0
+
+
+def cmd_compat(args: argparse.Namespace) -> int:
+    """Whether a checkpoint's model would load into the network the spec options describe
+    (Keisei's defaults for the options not given), from its sidecar alone: exit 0 when it
+    would, 1 with the problems when not."""
+    from keisei_fn.compat import check_compatible
+
+    spec = _spec_from_args(args) or ModelSpec()
+    problems = check_compatible(args.checkpoint, spec)
+    for problem in problems:
+        print(problem)
+    if not problems:
+        print(
+            f"compatible with {spec.model_type}, depth {spec.tower_depth}, width "
+            f"{spec.tower_width}, se_ratio {spec.se_ratio}"
+        )
+    return 1 if problems else 0
 
 
 def cmd_usi(args: argparse.Namespace) -> int:

@@ -11,7 +11,9 @@ Metadata carries Keisei's keys (``training_timesteps``, ``total_episodes``, ``bl
 real feature set, ``training_completed`` for finals; and for periodic checkpoints, whose
 metadata Keisei merged with its trainer's stats, :data:`PERIODIC_KEYS`: ``global_timestep``,
 ``total_episodes_completed`` and, from the state's ``extra`` when there, ``elo_state`` and
-``metrics_history``) plus the sidecar's digests and spec. It is
+``metrics_history``) plus the sidecar's digests and spec, and ``"metrics"``: the checkpoint's
+evaluation results (:func:`evaluation_metrics`: its game stats, every number at the top of its
+``extra``, and the caller's ``metrics``, e.g. match results). It is
 made JSON-safe for W&B before an artifact is built: non-finite floats become strings (W&B
 raises on ±inf and turns NaN into null), the user's ``extra`` state (e.g. ``metrics_history``)
 is nested under one key, and at most 100 top-level keys are kept (the rest go under
@@ -32,7 +34,9 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+from keisei_fn.errors import SpecError
 from keisei_fn.meta import CheckpointMeta
+from keisei_fn.publish.registry import BEST_ALIAS, BEST_SUFFIX, BestBy, registry_target
 from keisei_fn.state import freeze, thaw
 
 __all__ = [
@@ -43,8 +47,11 @@ __all__ = [
     "Publication",
     "artifact_metadata",
     "artifact_name",
+    "best_publication",
+    "check_metrics",
     "default_aliases",
     "default_suffix",
+    "evaluation_metrics",
     "plan_publication",
     "sanitize_metadata",
     "sanitize_name",
@@ -52,6 +59,8 @@ __all__ = [
 
 MAX_NAME_LENGTH = 128
 MAX_METADATA_KEYS = 100
+#: At most this many caller's metrics (they travel in the publication ledger's records).
+MAX_METRICS = 64
 #: Every artifact name and alias this module produces fullmatches this.
 NAME_PATTERN = re.compile(r"[A-Za-z0-9_.-]{1,128}")
 OVERFLOW_KEY = "overflow"
@@ -176,10 +185,82 @@ def sanitize_metadata(metadata: Mapping[str, Any]) -> dict[str, Any]:
     return kept
 
 
+def check_metrics(metrics: Mapping[str, float] | None) -> dict[str, float]:
+    """The caller's evaluation metrics, checked: string keys, real numbers (not bools).
+
+    Args:
+        metrics: e.g. ``{"win_rate_vs_previous": 0.62, "elo": 1510.0}``, or None.
+
+    Returns:
+        A fresh dict (empty for None).
+
+    Raises:
+        SpecError: not a mapping, a key that is not a non-empty string, a value that is not an
+            int or float, or more than :data:`MAX_METRICS` entries.
+
+    Example:
+        >>> check_metrics({"elo": 1510})
+        {'elo': 1510}
+    """
+    if metrics is None:
+        return {}
+    if not isinstance(metrics, Mapping) or len(metrics) > MAX_METRICS:
+        raise SpecError(f"metrics must be a mapping of at most {MAX_METRICS} numbers")
+    checked = dict(metrics)
+    for key, value in checked.items():
+        if not isinstance(key, str) or not key:
+            raise SpecError(f"a metric's name must be a non-empty string, got {key!r}")
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise SpecError(f"metric {key!r} must be an int or float, got {value!r}")
+    return checked
+
+
+def evaluation_metrics(
+    meta: CheckpointMeta, metrics: Mapping[str, float] | None = None
+) -> dict[str, float]:
+    """A checkpoint's evaluation results, for its artifact's ``"metrics"``.
+
+    The rule: the game stats (``black_wins``, ``white_wins``, ``draws``), then every int or
+    float (not bool) at the top of the checkpoint's ``extra`` (where retention's ``keep_best``
+    reads its metric), then ``metrics`` (e.g. match results computed after the save), each
+    later source winning on a name clash.
+
+    Args:
+        meta: the checkpoint.
+        metrics: the caller's metrics (see :func:`check_metrics`).
+
+    Returns:
+        Name → number (not yet sanitised: NaN stays NaN).
+
+    Example:
+        >>> from keisei_fn import GameStats
+        >>> meta = CheckpointMeta(path="r/checkpoint_ts5", name="checkpoint_ts5",
+        ...     format_version=1, kind="periodic", step=5, episodes=2, spec=None,
+        ...     stats=GameStats(black_wins=3), weights_size=1, weights_digest="blake3:00",
+        ...     digest="blake3:11", created="2025-01-01T00:00:00+00:00",
+        ...     extra={"win_rate": 0.5, "history": [1.0], "ok": True})
+        >>> evaluation_metrics(meta, {"elo": 1510.0})
+        {'black_wins': 3, 'white_wins': 0, 'draws': 0, 'win_rate': 0.5, 'elo': 1510.0}
+    """
+    stats = meta.stats
+    found: dict[str, float] = {
+        "black_wins": stats.black_wins,
+        "white_wins": stats.white_wins,
+        "draws": stats.draws,
+    }
+    for key, value in meta.extra.items():
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            found[key] = value
+    return found | check_metrics(metrics)
+
+
 def artifact_metadata(
-    meta: CheckpointMeta, extra: Mapping[str, Any] | None = None
+    meta: CheckpointMeta,
+    extra: Mapping[str, Any] | None = None,
+    metrics: Mapping[str, float] | None = None,
 ) -> dict[str, Any]:
-    """Keisei's metadata keys, the sidecar's digests and spec, then ``extra``; sanitised.
+    """Keisei's metadata keys, the sidecar's digests and spec, the evaluation metrics, then
+    ``extra``; sanitised.
 
     A periodic checkpoint's metadata also has Keisei's :data:`PERIODIC_KEYS` at the top level
     (``elo_state`` and ``metrics_history`` when the state's ``extra`` holds them; they stay
@@ -189,6 +270,8 @@ def artifact_metadata(
     Args:
         meta: the checkpoint.
         extra: the caller's metadata; it is added last and wins on a key clash.
+        metrics: the caller's evaluation metrics, under ``"metrics"`` with the checkpoint's
+            own (:func:`evaluation_metrics`).
 
     Returns:
         The artifact's metadata (see :func:`sanitize_metadata`).
@@ -233,6 +316,7 @@ def artifact_metadata(
         "sidecar_digest": meta.digest,
         "created": meta.created,
         "spec": spec.to_json() if spec is not None else None,
+        "metrics": evaluation_metrics(meta, metrics),
     }
     if meta.extra:
         metadata["extra"] = meta.extra  # bulky history (metrics_history, elo_state) nested
@@ -258,6 +342,13 @@ class Publication:
         checkpoint: the checkpoint's file stem in the run directory.
         digest: the weights digest; ``(artifact, digest)`` is the publication's key.
         user_metadata: the caller's part of ``metadata``, JSON-safe (what the ledger records).
+        metrics: the caller's evaluation metrics (see :func:`check_metrics`; the ledger
+            records them, the checkpoint's own are rebuilt like the metadata).
+        link_to: a W&B Registry collection to link the artifact to, or None.
+        best: move the run's ``best`` alias here when this checkpoint is the best, or None.
+        best_artifact: the run's best artifact (``{run_name}-best-checkpoint``) when ``best``.
+        reference: log an ``s3://`` checkpoint's files as W&B references to its objects
+            (False: upload copies of the bytes); ignored for other run directories.
     """
 
     artifact: str
@@ -268,11 +359,21 @@ class Publication:
     checkpoint: str
     digest: str
     user_metadata: Mapping[str, Any] = field(default_factory=dict)
+    metrics: Mapping[str, float] = field(default_factory=dict)
+    link_to: str | None = None
+    best: BestBy | None = None
+    best_artifact: str | None = None
+    reference: bool = True
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "aliases", tuple(self.aliases))
         object.__setattr__(self, "metadata", freeze(dict(self.metadata)))
         object.__setattr__(self, "user_metadata", freeze(dict(self.user_metadata)))
+        object.__setattr__(self, "metrics", freeze(check_metrics(self.metrics)))
+        if self.link_to is not None:
+            registry_target(self.link_to)
+        if (self.best is None) != (self.best_artifact is None):
+            raise SpecError("a Publication needs both best and best_artifact, or neither")
 
     @property
     def key(self) -> tuple[str, str]:
@@ -285,8 +386,9 @@ class Publication:
 
     def record(self, event: str) -> dict[str, Any]:
         """A ledger record for ``event`` with everything needed to republish (the metadata:
-        the caller's part; see the class docstring)."""
-        return {
+        the caller's part; see the class docstring). Fields of links, metrics and ``best``
+        appear only when set (a record stays flat: the ledger caps its JSON containers)."""
+        record = {
             "event": event,
             "artifact": self.artifact,
             "digest": self.digest,
@@ -296,6 +398,20 @@ class Publication:
             "metadata": thaw(self.user_metadata),
             "description": self.description,
         }
+        if self.metrics:
+            record["metrics"] = _json_safe(self.metrics)
+        if self.link_to is not None:
+            record["link_to"] = self.link_to
+        if not self.reference:
+            record["reference"] = False
+        if self.best is not None:
+            record |= {
+                "best_artifact": self.best_artifact,
+                "best_metric": self.best.metric,
+                "best_mode": self.best.mode,
+                "best_link_to": self.best.link_to,
+            }
+        return record
 
     @classmethod
     def from_record(cls, record: Mapping[str, Any]) -> Publication:
@@ -305,7 +421,13 @@ class Publication:
 
         Raises:
             KeyError, TypeError: for a record that lacks a field or has a mistyped one.
+            SpecError: for malformed metrics, link target or best rule.
         """
+        best = None
+        if record.get("best_metric") is not None:
+            best = BestBy(
+                str(record["best_metric"]), str(record["best_mode"]), record.get("best_link_to")
+            )
         return cls(
             artifact=str(record["artifact"]),
             type=str(record["type"]),
@@ -315,6 +437,11 @@ class Publication:
             checkpoint=str(record["checkpoint"]),
             digest=str(record["digest"]),
             user_metadata=dict(record["metadata"]),
+            metrics=_parsed_metrics(record.get("metrics") or {}),
+            link_to=record.get("link_to"),
+            best=best,
+            best_artifact=str(record["best_artifact"]) if best is not None else None,
+            reference=record.get("reference", True) is not False,
         )
 
     def for_checkpoint(self, meta: CheckpointMeta) -> Publication:
@@ -327,7 +454,12 @@ class Publication:
         Returns:
             A copy whose ``metadata`` is what :func:`plan_publication` gave it.
         """
-        return self.replace(metadata=artifact_metadata(meta, self.user_metadata))
+        return self.replace(metadata=artifact_metadata(meta, self.user_metadata, self.metrics))
+
+
+def _parsed_metrics(recorded: Mapping[str, Any]) -> dict[str, float]:
+    """Metrics as the ledger holds them (JSON: a non-finite float was written as a string)."""
+    return {k: float(v) if isinstance(v, str) else v for k, v in dict(recorded).items()}
 
 
 def plan_publication(
@@ -339,6 +471,10 @@ def plan_publication(
     artifact_type: str | None = None,
     description: str | None = None,
     metadata: Mapping[str, Any] | None = None,
+    metrics: Mapping[str, float] | None = None,
+    link_to: str | None = None,
+    best: BestBy | None = None,
+    reference: bool = True,
 ) -> Publication:
     """Decide name, type, aliases, metadata and description of a checkpoint's artifact.
 
@@ -351,9 +487,19 @@ def plan_publication(
         artifact_type: default ``"model"``.
         description: default says kind, name and step.
         metadata: extra metadata, added after the defaults.
+        metrics: the caller's evaluation metrics (:func:`check_metrics`), added to the
+            artifact's ``"metrics"`` (:func:`evaluation_metrics`).
+        link_to: a W&B Registry collection to link the artifact to (:func:`registry_target`).
+        best: the rule for the run's ``best`` alias; its artifact is
+            ``{run_name}-best-checkpoint``.
+        reference: for a checkpoint on ``s3://``: W&B references to its objects (False:
+            upload copies).
 
     Returns:
         The publication, with every name and alias fullmatching :data:`NAME_PATTERN`.
+
+    Raises:
+        SpecError: for malformed ``metrics`` or ``link_to``.
 
     Example:
         >>> from keisei_fn import GameStats
@@ -370,9 +516,47 @@ def plan_publication(
         artifact=artifact_name(run_name, suffix or default_suffix(meta)),
         type=sanitize_name(artifact_type or "model", fallback="model"),
         aliases=tuple(dict.fromkeys(sanitize_name(a, fallback="latest") for a in chosen)),
-        metadata=artifact_metadata(meta, metadata),
+        metadata=artifact_metadata(meta, metadata, metrics),
         user_metadata=_json_safe(metadata or {}),
         description=description or f"{meta.kind} checkpoint {meta.name} at timestep {meta.step}",
         checkpoint=meta.name,
         digest=meta.weights_digest,
+        metrics=check_metrics(metrics),
+        link_to=link_to,
+        best=best,
+        best_artifact=artifact_name(run_name, BEST_SUFFIX) if best is not None else None,
+        reference=reference,
+    )
+
+
+def best_publication(plan: Publication, meta: CheckpointMeta, value: float) -> Publication:
+    """The version of the run's best artifact that moves its ``best`` alias to ``plan``'s
+    checkpoint: the same files and metadata, plus ``"best_by"`` (metric, mode, value).
+
+    Args:
+        plan: a publication with ``best`` (its checkpoint, now the best).
+        meta: that checkpoint.
+        value: its metric.
+
+    Returns:
+        A publication of ``plan.best_artifact`` with aliases ``best`` and ``ts-{step}``,
+        linked to ``plan.best.link_to``; the ledger records it as part of ``plan``.
+
+    Raises:
+        SpecError: ``plan`` has no ``best``.
+    """
+    if plan.best is None or plan.best_artifact is None:
+        raise SpecError(f"the publication of {plan.artifact} has no best rule")
+    best_by = {"metric": plan.best.metric, "mode": plan.best.mode, "value": value}
+    return Publication(
+        artifact=plan.best_artifact,
+        type=plan.type,
+        aliases=(BEST_ALIAS, f"ts-{meta.step}"),
+        metadata=sanitize_metadata({**thaw(plan.metadata), "best_by": best_by}),
+        description=f"best by {plan.best.metric} ({plan.best.mode}): {meta.name} at timestep "
+        f"{meta.step}",
+        checkpoint=plan.checkpoint,
+        digest=plan.digest,
+        link_to=plan.best.link_to,
+        reference=plan.reference,
     )

@@ -28,7 +28,9 @@ def wandb_dir(run_dir: PathArg | None) -> Path | None:
     """The directory to hand ``wandb.init(dir=...)`` for a run directory (W&B then writes
     under ``<that>/wandb``): ``WANDB_DIR`` when it is set (passed explicitly: wandb reads its
     environment once per process), else the run directory itself; None — W&B's own default —
-    when there is no run directory or it is on object storage.
+    when there is no run directory or it is on object storage. Made absolute: wandb-core, one
+    service process per Python process, resolves a relative directory against the working
+    directory it was started in, not the caller's current one.
 
     Args:
         run_dir: the run directory the published checkpoints are in, or None.
@@ -38,15 +40,15 @@ def wandb_dir(run_dir: PathArg | None) -> Path | None:
 
     Example:
         >>> import os
-        >>> wandb_dir("runs/demo") == (Path(os.environ.get("WANDB_DIR") or "runs/demo"))
+        >>> wandb_dir("runs/demo") == Path(os.environ.get("WANDB_DIR") or "runs/demo").absolute()
         True
     """
     if os.environ.get("WANDB_DIR"):
-        return Path(os.environ["WANDB_DIR"])
+        return Path(os.environ["WANDB_DIR"]).absolute()
     if run_dir is None:
         return None
     path = run_path(run_dir)
-    return None if is_remote(path) else Path(path)
+    return None if is_remote(path) else Path(path).absolute()
 
 
 @contextlib.contextmanager

@@ -11,8 +11,32 @@ again. (Two processes flushing the same run directory at the same instant may bo
 version; W&B makes no second version of unchanged contents.)
 
 Nothing but ``KeyboardInterrupt`` and ``SystemExit`` leaves these functions (those always do,
-during backoff sleeps too); everything else becomes a :class:`PublishResult`. wandb is imported
+during backoff sleeps too) — and ``SpecError`` for a malformed argument of :func:`publish`,
+before anything is done; everything else becomes a :class:`PublishResult`. wandb is imported
 only when something is published: training, saving and loading never need it.
+
+Evaluation results, registry links, ``best``, references: the artifact's ``"metrics"`` hold the
+checkpoint's stats, the numbers at the top of its ``extra`` and ``metrics=`` (e.g. match
+results). ``link_to=`` links the logged artifact to a W&B Registry collection; ``best=``
+(:class:`~keisei_fn.publish.registry.BestBy`) also logs the checkpoint as a version of
+``{run_name}-best-checkpoint`` with the alias ``best`` when it beats the best published so far
+(the ledger remembers which that is; retention never prunes it), and links that version to
+``best.link_to``. All of it is part of one publication: a transient failure of any step queues
+the whole, and a flush redoes it (W&B makes no second version of unchanged contents). **Offline
+runs cannot link**: wandb 0.31's ``Run.link_artifact`` raises ``NotImplementedError`` in offline
+mode (after logging the artifact a second time), so an offline run is never asked to link; the
+publication is ``published`` with the target left unlinked (said in the result's reason and the
+ledger's ``unlinked`` field): after ``wandb sync``, link it in the W&B UI or with W&B's API
+(``wandb.Api().artifact(name).link(target)``). A version the ledger already marks published
+is not logged, linked or ranked again: give ``link_to``/``best`` the first time. A checkpoint on
+``s3://`` is logged as W&B *references* to its objects (``Artifact.add_reference``, which
+needs ``boto3`` — the ``s3`` extra — and reads each object's ETag and size with the standard
+AWS settings: ``AWS_ENDPOINT_URL`` or W&B's ``AWS_S3_ENDPOINT_URL``, credentials from the
+environment; a run directory's fsspec ``storage_options`` are not seen by W&B): no byte is
+uploaded or staged. The artifact then holds
+only pointers: a referenced checkpoint that retention prunes can no longer be downloaded from
+W&B (unless the bucket keeps object versions, which W&B records), so keep what you publish
+(``keep_every``, ``keep_best``) or pass ``reference=False`` to upload copies.
 
 Disk: files are added with W&B's default ``"mutable"`` policy, so W&B copies each into its
 staging directory (``$WANDB_DATA_DIR/artifacts/staging``) and uploads the copy. The run
@@ -37,20 +61,33 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
-from keisei_fn.errors import IntegrityError, UnsupportedFormatError
+from keisei_fn.errors import IntegrityError, SpecError, UnsupportedFormatError
 from keisei_fn.meta import CheckpointMeta
 from keisei_fn.paths import PathArg, RunPath, run_path
-from keisei_fn.publish.plan import Publication, plan_publication
+from keisei_fn.publish.plan import (
+    Publication,
+    best_publication,
+    check_metrics,
+    evaluation_metrics,
+    plan_publication,
+)
+from keisei_fn.publish.registry import BestBy, is_new_best, registry_target
 from keisei_fn.state import thaw
 from keisei_fn.store import local_checkpoint_files
-from keisei_fn.store.ledger import append_ledger, pending_publications, read_ledger
+from keisei_fn.store.ledger import (
+    append_ledger,
+    best_publications,
+    pending_publications,
+    read_ledger,
+)
 from keisei_fn.store.listing import read_listed
 from keisei_fn.store.locate import resolve_stem
 from keisei_fn.store.names import parse_stem
+from keisei_fn.store.retention import metric_value
 
 __all__ = [
     "PUBLISH_ENV",
@@ -101,6 +138,9 @@ class PublishResult:
         aliases: the aliases applied (W&B adds ``latest`` itself).
         checkpoint: the checkpoint's name (``checkpoint_ts100``, ``final_model``), or the path
             it was given as when it could not be read.
+        linked: the W&B Registry collections the artifacts were linked to (an offline run
+            links nothing: see the module docstring).
+        best: whether this publication moved the run's ``best`` alias to its checkpoint.
 
     ``str()`` is one line for people: ``published checkpoint_ts100 as ppo-1-checkpoint-ts100
     (aliases ts-100): logged to W&B run 1a2b3c``, ``failed checkpoint_ts200: IntegrityError:
@@ -117,6 +157,8 @@ class PublishResult:
     artifact_name: str | None = None
     aliases: tuple[str, ...] = ()
     checkpoint: str | None = None
+    linked: tuple[str, ...] = ()
+    best: bool = False
 
     def replace(self, **changes: Any) -> PublishResult:
         """Return a copy with ``changes`` applied."""
@@ -234,11 +276,30 @@ def _build_artifact(wandb: Any, run_dir: RunPath, plan: Publication) -> Any:
         description=plan.description,
         metadata=thaw(plan.metadata),
     )
+    meta = _planned_meta(run_dir, plan)
+    if plan.reference and str(run_dir).startswith("s3://"):  # W&B reads each object's ETag
+        for path in (meta.weights_path, meta.sidecar_path):
+            artifact.add_reference(str(path), name=path.name)
+        return artifact
     # W&B adds local files: a remote checkpoint's are fetched (and W&B copies them again)
     with tempfile.TemporaryDirectory(prefix="keisei-fn-publish-") as staging:
-        for local in local_checkpoint_files(_planned_meta(run_dir, plan), Path(staging)):
+        for local in local_checkpoint_files(meta, Path(staging)):
             artifact.add_file(str(local), name=local.name)
     return artifact
+
+
+def _link(wandb: Any, run: Any, artifact: Any, target: str) -> str | None:
+    """Link a logged artifact to a registry collection: None when linked, else why not (an
+    offline run, a permanent error); a transient error is raised, to be retried."""
+    if getattr(run, "offline", False):
+        return "W&B offline runs cannot link (link after `wandb sync`)"
+    try:
+        run.link_artifact(artifact, target)
+    except Exception as exc:
+        if _is_transient(wandb, exc):
+            raise
+        return _describe(exc)
+    return None
 
 
 def _discard_staged(artifact: Any | None, run_dir: RunPath, plan: Publication) -> None:
@@ -252,51 +313,105 @@ def _discard_staged(artifact: Any | None, run_dir: RunPath, plan: Publication) -
                 os.unlink(entry.local_path)
 
 
+@dataclass(slots=True)
+class _Uploaded:
+    """What an upload did: its status and reason, and the links made or left unmade."""
+
+    status: Status = "queued"
+    reason: str = ""
+    linked: list[str] = field(default_factory=list)
+    unlinked: list[str] = field(default_factory=list)
+    best: dict[str, Any] = field(default_factory=dict)  # ledger fields: the best alias moved
+
+
+def _with_best(run_dir: RunPath, plan: Publication) -> tuple[list[Publication], dict[str, Any]]:
+    """``plan``, and the version of the run's best artifact when its checkpoint beats the best
+    the ledger knows; with the ledger fields that say the best alias moved (empty if not)."""
+    if plan.best is None or plan.best_artifact is None:
+        return [plan], {}
+    meta = _planned_meta(run_dir, plan)
+    value = metric_value(evaluation_metrics(meta, plan.metrics).get(plan.best.metric))
+    current = best_publications(run_dir).get(plan.best_artifact)
+    if value is None or not is_new_best(value, meta.step, current, plan.best):
+        return [plan], {}
+    moved = {
+        "best_artifact": plan.best_artifact,
+        "best_metric": plan.best.metric,
+        "best_mode": plan.best.mode,
+        "best_value": value,
+        "best_step": meta.step,
+    }
+    return [plan, best_publication(plan, meta, value)], moved
+
+
 def _upload(
     wandb: Any,
     run: Any,
     run_dir: RunPath,
-    plan: Publication,
+    main: Publication,
     tries: int,
     backoff: float,
     sleep: Sleep,
-) -> tuple[Status, str]:
-    """Log the artifact, retrying transient errors; ``(status, reason)``."""
-    artifact = None
-    status: Status = "queued"
-    reason = ""
+) -> _Uploaded:
+    """Log the planned artifact (and the best version, when it is the best) and make their
+    links, in order, retrying transient errors from the step that failed (an artifact logged
+    is never logged again)."""
+    done = _Uploaded()
+    plans: list[Publication] = []
+    built: dict[str, Any] = {}
+    logged: set[str] = set()
+    link_tried: set[str] = set()
+
+    def discard_unlogged() -> None:
+        for plan in plans:
+            if plan.artifact not in logged:
+                _discard_staged(built.get(plan.artifact), run_dir, plan)
+
     for attempt in range(1, tries + 1):
         try:
-            if artifact is None:
-                artifact = _build_artifact(wandb, run_dir, plan)
-            run.log_artifact(artifact, aliases=list(plan.aliases))
-            status, reason = "published", f"logged to W&B run {getattr(run, 'id', '?')}"
+            if not plans:
+                plans, done.best = _with_best(run_dir, main)
+            for plan in plans:
+                if plan.artifact not in built:
+                    built[plan.artifact] = _build_artifact(wandb, run_dir, plan)
+                if plan.artifact not in logged:
+                    run.log_artifact(built[plan.artifact], aliases=list(plan.aliases))
+                    logged.add(plan.artifact)
+                if plan.link_to is not None and plan.artifact not in link_tried:
+                    why = _link(wandb, run, built[plan.artifact], plan.link_to)
+                    link_tried.add(plan.artifact)
+                    if why is None:
+                        done.linked.append(plan.link_to)
+                    else:
+                        done.unlinked.append(f"{plan.link_to}: {why}")
+            done.status = "published"
+            done.reason = f"logged to W&B run {getattr(run, 'id', '?')}"
             break
         except Exception as exc:  # classified below; KeyboardInterrupt/SystemExit pass through
-            reason = _describe(exc)
+            done.reason = _describe(exc)
             if not _is_transient(wandb, exc):
-                status = "failed"
+                done.status = "failed"
                 break
             if attempt < tries:
                 delay = backoff * 2 ** (attempt - 1)
                 log.warning(
                     "publishing %s failed (try %d of %d), retrying in %.1f s: %s",
-                    plan.artifact,
+                    main.artifact,
                     attempt,
                     tries,
                     delay,
-                    reason,
+                    done.reason,
                 )
                 try:
                     sleep(delay)
-                except BaseException:  # Ctrl-C while waiting: nothing was logged, then re-raise
-                    _discard_staged(artifact, run_dir, plan)
+                except BaseException:  # Ctrl-C while waiting: then re-raise
+                    discard_unlogged()
                     raise
-    if status == "queued":
-        reason = f"{reason} (after {tries} tries; pending in the outbox for flush_outbox)"
-    if status != "published":
-        _discard_staged(artifact, run_dir, plan)
-    return status, reason
+    if done.status == "queued":
+        done.reason += f" (after {tries} tries; pending in the outbox for flush_outbox)"
+    if done.status != "published":
+        discard_unlogged()
+    return done
 
 
 def _latest_event(run_dir: RunPath, key: tuple[str, str]) -> str | None:
@@ -305,7 +420,13 @@ def _latest_event(run_dir: RunPath, key: tuple[str, str]) -> str | None:
     return events[-1] if events else None
 
 
-def _record_outcome(run_dir: RunPath, plan: Publication, status: Status, reason: str) -> None:
+def _record_outcome(
+    run_dir: RunPath,
+    plan: Publication,
+    status: Status,
+    reason: str,
+    fields: Mapping[str, Any] | None = None,
+) -> None:
     try:
         append_ledger(
             run_dir,
@@ -315,6 +436,7 @@ def _record_outcome(run_dir: RunPath, plan: Publication, status: Status, reason:
                 "digest": plan.digest,
                 "checkpoint": plan.checkpoint,
                 "reason": reason,
+                **(fields or {}),
             },
         )
     except (OSError, ValueError) as exc:
@@ -348,16 +470,34 @@ def _deliver(
     except (OSError, ValueError) as exc:
         log.error("not publishing %s: the ledger in %s failed: %s", plan.artifact, run_dir, exc)
         return done.replace(status="failed", reason=f"publication ledger: {_describe(exc)}")
-    status, reason = _upload(wandb, run, run_dir, plan, max(1, tries), backoff, sleep)
-    if status == "queued":
-        log.warning("publishing %s queued: %s", plan.artifact, reason)
-    else:
-        _record_outcome(run_dir, plan, status, reason)
-        if status == "failed":
-            log.error("publishing %s failed permanently: %s", plan.artifact, reason)
-        else:
-            log.info("published %s (%s)", plan.artifact, ", ".join(plan.aliases))
-    return done.replace(status=status, reason=reason)
+    up = _upload(wandb, run, run_dir, plan, max(1, tries), backoff, sleep)
+    if up.status == "queued":
+        log.warning("publishing %s queued: %s", plan.artifact, up.reason)
+        return done.replace(status=up.status, reason=up.reason)
+    if up.status == "failed":
+        _record_outcome(run_dir, plan, up.status, up.reason)
+        log.error("publishing %s failed permanently: %s", plan.artifact, up.reason)
+        return done.replace(status=up.status, reason=up.reason)
+    reason = up.reason
+    if up.best:
+        reason += (
+            f"; best by {up.best['best_metric']} ({up.best['best_value']:g}): "
+            f"{up.best['best_artifact']} (alias best)"
+        )
+    reason += "".join(f"; linked to {target}" for target in up.linked)
+    reason += "".join(f"; not linked to {note}" for note in up.unlinked)
+    fields: dict[str, Any] = dict(up.best)
+    if up.linked:
+        fields["linked"] = up.linked
+    if up.unlinked:
+        fields["unlinked"] = up.unlinked
+    _record_outcome(run_dir, plan, up.status, reason, fields)
+    for note in up.unlinked:
+        log.warning("published %s but not linked to %s", plan.artifact, note)
+    log.info("published %s (%s)", plan.artifact, ", ".join(plan.aliases))
+    return done.replace(
+        status=up.status, reason=reason, linked=tuple(up.linked), best=bool(up.best)
+    )
 
 
 def publish(
@@ -370,6 +510,10 @@ def publish(
     artifact_type: str | None = None,
     description: str | None = None,
     metadata: Mapping[str, Any] | None = None,
+    metrics: Mapping[str, float] | None = None,
+    link_to: str | None = None,
+    best: BestBy | None = None,
+    reference: bool = True,
     enabled: bool | None = None,
     retries: int = 3,
     backoff: float = 1.0,
@@ -389,6 +533,16 @@ def publish(
         artifact_type: default ``"model"``.
         description: the artifact's description.
         metadata: extra metadata, added after Keisei's keys (sanitised for W&B).
+        metrics: evaluation results (name → number, e.g. match results), added to the
+            artifact's ``"metrics"`` with the checkpoint's stats and the numbers at the top of
+            its ``extra`` (this wins on a clash); ``best`` ranks by them too.
+        link_to: a W&B Registry collection, ``[ORG/]wandb-registry-REGISTRY/COLLECTION``, to
+            link the logged artifact to (e.g. the final model's); not done by an offline run.
+        best: also move the run's ``best`` alias (artifact ``{run_name}-best-checkpoint``)
+            to this checkpoint when it is the best published by ``best.metric``, and link it
+            to ``best.link_to``; e.g. ``BestBy(*policy.keep_best[:2])``.
+        reference: for a checkpoint on ``s3://``, log W&B references to its objects instead
+            of uploading copies (see the module docstring); False uploads copies.
         enabled: False skips; None follows ``KEISEI_FN_PUBLISH``.
         retries: tries in all for transient errors (at least 1).
         backoff: seconds before the second try, doubling each time (0 in tests).
@@ -400,6 +554,8 @@ def publish(
 
     Raises:
         KeyboardInterrupt, SystemExit: always propagated (the publication stays pending).
+        SpecError: malformed ``metrics``, ``link_to`` or ``best`` — the caller's mistake,
+            raised before anything is done (it would fail every publication alike).
 
     Example:
         With a run from ``wandb.init(...)``, ``publish(meta, run_name="ppo-1")`` logs
@@ -408,6 +564,7 @@ def publish(
         >>> publish("runs/ppo-1/checkpoint_ts10240", run_name="ppo-1", enabled=False).reason
         'publishing is switched off (enabled=False or KEISEI_FN_PUBLISH=0)'
     """
+    _check_arguments(metrics, link_to, best)
     connected = _connect(enabled, run)
     if isinstance(connected, str):
         log.info("not publishing %s: %s", checkpoint, connected)
@@ -423,6 +580,10 @@ def publish(
             artifact_type=artifact_type,
             description=description,
             metadata=metadata,
+            metrics=metrics,
+            link_to=link_to,
+            best=best,
+            reference=reference,
         )
     except (OSError, ValueError, TypeError) as exc:
         log.error("cannot publish %s: %s", checkpoint, exc)
@@ -437,6 +598,17 @@ def publish(
         backoff=backoff,
         sleep=sleep,
     )
+
+
+def _check_arguments(
+    metrics: Mapping[str, float] | None, link_to: str | None, best: BestBy | None
+) -> None:
+    """Raise SpecError for a malformed ``metrics``, ``link_to`` or ``best`` of :func:`publish`."""
+    check_metrics(metrics)
+    if link_to is not None:
+        registry_target(link_to)
+    if best is not None and not isinstance(best, BestBy):
+        raise SpecError(f"best must be a BestBy, got {best!r}")
 
 
 def _pending_plan(run_dir: RunPath, record: Mapping[str, Any]) -> Publication:

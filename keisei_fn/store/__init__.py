@@ -11,7 +11,8 @@ first bytes), ``resume``, ``follow`` (workers that load each newer checkpoint), 
 the CLI and ``publish``), ``legacy`` (Keisei ``.pth`` import), ``convert`` (``consolidate``: a
 sharded checkpoint → a single-file one), ``sharded`` (FSDP2 checkpoints through DCP, imported
 on first use; its parts are the ``sharded_*`` modules), ``weights`` (the safetensors file),
-``names`` and ``_fs`` (file primitives for local paths and fsspec URLs alike).
+``names`` and ``_fs`` (file primitives for local paths and fsspec URLs alike); ``migrate``
+(older on-disk formats rewritten in the newest).
 """
 
 from keisei_fn.store.background import AsyncSaver, SaveHandle
@@ -30,6 +31,7 @@ from keisei_fn.store.follow import follow
 from keisei_fn.store.ledger import append_ledger, pending_publications, read_ledger
 from keisei_fn.store.legacy import import_legacy
 from keisei_fn.store.listing import RunDirScan, latest_checkpoint, list_checkpoints, scan_run_dir
+from keisei_fn.store.migrate import Migration, migrate
 from keisei_fn.store.preemption import Preemption
 from keisei_fn.store.resume import Resumed, resume
 from keisei_fn.store.retention import PrunePlan, RetentionPolicy, plan_prune, prune
@@ -38,6 +40,7 @@ __all__ = [
     "AsyncSaver",
     "CheckpointList",
     "Checkpointer",
+    "Migration",
     "Preemption",
     "PrunePlan",
     "Resumed",
@@ -56,6 +59,7 @@ __all__ = [
     "load_state",
     "load_state_with_meta",
     "local_checkpoint_files",
+    "migrate",
     "pending_publications",
     "plan_prune",
     "prune",

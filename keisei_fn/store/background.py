@@ -7,7 +7,11 @@ one (back-pressure, bounded memory) and raises its error if it failed — an err
 ``wait()`` or on the next ``save``, never silently.
 
 Pass a snapshot: a ``TrainState`` from ``keisei_fn.capture`` holds clones, so training steps
-taken after ``save`` returns do not change what is written.
+taken after ``save`` returns do not change what is written. On CUDA, capture into the saver's
+page-locked buffers, ``saver.save(capture(..., staging=saver.staging))``: they are allocated
+once (grown when the state grows) and written from directly; a buffer is refilled only once
+the write that reads it is done and no tensor of its snapshot is left (see
+``keisei_fn.staging``).
 
 Example:
     >>> import tempfile
@@ -29,6 +33,7 @@ from typing import Any, NoReturn
 
 from keisei_fn.meta import CheckpointMeta
 from keisei_fn.paths import PathArg, run_path
+from keisei_fn.staging import PinnedBuffers
 from keisei_fn.state import TrainState
 from keisei_fn.store.checkpoints import save_state
 from keisei_fn.store.preemption import Preemption
@@ -75,6 +80,11 @@ class AsyncSaver:
             at once when ``preemption.requested_anywhere()``, asked on every step: on every
             rank alike under ``torch.distributed``.)
         save_options: keyword options of ``save_state`` (``kind``, ``prefix``, ``overwrite``).
+
+    Attributes:
+        staging: the saver's reusable page-locked host buffers, for ``capture(...,
+            staging=saver.staging)``: two of them in steady state, one the write in flight
+            reads and one the next snapshot fills.
     """
 
     def __init__(
@@ -87,6 +97,7 @@ class AsyncSaver:
         self._last: SaveHandle | None = None
         self._closed = False
         self._lock = threading.Lock()
+        self.staging = PinnedBuffers()
 
     def save(self, state: TrainState) -> SaveHandle:
         """Start writing ``state``; first waits for (and re-raises the error of) the previous

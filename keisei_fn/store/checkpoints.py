@@ -47,7 +47,8 @@ from keisei_fn.errors import (
 from keisei_fn.meta import FORMAT_VERSION, CheckpointMeta, build_sidecar
 from keisei_fn.nets import build_model
 from keisei_fn.paths import PathArg, RunPath, run_path
-from keisei_fn.state import TrainState, thaw
+from keisei_fn.staging import copy_to_device
+from keisei_fn.state import TrainState, iter_tensors, thaw
 from keisei_fn.store._fs import hash_file
 from keisei_fn.store.commit import (
     commit,
@@ -149,17 +150,25 @@ def save_state(
     )
 
 
-def save_final_model(state: TrainState, run_dir: PathArg) -> CheckpointMeta:
+def save_final_model(
+    state: TrainState, run_dir: PathArg, *, keep_extra: bool = False
+) -> CheckpointMeta:
     """Save the model weights (+ spec, step, episodes, stats) as ``final_model.*``.
 
     Optimizer, scheduler, scaler, RNG and ``extra`` are left out: this is the artifact to play
     with, not to resume from. An existing final model is replaced atomically: at any instant
     the old one or the new one is there (see :func:`save_state`).
 
+    Args:
+        state: the state whose model to save.
+        run_dir: the run directory (created if missing).
+        keep_extra: keep ``state.extra`` too (e.g. an average's record of its inputs).
+
     Raises:
         UnsupportedDtypeError: for weights that cannot be stored; OSError on I/O failure.
     """
-    weights_only = state.replace(optimizer=None, scheduler=None, scaler=None, rng=None, extra={})
+    extra = state.extra if keep_extra else {}
+    weights_only = state.replace(optimizer=None, scheduler=None, scaler=None, rng=None, extra=extra)
     stem = run_path(run_dir) / FINAL_MODEL
     return on_rank_zero(
         lambda: _save(encode_state(weights_only), stem, kind="final_model", overwrite=True),
@@ -281,16 +290,17 @@ def _read_single_file(
 
 
 def _to_device(state: TrainState, device: torch.device) -> TrainState:
-    """Move model and optimizer tensors; tensors shared before stay shared (RNG stays on CPU)."""
-    moved: dict[int, torch.Tensor] = {}
-
-    def move(tensor: torch.Tensor) -> torch.Tensor:
-        if id(tensor) not in moved:
-            moved[id(tensor)] = tensor.to(device)
-        return moved[id(tensor)]
-
+    """Move model and optimizer tensors through page-locked staging (``copy_to_device``);
+    tensors shared before stay shared (RNG stays on CPU)."""
+    distinct = {
+        id(tensor): tensor
+        for part in (state.model, state.optimizer)
+        for _, tensor in iter_tensors(part)
+    }
+    moved = dict(zip(distinct, copy_to_device(list(distinct.values()), device), strict=True))
     return state.replace(
-        model=thaw(state.model, on_tensor=move), optimizer=thaw(state.optimizer, on_tensor=move)
+        model=thaw(state.model, on_tensor=lambda t: moved[id(t)]),
+        optimizer=thaw(state.optimizer, on_tensor=lambda t: moved[id(t)]),
     )
 
 
@@ -368,7 +378,9 @@ def load_model(
     Args:
         source: a checkpoint, a final model, or a run directory (its final model if there is
             a valid one, else its latest checkpoint; the returned meta says which).
-        device: where to put the model.
+        device: where to build the model; the verified weights go straight to it (on CUDA
+            through page-locked staging, see ``restore_``), with no copy of the model on the
+            CPU.
 
     Only the model's tensors are read (and verified, each against its own digest) from a
     format-3 checkpoint, not its optimizer state.
@@ -391,9 +403,9 @@ def load_model(
             f"{meta.path}: the checkpoint holds an arbitrary model without a ModelSpec; "
             "build your model and use load_state + restore_"
         )
-    model = build_model(state.spec, device="cpu")
+    model = build_model(state.spec, device=device)
     restore_(state, model, rng=False)
-    return model.to(device).eval(), meta
+    return model.eval(), meta
 
 
 def verify_checkpoint(path: PathArg) -> CheckpointMeta:

@@ -10,7 +10,9 @@ there (the training process, or a ``keisei-fn flush`` after it).
 
 Record fields: ``event`` ("pending", "published", "failed"), ``artifact`` (artifact name),
 ``digest`` (weights digest), ``checkpoint`` (stem name), ``time`` (UTC ISO) and any extras.
-The key of a publication is ``(artifact, digest)``.
+The key of a publication is ``(artifact, digest)``. A ``published`` record with a
+``best_artifact`` field says that publication moved that artifact's ``best`` alias to its
+checkpoint (:func:`best_publications`).
 
 What a hostile ledger can cost is bounded: at most :data:`MAX_LEDGER_BYTES` bytes (checked
 before reading) and :data:`MAX_LEDGER_RECORDS` records (counted while reading line by line),
@@ -45,7 +47,13 @@ from keisei_fn.store._fs import (
 if TYPE_CHECKING:
     from upath import UPath
 
-__all__ = ["LEDGER_NAME", "append_ledger", "pending_publications", "read_ledger"]
+__all__ = [
+    "LEDGER_NAME",
+    "append_ledger",
+    "best_publications",
+    "pending_publications",
+    "read_ledger",
+]
 
 log = logging.getLogger("keisei_fn.store")
 
@@ -56,15 +64,19 @@ EVENTS = ("pending", "published", "failed")
 MAX_LEDGER_BYTES = 64 * 1024 * 1024
 #: At most this many records (3x that run); each costs ~1.2 KB parsed, ~80 MB in all.
 MAX_LEDGER_RECORDS = 65_536
-#: A record has a dozen fields; a line with more values is corrupt (skipped unparsed).
+#: A record has a dozen fields; a line with more values or containers is corrupt (skipped
+#: unparsed), and :func:`append_ledger` refuses to write one.
 _RECORD_VALUES = 256
+_RECORD_CONTAINERS = 8
 
 
 def append_ledger(run_dir: PathArg, record: Mapping[str, Any]) -> dict[str, Any]:
     """Durably append one record (``time`` added when absent).
 
     Raises:
-        SpecError: for an unknown ``event`` or a record without ``artifact``/``digest``.
+        SpecError: for an unknown ``event``, a record without ``artifact``/``digest``, or one
+            the reader would skip as corrupt (over 256 JSON values or 8 containers: e.g. the
+            caller's metadata nested deeply), which would lose a pending publication.
         IntegrityError: the ledger is not a regular file (a FIFO, a device).
         OSError: when the run directory is not writable.
     """
@@ -76,6 +88,10 @@ def append_ledger(run_dir: PathArg, record: Mapping[str, Any]) -> dict[str, Any]
     entry.setdefault("time", datetime.now(UTC).isoformat(timespec="microseconds"))
     path = run_path(run_dir) / LEDGER_NAME
     line = orjson.dumps(entry, option=orjson.OPT_SORT_KEYS) + b"\n"
+    try:
+        _check_record_cost(line)
+    except IntegrityError as exc:
+        raise SpecError(f"publication record of {entry['artifact']} is too big: {exc}") from None
     if is_remote(path):
         _append_remote(path, line)
         return entry
@@ -152,13 +168,19 @@ def _records(path: RunPath) -> Iterator[dict[str, Any]]:
             if not line.strip():
                 continue
             try:
-                check_json_cost(line, max_values=_RECORD_VALUES, max_containers=8, where="line")
+                _check_record_cost(line)
                 record = orjson.loads(line)
             except (orjson.JSONDecodeError, IntegrityError):
                 log.warning("%s:%d: skipping a torn or corrupt ledger line", path, number)
                 continue
             if isinstance(record, dict):
                 yield record
+
+
+def _check_record_cost(line: bytes) -> None:
+    check_json_cost(
+        line, max_values=_RECORD_VALUES, max_containers=_RECORD_CONTAINERS, where="ledger line"
+    )
 
 
 def pending_publications(run_dir: PathArg) -> dict[tuple[str, str], dict[str, Any]]:
@@ -174,4 +196,18 @@ def pending_publications(run_dir: PathArg) -> dict[tuple[str, str], dict[str, An
             latest[key] = record
         else:
             latest.pop(key, None)
+    return latest
+
+
+def best_publications(run_dir: PathArg) -> dict[str, dict[str, Any]]:
+    """Per best artifact (``best_artifact``), the last ``published`` record that moved its
+    ``best`` alias: the checkpoint W&B's ``best`` names now.
+
+    Raises:
+        IntegrityError: the ledger cannot be read (see :func:`read_ledger`).
+    """
+    latest: dict[str, dict[str, Any]] = {}
+    for record in _records(run_path(run_dir) / LEDGER_NAME):
+        if record.get("event") == "published" and record.get("best_artifact"):
+            latest[str(record["best_artifact"])] = record
     return latest

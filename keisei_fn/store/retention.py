@@ -1,7 +1,9 @@
 """Retention: which checkpoints to keep. ``plan_prune`` is pure; ``prune`` applies a plan.
 
 Never deleted, whatever the policy: the newest valid checkpoint, final checkpoints, the final
-model, and checkpoints whose publication is still pending in the run directory's ledger.
+model, checkpoints whose publication is still pending in the run directory's ledger, and the
+checkpoint a W&B ``best`` alias names (``keisei_fn.publish`` with ``best=``), so that alias never
+points at a checkpoint the run directory no longer has.
 Incomplete leftovers (temp files, payloads no sidecar names, sidecars that fail the listed
 check, and, once abandoned for an hour, shards directories no sidecar refers to and open S3
 multipart uploads) are always removed by ``prune``, which holds the run directory's lock (see
@@ -42,11 +44,11 @@ from keisei_fn.store._fs import (
     remove_durably,
 )
 from keisei_fn.store.commit import locked
-from keisei_fn.store.ledger import pending_publications
+from keisei_fn.store.ledger import best_publications, pending_publications
 from keisei_fn.store.listing import RunDirScan, scan_run_dir
 from keisei_fn.store.names import RESUME_PREFIX, parse_stem, sidecar_path
 
-__all__ = ["PrunePlan", "RetentionPolicy", "plan_prune", "prune"]
+__all__ = ["PrunePlan", "RetentionPolicy", "metric_value", "plan_prune", "prune", "ranking_key"]
 
 log = logging.getLogger("keisei_fn.store")
 
@@ -61,8 +63,9 @@ class RetentionPolicy:
             ``RetentionPolicy(keep_last=0, keep_daily=7)``: one per day for a week, and the
             newest resume point). A policy with other keep rules and ``keep_last=None`` warns.
         keep_every: also keep every checkpoint whose step is a multiple of this.
-        keep_best: ``(metric, mode, k)``: the k best by ``extra[metric]`` (a number),
-            ``mode`` "max" or "min".
+        keep_best: ``(metric, mode, k)``: the k best by ``extra[metric]`` (a finite number,
+            see :func:`metric_value`), ``mode`` "max" or "min"; ties go to the later step
+            (:func:`ranking_key`, the order W&B's ``best`` alias follows too).
         keep_within: also keep every checkpoint created within this duration before ``now``
             (restic measures from the newest snapshot instead; a training run wants the clock).
             A creation time unreadable, or more than :data:`FUTURE_TOLERANCE` ahead of ``now``,
@@ -135,11 +138,33 @@ class PrunePlan:
     delete: tuple[str, ...]
 
 
-def _metric(meta: CheckpointMeta, name: str) -> float | None:
-    value = meta.extra.get(name)
-    if isinstance(value, bool) or not isinstance(value, int | float) or math.isnan(value):
+def metric_value(value: object) -> float | None:
+    """``value`` as a metric to rank checkpoints by (``keep_best``, W&B's ``best`` alias): a
+    finite int or float (not a bool), as a float; None for anything else (NaN and infinities
+    included: a broken evaluation never ranks first).
+
+    Example:
+        >>> metric_value(3), metric_value(float("nan")), metric_value(True)
+        (3.0, None, None)
+    """
+    if isinstance(value, bool) or not isinstance(value, int | float):
         return None
-    return float(value)
+    try:
+        as_float = float(value)
+    except OverflowError:  # an int beyond a float's range
+        return None
+    return as_float if math.isfinite(as_float) else None
+
+
+def ranking_key(value: float, step: int, mode: str) -> tuple[float, int]:
+    """The order of "best by a metric": a larger key is better — the value (negated for
+    ``mode`` "min"), then the later step.
+
+    Example:
+        >>> ranking_key(0.5, 10, "min") > ranking_key(0.7, 20, "min")
+        True
+    """
+    return (value if mode == "max" else -value, step)
 
 
 def _created(meta: CheckpointMeta, now: datetime) -> datetime | None:
@@ -186,7 +211,8 @@ def plan_prune(
     Args:
         metas: the valid checkpoints of one run directory.
         policy: the retention rules.
-        protected: names that must be kept (e.g. pending publications).
+        protected: names that must be kept (e.g. pending publications); a mapping gives
+            each one's reason.
         prefix: the resume prefix; the newest checkpoint with it is always kept.
         now: the current time for ``keep_within`` (timezone-aware; default: the system clock).
             A checkpoint whose creation time cannot be read is kept by no time rule.
@@ -207,7 +233,8 @@ def plan_prune(
         if meta.kind != "periodic":
             always.setdefault(meta.name, meta.kind.replace("_", " "))
         if meta.name in protected:
-            always.setdefault(meta.name, "pending publication")
+            why = protected[meta.name] if isinstance(protected, Mapping) else "pending publication"
+            always.setdefault(meta.name, why)
 
     if now is not None and now.tzinfo is None:
         raise SpecError(f"plan_prune's now must be timezone-aware, got {now!r}")
@@ -225,8 +252,8 @@ def plan_prune(
                 by_policy.setdefault(meta.name, f"step is a multiple of {policy.keep_every}")
     if policy.keep_best is not None:
         metric, mode, k = policy.keep_best
-        scored = [(v, m) for m in periodic if (v := _metric(m, metric)) is not None]
-        scored.sort(key=lambda vm: (vm[0] if mode == "max" else -vm[0], vm[1].step), reverse=True)
+        scored = [(v, m) for m in periodic if (v := metric_value(m.extra.get(metric))) is not None]
+        scored.sort(key=lambda vm: ranking_key(vm[0], vm[1].step, mode), reverse=True)
         for _, meta in scored[:k]:
             by_policy.setdefault(meta.name, f"best {k} by {metric} ({mode})")
     clock = now or datetime.now(UTC)
@@ -313,7 +340,7 @@ def _prune(
     lock = contextlib.nullcontext(not is_remote(run_dir)) if dry_run else locked(run_dir)
     with lock as held:
         scan = scan_run_dir(run_dir)
-        protected = _pending(run_dir, scan)
+        protected = _protected(run_dir, scan)
         plan = plan_prune(scan.valid, policy, protected=protected, prefix=prefix, now=now)
         # Without the lock a save may be in flight: only what is old was abandoned.
         leftovers = [p for p in scan.leftovers if held or _abandoned(p)]
@@ -338,14 +365,21 @@ def _prune(
     return PrunePlan(keep=plan.keep, delete=(*plan.delete, *broken, *removed))
 
 
-def _pending(run_dir: RunPath, scan: RunDirScan) -> set[str]:
-    """Names of the checkpoints whose publication is pending; every valid one when the ledger
-    cannot be read (which are pending is unknown: none may be deleted)."""
+def _protected(run_dir: RunPath, scan: RunDirScan) -> dict[str, str]:
+    """The checkpoints whose publication is pending or that a W&B ``best`` alias names, with
+    why; every valid one when the ledger cannot be read (which those are is unknown: none may
+    be deleted)."""
     try:
-        return {str(r.get("checkpoint", "")) for r in pending_publications(run_dir).values()}
+        protected = {
+            str(r.get("checkpoint", "")): f"W&B best of {artifact}"
+            for artifact, r in best_publications(run_dir).items()
+        }
+        for record in pending_publications(run_dir).values():
+            protected[str(record.get("checkpoint", ""))] = "pending publication"
+        return protected
     except KeiseiFnError as exc:
         log.warning("%s; keeping every checkpoint of %s", exc, run_dir)
-        return {meta.name for meta in scan.valid}
+        return dict.fromkeys((meta.name for meta in scan.valid), "unreadable publication ledger")
 
 
 def _abandoned(path: RunPath) -> bool:
