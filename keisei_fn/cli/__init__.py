@@ -448,8 +448,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "players",
         nargs="*",
-        metavar="A B",
-        help="checkpoints, final models, run directories or bundles (or use --engine-a/-b)",
+        metavar="PLAYER",
+        help="A and B: checkpoints, final models, run directories or bundles (or --engine-a/-b)",
     )
     p.add_argument(
         "--engine-a", metavar="CMD", help='player A as a USI engine command: "path args"'
@@ -463,7 +463,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--playouts-b", type=int, metavar="K", help="B's playouts, if not --playouts")
     p.add_argument("--seed", type=int, default=0, help="seeds the openings (default: 0)")
-    p.add_argument("--move-cap", type=int, default=256, metavar="N", help="draw after N plies")
+    p.add_argument(
+        "--move-cap", type=int, default=256, metavar="N", help="draw after N plies (default: 256)"
+    )
     p.add_argument("--out", metavar="DIR", help="records and summary.json (default: ./match-*)")
     p.set_defaults(run=commands.cmd_match)
     return parser
