@@ -8,12 +8,21 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from benchmarks import cases, export_bench, gpu, loop, object_store, report, sharded_bench
+from benchmarks import (
+    cases,
+    export_bench,
+    gpu,
+    loop,
+    object_store,
+    report,
+    sharded_bench,
+    usi_bench,
+)
 
 SECTIONS = (
     "save", "load", "capture", "breakdown", "s3", "sharded", "listing", "import", "loop", "gpu"
 )  # fmt: skip
-SECTIONS += ("export",)
+SECTIONS += ("export", "usi", "matches")
 DEFAULT_OUT = Path(__file__).parent / "results" / "latest.json"
 
 
@@ -52,10 +61,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--dir", type=Path, help="where to write scratch files (default: the system temp dir)"
     )
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="JSON results file")
+    parser.add_argument(
+        "--match-games",
+        type=_csv(int),
+        help="games of the two matches: step 100 vs 300, policy vs Playouts 200 (default 40,20)",
+    )
     args = parser.parse_args(argv)
     args.repeat = args.repeat or (3 if args.quick else 7)
     args.models = args.models or (["test", "default"] if args.quick else list(cases.MODELS))
     args.listing = args.listing or ([10, 1000] if args.quick else [10, 1000, 10000])
+    args.match_games = args.match_games or ([10, 4] if args.quick else [40, 20])
     for name in args.models:
         if name not in cases.MODELS:
             parser.error(f"unknown model {name!r}; choose from {', '.join(cases.MODELS)}")
@@ -134,6 +149,17 @@ def main(argv: list[str] | None = None) -> None:
                 scratch, args.repeat, cases.MODELS[model], model
             )
             rows += export_rows
+    matches: list[dict[str, Any]] = []
+    if "usi" in args.sections:
+        progress("usi: cold isready, nodes/s at Playouts 0 and 800 (default model)")
+        with cases.scratch_dir(parent) as scratch:
+            rows += usi_bench.usi_rows(scratch, args.repeat, playouts=200 if args.quick else 800)
+    if "matches" in args.sections:
+        progress(f"matches of the demo's model: {args.match_games} games")
+        with cases.scratch_dir(parent) as scratch:
+            matches = usi_bench.match_results(
+                scratch, games=args.match_games[0], search_games=args.match_games[-1]
+            )
 
     print(report.rows_table(rows))
     if export_table:
@@ -141,6 +167,9 @@ def main(argv: list[str] | None = None) -> None:
         print(export_bench.TABLE_HEADER)
         for line in export_table:
             print("| " + " | ".join(line) + " |")
+    if matches:
+        print()
+        print(usi_bench.matches_table(matches))
     for title, parts in (("save_state part", save_parts), ("load_state part", load_parts)):
         if parts:
             print()
@@ -158,6 +187,7 @@ def main(argv: list[str] | None = None) -> None:
         },
         "model_bytes": sizes,
         "breakdown": {"save_state": save_parts, "load_state": load_parts},
+        "matches": matches,
     }
     report.write_json(args.out, results, rows)
     progress(f"wrote {args.out}")

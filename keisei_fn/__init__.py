@@ -73,8 +73,10 @@ from keisei_fn.store import (
 )
 
 if TYPE_CHECKING:
+    from keisei_fn.match import play_match
     from keisei_fn.store.convert import consolidate
     from keisei_fn.store.sharded import load_sharded, load_sharded_, save_sharded
+    from keisei_fn.usi import run_engine
 
 #: Sharded (FSDP) checkpoint functions: imported on first use, as they load torch.distributed.
 _SHARDED = frozenset({"load_sharded", "load_sharded_", "save_sharded"})
@@ -89,6 +91,14 @@ def __getattr__(name: str) -> Any:
         from keisei_fn.store import sharded
 
         return getattr(sharded, name)
+    if name == "play_match":  # matches and the USI engine import cshogi: on first use
+        from keisei_fn.match import play_match
+
+        return play_match
+    if name == "run_engine":
+        from keisei_fn.usi import run_engine
+
+        return run_engine
     raise AttributeError(f"module 'keisei_fn' has no attribute {name!r}")
 
 
@@ -151,6 +161,7 @@ __all__ = [
     "model_info",
     "model_types",
     "plan_prune",
+    "play_match",
     "precision_policy",
     "prune",
     "publish",
@@ -160,6 +171,7 @@ __all__ = [
     "restore_",
     "resume",
     "round_interval",
+    "run_engine",
     "save_final_model",
     "save_sharded",
     "save_state",

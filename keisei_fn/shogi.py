@@ -89,6 +89,7 @@ __all__ = [
     "iter_random_positions",
     "legal_mask",
     "legal_masks",
+    "legal_move_indices",
     "legal_moves",
     "move_to_index",
     "move_to_usi",
@@ -569,6 +570,29 @@ def legal_mask(board: cshogi.Board) -> torch.Tensor:
     mask = np.zeros(NUM_ACTIONS, dtype=np.bool_)
     mask[_indices_of(_legal_array(board), int(board.turn))] = True
     return torch.from_numpy(mask)
+
+
+def legal_move_indices(board: cshogi.Board) -> tuple[list[int], list[int]]:
+    """The legal moves of the side to move and their action indices, in the same order.
+
+    Args:
+        board: the position.
+
+    Returns:
+        ``(moves, indices)``: cshogi move ints (cshogi's generation order) and the action index
+        of each (both empty when the side to move is mated).
+
+    Raises:
+        SpecError: ``board`` is not a ``cshogi.Board``.
+
+    Example:
+        >>> moves, indices = legal_move_indices(start_board())
+        >>> len(moves), indices[moves.index(start_board().move_from_usi("7g7f"))]
+        (30, 9054)
+    """
+    _check_board(board)
+    legal = _legal_array(board)
+    return legal.tolist(), _indices_of(legal, int(board.turn)).tolist()
 
 
 def legal_masks(boards: Iterable[cshogi.Board]) -> torch.Tensor:

@@ -36,7 +36,7 @@ COMMANDS = ("demo", "ls", "info", "verify", "prune", "convert", "consolidate", "
 COMMANDS += ("flush", "analyze", "diff")
 COMMANDS += ("average",)
 COMMANDS += ("migrate", "grow", "compat")
-COMMANDS += ("export",)
+COMMANDS += ("export", "usi", "match")
 
 
 def cli(capsys: pytest.CaptureFixture[str], *args: object) -> tuple[int, str, str]:

@@ -23,9 +23,14 @@ layer           modules                              may import (directly; and a
 entry           ``keisei_fn`` (the public API),      cli
                 ``__main__``
 cli             cli                                  demo, analysis, testing, info, diff,
-                                                     average, compat, grow, serve
+                                                     average, compat, grow, serve,
+                                                     play
 serve           serve (export bundles, the           store, shogi
                 behaviour gate, validation)
+play            match, usi (games against engines)   player, elo
+player          player (a network choosing moves)    store, search, shogi, serve
+search          search (PUCT over an evaluator)      (nothing)
+elo             elo (Elo maths, the gate)            (nothing)
 diff            diff (what changed between states)   store
 average         average, ema, ensemble (averaged     store, shogi
                 and mixed models)
@@ -107,13 +112,29 @@ LAYER_OF: Mapping[str, str] = {
     "paths": "paths",
     "_version": "version",
     "errors": "errors",
+    "match": "play",
+    "usi": "play",
+    "player": "player",
+    "search": "search",
+    "elo": "elo",
 }
 
 #: Layer → the layers directly below it that it may import.
 MAY_IMPORT: Mapping[str, frozenset[str]] = {
     "entry": frozenset({"cli"}),
     "cli": frozenset(
-        {"demo", "analysis", "testing", "info", "diff", "average", "compat", "grow", "serve"}
+        {
+            "demo",
+            "analysis",
+            "testing",
+            "info",
+            "diff",
+            "average",
+            "compat",
+            "grow",
+            "serve",
+            "play",
+        }
     ),
     "serve": frozenset({"store", "shogi"}),
     "diff": frozenset({"store"}),
@@ -141,6 +162,10 @@ MAY_IMPORT: Mapping[str, frozenset[str]] = {
     "paths": frozenset({"errors"}),
     "version": frozenset(),
     "errors": frozenset(),
+    "play": frozenset({"player", "elo"}),
+    "player": frozenset({"store", "search", "shogi", "serve"}),
+    "search": frozenset(),
+    "elo": frozenset(),
 }
 
 #: Open to every layer.

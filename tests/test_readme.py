@@ -34,6 +34,7 @@ TESTED_SECTIONS = {
         "test_cuda_example_saves_through_the_saver_buffers"
     ),
     "Health gate: a NaN checkpoint never becomes the resume point": "test_health_gate_example",
+    "Playing: a USI engine and matches with Elo": "test_match_example",
 }
 TESTED_SECTIONS["Export bundles: bfloat16, float16, int8, ONNX"] = "test_export_example"
 
@@ -290,3 +291,18 @@ def test_export_example(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None
     result = namespace["result"]
     assert isinstance(result, kf.serve.ExportResult) and result.passed
     assert namespace["meta"].extra["bundle"]["dtype"] == "int8"  # type: ignore[attr-defined]
+
+
+def test_match_example(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    spec = kf.ModelSpec(model_type="testmodel")
+    for seed, step in ((0, 100), (1, 300)):
+        state = kf.capture(spec, kf.build_model(spec, seed=seed), step=step)
+        kf.save_state(state, "runs/demo")
+    kf.save_final_model(state, "runs/demo")
+    run_blocks("Playing: a USI engine and matches with Elo")
+    out = capsys.readouterr().out
+    assert "4 games" in out and "Elo of B - A: " in out and out.rstrip().endswith(("B", "A"))
+    assert (tmp_path / "m" / "summary.json").exists()

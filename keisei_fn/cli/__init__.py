@@ -457,6 +457,36 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("checkpoint", help="checkpoint file, stem or run directory")
     _add_spec_options(p)
     p.set_defaults(run=commands.cmd_compat)
+
+    p = sub.add_parser("usi", help="a USI engine on stdin/stdout (for GUIs and match runners)")
+    p.add_argument("source", help="checkpoint, final model, run directory or export bundle")
+    p.add_argument("--device", default="cpu", help="the Device option's default (default: cpu)")
+    p.set_defaults(run=commands.cmd_usi)
+
+    p = sub.add_parser("match", help="play two models or USI engines; W/L/D and Elo")
+    p.add_argument(
+        "players",
+        nargs="*",
+        metavar="PLAYER",
+        help="A and B: checkpoints, final models, run directories or bundles (or --engine-a/-b)",
+    )
+    p.add_argument(
+        "--engine-a", metavar="CMD", help='player A as a USI engine command: "path args"'
+    )
+    p.add_argument(
+        "--engine-b", metavar="CMD", help='player B as a USI engine command: "path args"'
+    )
+    p.add_argument("--games", type=int, default=10, metavar="N", help="games (default: 10)")
+    p.add_argument(
+        "--playouts", type=int, default=0, metavar="K", help="playouts per move (default: 0)"
+    )
+    p.add_argument("--playouts-b", type=int, metavar="K", help="B's playouts, if not --playouts")
+    p.add_argument("--seed", type=int, default=0, help="seeds the openings (default: 0)")
+    p.add_argument(
+        "--move-cap", type=int, default=256, metavar="N", help="draw after N plies (default: 256)"
+    )
+    p.add_argument("--out", metavar="DIR", help="records and summary.json (default: ./match-*)")
+    p.set_defaults(run=commands.cmd_match)
     return parser
 
 

@@ -541,3 +541,41 @@ def cmd_export(args: argparse.Namespace) -> int:
     for problem in result.problems:
         print(f"FORCED despite: {problem}")
     return 0
+
+
+def cmd_usi(args: argparse.Namespace) -> int:
+    """A USI engine on stdin/stdout (see ``keisei_fn.usi``)."""
+    from keisei_fn.usi import run_engine
+
+    return run_engine(args.source, sys.stdin, sys.stdout, device=args.device)
+
+
+def cmd_match(args: argparse.Namespace) -> int:
+    """Play a match between two players; print W/L/D and the Elo difference."""
+    import shlex
+
+    from keisei_fn.errors import SpecError
+    from keisei_fn.match import UsiCommand, play_match
+
+    given = list(args.players)
+    players: list[Any] = []
+    for command in (args.engine_a, args.engine_b):
+        if command is not None:
+            players.append(UsiCommand(tuple(shlex.split(command))))
+        elif given:
+            players.append(given.pop(0))
+    if len(players) != 2 or given:
+        raise SpecError("match needs two players: A B, or --engine-a/--engine-b for either")
+    result = play_match(
+        players[0],
+        players[1],
+        games=args.games,
+        playouts=(args.playouts, args.playouts if args.playouts_b is None else args.playouts_b),
+        seed=args.seed,
+        move_cap=args.move_cap,
+        out=args.out,
+        progress=print,
+    )
+    print(result.summary())
+    print(f"records and summary.json in {result.out}")
+    return 0

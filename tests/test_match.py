@@ -1,0 +1,148 @@
+"""Matches (keisei_fn.match): model players in process, USI engines as subprocesses, CSA
+records that cshogi parses back, summary.json, the Elo interval and the gate."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import cshogi
+import cshogi.CSA
+import orjson
+import pytest
+import torch
+from torch import nn
+
+import keisei_fn as kf
+from keisei_fn.errors import InvalidModelError
+from keisei_fn.match import GameResult, MatchResult, UsiCommand, is_better, play_match
+from tests import cli_inprocess
+
+SPEC = kf.ModelSpec(model_type="testmodel")
+
+
+@pytest.fixture(scope="module")
+def model() -> nn.Module:
+    return kf.build_model(SPEC, seed=0).eval()
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("match") / "run"
+    kf.save_final_model(kf.capture(SPEC, kf.build_model(SPEC, seed=1), step=1), path)
+    return path
+
+
+def replay(record: Path) -> list[str]:
+    """The moves of a CSA record, checked legal from its initial position by cshogi."""
+    (game,) = cshogi.CSA.Parser.parse_file(str(record))
+    board = cshogi.Board(game.sfen)
+    for move in game.moves:
+        assert board.is_legal(move)
+        board.push(move)
+    return [cshogi.move_to_usi(m) for m in game.moves]
+
+
+def check_records(out: Path, games: int) -> dict[str, object]:
+    summary = orjson.loads((out / "summary.json").read_bytes())
+    assert summary["games"] == games == len(summary["results"])
+    for game in summary["results"]:
+        assert replay(out / game["record"]) == game["moves"]
+    return summary
+
+
+def test_models_play_a_match_and_write_records(
+    model: nn.Module, run_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    result = play_match(model, run_dir, games=4, playouts=2, seed=5, move_cap=24)
+    assert result.out.parent == tmp_path and result.out.name.startswith("match-")
+    assert result.a_wins + result.b_wins + result.draws == 4
+    assert [g.black for g in result.games] == ["A", "B", "A", "B"]
+    assert result.games[0].opening == result.games[1].opening != result.games[2].opening
+    assert all(g.reason in ("mate", "resign", "repetition", "move cap") for g in result.games)
+    summary = check_records(result.out, 4)
+    assert summary["b"] == str(run_dir) and summary["settings"]["playouts"] == [2, 2]  # type: ignore[index]
+    low, high = summary["elo_interval"]  # type: ignore[misc]
+    assert low is None or high is None or low <= high
+    again = play_match(model, run_dir, games=4, playouts=2, seed=5, move_cap=24, out="again")
+    assert [g.moves for g in again.games] == [g.moves for g in result.games]  # reproducible
+
+
+def test_match_cli_against_an_external_engine(run_dir: Path, tmp_path: Path) -> None:
+    engine = f"{sys.executable} -m keisei_fn usi {run_dir}"
+    out = tmp_path / "out"
+    ran = cli_inprocess.run(
+        "match", run_dir, "--engine-b", engine, "--games", "2", "--move-cap", "12",
+        "--playouts", "0", "--playouts-b", "2", "--out", out, env={"OMP_NUM_THREADS": "1"},
+    )  # fmt: skip
+    assert ran.returncode == 0, ran.stderr
+    assert "(B): 2 games" in ran.stdout and "Elo of B - A: " in ran.stdout
+    assert "[" in ran.stdout.split("Elo of B - A: ")[1]  # the interval
+    assert f"records and summary.json in {out}" in ran.stdout
+    summary = check_records(out, 2)
+    assert str(summary["b"]).startswith("keisei-fn")
+    assert summary["settings"]["playouts"] == [0, 2]  # type: ignore[index]
+    again = cli_inprocess.run("match", run_dir, run_dir, "--games", "1", "--out", out)
+    assert again.returncode == 2 and "already holds a match" in again.stderr
+
+
+BROKEN_ENGINE = """
+import sys
+for line in sys.stdin:
+    word = line.split()[0] if line.split() else ""
+    if word == "usi":
+        print("id name broken\\nusiok", flush=True)
+    elif word == "isready":
+        print("readyok", flush=True)
+    elif word == "go":
+        if "{mode}" == "exit":
+            sys.exit(3)
+        print("bestmove 1a1a", flush=True)
+    elif word == "quit":
+        break
+"""
+
+
+@pytest.mark.parametrize("mode", ["illegal", "exit"])
+def test_an_engine_that_breaks_the_rules_loses(model: nn.Module, tmp_path: Path, mode: str) -> None:
+    script = tmp_path / "broken.py"
+    script.write_text(BROKEN_ENGINE.replace("{mode}", mode))
+    broken = UsiCommand((sys.executable, str(script)))
+    result = play_match(model, broken, games=2, out=tmp_path / "out")
+    assert (result.a_wins, result.b_wins, result.draws) == (2, 0, 0)
+    why = "illegal move by B: '1a1a'" if mode == "illegal" else "engine failure of B"
+    assert all(g.reason.startswith(why) for g in result.games), result.games
+    check_records(result.out, 2)
+
+
+def test_an_unsound_model_is_refused(model: nn.Module, tmp_path: Path) -> None:
+    broken = kf.build_model(SPEC, seed=0)
+    with torch.no_grad():
+        next(broken.parameters())[0] = float("inf")
+    with pytest.raises(InvalidModelError, match="non-finite"):
+        play_match(model, broken, games=1, out=tmp_path)
+    assert not (tmp_path / "summary.json").exists()
+
+
+def _result(b_wins: int, a_wins: int, draws: int) -> MatchResult:
+    def game(winner: str | None) -> GameResult:
+        return GameResult(index=1, black="A", opening="", winner=winner, reason="x", moves=(),
+                          record="")  # fmt: skip
+
+    games = [game("B")] * b_wins + [game("A")] * a_wins + [game(None)] * draws
+    return MatchResult(a="old", b="new", games=tuple(games), out=Path("."))
+
+
+def test_the_gate_asks_whether_b_is_better() -> None:
+    assert is_better(_result(30, 10, 0))
+    assert not is_better(_result(10, 30, 0))
+    assert not is_better(_result(12, 8, 0))
+    assert is_better(_result(12, 8, 0), confidence=0.75)
+    assert _result(30, 10, 0).elo().elo > 0 > _result(10, 30, 0).elo().elo
+
+
+def test_match_cli_needs_two_players(run_dir: Path) -> None:
+    for args in ([run_dir], [run_dir, run_dir, run_dir], ["--engine-a", "x", run_dir, run_dir]):
+        ran = cli_inprocess.run("match", *args)
+        assert ran.returncode == 2 and "match needs two players" in ran.stderr
