@@ -122,6 +122,33 @@ def test_every_dtype_exports_passes_its_gate_and_loads_bit_exactly(
     assert not again.problems(DEFAULT_THRESHOLDS[dtype])
 
 
+@pytest.mark.parametrize("dtype", BUNDLE_DTYPES)
+def test_every_bundle_plays_through_usi(dtype: str, exports: dict[str, ExportResult]) -> None:
+    import io
+
+    from keisei_fn.usi import run_engine
+
+    out = io.StringIO()
+    commands = "isready\nposition startpos moves 7g7f\ngo\nquit\n"
+    assert run_engine(exports[dtype].bundle.directory, io.StringIO(commands), out) == 0
+    lines = out.getvalue().splitlines()
+    assert lines[0] == "readyok" and lines[-2].startswith("info depth 1 ")
+    board = board_from_sfen("lnsgkgsnl/1r5b1/ppppppppp/9/9/2P6/PP1PPPPPP/1B5R1/LNSGKGSNL w - 2")
+    assert lines[-1].split()[1] in {_usi(m) for m in board.legal_moves}
+
+
+def test_a_match_takes_bundles(exports: dict[str, ExportResult], tmp_path: Path) -> None:
+    result = kf.play_match(
+        exports["int8"].bundle.directory,
+        exports["bfloat16"].bundle.directory,
+        games=2,
+        seed=0,
+        move_cap=16,
+        out=tmp_path / "match",
+    )
+    assert len(result.games) == 2 and (tmp_path / "match" / "summary.json").is_file()
+
+
 def test_reduced_dtypes_shrink_the_weights(exports: dict[str, ExportResult]) -> None:
     sizes = {dtype: exports[dtype].bundle.weights_size for dtype in BUNDLE_DTYPES}
     assert sizes["bfloat16"] < 0.51 * sizes["float32"]

@@ -58,8 +58,20 @@ def test_handshake_lists_the_options(model: nn.Module) -> None:
     assert lines[0].startswith("id name keisei-fn") and lines[1].startswith("id author")
     options = {line.split()[2] for line in lines if line.startswith("option name")}
     assert options == {"USI_Hash", "USI_Ponder", "Temperature", "Playouts", "ResignValue",
-                       "Device", "Seed"}  # fmt: skip
+                       "Device", "Seed", "Threads"}  # fmt: skip
     assert lines[-2:] == ["usiok", "readyok"]
+
+
+def test_threads_sets_torchs_threads(model: nn.Module) -> None:
+    before = torch.get_num_threads()
+    try:
+        talk(model, "setoption name Threads value 3", "quit")
+        assert torch.get_num_threads() == 3
+        refused = talk(model, "setoption name Threads value 0", "quit")
+        assert refused[-1].startswith("info string option Threads: expected an integer in [1,")
+        assert torch.get_num_threads() == 3
+    finally:
+        torch.set_num_threads(before)
 
 
 def test_go_prints_a_score_and_a_legal_move(model: nn.Module) -> None:

@@ -461,6 +461,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("usi", help="a USI engine on stdin/stdout (for GUIs and match runners)")
     p.add_argument("source", help="checkpoint, final model, run directory or export bundle")
     p.add_argument("--device", default="cpu", help="the Device option's default (default: cpu)")
+    p.add_argument(
+        "--threads", type=int, default=1, help="torch's CPU threads until a Threads option (1)"
+    )
     p.set_defaults(run=commands.cmd_usi)
 
     p = sub.add_parser("match", help="play two models or USI engines; W/L/D and Elo")

@@ -545,8 +545,14 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 def cmd_usi(args: argparse.Namespace) -> int:
     """A USI engine on stdin/stdout (see ``keisei_fn.usi``)."""
+    import torch
+
+    from keisei_fn.errors import SpecError
     from keisei_fn.usi import run_engine
 
+    if args.threads < 1:
+        raise SpecError(f"--threads must be at least 1, got {args.threads}")
+    torch.set_num_threads(args.threads)
     return run_engine(args.source, sys.stdin, sys.stdout, device=args.device)
 
 
