@@ -16,6 +16,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import hypothesis.strategies as st
+import orjson
 import pytest
 import torch
 from hypothesis import given
@@ -347,6 +348,21 @@ def test_export_cli(source: Path, tmp_path: Path) -> None:
     assert analyzed.returncode == 0 and analyzed.stdout.startswith("bundle (step 7)")
     bad = run("export", source, tmp_path / "c", "--dtype", "int4")
     assert bad.returncode == 2 and "invalid choice" in bad.stderr
+
+
+def test_info_and_ls_on_a_bundle(exports: dict[str, ExportResult]) -> None:
+    bundle = exports["int8"].bundle  # exported with ONNX
+    info = run("info", bundle.directory)
+    assert info.returncode == 0, info.stderr
+    lines = info.stdout.splitlines()
+    assert lines[0] == f"bundle         {bundle.directory}  (int8, step 7)"
+    assert any(line.startswith("gate           top-1 ") for line in lines)
+    assert any(line.startswith("onnx gate      top-1 ") for line in lines)
+    assert "; model.onnx " in info.stdout and "model          testmodel" in info.stdout
+    as_json = orjson.loads(run("info", bundle.directory / "bundle.json", "--json").stdout)
+    assert as_json["dtype"] == "int8" and as_json["export"]["gate"]["figures"]["positions"] > 0
+    listed = run("ls", bundle.directory)
+    assert listed.returncode == 0 and "is an export bundle" in listed.stdout
 
 
 def test_the_suite_is_seeded_and_its_hand_picked_positions_are_valid() -> None:

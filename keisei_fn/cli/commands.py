@@ -76,8 +76,12 @@ def cmd_ls(args: argparse.Namespace) -> int:
     """A table of a run directory's checkpoints, including invalid and incomplete ones; a
     ``health`` column when the health gate checked any of them."""
     from keisei_fn.store import scan_run_dir, stored_size, verify_checkpoint
+    from keisei_fn.store.bundle import bundle_stem
 
     run_dir = _existing_run_dir(args.run_dir)
+    if bundle_stem(run_dir) is not None:
+        print(f"{run_dir} is an export bundle, not a run directory: `keisei-fn info {run_dir}`")
+        return 0
     scan = scan_run_dir(run_dir)
     published = _publish_status(run_dir)
     rows = []
@@ -135,9 +139,12 @@ def cmd_info(args: argparse.Namespace) -> int:
         else:
             _print_spec(spec, info)
         return 0
+    from keisei_fn.store.bundle import bundle_stem
     from keisei_fn.store.listing import read_listed
     from keisei_fn.store.locate import resolve_checkpoint
 
+    if (bundle := bundle_stem(args.path)) is not None:
+        return _bundle_info(bundle, as_json=args.json)
     meta, sidecar = read_listed(resolve_checkpoint(args.path))
     data: dict[str, Any] = {
         "name": meta.name,
@@ -185,6 +192,51 @@ def cmd_info(args: argparse.Namespace) -> int:
         _print_spec(meta.spec, data["model_info"])
     else:
         print("spec           none (an arbitrary user model)")
+    return 0
+
+
+def _bundle_info(stem: RunPath, *, as_json: bool) -> int:
+    """``info`` of an export bundle: its dtype, source, sizes and gate figures (the sidecar's
+    and files' sizes checked; ``verify`` checks every byte)."""
+    from keisei_fn.serve.compare import ComparisonReport
+    from keisei_fn.store.bundle import read_bundle_meta
+
+    bundle = read_bundle_meta(stem)
+    record = thaw(bundle.export)
+    if as_json:
+        _print_json(
+            {
+                "bundle": str(bundle.directory),
+                "dtype": bundle.dtype,
+                "step": bundle.step,
+                "created": bundle.created,
+                "versions": dict(bundle.versions),
+                "weights": {"size": bundle.weights_size, "digest": bundle.weights_digest},
+                "onnx": {"size": bundle.onnx_size, "digest": bundle.onnx_digest}
+                if bundle.onnx_file
+                else None,
+                "spec": bundle.spec.to_json(),
+                "export": record,
+            }
+        )
+        return 0
+    source, sizes = record.get("source", {}), record.get("sizes", {})
+    print(f"bundle         {bundle.directory}  ({bundle.dtype}, step {bundle.step})")
+    print(f"created        {bundle.created}  ({human_age(bundle.created)} ago)")
+    print(f"source         {source.get('path', '?')}  {str(source.get('weights_digest'))[:23]}…")
+    print(
+        f"weights        {human_bytes(bundle.weights_size)}  (the float32 model: "
+        f"{human_bytes(int(sizes.get('source_model_bytes', 0)))})"
+        + (f"; model.onnx {human_bytes(bundle.onnx_size)}" if bundle.onnx_file else "")
+    )
+    for key, label in (("gate", "gate"), ("onnx_gate", "onnx gate")):
+        gate = record.get(key)
+        if isinstance(gate, Mapping):
+            print(f"{label:<15}{ComparisonReport(**gate['figures'])}")
+    if record.get("forced"):
+        print(f"FORCED despite {'; '.join(record.get('problems', []))}")
+    print(f"written by     {_writer(bundle.versions)}")
+    _print_spec(bundle.spec, model_info(bundle.spec))
     return 0
 
 
