@@ -31,6 +31,7 @@ Example:
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import queue
 import random
@@ -314,6 +315,25 @@ class MatchResult:
             f"{self.a} (A) vs {self.b} (B): {len(self.games)} games, A won {self.a_wins}, "
             f"B won {self.b_wins}, {self.draws} draws; Elo of B - A: {self.elo()}"
         )
+
+    def metrics(self, prefix: str = "match") -> dict[str, float]:
+        """B's evaluation figures, for ``publish(meta, metrics=...)`` (the artifact's
+        ``"metrics"``) or a checkpoint's ``extra`` (where ``keep_best`` ranks): ``games``,
+        ``score`` (wins + draws / 2, per game), ``elo``, ``elo_low``, ``elo_high`` (B minus A;
+        an infinite bound is left out), each named ``<prefix>_<figure>``.
+
+        Example:
+            >>> result = MatchResult("a", "b", (), Path("out"))
+            >>> sorted(result.metrics("vs_step100"))
+            ['vs_step100_games']
+        """
+        figures: dict[str, float] = {f"{prefix}_games": float(len(self.games))}
+        if self.games:
+            estimate = self.elo()
+            named = {"score": estimate.score, "elo": estimate.elo}
+            named |= {"elo_low": estimate.low, "elo_high": estimate.high}
+            figures |= {f"{prefix}_{k}": v for k, v in named.items() if math.isfinite(v)}
+        return figures
 
     def to_json(self) -> dict[str, Any]:
         """A JSON-ready dict (infinite Elo values as None)."""

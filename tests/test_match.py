@@ -16,6 +16,7 @@ from torch import nn
 import keisei_fn as kf
 from keisei_fn.errors import InvalidModelError
 from keisei_fn.match import GameResult, MatchResult, UsiCommand, is_better, play_match
+from keisei_fn.publish.plan import check_metrics
 from tests import cli_inprocess
 
 SPEC = kf.ModelSpec(model_type="testmodel")
@@ -65,6 +66,13 @@ def test_models_play_a_match_and_write_records(
     assert summary["b"] == str(run_dir) and summary["settings"]["playouts"] == [2, 2]  # type: ignore[index]
     low, high = summary["elo_interval"]  # type: ignore[misc]
     assert low is None or high is None or low <= high
+    figures = result.metrics("vs_model")  # for publish(meta, metrics=...)
+    assert figures["vs_model_games"] == 4.0
+    assert figures["vs_model_score"] == (result.b_wins + result.draws / 2) / 4
+    assert set(figures) <= {
+        f"vs_model_{k}" for k in ("games", "score", "elo", "elo_low", "elo_high")
+    }
+    check_metrics(figures)  # what publish accepts
     again = play_match(model, run_dir, games=4, playouts=2, seed=5, move_cap=24, out="again")
     assert [g.moves for g in again.games] == [g.moves for g in result.games]  # reproducible
 
