@@ -449,6 +449,9 @@ def build_parser() -> argparse.ArgumentParser:
         default=0,
         help="seeds the new blocks and the widening's random choices (default: 0)",
     )
+    p.add_argument(
+        "--force", action="store_true", help="replace a checkpoint of the same name in OUT_RUN_DIR"
+    )
     p.set_defaults(run=commands.cmd_grow)
 
     p = sub.add_parser(

@@ -463,25 +463,38 @@ def cmd_migrate(args: argparse.Namespace) -> int:
 
 def cmd_grow(args: argparse.Namespace) -> int:
     """Grow a checkpoint's tower (``keisei_fn.grow``) and save the result in another run
-    directory under the same name, step and kind."""
-    from keisei_fn.errors import SpecError
+    directory under the same name, step and kind. A checkpoint of that name already in OUT is
+    refused unless ``--force`` (then replaced); so is a spec that does not change."""
+    from keisei_fn.errors import CheckpointExistsError, SpecError
     from keisei_fn.grow import grow
     from keisei_fn.store import load_state_with_meta, save_final_model, save_state
+    from keisei_fn.store._fs import file_exists
     from keisei_fn.store.locate import resolve_checkpoint
-    from keisei_fn.store.names import RESUME_PREFIX, parse_stem
+    from keisei_fn.store.names import RESUME_PREFIX, parse_stem, sidecar_path
 
     state, meta = load_state_with_meta(resolve_checkpoint(args.checkpoint))
     if state.spec is None:
         raise SpecError(f"{meta.path}: an arbitrary model without a ModelSpec cannot grow")
     changes = {k: getattr(args, k) for k in ("tower_depth", "tower_width")}
     new_spec = state.spec.replace(**{k: v for k, v in changes.items() if v is not None})
-    grown = grow(state, new_spec, seed=args.seed)
+    if new_spec == state.spec:
+        raise SpecError(
+            f"nothing to grow: {meta.name} is {state.spec.model_type} with depth "
+            f"{state.spec.tower_depth} and width {state.spec.tower_width} already (a test model "
+            "type's tower is fixed; give --tower-depth or --tower-width larger than now)"
+        )
+    grown = grow(state, new_spec, seed=args.seed)  # pure: a bad spec is refused here
+    target = sidecar_path(run_path(args.out_run_dir) / meta.name)
+    if file_exists(target) and not args.force:
+        raise CheckpointExistsError(f"{target} exists; pass --force to replace it")
     if meta.kind == "final_model":
         saved = save_final_model(grown, args.out_run_dir)
     else:
         parsed = parse_stem(meta.name)
         prefix = parsed.prefix if parsed is not None and parsed.step is not None else RESUME_PREFIX
-        saved = save_state(grown, args.out_run_dir, kind=meta.kind, prefix=prefix)
+        saved = save_state(
+            grown, args.out_run_dir, kind=meta.kind, prefix=prefix, overwrite=args.force
+        )
     print(
         f"grew {meta.name} (depth {state.spec.tower_depth}, width {state.spec.tower_width}) → "
         f"{saved.sidecar_path} (depth {new_spec.tower_depth}, width {new_spec.tower_width})"
