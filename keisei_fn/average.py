@@ -37,9 +37,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from keisei_fn.errors import SpecError, StateMismatchError
+from keisei_fn.errors import CheckpointNotFoundError, SpecError, StateMismatchError
 from keisei_fn.nets import build_model, canonical_state_dict
-from keisei_fn.paths import PathArg
+from keisei_fn.paths import PathArg, run_path
 from keisei_fn.spec import ModelSpec
 from keisei_fn.state import TrainState, view_key
 
@@ -315,18 +315,21 @@ def last_checkpoints(run_dir: PathArg, n: int) -> list[PathArg]:
     Raises:
         SpecError: ``n < 1``, or fewer than ``n`` usable (valid, not marked unhealthy)
             checkpoints (it says how many there are).
+        CheckpointNotFoundError: ``run_dir`` is not a directory.
 
     Example:
         >>> last_checkpoints("runs/none", 1)
         Traceback (most recent call last):
         ...
-        keisei_fn.errors.SpecError: runs/none has 0 usable checkpoint_ts* checkpoints, fewer than 1
+        keisei_fn.errors.CheckpointNotFoundError: no run directory runs/none
     """
-    from keisei_fn.store import list_checkpoints
+    from keisei_fn.store import directory_exists, list_checkpoints
     from keisei_fn.store.names import RESUME_PREFIX, parse_stem
 
     if isinstance(n, bool) or not isinstance(n, int) or n < 1:
         raise SpecError(f"how many checkpoints to average must be an int >= 1, got {n!r}")
+    if not directory_exists(run_path(run_dir)):
+        raise CheckpointNotFoundError(f"no run directory {run_dir}")
     resume_points = [
         meta
         for meta in list_checkpoints(run_dir)

@@ -18,7 +18,7 @@ from saved_states import raw_bytes
 
 import keisei_fn as kf
 from keisei_fn.average import AVERAGE_KEY, average_summary, last_checkpoints
-from keisei_fn.errors import SpecError, StateMismatchError
+from keisei_fn.errors import CheckpointNotFoundError, SpecError, StateMismatchError
 from keisei_fn.shogi import encode_observations, random_positions
 from keisei_fn.testing import assert_states_equal, train_states
 
@@ -299,3 +299,5 @@ def test_last_checkpoints_are_the_newest_resume_points(run_dir: Path) -> None:
     ]
     with pytest.raises(SpecError, match=">= 1"):
         last_checkpoints(run_dir, 0)
+    with pytest.raises(CheckpointNotFoundError, match="no run directory"):
+        last_checkpoints(run_dir / "missing", 1)  # not "0 usable checkpoints"
