@@ -389,26 +389,37 @@ def average_checkpoints(
 
 def average_summary(extra: Mapping[str, Any]) -> str | None:
     """One line on where an average came from, from its ``extra`` (a state's or a
-    checkpoint meta's); None when it is not an average.
+    checkpoint meta's); None when it is not an average's record (``extra`` is the user's, and
+    its ``"average"`` key may hold anything).
 
     Example:
         >>> record = {"inputs": [{"step": 10, "weight": 0.5}, {"step": 20, "weight": 0.5}],
         ...           "bn": {"recomputed": 64}}
         >>> print(average_summary({"average": record}))
         average of 2: step 10 (w 0.5), step 20 (w 0.5); BatchNorm recomputed on 64 positions
+        >>> average_summary({"average": {"inputs": [{"step": 1, "weight": "heavy"}]}}) is None
+        True
     """
     record = extra.get(AVERAGE_KEY)
-    if not isinstance(record, Mapping) or not isinstance(record.get("inputs"), Sequence):
+    if not isinstance(record, Mapping):
+        return None
+    items = record.get("inputs")
+    if isinstance(items, str | bytes) or not isinstance(items, Sequence) or not items:
+        return None
+    if not all(isinstance(item, Mapping) and _is_number(item.get("weight")) for item in items):
         return None
     inputs = ", ".join(
-        f"{item.get('source', 'step ' + str(item.get('step')))} (w {item.get('weight', 0):.4g})"
-        for item in record["inputs"]
-        if isinstance(item, Mapping)
+        f"{item.get('source', 'step ' + str(item.get('step')))} (w {item['weight']:.4g})"
+        for item in items
     )
     bn = record.get("bn")
     how = (
         f"recomputed on {bn['recomputed']} positions"
-        if isinstance(bn, Mapping) and "recomputed" in bn
+        if isinstance(bn, Mapping) and _is_number(bn.get("recomputed"))
         else "statistics averaged"
     )
-    return f"average of {len(record['inputs'])}: {inputs}; BatchNorm {how}"
+    return f"average of {len(items)}: {inputs}; BatchNorm {how}"
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)

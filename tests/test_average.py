@@ -301,3 +301,18 @@ def test_last_checkpoints_are_the_newest_resume_points(run_dir: Path) -> None:
         last_checkpoints(run_dir, 0)
     with pytest.raises(CheckpointNotFoundError, match="no run directory"):
         last_checkpoints(run_dir / "missing", 1)  # not "0 usable checkpoints"
+
+
+def test_info_on_a_users_own_average_key_shows_no_average(tmp_path: Path) -> None:
+    # ``extra`` is the user's: an "average" entry average_states did not write is not a soup
+    spec = kf.ModelSpec(model_type="testmodel", num_actions=8)
+    model = kf.build_model(spec, seed=0)
+    for step, record in enumerate(
+        [{"inputs": [{"step": 1, "weight": "heavy"}]}, {"inputs": "abc"}, {"inputs": []}], 1
+    ):
+        meta = kf.save_state(
+            kf.capture(spec, model, step=step, extra={"average": record}), tmp_path
+        )
+        assert average_summary(meta.extra) is None
+        done = cli("info", str(meta.path))
+        assert done.returncode == 0 and "made as" not in done.stdout, done.stderr
