@@ -303,7 +303,7 @@ def _recompute(state: TrainState, positions: Positions, *, batch_size: int = 256
             model(batch)
     fresh = capture(state.spec, model, step=state.step, rng=False).model
     extra = dict(state.extra)
-    if AVERAGE_KEY in extra:
+    if average_summary(extra) is not None:  # an average's record (not the user's own key)
         extra[AVERAGE_KEY] = {**extra[AVERAGE_KEY], "bn": {"recomputed": len(obs)}}
     return state.replace(model=canonical_state_dict(fresh), extra=extra)
 
