@@ -90,12 +90,21 @@ def normalized_weights(weights: Sequence[float] | None, n: int) -> tuple[float, 
     if len(values) != n:
         raise SpecError(f"{len(values)} weights for {n} inputs: give one weight per input")
     bad = [w for w in values if isinstance(w, bool) or not isinstance(w, (int, float))]
-    if bad or not all(math.isfinite(w) and w >= 0 for w in values):
+    try:
+        floats = [] if bad else [float(w) for w in values]
+    except OverflowError:  # an int beyond a float's range
+        bad = values
+    if bad or not all(math.isfinite(w) and w >= 0 for w in floats):
         raise SpecError(f"weights must be finite numbers >= 0, got {values}")
-    total = math.fsum(values)
+    try:
+        total = math.fsum(floats)
+    except OverflowError:  # the sum is beyond a float's range: scale down first (same ratios)
+        top = max(floats)
+        floats = [w / top for w in floats]
+        total = math.fsum(floats)
     if total <= 0:
         raise SpecError(f"weights must have a positive sum, got {values}")
-    return tuple(float(w) / total for w in values)
+    return tuple(w / total for w in floats)
 
 
 def _describe(tensor: torch.Tensor) -> str:

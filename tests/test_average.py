@@ -17,7 +17,12 @@ from hypothesis import strategies as st
 from saved_states import raw_bytes
 
 import keisei_fn as kf
-from keisei_fn.average import AVERAGE_KEY, average_summary, last_checkpoints
+from keisei_fn.average import (
+    AVERAGE_KEY,
+    average_summary,
+    last_checkpoints,
+    normalized_weights,
+)
 from keisei_fn.errors import CheckpointNotFoundError, SpecError, StateMismatchError
 from keisei_fn.shogi import encode_observations, random_positions
 from keisei_fn.testing import assert_states_equal, train_states
@@ -184,7 +189,7 @@ def test_incompatible_states_name_the_first_differences() -> None:
 @pytest.mark.parametrize(
     ("weights", "message"),
     [([1.0], "1 weights for 2 inputs"), ([1, -1], ">= 0"), ([0, 0], "positive sum"),
-     ([1, float("nan")], ">= 0")],
+     ([1, float("nan")], ">= 0"), ([10**400, 1], ">= 0")],
 )  # fmt: skip
 def test_bad_weights_are_refused(weights: list[float], message: str) -> None:
     a = kf.TrainState(spec=None, step=1, model={"w": torch.zeros(2)})
@@ -192,6 +197,12 @@ def test_bad_weights_are_refused(weights: list[float], message: str) -> None:
         kf.average_states([a, a], weights)
     with pytest.raises(SpecError, match="no inputs"):
         kf.average_states([])
+
+
+def test_huge_weights_keep_their_ratios() -> None:
+    # their sum is beyond a float's range: the weights are scaled down, not overflowed
+    assert normalized_weights([1e308, 1e308], 2) == (0.5, 0.5)
+    assert normalized_weights([1.5e308, 1.5e308, 1.5e308, 1.5e308], 4) == (0.25,) * 4
 
 
 def test_recompute_bn_replaces_only_the_running_stats() -> None:
