@@ -89,12 +89,12 @@ def normalized_weights(weights: Sequence[float] | None, n: int) -> tuple[float, 
     values = list(weights)
     if len(values) != n:
         raise SpecError(f"{len(values)} weights for {n} inputs: give one weight per input")
-    bad = [w for w in values if isinstance(w, bool) or not isinstance(w, (int, float))]
+    numbers = all(isinstance(w, int | float) and not isinstance(w, bool) for w in values)
     try:
-        floats = [] if bad else [float(w) for w in values]
+        floats = [float(w) for w in values] if numbers else []
     except OverflowError:  # an int beyond a float's range
-        bad = values
-    if bad or not all(math.isfinite(w) and w >= 0 for w in floats):
+        numbers = False
+    if not numbers or not all(math.isfinite(w) and w >= 0 for w in floats):
         raise SpecError(f"weights must be finite numbers >= 0, got {values}")
     try:
         total = math.fsum(floats)
