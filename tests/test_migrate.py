@@ -177,6 +177,20 @@ def test_the_migrate_verb_and_info_show_formats_and_versions(tmp_path: Path) -> 
     assert info.returncode == 0, info.stderr
     written = "written by     keisei_fn 0.1.0, torch 2.13.0+cpu; format 1"  # the golden's writer
     assert written + "\n" in info.stdout
+    dry_json = json.loads(run("migrate", str(tmp_path), "--dry-run", "--json").stdout)
+    assert dry_json == {
+        "run_dir": str(tmp_path),
+        "dry_run": True,
+        "checkpoints": [
+            {
+                "name": "checkpoint_ts2048",
+                "status": "would migrate",
+                "from_version": 1,
+                "to_version": 3,
+                "detail": "",
+            }
+        ],
+    }
     dry = run("migrate", str(tmp_path), "--dry-run")
     assert (dry.returncode, dry.stdout.split()) == (
         0,

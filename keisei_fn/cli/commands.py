@@ -454,11 +454,17 @@ def cmd_migrate(args: argparse.Namespace) -> int:
 
     run_dir = _existing_run_dir(args.run_dir)
     done = migrate(run_dir, dry_run=args.dry_run)
+    failed = any(m.status == "skipped" for m in done)
+    if args.json:
+        fields = ("name", "status", "from_version", "to_version", "detail")
+        checkpoints = [{f: getattr(m, f) for f in fields} for m in done]
+        _print_json({"run_dir": str(run_dir), "dry_run": args.dry_run, "checkpoints": checkpoints})
+        return 1 if failed else 0
     for migration in done:
         print(migration)
     if not any(m.status in ("migrated", "would migrate") for m in done):
         print(f"{run_dir}: nothing to migrate")
-    return 1 if any(m.status == "skipped" for m in done) else 0
+    return 1 if failed else 0
 
 
 def cmd_grow(args: argparse.Namespace) -> int:
@@ -510,6 +516,9 @@ def cmd_compat(args: argparse.Namespace) -> int:
 
     spec = _spec_from_args(args) or ModelSpec()
     problems = check_compatible(args.checkpoint, spec)
+    if args.json:
+        _print_json({"spec": spec.to_json(), "compatible": not problems, "problems": problems})
+        return 1 if problems else 0
     for problem in problems:
         print(problem)
     if not problems:
