@@ -20,6 +20,8 @@ from keisei_fn import (
     TrainState,
     build_model,
     capture,
+    ema_init,
+    ema_update,
     grow,
     load_state,
     restore_,
@@ -298,3 +300,21 @@ def test_the_grow_verb_refuses_a_spec_that_does_not_change(tmp_path: Path) -> No
         done = run("grow", str(tmp_path / "run"), str(tmp_path / "out"), *options)
         assert done.returncode == 2 and "nothing to grow" in done.stderr, done.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_an_ema_grows_with_the_same_copies_and_shares_as_the_model() -> None:
+    # the recipe in grow's docstring: the optimizer state does not change which old unit a new
+    # one copies or the split shares, so the EMA's tensors grow as the model's do
+    spec = ModelSpec(tower_depth=1, tower_width=3, num_actions=4)
+    model, opt = _trained(spec, 2, "adam")
+    state = capture(spec, model, opt, step=2, rng=False)
+    bigger = spec.replace(tower_depth=2, tower_width=5)
+    grown = grow(state, bigger, seed=7)
+    ema = ema_init(state, decay=0.5)
+    grown_ema = grow(state.replace(model=ema.tensors, optimizer=None), bigger, seed=7).model
+    assert {k: raw_bytes(t) for k, t in grown_ema.items()} == {
+        k: raw_bytes(t) for k, t in grown.model.items()
+    }
+    new_model = build_model(bigger)
+    restore_(grown, new_model)
+    assert ema_update(ema_init(grown_ema), new_model).updates == 1
