@@ -41,7 +41,7 @@ from keisei_fn.errors import CheckpointNotFoundError, SpecError, StateMismatchEr
 from keisei_fn.nets import build_model, canonical_state_dict
 from keisei_fn.paths import PathArg, run_path
 from keisei_fn.spec import ModelSpec
-from keisei_fn.state import TrainState, view_key
+from keisei_fn.state import TrainState, describe_tensor, view_key
 
 __all__ = [
     "AVERAGE_KEY",
@@ -107,10 +107,6 @@ def normalized_weights(weights: Sequence[float] | None, n: int) -> tuple[float, 
     return tuple(w / total for w in floats)
 
 
-def _describe(tensor: torch.Tensor) -> str:
-    return f"{str(tensor.dtype).removeprefix('torch.')}{list(tensor.shape)}"
-
-
 def _incompatibilities(first: TrainState, other: TrainState, index: int) -> list[str]:
     """How state ``index`` differs from state 0 in spec, keys, shapes and dtypes."""
     where = f"state {index}"
@@ -122,7 +118,9 @@ def _incompatibilities(first: TrainState, other: TrainState, index: int) -> list
     for key in first.model.keys() & other.model.keys():
         a, b = first.model[key], other.model[key]
         if a.shape != b.shape or a.dtype != b.dtype:
-            problems.append(f"{key!r}: {where} has {_describe(b)}, state 0 has {_describe(a)}")
+            problems.append(
+                f"{key!r}: {where} has {describe_tensor(b)}, state 0 has {describe_tensor(a)}"
+            )
     return problems
 
 
