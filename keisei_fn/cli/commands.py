@@ -474,7 +474,6 @@ def cmd_grow(args: argparse.Namespace) -> int:
     from keisei_fn.errors import CheckpointExistsError, SpecError
     from keisei_fn.grow import grow
     from keisei_fn.store import load_state_with_meta, save_final_model, save_state
-    from keisei_fn.store._fs import file_exists
     from keisei_fn.store.locate import resolve_checkpoint
     from keisei_fn.store.names import RESUME_PREFIX, parse_stem, sidecar_path
 
@@ -491,7 +490,7 @@ def cmd_grow(args: argparse.Namespace) -> int:
         )
     grown = grow(state, new_spec, seed=args.seed)  # pure: a bad spec is refused here
     target = sidecar_path(run_path(args.out_run_dir) / meta.name)
-    if file_exists(target) and not args.force:
+    if target.exists() and not args.force:
         raise CheckpointExistsError(f"{target} exists; pass --force to replace it")
     if meta.kind == "final_model":
         saved = save_final_model(grown, args.out_run_dir)
