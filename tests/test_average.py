@@ -327,6 +327,7 @@ def test_info_on_a_users_own_average_key_shows_no_average(tmp_path: Path) -> Non
         assert average_summary(meta.extra) is None
         done = cli("info", str(meta.path))
         assert done.returncode == 0 and "made as" not in done.stdout, done.stderr
+        assert json.loads(cli("info", str(meta.path), "--json").stdout)["average"] is None
     state = kf.capture(spec, model, step=1, extra={"average": 0.5})
     recomputed = kf.recompute_bn(state, torch.ones(2, *spec.obs_shape))
     assert recomputed.extra == {"average": 0.5}  # left as it is

@@ -155,7 +155,9 @@ def cmd_info(args: argparse.Namespace) -> int:
         "spec": meta.spec.to_json() if meta.spec else None,
         "model_info": model_info(meta.spec) if meta.spec else None,
         "health": None if meta.health is None else list(meta.health),
-        "average": thaw(meta.extra.get(AVERAGE_KEY)),
+        "average": (
+            thaw(meta.extra[AVERAGE_KEY]) if average_summary(meta.extra) is not None else None
+        ),
     }
     if args.json:
         data["tensors"] = {k: {"dtype": d, "shape": list(s)} for k, (d, s) in meta.tensors.items()}
