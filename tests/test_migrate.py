@@ -99,6 +99,15 @@ def test_current_sharded_corrupt_and_invalid_checkpoints_are_left_alone(tmp_path
     weights.write_bytes(bytes(data))
     (tmp_path / "checkpoint_ts4.json").write_bytes(b"{}")  # invalid
     corrupt_files = {n: b for n, b in files_of(tmp_path).items() if "ts3" in n or "ts4" in n}
+    before = files_of(tmp_path)
+    dry = {m.name: m.status for m in migrate(tmp_path, dry_run=True)}  # predicts the skip
+    assert dry == {
+        "checkpoint_ts1": "current",
+        "checkpoint_ts2": "would migrate",
+        "checkpoint_ts3": "skipped",
+        "checkpoint_ts4": "skipped",
+    }
+    assert files_of(tmp_path) == before
     done = {m.name: m for m in migrate(tmp_path)}
     assert {n: m.status for n, m in done.items()} == {
         "checkpoint_ts1": "current",
