@@ -37,11 +37,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from keisei_fn.errors import SpecError, StateMismatchError
+from keisei_fn.errors import CheckpointNotFoundError, SpecError, StateMismatchError
 from keisei_fn.nets import build_model, canonical_state_dict
-from keisei_fn.paths import PathArg
+from keisei_fn.paths import PathArg, run_path
 from keisei_fn.spec import ModelSpec
-from keisei_fn.state import TrainState, view_key
+from keisei_fn.state import TrainState, describe_tensor, view_key
 
 __all__ = [
     "AVERAGE_KEY",
@@ -89,17 +89,22 @@ def normalized_weights(weights: Sequence[float] | None, n: int) -> tuple[float, 
     values = list(weights)
     if len(values) != n:
         raise SpecError(f"{len(values)} weights for {n} inputs: give one weight per input")
-    bad = [w for w in values if isinstance(w, bool) or not isinstance(w, (int, float))]
-    if bad or not all(math.isfinite(w) and w >= 0 for w in values):
+    numbers = all(isinstance(w, int | float) and not isinstance(w, bool) for w in values)
+    try:
+        floats = [float(w) for w in values] if numbers else []
+    except OverflowError:  # an int beyond a float's range
+        numbers = False
+    if not numbers or not all(math.isfinite(w) and w >= 0 for w in floats):
         raise SpecError(f"weights must be finite numbers >= 0, got {values}")
-    total = math.fsum(values)
+    try:
+        total = math.fsum(floats)
+    except OverflowError:  # the sum is beyond a float's range: scale down first (same ratios)
+        top = max(floats)
+        floats = [w / top for w in floats]
+        total = math.fsum(floats)
     if total <= 0:
         raise SpecError(f"weights must have a positive sum, got {values}")
-    return tuple(float(w) / total for w in values)
-
-
-def _describe(tensor: torch.Tensor) -> str:
-    return f"{str(tensor.dtype).removeprefix('torch.')}{list(tensor.shape)}"
+    return tuple(w / total for w in floats)
 
 
 def _incompatibilities(first: TrainState, other: TrainState, index: int) -> list[str]:
@@ -113,7 +118,9 @@ def _incompatibilities(first: TrainState, other: TrainState, index: int) -> list
     for key in first.model.keys() & other.model.keys():
         a, b = first.model[key], other.model[key]
         if a.shape != b.shape or a.dtype != b.dtype:
-            problems.append(f"{key!r}: {where} has {_describe(b)}, state 0 has {_describe(a)}")
+            problems.append(
+                f"{key!r}: {where} has {describe_tensor(b)}, state 0 has {describe_tensor(a)}"
+            )
     return problems
 
 
@@ -303,7 +310,7 @@ def _recompute(state: TrainState, positions: Positions, *, batch_size: int = 256
             model(batch)
     fresh = capture(state.spec, model, step=state.step, rng=False).model
     extra = dict(state.extra)
-    if AVERAGE_KEY in extra:
+    if average_summary(extra) is not None:  # an average's record (not the user's own key)
         extra[AVERAGE_KEY] = {**extra[AVERAGE_KEY], "bn": {"recomputed": len(obs)}}
     return state.replace(model=canonical_state_dict(fresh), extra=extra)
 
@@ -315,18 +322,21 @@ def last_checkpoints(run_dir: PathArg, n: int) -> list[PathArg]:
     Raises:
         SpecError: ``n < 1``, or fewer than ``n`` usable (valid, not marked unhealthy)
             checkpoints (it says how many there are).
+        CheckpointNotFoundError: ``run_dir`` is not a directory.
 
     Example:
         >>> last_checkpoints("runs/none", 1)
         Traceback (most recent call last):
         ...
-        keisei_fn.errors.SpecError: runs/none has 0 usable checkpoint_ts* checkpoints, fewer than 1
+        keisei_fn.errors.CheckpointNotFoundError: no run directory runs/none
     """
-    from keisei_fn.store import list_checkpoints
+    from keisei_fn.store import directory_exists, list_checkpoints
     from keisei_fn.store.names import RESUME_PREFIX, parse_stem
 
     if isinstance(n, bool) or not isinstance(n, int) or n < 1:
         raise SpecError(f"how many checkpoints to average must be an int >= 1, got {n!r}")
+    if not directory_exists(run_path(run_dir)):
+        raise CheckpointNotFoundError(f"no run directory {run_dir}")
     resume_points = [
         meta
         for meta in list_checkpoints(run_dir)
@@ -386,26 +396,37 @@ def average_checkpoints(
 
 def average_summary(extra: Mapping[str, Any]) -> str | None:
     """One line on where an average came from, from its ``extra`` (a state's or a
-    checkpoint meta's); None when it is not an average.
+    checkpoint meta's); None when it is not an average's record (``extra`` is the user's, and
+    its ``"average"`` key may hold anything).
 
     Example:
         >>> record = {"inputs": [{"step": 10, "weight": 0.5}, {"step": 20, "weight": 0.5}],
         ...           "bn": {"recomputed": 64}}
         >>> print(average_summary({"average": record}))
         average of 2: step 10 (w 0.5), step 20 (w 0.5); BatchNorm recomputed on 64 positions
+        >>> average_summary({"average": {"inputs": [{"step": 1, "weight": "heavy"}]}}) is None
+        True
     """
     record = extra.get(AVERAGE_KEY)
-    if not isinstance(record, Mapping) or not isinstance(record.get("inputs"), Sequence):
+    if not isinstance(record, Mapping):
+        return None
+    items = record.get("inputs")
+    if isinstance(items, str | bytes) or not isinstance(items, Sequence) or not items:
+        return None
+    if not all(isinstance(item, Mapping) and _is_number(item.get("weight")) for item in items):
         return None
     inputs = ", ".join(
-        f"{item.get('source', 'step ' + str(item.get('step')))} (w {item.get('weight', 0):.4g})"
-        for item in record["inputs"]
-        if isinstance(item, Mapping)
+        f"{item.get('source', 'step ' + str(item.get('step')))} (w {item['weight']:.4g})"
+        for item in items
     )
     bn = record.get("bn")
     how = (
         f"recomputed on {bn['recomputed']} positions"
-        if isinstance(bn, Mapping) and "recomputed" in bn
+        if isinstance(bn, Mapping) and _is_number(bn.get("recomputed"))
         else "statistics averaged"
     )
-    return f"average of {len(record['inputs'])}: {inputs}; BatchNorm {how}"
+    return f"average of {len(items)}: {inputs}; BatchNorm {how}"
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)

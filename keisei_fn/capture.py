@@ -34,7 +34,14 @@ from keisei_fn.nets import canonical_state_dict, unwrap_model
 from keisei_fn.rng import Generators, capture_rng, restore_rng_, rng_problems
 from keisei_fn.spec import ModelSpec
 from keisei_fn.staging import PinnedBuffers, copy_to_device, copy_to_host
-from keisei_fn.state import GameStats, TrainState, iter_tensors, thaw, view_key
+from keisei_fn.state import (
+    GameStats,
+    TrainState,
+    describe_tensor,
+    iter_tensors,
+    thaw,
+    view_key,
+)
 
 __all__ = [
     "capture",
@@ -183,10 +190,6 @@ def capture(
     )
 
 
-def _describe(t: torch.Tensor) -> str:
-    return f"{str(t.dtype).removeprefix('torch.')}{list(t.shape)}"
-
-
 def model_problems(
     saved: Mapping[str, torch.Tensor], live: Mapping[str, torch.Tensor]
 ) -> list[str]:
@@ -205,7 +208,9 @@ def model_problems(
     for key in saved.keys() & live.keys():
         s, m = saved[key], live[key]
         if s.shape != m.shape or s.dtype != m.dtype:
-            problems.append(f"{key!r}: state has {_describe(s)}, model expects {_describe(m)}")
+            problems.append(
+                f"{key!r}: state has {describe_tensor(s)}, model expects {describe_tensor(m)}"
+            )
     return problems
 
 
@@ -250,13 +255,15 @@ def optimizer_problems(saved: Mapping[str, Any], optimizer: torch.optim.Optimize
             where = f"optimizer state[{index}][{name!r}]"
             if name in _PARAM_SHAPED and value.shape != param.shape:
                 problems.append(
-                    f"{where}: state has {_describe(value)}, param is {_describe(param)}"
+                    f"{where}: state has {describe_tensor(value)}, "
+                    f"param is {describe_tensor(param)}"
                 )
             elif isinstance(current.get(name), torch.Tensor) and (
                 current[name].shape != value.shape
             ):
                 problems.append(
-                    f"{where}: state has {_describe(value)}, live {_describe(current[name])}"
+                    f"{where}: state has {describe_tensor(value)}, "
+                    f"live {describe_tensor(current[name])}"
                 )
     return problems
 

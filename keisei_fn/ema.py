@@ -35,7 +35,7 @@ from torch import nn
 from keisei_fn.errors import StateMismatchError
 from keisei_fn.nets import build_model, canonical_state_dict, unwrap_model
 from keisei_fn.spec import ModelSpec
-from keisei_fn.state import TrainState
+from keisei_fn.state import TrainState, describe_tensor
 
 __all__ = ["EMA", "ema_init", "ema_model", "ema_update"]
 
@@ -153,8 +153,7 @@ def ema_update(ema: EMA, source: Source) -> EMA:
     problems = [f"missing key {k!r}" for k in ema.tensors if k not in current]
     problems += [f"unexpected key {k!r}" for k in current if k not in ema.tensors]
     problems += [
-        f"{k!r}: the EMA has {ema.tensors[k].dtype}{list(ema.tensors[k].shape)}, the model "
-        f"{t.dtype}{list(t.shape)}"
+        f"{k!r}: the EMA has {describe_tensor(ema.tensors[k])}, the model {describe_tensor(t)}"
         for k, t in current.items()
         if k in ema.tensors and (t.shape, t.dtype) != (ema.tensors[k].shape, ema.tensors[k].dtype)
     ]

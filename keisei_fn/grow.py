@@ -213,7 +213,10 @@ def grow(state: TrainState, new_spec: ModelSpec, *, seed: int = 0) -> TrainState
     """A state for a deeper and/or wider residual tower that computes the same function.
 
     Pure: ``state`` is not changed. The same ``state``, ``new_spec`` and ``seed`` give the same
-    bits. Step, episodes, stats, scheduler, scaler, RNG and ``extra`` are kept as they are.
+    bits. Step, episodes, stats, scheduler, scaler, RNG and ``extra`` are kept as they are, so
+    an EMA in ``extra`` (``keisei_fn.ema``) still fits the old network: grow its tensors with
+    the same ``seed`` (``grow(state.replace(model=ema.tensors, optimizer=None), new_spec,
+    seed=seed).model``: the same copies and shares) and start a new ``EMA`` from them.
     See the module's docstring for how weights and optimizer moments are mapped.
 
     Args:

@@ -31,6 +31,7 @@ __all__ = [
     "FrozenList",
     "GameStats",
     "TrainState",
+    "describe_tensor",
     "freeze",
     "iter_tensors",
     "thaw",
@@ -107,6 +108,16 @@ def iter_tensors(value: Any, path: tuple[Any, ...] = ()) -> Iterator[tuple[tuple
     elif isinstance(value, (list, tuple)):
         for i, v in enumerate(value):
             yield from iter_tensors(v, (*path, i))
+
+
+def describe_tensor(tensor: torch.Tensor) -> str:
+    """A tensor's dtype and shape as error messages show them.
+
+    Example:
+        >>> describe_tensor(torch.zeros(2, 3, dtype=torch.float16))
+        'float16[2, 3]'
+    """
+    return f"{str(tensor.dtype).removeprefix('torch.')}{list(tensor.shape)}"
 
 
 def view_key(tensor: torch.Tensor) -> tuple[Any, ...] | None:

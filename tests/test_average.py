@@ -17,8 +17,13 @@ from hypothesis import strategies as st
 from saved_states import raw_bytes
 
 import keisei_fn as kf
-from keisei_fn.average import AVERAGE_KEY, average_summary, last_checkpoints
-from keisei_fn.errors import SpecError, StateMismatchError
+from keisei_fn.average import (
+    AVERAGE_KEY,
+    average_summary,
+    last_checkpoints,
+    normalized_weights,
+)
+from keisei_fn.errors import CheckpointNotFoundError, SpecError, StateMismatchError
 from keisei_fn.shogi import encode_observations, random_positions
 from keisei_fn.testing import assert_states_equal, train_states
 
@@ -184,7 +189,7 @@ def test_incompatible_states_name_the_first_differences() -> None:
 @pytest.mark.parametrize(
     ("weights", "message"),
     [([1.0], "1 weights for 2 inputs"), ([1, -1], ">= 0"), ([0, 0], "positive sum"),
-     ([1, float("nan")], ">= 0")],
+     ([1, float("nan")], ">= 0"), ([10**400, 1], ">= 0")],
 )  # fmt: skip
 def test_bad_weights_are_refused(weights: list[float], message: str) -> None:
     a = kf.TrainState(spec=None, step=1, model={"w": torch.zeros(2)})
@@ -192,6 +197,12 @@ def test_bad_weights_are_refused(weights: list[float], message: str) -> None:
         kf.average_states([a, a], weights)
     with pytest.raises(SpecError, match="no inputs"):
         kf.average_states([])
+
+
+def test_huge_weights_keep_their_ratios() -> None:
+    # their sum is beyond a float's range: the weights are scaled down, not overflowed
+    assert normalized_weights([1e308, 1e308], 2) == (0.5, 0.5)
+    assert normalized_weights([1.5e308, 1.5e308, 1.5e308, 1.5e308], 4) == (0.25,) * 4
 
 
 def test_recompute_bn_replaces_only_the_running_stats() -> None:
@@ -299,3 +310,24 @@ def test_last_checkpoints_are_the_newest_resume_points(run_dir: Path) -> None:
     ]
     with pytest.raises(SpecError, match=">= 1"):
         last_checkpoints(run_dir, 0)
+    with pytest.raises(CheckpointNotFoundError, match="no run directory"):
+        last_checkpoints(run_dir / "missing", 1)  # not "0 usable checkpoints"
+
+
+def test_info_on_a_users_own_average_key_shows_no_average(tmp_path: Path) -> None:
+    # ``extra`` is the user's: an "average" entry average_states did not write is not a soup
+    spec = kf.ModelSpec(model_type="testmodel", num_actions=8)
+    model = kf.build_model(spec, seed=0)
+    for step, record in enumerate(
+        [{"inputs": [{"step": 1, "weight": "heavy"}]}, {"inputs": "abc"}, {"inputs": []}], 1
+    ):
+        meta = kf.save_state(
+            kf.capture(spec, model, step=step, extra={"average": record}), tmp_path
+        )
+        assert average_summary(meta.extra) is None
+        done = cli("info", str(meta.path))
+        assert done.returncode == 0 and "made as" not in done.stdout, done.stderr
+        assert json.loads(cli("info", str(meta.path), "--json").stdout)["average"] is None
+    state = kf.capture(spec, model, step=1, extra={"average": 0.5})
+    recomputed = kf.recompute_bn(state, torch.ones(2, *spec.obs_shape))
+    assert recomputed.extra == {"average": 0.5}  # left as it is

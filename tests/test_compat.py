@@ -4,6 +4,7 @@ summarised when many keys differ."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -156,3 +157,8 @@ def test_the_compat_verb(tmp_path: Path) -> None:
     assert wider.returncode == 1
     assert wider.stdout.splitlines()[0] == "spec differs: tower_width 2 vs 3"
     assert run("compat", str(tmp_path), "--model", "nope").returncode == 2
+    as_json = run("compat", str(tmp_path), "--tower-depth", "1", "--tower-width", "3", "--json")
+    assert as_json.returncode == 1
+    found = json.loads(as_json.stdout)
+    assert found["compatible"] is False and found["spec"]["tower_width"] == 3
+    assert found["problems"][0] == "spec differs: tower_width 2 vs 3"

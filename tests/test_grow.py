@@ -20,9 +20,12 @@ from keisei_fn import (
     TrainState,
     build_model,
     capture,
+    ema_init,
+    ema_update,
     grow,
     load_state,
     restore_,
+    save_final_model,
     save_state,
 )
 from keisei_fn.errors import GrowError, StateMismatchError
@@ -267,3 +270,51 @@ def test_the_grow_verb_saves_the_grown_checkpoint_under_the_same_name(tmp_path: 
     assert_states_equal(grow(state, spec.replace(tower_depth=3), seed=4), load_state(out))
     refused = run("grow", str(tmp_path / "run"), str(out), "--tower-width", "2")
     assert refused.returncode == 2 and "cannot shrink" in refused.stderr
+
+
+def test_the_grow_verb_replaces_nothing_without_force(tmp_path: Path) -> None:
+    spec = ModelSpec(tower_depth=1, tower_width=3, num_actions=4)
+    source = tmp_path / "run"
+    final = save_final_model(capture(spec, build_model(spec, seed=0), step=5), source)
+    before = load_state(final.path)
+    refused = run("grow", str(source), str(source), "--tower-width", "5")
+    assert refused.returncode == 2 and refused.stdout == ""
+    assert refused.stderr.startswith("keisei-fn: error: ") and "--force" in refused.stderr
+    assert_states_equal(before, load_state(final.path))  # the run's own final model is kept
+    out = tmp_path / "grown"
+    assert run("grow", str(source), str(out), "--tower-width", "5").returncode == 0
+    again = run("grow", str(source), str(out), "--tower-width", "5", "--seed", "1")
+    assert again.returncode == 2 and "exists" in again.stderr
+    assert_states_equal(grow(before, spec.replace(tower_width=5)), load_state(out / "final_model"))
+    forced = run("grow", str(source), str(out), "--tower-width", "5", "--seed", "1", "--force")
+    assert forced.returncode == 0, forced.stderr
+    assert_states_equal(
+        grow(before, spec.replace(tower_width=5), seed=1), load_state(out / "final_model")
+    )
+
+
+def test_the_grow_verb_refuses_a_spec_that_does_not_change(tmp_path: Path) -> None:
+    spec = ModelSpec(model_type="testmodel", num_actions=4)
+    save_state(capture(spec, build_model(spec, seed=0), step=5, rng=False), tmp_path / "run")
+    for options in ([], ["--tower-depth", "3"]):  # a test model's tower is fixed
+        done = run("grow", str(tmp_path / "run"), str(tmp_path / "out"), *options)
+        assert done.returncode == 2 and "nothing to grow" in done.stderr, done.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_an_ema_grows_with_the_same_copies_and_shares_as_the_model() -> None:
+    # the recipe in grow's docstring: the optimizer state does not change which old unit a new
+    # one copies or the split shares, so the EMA's tensors grow as the model's do
+    spec = ModelSpec(tower_depth=1, tower_width=3, num_actions=4)
+    model, opt = _trained(spec, 2, "adam")
+    state = capture(spec, model, opt, step=2, rng=False)
+    bigger = spec.replace(tower_depth=2, tower_width=5)
+    grown = grow(state, bigger, seed=7)
+    ema = ema_init(state, decay=0.5)
+    grown_ema = grow(state.replace(model=ema.tensors, optimizer=None), bigger, seed=7).model
+    assert {k: raw_bytes(t) for k, t in grown_ema.items()} == {
+        k: raw_bytes(t) for k, t in grown.model.items()
+    }
+    new_model = build_model(bigger)
+    restore_(grown, new_model)
+    assert ema_update(ema_init(grown_ema), new_model).updates == 1

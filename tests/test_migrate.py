@@ -99,6 +99,15 @@ def test_current_sharded_corrupt_and_invalid_checkpoints_are_left_alone(tmp_path
     weights.write_bytes(bytes(data))
     (tmp_path / "checkpoint_ts4.json").write_bytes(b"{}")  # invalid
     corrupt_files = {n: b for n, b in files_of(tmp_path).items() if "ts3" in n or "ts4" in n}
+    before = files_of(tmp_path)
+    dry = {m.name: m.status for m in migrate(tmp_path, dry_run=True)}  # predicts the skip
+    assert dry == {
+        "checkpoint_ts1": "current",
+        "checkpoint_ts2": "would migrate",
+        "checkpoint_ts3": "skipped",
+        "checkpoint_ts4": "skipped",
+    }
+    assert files_of(tmp_path) == before
     done = {m.name: m for m in migrate(tmp_path)}
     assert {n: m.status for n, m in done.items()} == {
         "checkpoint_ts1": "current",
@@ -177,6 +186,20 @@ def test_the_migrate_verb_and_info_show_formats_and_versions(tmp_path: Path) -> 
     assert info.returncode == 0, info.stderr
     written = "written by     keisei_fn 0.1.0, torch 2.13.0+cpu; format 1"  # the golden's writer
     assert written + "\n" in info.stdout
+    dry_json = json.loads(run("migrate", str(tmp_path), "--dry-run", "--json").stdout)
+    assert dry_json == {
+        "run_dir": str(tmp_path),
+        "dry_run": True,
+        "checkpoints": [
+            {
+                "name": "checkpoint_ts2048",
+                "status": "would migrate",
+                "from_version": 1,
+                "to_version": 3,
+                "detail": "",
+            }
+        ],
+    }
     dry = run("migrate", str(tmp_path), "--dry-run")
     assert (dry.returncode, dry.stdout.split()) == (
         0,

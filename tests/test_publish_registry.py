@@ -367,3 +367,8 @@ def test_cli_publish_with_metrics_best_and_links(tmp_path, wandb_dir):
                 ["--best-link-to", BEST_TARGET]):  # fmt: skip
         refused = cli_inprocess.run(*args, *bad)
         assert refused.returncode == 2 and "error" in refused.stderr, bad
+
+    other = tiny_checkpoint(tmp_path / "run", 200)  # no win_rate: says so, rather than nothing
+    unranked = cli_inprocess.run("publish", other.path, "--run-name", RUN_NAME, *best[:2])
+    assert unranked.returncode == 0, unranked.stderr
+    assert "; not ranked for best: win_rate missing" in unranked.stdout

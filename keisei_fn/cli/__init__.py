@@ -420,6 +420,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("run_dir", help="the run directory (in place; each checkpoint atomically)")
     p.add_argument("--dry-run", action="store_true", help="show what would change, write nothing")
+    p.add_argument("--json", action="store_true", help="each checkpoint's outcome as JSON")
     p.set_defaults(run=commands.cmd_migrate)
 
     p = sub.add_parser(
@@ -449,13 +450,21 @@ def build_parser() -> argparse.ArgumentParser:
         default=0,
         help="seeds the new blocks and the widening's random choices (default: 0)",
     )
+    p.add_argument(
+        "--force", action="store_true", help="replace a checkpoint of the same name in OUT_RUN_DIR"
+    )
     p.set_defaults(run=commands.cmd_grow)
 
     p = sub.add_parser(
-        "compat", help="would a checkpoint load into the network a spec describes (sidecar only)"
+        "compat",
+        help="would a checkpoint load into the network a spec describes (sidecar only)",
+        description="Exit 0 when the checkpoint's model would load into the network the spec "
+        "options describe (Keisei's defaults for the options not given: resnet, depth 9, width "
+        "256), 1 with the problems when not. Reads the sidecar only.",
     )
     p.add_argument("checkpoint", help="checkpoint file, stem or run directory")
     _add_spec_options(p)
+    p.add_argument("--json", action="store_true", help="the spec and the problems as JSON")
     p.set_defaults(run=commands.cmd_compat)
 
     p = sub.add_parser("usi", help="a USI engine on stdin/stdout (for GUIs and match runners)")

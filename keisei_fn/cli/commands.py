@@ -162,7 +162,9 @@ def cmd_info(args: argparse.Namespace) -> int:
         "spec": meta.spec.to_json() if meta.spec else None,
         "model_info": model_info(meta.spec) if meta.spec else None,
         "health": None if meta.health is None else list(meta.health),
-        "average": thaw(meta.extra.get(AVERAGE_KEY)),
+        "average": (
+            thaw(meta.extra[AVERAGE_KEY]) if average_summary(meta.extra) is not None else None
+        ),
     }
     if args.json:
         data["tensors"] = {k: {"dtype": d, "shape": list(s)} for k, (d, s) in meta.tensors.items()}
@@ -506,34 +508,52 @@ def cmd_migrate(args: argparse.Namespace) -> int:
 
     run_dir = _existing_run_dir(args.run_dir)
     done = migrate(run_dir, dry_run=args.dry_run)
+    failed = any(m.status == "skipped" for m in done)
+    if args.json:
+        fields = ("name", "status", "from_version", "to_version", "detail")
+        checkpoints = [{f: getattr(m, f) for f in fields} for m in done]
+        _print_json({"run_dir": str(run_dir), "dry_run": args.dry_run, "checkpoints": checkpoints})
+        return 1 if failed else 0
     for migration in done:
         print(migration)
     if not any(m.status in ("migrated", "would migrate") for m in done):
         print(f"{run_dir}: nothing to migrate")
-    return 1 if any(m.status == "skipped" for m in done) else 0
+    return 1 if failed else 0
 
 
 def cmd_grow(args: argparse.Namespace) -> int:
     """Grow a checkpoint's tower (``keisei_fn.grow``) and save the result in another run
-    directory under the same name, step and kind."""
-    from keisei_fn.errors import SpecError
+    directory under the same name, step and kind. A checkpoint of that name already in OUT is
+    refused unless ``--force`` (then replaced); so is a spec that does not change."""
+    from keisei_fn.errors import CheckpointExistsError, SpecError
     from keisei_fn.grow import grow
     from keisei_fn.store import load_state_with_meta, save_final_model, save_state
     from keisei_fn.store.locate import resolve_checkpoint
-    from keisei_fn.store.names import RESUME_PREFIX, parse_stem
+    from keisei_fn.store.names import RESUME_PREFIX, parse_stem, sidecar_path
 
     state, meta = load_state_with_meta(resolve_checkpoint(args.checkpoint))
     if state.spec is None:
         raise SpecError(f"{meta.path}: an arbitrary model without a ModelSpec cannot grow")
     changes = {k: getattr(args, k) for k in ("tower_depth", "tower_width")}
     new_spec = state.spec.replace(**{k: v for k, v in changes.items() if v is not None})
-    grown = grow(state, new_spec, seed=args.seed)
+    if new_spec == state.spec:
+        raise SpecError(
+            f"nothing to grow: {meta.name} is {state.spec.model_type} with depth "
+            f"{state.spec.tower_depth} and width {state.spec.tower_width} already (a test model "
+            "type's tower is fixed; give --tower-depth or --tower-width larger than now)"
+        )
+    grown = grow(state, new_spec, seed=args.seed)  # pure: a bad spec is refused here
+    target = sidecar_path(run_path(args.out_run_dir) / meta.name)
+    if target.exists() and not args.force:
+        raise CheckpointExistsError(f"{target} exists; pass --force to replace it")
     if meta.kind == "final_model":
         saved = save_final_model(grown, args.out_run_dir)
     else:
         parsed = parse_stem(meta.name)
         prefix = parsed.prefix if parsed is not None and parsed.step is not None else RESUME_PREFIX
-        saved = save_state(grown, args.out_run_dir, kind=meta.kind, prefix=prefix)
+        saved = save_state(
+            grown, args.out_run_dir, kind=meta.kind, prefix=prefix, overwrite=args.force
+        )
     print(
         f"grew {meta.name} (depth {state.spec.tower_depth}, width {state.spec.tower_width}) → "
         f"{saved.sidecar_path} (depth {new_spec.tower_depth}, width {new_spec.tower_width})"
@@ -549,6 +569,9 @@ def cmd_compat(args: argparse.Namespace) -> int:
 
     spec = _spec_from_args(args) or ModelSpec()
     problems = check_compatible(args.checkpoint, spec)
+    if args.json:
+        _print_json({"spec": spec.to_json(), "compatible": not problems, "problems": problems})
+        return 1 if problems else 0
     for problem in problems:
         print(problem)
     if not problems:

@@ -339,18 +339,26 @@ class _Uploaded:
     linked: list[str] = field(default_factory=list)
     unlinked: list[str] = field(default_factory=list)
     best: dict[str, Any] = field(default_factory=dict)  # ledger fields: the best alias moved
+    unranked: str = ""  # why a publication with ``best`` could not be ranked
 
 
-def _with_best(run_dir: RunPath, plan: Publication) -> tuple[list[Publication], dict[str, Any]]:
+def _with_best(
+    run_dir: RunPath, plan: Publication
+) -> tuple[list[Publication], dict[str, Any], str]:
     """``plan``, and the version of the run's best artifact when its checkpoint beats the best
-    the ledger knows; with the ledger fields that say the best alias moved (empty if not)."""
+    the ledger knows; with the ledger fields that say the best alias moved (empty if not), and
+    why the checkpoint could not be ranked (its metric missing or not finite; else "")."""
     if plan.best is None or plan.best_artifact is None:
-        return [plan], {}
+        return [plan], {}, ""
     meta = _planned_meta(run_dir, plan)
-    value = metric_value(evaluation_metrics(meta, plan.metrics).get(plan.best.metric))
+    found = evaluation_metrics(meta, plan.metrics).get(plan.best.metric)
+    value = metric_value(found)
+    if value is None:
+        why = "missing" if found is None else f"{found!r}, not a finite number"
+        return [plan], {}, f"not ranked for best: {plan.best.metric} {why}"
     current = best_publications(run_dir).get(plan.best_artifact)
-    if value is None or not is_new_best(value, meta.step, current, plan.best):
-        return [plan], {}
+    if not is_new_best(value, meta.step, current, plan.best):
+        return [plan], {}, ""
     moved = {
         "best_artifact": plan.best_artifact,
         "best_metric": plan.best.metric,
@@ -358,7 +366,7 @@ def _with_best(run_dir: RunPath, plan: Publication) -> tuple[list[Publication], 
         "best_value": value,
         "best_step": meta.step,
     }
-    return [plan, best_publication(plan, meta, value)], moved
+    return [plan, best_publication(plan, meta, value)], moved, ""
 
 
 def _upload(
@@ -387,7 +395,7 @@ def _upload(
     for attempt in range(1, tries + 1):
         try:
             if not plans:
-                plans, done.best = _with_best(run_dir, main)
+                plans, done.best, done.unranked = _with_best(run_dir, main)
             for plan in plans:
                 if plan.artifact not in built:
                     built[plan.artifact] = _build_artifact(wandb, run_dir, plan)
@@ -501,6 +509,8 @@ def _deliver(
             f"; best by {up.best['best_metric']} ({up.best['best_value']:g}): "
             f"{up.best['best_artifact']} (alias best)"
         )
+    if up.unranked:
+        reason += f"; {up.unranked}"
     reason += "".join(f"; linked to {target}" for target in up.linked)
     reason += "".join(f"; not linked to {note}" for note in up.unlinked)
     fields: dict[str, Any] = dict(up.best)

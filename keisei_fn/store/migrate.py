@@ -78,7 +78,8 @@ def migrate(run_dir: PathArg, *, dry_run: bool = False) -> tuple[Migration, ...]
 
     Args:
         run_dir: the run directory (local or an fsspec URL).
-        dry_run: only say what would be migrated; write nothing.
+        dry_run: only say what would be migrated (each checkpoint is read and verified as a
+            migration would, so a corrupt one is reported as skipped); write nothing.
 
     Returns:
         One :class:`Migration` per checkpoint: the valid ones by step, then the skipped ones.
@@ -96,17 +97,8 @@ def migrate(run_dir: PathArg, *, dry_run: bool = False) -> tuple[Migration, ...]
     for meta in scan.valid:
         if meta.format_version != LEGACY_SINGLE_FILE_VERSION:
             done.append(_current(meta.name, meta.format_version))
-        elif dry_run:
-            done.append(
-                Migration(
-                    name=meta.name,
-                    status="would migrate",
-                    from_version=meta.format_version,
-                    to_version=FORMAT_VERSION,
-                )
-            )
         else:
-            done.append(_migrate_one(meta.path))
+            done.append(_migrate_one(meta.path, dry_run=dry_run))
     for stem, error in [*scan.invalid, *scan.unreadable]:
         done.append(_skipped(stem.name, error))
     return tuple(done)
@@ -126,8 +118,9 @@ def _skipped(name: str, error: BaseException, version: int | None = None) -> Mig
     )
 
 
-def _migrate_one(stem: RunPath) -> Migration:
-    """Migrate the format-1 checkpoint at ``stem`` through the commit protocol."""
+def _migrate_one(stem: RunPath, *, dry_run: bool) -> Migration:
+    """Migrate the format-1 checkpoint at ``stem`` through the commit protocol (``dry_run``:
+    only read and verify it, so that a corrupt one is reported as skipped there too)."""
     with locked(stem.parent):
         try:
             found = committed(stem)
@@ -145,6 +138,13 @@ def _migrate_one(stem: RunPath) -> Migration:
             check_listed(tensors, sidecar["tensors"], meta.weights_path)
         except KeiseiFnError as exc:  # corrupt: never given fresh digests
             return _skipped(meta.name, exc, meta.format_version)
+        if dry_run:
+            return Migration(
+                name=meta.name,
+                status="would migrate",
+                from_version=meta.format_version,
+                to_version=FORMAT_VERSION,
+            )
         payload = fresh_payload(stem, WEIGHTS_SUFFIX)
         try:
             written = write_weights(tensors, payload)
