@@ -357,19 +357,31 @@ def _optimizer_copy(saved: Mapping[str, Any], optimizer: torch.optim.Optimizer) 
     """A plain copy of a saved optimizer ``state_dict`` for ``load_state_dict`` (which keeps
     the tensors it is given): the state tensors torch would move to their parameter's CUDA
     device (all but ``step``, which torch places itself) are copied there directly, the rest
-    cloned. Assumes :func:`optimizer_problems` found nothing."""
+    cloned. ``step`` tensors are handed over on the CPU whatever device they were loaded to
+    (``load_state(map_location="cuda")``): torch keeps a given ``step`` where it is, and a
+    non-capturable optimizer with CUDA ``step`` tensors would synchronise on every step of
+    every parameter; a capturable or fused one moves it to its parameter's device itself.
+    Assumes :func:`optimizer_problems` found nothing."""
     params: dict[Any, torch.Tensor] = {}
     for group, live_group in zip(
         saved.get("param_groups", ()), optimizer.param_groups, strict=True
     ):
         params.update(zip(group["params"], live_group["params"], strict=True))
-    moved = _on_devices(
-        (value, params[index].device)
+    tensors = [
+        (name, value, params[index].device)
         for index, entries in saved.get("state", {}).items()
         for name, value in entries.items()
-        if isinstance(value, torch.Tensor) and name != "step"
-    )
-    return thaw(saved, on_tensor=lambda t: moved[id(t)] if id(t) in moved else t.clone())
+        if isinstance(value, torch.Tensor)
+    ]
+    moved = _on_devices((value, device) for name, value, device in tensors if name != "step")
+    steps = {id(value) for name, value, _ in tensors if name == "step"}
+
+    def copy(t: torch.Tensor) -> torch.Tensor:
+        if id(t) in moved:
+            return moved[id(t)]
+        return t.to("cpu", copy=True) if id(t) in steps else t.clone()
+
+    return thaw(saved, on_tensor=copy)
 
 
 def restore_loop_state_(

@@ -153,6 +153,25 @@ def test_restore_onto_cuda_model_and_optimizer(tmp_path: Path) -> None:
     assert_states_equal(state, loaded)
 
 
+@pytest.mark.parametrize("capturable", [False, True])
+def test_step_counts_loaded_to_cuda_are_placed_as_the_optimizer_wants(
+    tmp_path: Path, capturable: bool
+) -> None:
+    # load_state(map_location="cuda") puts Adam's step counts on the GPU; a plain Adam must get
+    # them back on the CPU (else it synchronises per parameter per step), a capturable one on
+    # its parameters' device.
+    spec = ModelSpec(tower_depth=2, tower_width=32)
+    model, optimizer = trained(spec)
+    save_state(capture(spec, model, optimizer, step=1, rng=False), tmp_path)
+    loaded = load_state(tmp_path, map_location="cuda")
+    fresh = build_model(spec, seed=1, device="cuda")
+    fresh_optimizer = torch.optim.Adam(fresh.parameters(), lr=1e-2, capturable=capturable)
+    restore_(loaded, fresh, fresh_optimizer)
+    steps = {entries["step"].device.type for entries in fresh_optimizer.state.values()}
+    assert steps == {"cuda" if capturable else "cpu"}
+    step(fresh, fresh_optimizer, spec, 8)
+
+
 def test_compiled_model_captures_and_restores_with_canonical_keys() -> None:
     spec = ModelSpec(model_type="testmodel")
     model = torch.compile(build_model(spec, seed=0, device="cuda"))
