@@ -273,7 +273,8 @@ def build_model(
         The model, in training mode.
 
     Raises:
-        SpecError: when the model type has no builder.
+        SpecError: when the model type has no builder, or for a seed that is not an int in
+            ``[0, 2**63)``.
 
     Example:
         >>> model = build_model(ModelSpec(model_type="testmodel"), seed=1)
@@ -284,6 +285,10 @@ def build_model(
         builder = _builders[spec.model_type]
     except KeyError:
         raise SpecError(f"no builder registered for model type {spec.model_type!r}") from None
+    if seed is not None and (
+        isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63
+    ):
+        raise SpecError(f"seed must be an int in [0, 2**63), got {seed!r}")
     if torch.device(device).type == "meta":
         with torch.device("meta"):
             model = builder(spec)

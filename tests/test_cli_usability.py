@@ -27,6 +27,7 @@ from keisei_fn import (
     save_state,
 )
 from keisei_fn.cli import build_parser, main
+from keisei_fn.errors import SpecError
 from keisei_fn.publish import PublishResult, plan_publication
 from keisei_fn.store import append_ledger, list_checkpoints, read_ledger
 
@@ -464,3 +465,27 @@ def test_demo_trains_on_past_a_reached_target(capsys, tmp_path):
     )
     assert f"finished at step {step + 15}" in out
     assert load_model(run_dir)[1].step == step + 15
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["demo"],
+        ["average", "run", "--last", "2", "out"],
+        ["grow", "run", "out", "--tower-width", "32"],
+        ["match", "a", "b"],
+    ],
+)
+@pytest.mark.parametrize("seed", ["99999999999999999999", "-1", "seven"])
+def test_a_seed_out_of_range_is_a_usage_error(capsys, argv, seed):
+    with pytest.raises(SystemExit) as exited:
+        main([*argv, "--seed", seed])
+    assert exited.value.code == 2
+    assert "argument --seed: " in capsys.readouterr().err
+
+
+def test_build_model_refuses_a_seed_no_rng_takes():
+    spec = ModelSpec(model_type="testmodel")
+    for seed in (2**63, -1, True, 1.5):
+        with pytest.raises(SpecError, match="seed must be an int"):
+            build_model(spec, seed=seed)  # type: ignore[arg-type]

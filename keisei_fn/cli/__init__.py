@@ -68,6 +68,17 @@ def _duration(text: str) -> timedelta:
     return timedelta(seconds=seconds)
 
 
+def _seed(text: str) -> int:
+    """A ``--seed``: an int in [0, 2**63) (what every RNG seeded from it accepts)."""
+    try:
+        seed = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if not 0 <= seed < 2**63:
+        raise argparse.ArgumentTypeError(f"must be in [0, 2**63), got {seed}")
+    return seed
+
+
 def _keep_best(text: str) -> tuple[str, str, int]:
     """``METRIC:max|min:K`` as ``RetentionPolicy.keep_best``, for argparse."""
     metric, _, rest = text.partition(":")
@@ -218,7 +229,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=0.9,
         help="stop when the training pool's legal mass reaches this (default 0.9)",
     )
-    p.add_argument("--seed", type=int, default=0, help="seeds the network, positions and batches")
+    p.add_argument("--seed", type=_seed, default=0, help="seeds the network, positions and batches")
     p.add_argument("--pool-size", type=int, default=512, help="training positions")
     p.add_argument("--checkpoint-every", type=int, default=100, help="steps between checkpoints")
     _wandb_mode_option(p, default=None)
@@ -410,7 +421,7 @@ def build_parser() -> argparse.ArgumentParser:
         "(every 3rd position, as the demo's; default: average them)",
     )
     p.add_argument(
-        "--seed", type=int, default=0, help="seed of the --recompute-bn positions (default: 0)"
+        "--seed", type=_seed, default=0, help="seed of the --recompute-bn positions (default: 0)"
     )
     p.add_argument("--force", action="store_true", help="write into OUT even if it exists")
     p.set_defaults(run=commands.cmd_average)
@@ -446,7 +457,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--seed",
-        type=int,
+        type=_seed,
         default=0,
         help="seeds the new blocks and the widening's random choices (default: 0)",
     )
@@ -493,7 +504,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--playouts", type=int, default=0, metavar="K", help="playouts per move (default: 0)"
     )
     p.add_argument("--playouts-b", type=int, metavar="K", help="B's playouts, if not --playouts")
-    p.add_argument("--seed", type=int, default=0, help="seeds the openings (default: 0)")
+    p.add_argument("--seed", type=_seed, default=0, help="seeds the openings (default: 0)")
     p.add_argument(
         "--move-cap", type=int, default=256, metavar="N", help="draw after N plies (default: 256)"
     )
