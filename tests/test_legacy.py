@@ -20,6 +20,7 @@ from torch import nn
 
 from keisei_fn import GameStats, ModelSpec, build_model, load_model, load_state, restore_
 from keisei_fn.errors import (
+    CheckpointExistsError,
     CheckpointNotFoundError,
     IntegrityError,
     SpecError,
@@ -447,6 +448,15 @@ def test_final_model_pth_converts_to_final_model(tmp_path):
     assert loaded_meta.kind == "final_model"
     assert_same(loaded.state_dict(), model.state_dict())
     assert load_state(meta.path).optimizer is None
+    # re-importing the same file keeps it; a different final model is never replaced
+    assert import_legacy(tmp_path / "final_model.pth", tmp_path / "run").digest == meta.digest
+    other = tmp_path / "other" / "final_model.pth"
+    other.parent.mkdir()
+    content["model_state_dict"] = trained(TINY, seed=1)[0].state_dict()
+    torch.save(content, other)
+    with pytest.raises(CheckpointExistsError):
+        import_legacy(other, tmp_path / "run")
+    assert_same(load_model(tmp_path / "run")[0].state_dict(), model.state_dict())
 
 
 def test_naming_rules(tmp_path, caplog):

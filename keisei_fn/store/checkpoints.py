@@ -165,7 +165,7 @@ def save_state(
 
 
 def save_final_model(
-    state: TrainState, run_dir: PathArg, *, keep_extra: bool = False
+    state: TrainState, run_dir: PathArg, *, keep_extra: bool = False, overwrite: bool = True
 ) -> CheckpointMeta:
     """Save the model weights (+ spec, step, episodes, stats) as ``final_model.*``.
 
@@ -177,15 +177,18 @@ def save_final_model(
         state: the state whose model to save.
         run_dir: the run directory (created if missing).
         keep_extra: keep ``state.extra`` too (e.g. an average's record of its inputs).
+        overwrite: replace an existing final model (the end of training does). False: an
+            identical one is kept and returned, a different one refused.
 
     Raises:
+        CheckpointExistsError: ``overwrite=False`` and a different final model is there.
         UnsupportedDtypeError: for weights that cannot be stored; OSError on I/O failure.
     """
     extra = state.extra if keep_extra else {}
     weights_only = state.replace(optimizer=None, scheduler=None, scaler=None, rng=None, extra=extra)
     stem = run_path(run_dir) / FINAL_MODEL
     return on_rank_zero(
-        lambda: _save(encode_state(weights_only), stem, kind="final_model", overwrite=True),
+        lambda: _save(encode_state(weights_only), stem, kind="final_model", overwrite=overwrite),
         others=lambda: read_listed(stem)[0],
     )
 

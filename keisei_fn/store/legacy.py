@@ -140,7 +140,8 @@ def import_legacy(
             inferred spec), listing every missing/unexpected key and shape/dtype difference.
         SpecError: the spec cannot be inferred, ``kind`` is unknown, or the step is 0 for a
             periodic/final checkpoint (import it with ``kind="final_model"``).
-        CheckpointExistsError: ``run_dir`` holds a different checkpoint at that step.
+        CheckpointExistsError: ``run_dir`` holds a different checkpoint at that step (or a
+            different final model, for ``kind="final_model"``).
 
     Example:
         >>> import tempfile, torch
@@ -199,7 +200,7 @@ def import_legacy(
         extra={k: v for k, v in content.items() if k not in _STATE_ENTRIES},
     )
     if kind == "final_model":
-        meta = save_final_model(state, run_dir)
+        meta = save_final_model(state, run_dir, overwrite=False)
     else:
         meta = save_state(state, run_dir, kind=kind, prefix=prefix)
     log.info("imported legacy checkpoint %s as %s (%s)", path, meta.path, meta.kind)
