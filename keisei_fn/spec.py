@@ -29,7 +29,14 @@ from typing import Any
 from keisei_fn.errors import SpecError
 from keisei_fn.features import FeatureSpec, get_feature_spec
 
-__all__ = ["TEST_MODEL_TYPES", "ModelSpec", "model_types"]
+__all__ = [
+    "TEST_MODEL_TYPES",
+    "ModelSpec",
+    "SpecDifference",
+    "describe_spec_differences",
+    "model_types",
+    "spec_differences",
+]
 
 #: Keisei's tiny test networks: tower arguments are ignored, they build depth 1, width 16, no SE.
 TEST_MODEL_TYPES: frozenset[str] = frozenset({"dummy", "testmodel", "resumemodel"})
@@ -221,6 +228,43 @@ class ModelSpec:
                 if value is not None:
                     resolved[field_name] = value
         return cls(**resolved)
+
+
+#: One field in which two specs differ: ``(field, before, after)``.
+SpecDifference = tuple[str, Any, Any]
+
+
+def spec_differences(before: ModelSpec, after: ModelSpec) -> tuple[SpecDifference, ...]:
+    """Every field in which two specs differ, in the fields' order.
+
+    Args:
+        before: one spec (e.g. the checkpoint's, or the older one).
+        after: the other (e.g. the one wanted, or the newer one).
+
+    Returns:
+        ``(field, before's value, after's value)`` per differing field; empty when equal.
+
+    Example:
+        >>> spec_differences(ModelSpec(), ModelSpec(tower_width=128, se_ratio=0))
+        (('tower_width', 256, 128), ('se_ratio', 0.25, 0.0))
+    """
+    return tuple(
+        (f.name, getattr(before, f.name), getattr(after, f.name))
+        for f in fields(ModelSpec)
+        if getattr(before, f.name) != getattr(after, f.name)
+    )
+
+
+def describe_spec_differences(before: ModelSpec, after: ModelSpec) -> str:
+    """:func:`spec_differences` as one line for messages (``before``'s value first), or ``""``.
+
+    Example:
+        >>> describe_spec_differences(ModelSpec(), ModelSpec(se_ratio=0))
+        'se_ratio 0.25 vs 0.0'
+        >>> describe_spec_differences(ModelSpec(), ModelSpec(tower_depth=4, num_actions=8))
+        'tower_depth 9 vs 4, num_actions 13527 vs 8'
+    """
+    return ", ".join(f"{name} {a!r} vs {b!r}" for name, a, b in spec_differences(before, after))
 
 
 def _from_config(config: Any) -> dict[str, Any]:
