@@ -3,9 +3,9 @@
 The sidecar records every stored tensor's dtype and shape and the model's ``state_dict`` keys,
 so the answer needs no tensor read: the network's expected ``state_dict`` is built on the
 ``meta`` device (no memory) from a :class:`ModelSpec`, or read off a live model, and compared
-key by key, as ``restore_`` compares them. The problems are short sentences that summarise
-(one per kind of difference, naming the first few keys), so a width change over a whole tower
-reads as one line, not 170.
+key by key, with the comparison ``restore_`` makes (``keisei_fn.state.layout_problems``). The
+problems are short sentences that summarise (one per kind of difference, naming the first few
+keys), so a width change over a whole tower reads as one line, not 170.
 
 Example:
     >>> import tempfile
@@ -23,25 +23,18 @@ Example:
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from dataclasses import fields
-
 from torch import nn
 
-from keisei_fn.codec import DTYPE_NAMES, tensor_name
+from keisei_fn.codec import DTYPES_BY_NAME, tensor_name
 from keisei_fn.meta import CheckpointMeta
 from keisei_fn.nets import build_model, unwrap_model
 from keisei_fn.paths import PathArg
-from keisei_fn.spec import ModelSpec
+from keisei_fn.spec import ModelSpec, describe_spec_differences
+from keisei_fn.state import Layout, dtype_name, layout_problems
 from keisei_fn.store.listing import read_listed
 from keisei_fn.store.locate import resolve_checkpoint
 
 __all__ = ["check_compatible"]
-
-#: How many keys a problem names before it says how many more there are.
-SHOWN = 3
-
-Layout = tuple[str, tuple[int, ...]]
 
 
 def check_compatible(
@@ -80,60 +73,16 @@ def check_compatible(
     for key in sidecar["state"]["model"]:
         name = tensor_name("model", (key,))
         entry = sidecar["tensors"][aliases.get(name, name)]
-        saved[key] = (entry["dtype"], tuple(entry["shape"]))
+        saved[key] = (dtype_name(DTYPES_BY_NAME[entry["dtype"]]), tuple(entry["shape"]))
     if isinstance(spec_or_model, ModelSpec):
         net = build_model(spec_or_model, device="meta")
     else:
         net = unwrap_model(spec_or_model)
-    expected = {k: (DTYPE_NAMES[t.dtype], tuple(t.shape)) for k, t in net.state_dict().items()}
-    problems = _problems(saved, expected)
+    problems = layout_problems(
+        saved, net.state_dict(), found_name="the checkpoint", expected_name="the model"
+    )
     if problems and isinstance(spec_or_model, ModelSpec) and meta.spec is not None:
-        differ = _spec_difference(meta.spec, spec_or_model)
+        differ = describe_spec_differences(meta.spec, spec_or_model)
         if differ:
-            problems.insert(0, differ)
+            problems.insert(0, f"spec differs: {differ}")
     return tuple(problems)
-
-
-def _names(keys: list[str]) -> str:
-    shown = ", ".join(repr(k) for k in keys[:SHOWN])
-    return shown + (f" and {len(keys) - SHOWN} more" if len(keys) > SHOWN else "")
-
-
-def _show(layout: Layout) -> str:
-    return f"{layout[0]}{list(layout[1])}"
-
-
-def _problems(saved: Mapping[str, Layout], expected: Mapping[str, Layout]) -> list[str]:
-    missing = [k for k in expected if k not in saved]
-    unexpected = [k for k in saved if k not in expected]
-    common = [k for k in expected if k in saved]
-    shapes = [k for k in common if saved[k][1] != expected[k][1]]
-    dtypes = [k for k in common if saved[k][0] != expected[k][0]]
-    problems = []
-    if missing:
-        problems.append(
-            f"{len(missing)} tensors the model has are not in the checkpoint: {_names(missing)}"
-        )
-    if unexpected:
-        problems.append(
-            f"{len(unexpected)} tensors in the checkpoint are not in the model: "
-            f"{_names(unexpected)}"
-        )
-    for what, keys in (("shapes", shapes), ("dtypes", dtypes)):
-        if keys:
-            first = keys[0]
-            problems.append(
-                f"{len(keys)} tensors have other {what} (first: {first!r}: checkpoint "
-                f"{_show(saved[first])}, model {_show(expected[first])})"
-            )
-    return problems
-
-
-def _spec_difference(saved: ModelSpec, wanted: ModelSpec) -> str:
-    """``spec differs: tower_width 256 vs 128, ...`` (checkpoint first), or ``""``."""
-    differ = [
-        f"{f.name} {getattr(saved, f.name)!r} vs {getattr(wanted, f.name)!r}"
-        for f in fields(ModelSpec)
-        if getattr(saved, f.name) != getattr(wanted, f.name)
-    ]
-    return "spec differs: " + ", ".join(differ) if differ else ""

@@ -28,12 +28,18 @@ from keisei_fn.errors import StateMismatchError
 from keisei_fn.spec import ModelSpec
 
 __all__ = [
+    "SHOWN",
     "FrozenList",
     "GameStats",
+    "Layout",
     "TrainState",
+    "describe_layout",
     "describe_tensor",
+    "dtype_name",
     "freeze",
     "iter_tensors",
+    "layout_problems",
+    "tensor_layout",
     "thaw",
     "view_key",
 ]
@@ -110,6 +116,43 @@ def iter_tensors(value: Any, path: tuple[Any, ...] = ()) -> Iterator[tuple[tuple
             yield from iter_tensors(v, (*path, i))
 
 
+#: A tensor's layout: its dtype's name (``"float32"``, see :func:`dtype_name`) and its shape.
+Layout = tuple[str, tuple[int, ...]]
+
+#: How many keys a line of :func:`layout_problems` names before it says how many more there are.
+SHOWN = 3
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """A dtype's name as layouts and error messages show it.
+
+    Example:
+        >>> dtype_name(torch.bfloat16)
+        'bfloat16'
+    """
+    return str(dtype).removeprefix("torch.")
+
+
+def tensor_layout(tensor: torch.Tensor) -> Layout:
+    """A tensor's dtype name and shape.
+
+    Example:
+        >>> tensor_layout(torch.zeros(2, 3, dtype=torch.float16))
+        ('float16', (2, 3))
+    """
+    return dtype_name(tensor.dtype), tuple(tensor.shape)
+
+
+def describe_layout(layout: Layout) -> str:
+    """A layout as error messages show it.
+
+    Example:
+        >>> describe_layout(("float16", (2, 3)))
+        'float16[2, 3]'
+    """
+    return f"{layout[0]}{list(layout[1])}"
+
+
 def describe_tensor(tensor: torch.Tensor) -> str:
     """A tensor's dtype and shape as error messages show them.
 
@@ -117,7 +160,83 @@ def describe_tensor(tensor: torch.Tensor) -> str:
         >>> describe_tensor(torch.zeros(2, 3, dtype=torch.float16))
         'float16[2, 3]'
     """
-    return f"{str(tensor.dtype).removeprefix('torch.')}{list(tensor.shape)}"
+    return describe_layout(tensor_layout(tensor))
+
+
+def layout_problems(
+    found: Mapping[str, torch.Tensor | Layout],
+    expected: Mapping[str, torch.Tensor | Layout],
+    *,
+    found_name: str = "the state",
+    expected_name: str = "the model",
+    shown: int = SHOWN,
+) -> list[str]:
+    """How the keys, shapes and dtypes of two state dicts differ, summarised: one line per kind
+    of difference (missing keys, unexpected keys, other shapes, other dtypes) that says how
+    many there are and names the first ``shown``, so a width change over a whole tower reads as
+    one line, not 170. The one comparison behind ``restore_``, ``check_compatible``,
+    ``average_states`` and ``ema_update``.
+
+    Args:
+        found: what is at hand (e.g. a saved state's model), as tensors or layouts by key.
+        expected: what it must match (e.g. a live model's ``state_dict()``), likewise.
+        found_name: what ``found`` is called in the lines, e.g. ``"the checkpoint"``.
+        expected_name: what ``expected`` is called, e.g. ``"the model"``.
+        shown: how many keys a line names at most.
+
+    Returns:
+        The lines, empty when every key is on both sides with the same shape and dtype (a key
+        whose shape and dtype both differ counts in both lines).
+
+    Example:
+        >>> saved = {"w": torch.zeros(2), "b": torch.zeros(1), "old": torch.zeros(1)}
+        >>> live = {"w": torch.zeros(3), "b": torch.zeros(1).double(), "new": ("int64", ())}
+        >>> for line in layout_problems(saved, live):
+        ...     print(line)
+        1 tensor in the model is not in the state: 'new'
+        1 tensor in the state is not in the model: 'old'
+        1 tensor has another shape: 'w' (the state has float32[2], the model float32[3])
+        1 tensor has another dtype: 'b' (the state has float32[1], the model float64[1])
+    """
+    have = {k: tensor_layout(v) if isinstance(v, torch.Tensor) else v for k, v in found.items()}
+    want = {k: tensor_layout(v) if isinstance(v, torch.Tensor) else v for k, v in expected.items()}
+    common = [k for k in want if k in have]
+    absent = {
+        (expected_name, found_name): [k for k in want if k not in have],
+        (found_name, expected_name): [k for k in have if k not in want],
+    }
+    problems = [
+        f"{_count(len(keys))} in {inside} {'is' if len(keys) == 1 else 'are'} not in {outside}: "
+        + _first(keys, shown, repr)
+        for (inside, outside), keys in absent.items()
+        if keys
+    ]
+    for what, part in (("shape", 1), ("dtype", 0)):
+        keys = [k for k in common if have[k][part] != want[k][part]]
+        if keys:
+            other = f"another {what}" if len(keys) == 1 else f"other {what}s"
+            problems.append(
+                f"{_count(len(keys))} {'has' if len(keys) == 1 else 'have'} {other}: "
+                + _first(
+                    keys,
+                    shown,
+                    lambda k: (
+                        f"{k!r} ({found_name} has {describe_layout(have[k])}, "
+                        f"{expected_name} {describe_layout(want[k])})"
+                    ),
+                )
+            )
+    return problems
+
+
+def _count(n: int) -> str:
+    return f"{n} tensor" if n == 1 else f"{n} tensors"
+
+
+def _first(keys: list[str], shown: int, show: Callable[[str], str]) -> str:
+    """The first ``shown`` keys, each as ``show`` writes it, and how many more there are."""
+    listed = ", ".join(show(k) for k in keys[:shown])
+    return listed + (f" and {len(keys) - shown} more" if len(keys) > shown else "")
 
 
 def view_key(tensor: torch.Tensor) -> tuple[Any, ...] | None:

@@ -86,12 +86,14 @@ def test_a_whole_tower_of_other_shapes_is_one_line_with_the_spec_difference(
     problems = check_compatible(tmp_path, spec.replace(tower_width=8))
     assert problems == (
         "spec differs: tower_width 4 vs 8",
-        "104 tensors have other shapes (first: 'stem.weight': checkpoint F32[4, 46, 3, 3], "
-        "model F32[8, 46, 3, 3])",
+        "104 tensors have other shapes: 'stem.weight' (the checkpoint has float32[4, 46, 3, 3], "
+        "the model float32[8, 46, 3, 3]), 'stem.bias' (the checkpoint has float32[4], the "
+        "model float32[8]), 'bn_stem.weight' (the checkpoint has float32[4], the model "
+        "float32[8]) and 101 more",
     )
     deeper = check_compatible(tmp_path, spec.replace(tower_depth=9, se_ratio=0))
     assert deeper[0] == "spec differs: tower_depth 6 vs 9, se_ratio 0.25 vs 0.0"
-    assert deeper[1].startswith("42 tensors the model has are not in the checkpoint: ")
+    assert deeper[1].startswith("42 tensors in the model are not in the checkpoint: ")
     assert deeper[1].endswith(" and 39 more")
     assert deeper[2].startswith("24 tensors in the checkpoint are not in the model: ")
 
@@ -122,7 +124,8 @@ def test_aliased_model_tensors_are_checked_by_their_stored_entry(tmp_path: Path)
     wide.a = torch.nn.Linear(2, 3, bias=False)
     wide.b = torch.nn.Linear(2, 3, bias=False)
     assert check_compatible(meta, wide) == (
-        "2 tensors have other shapes (first: 'a.weight': checkpoint F32[2, 2], model F32[3, 2])",
+        "2 tensors have other shapes: 'a.weight' (the checkpoint has float32[2, 2], the model "
+        "float32[3, 2]), 'b.weight' (the checkpoint has float32[2, 2], the model float32[3, 2])",
     )
 
 
@@ -136,11 +139,12 @@ def test_every_format_version_is_read(tmp_path: Path) -> None:
     linear = torch.nn.Linear(4, 3)
     assert check_compatible(GOLDEN_V2, golden_sharded_model()) == ()
     assert check_compatible(GOLDEN_V2, torch.nn.Linear(4, 4)) == (
-        "2 tensors have other shapes (first: 'weight': checkpoint F32[3, 4], model F32[4, 4])",
+        "2 tensors have other shapes: 'weight' (the checkpoint has float32[3, 4], the model "
+        "float32[4, 4]), 'bias' (the checkpoint has float32[3], the model float32[4])",
     )
     for golden in (GOLDEN_V1, GOLDEN_V3):
         assert check_compatible(golden, linear) == (
-            "2 tensors the model has are not in the checkpoint: 'weight', 'bias'",
+            "2 tensors in the model are not in the checkpoint: 'weight', 'bias'",
             "6 tensors in the checkpoint are not in the model: 'w', 'tied', 'bf16' and 3 more",
         )
 
