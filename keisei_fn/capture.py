@@ -39,13 +39,13 @@ from keisei_fn.state import (
     TrainState,
     describe_tensor,
     iter_tensors,
+    layout_problems,
     thaw,
     view_key,
 )
 
 __all__ = [
     "capture",
-    "model_problems",
     "optimizer_problems",
     "restore_",
     "restore_loop_state_",
@@ -190,30 +190,6 @@ def capture(
     )
 
 
-def model_problems(
-    saved: Mapping[str, torch.Tensor], live: Mapping[str, torch.Tensor]
-) -> list[str]:
-    """Every missing/unexpected key and shape/dtype difference between two state dicts.
-
-    Example:
-        >>> model_problems({"w": torch.zeros(2)}, {"w": torch.zeros(3)})
-        ["'w': state has float32[2], model expects float32[3]"]
-    """
-    problems = [
-        f"missing key {k!r} (in the model, not in the state)" for k in live if k not in saved
-    ]
-    problems += [
-        f"unexpected key {k!r} (in the state, not in the model)" for k in saved if k not in live
-    ]
-    for key in saved.keys() & live.keys():
-        s, m = saved[key], live[key]
-        if s.shape != m.shape or s.dtype != m.dtype:
-            problems.append(
-                f"{key!r}: state has {describe_tensor(s)}, model expects {describe_tensor(m)}"
-            )
-    return problems
-
-
 def optimizer_problems(saved: Mapping[str, Any], optimizer: torch.optim.Optimizer) -> list[str]:
     """Every way a saved optimizer ``state_dict`` does not fit a live optimizer: group and
     parameter counts, and state tensors whose shape differs from their parameter's (torch
@@ -291,12 +267,13 @@ def restore_(
         generators: user-held generators to restore, by the names used at capture.
 
     Raises:
-        StateMismatchError: listing every missing/unexpected key and shape/dtype difference of the
-            model and the optimizer, and every generator that cannot be restored, before
-            anything is changed.
+        StateMismatchError: before anything is changed: a line per kind of difference of the
+            model (missing and unexpected keys, other shapes and dtypes: how many, the first
+            few named; see ``keisei_fn.state.layout_problems``), and every optimizer
+            difference and generator that cannot be restored.
     """
     net = unwrap_model(model)
-    problems = model_problems(state.model, net.state_dict())
+    problems = layout_problems(state.model, net.state_dict())
     if optimizer is not None and state.optimizer is None:
         problems.append("an optimizer was given, but the state holds no optimizer state")
     elif optimizer is not None and state.optimizer is not None:

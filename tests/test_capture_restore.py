@@ -179,10 +179,12 @@ def test_a_mismatch_lists_every_problem_and_changes_nothing() -> None:
         restore_(bad, target, target_optimizer, generators={"env": user_rng})
     message = str(failure.value)
     for problem in (
-        "missing key 'body.2.bias' (in the model, not in the state)",
-        "unexpected key 'body.3.weight' (in the state, not in the model)",
-        "'body.0.weight': state has float32[5, 4], model expects float32[8, 4]",
-        "'body.1.running_mean': state has float64[8], model expects float32[8]",
+        "1 tensor in the model is not in the state: 'body.2.bias'",
+        "1 tensor in the state is not in the model: 'body.3.weight'",
+        "1 tensor has another shape: 'body.0.weight' (the state has float32[5, 4], the model "
+        "float32[8, 4])",
+        "1 tensor has another dtype: 'body.1.running_mean' (the state has float64[8], the model "
+        "float32[8])",
         "optimizer state[2]['exp_avg']: state has float32[3], param is float32[8]",
         "generator 'env' is not in the saved state",
     ):

@@ -56,7 +56,7 @@ try:
 except ImportError:  # NumPy < 2
     from numpy.core.multiarray import scalar as _numpy_scalar  # type: ignore[no-redef]
 
-from keisei_fn.capture import model_problems, optimizer_problems
+from keisei_fn.capture import optimizer_problems
 from keisei_fn.errors import (
     AlreadyConvertedError,
     CheckpointNotFoundError,
@@ -70,7 +70,7 @@ from keisei_fn.meta import KINDS, CheckpointMeta
 from keisei_fn.nets import build_model, canonical_state_dict
 from keisei_fn.paths import PathArg
 from keisei_fn.spec import ModelSpec
-from keisei_fn.state import GameStats, TrainState
+from keisei_fn.state import GameStats, TrainState, layout_problems
 from keisei_fn.store.checkpoints import save_final_model, save_state
 from keisei_fn.store.names import FINAL_MODEL, RESUME_PREFIX
 from keisei_fn.store.sniff import HEAD_BYTES, FileKind, identify_bytes
@@ -137,7 +137,8 @@ def import_legacy(
             or the content is not a Keisei checkpoint (no ``model_state_dict``, a malformed
             optimizer state, non-int counters).
         StateMismatchError: the weights (or the Adam state) do not fit ``spec`` (or the
-            inferred spec), listing every missing/unexpected key and shape/dtype difference.
+            inferred spec): missing and unexpected keys, other shapes and dtypes (a line per
+            kind: how many, the first few named), and the optimizer's differences.
         SpecError: the spec cannot be inferred, ``kind`` is unknown, or the step is 0 for a
             periodic/final checkpoint (import it with ``kind="final_model"``).
         CheckpointExistsError: ``run_dir`` holds a different checkpoint at that step (or a
@@ -406,7 +407,7 @@ def _check_fits(
 ) -> None:
     """Compare the weights (and Adam state) with ``spec``'s network, built on the meta device."""
     model = build_model(spec, device="meta")
-    problems = model_problems(weights, model.state_dict())
+    problems = layout_problems(weights, model.state_dict(), found_name="the checkpoint")
     if optimizer is not None:
         problems += optimizer_problems(optimizer, torch.optim.Adam(model.parameters()))
     if problems:
