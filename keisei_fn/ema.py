@@ -35,7 +35,7 @@ from torch import nn
 from keisei_fn.errors import StateMismatchError
 from keisei_fn.nets import build_model, canonical_state_dict, unwrap_model
 from keisei_fn.spec import ModelSpec
-from keisei_fn.state import TrainState, describe_tensor
+from keisei_fn.state import TrainState, layout_problems
 
 __all__ = ["EMA", "ema_init", "ema_model", "ema_update"]
 
@@ -147,16 +147,13 @@ def ema_update(ema: EMA, source: Source) -> EMA:
         1 - decay)``, the others copied from ``source``; ``updates + 1``.
 
     Raises:
-        StateMismatchError: keys, shapes or dtypes differ (every difference listed).
+        StateMismatchError: keys, shapes or dtypes differ (a line per kind of difference: how
+            many, the first few named).
     """
     current = _tensors(source)
-    problems = [f"missing key {k!r}" for k in ema.tensors if k not in current]
-    problems += [f"unexpected key {k!r}" for k in current if k not in ema.tensors]
-    problems += [
-        f"{k!r}: the EMA has {describe_tensor(ema.tensors[k])}, the model {describe_tensor(t)}"
-        for k, t in current.items()
-        if k in ema.tensors and (t.shape, t.dtype) != (ema.tensors[k].shape, ema.tensors[k].dtype)
-    ]
+    problems = layout_problems(
+        current, ema.tensors, found_name="the model", expected_name="the EMA"
+    )
     if problems:
         raise StateMismatchError("the model does not fit the EMA:\n  - " + "\n  - ".join(problems))
     weight = 1.0 - ema.decay

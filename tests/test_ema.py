@@ -104,10 +104,17 @@ def test_update_is_pure_with_exact_fixed_points(
 
 def test_ema_refusals() -> None:
     ema = kf.ema_init({"w": torch.zeros(2)}, decay=0.5)
-    with pytest.raises(StateMismatchError, match="missing key 'w'"):
+    with pytest.raises(StateMismatchError) as failure:
         kf.ema_update(ema, {"v": torch.zeros(2)})
+    assert str(failure.value) == (
+        "the model does not fit the EMA:\n"
+        "  - 1 tensor in the EMA is not in the model: 'w'\n"
+        "  - 1 tensor in the model is not in the EMA: 'v'"
+    )
     with pytest.raises(
-        StateMismatchError, match=r"'w': the EMA has float32\[2\], the model float32\[3\]"
+        StateMismatchError,
+        match=r"1 tensor has another shape: 'w' \(the model has float32\[3\], the EMA "
+        r"float32\[2\]\)",
     ):
         kf.ema_update(ema, {"w": torch.zeros(3)})
     for decay in (1.0, -0.1, float("nan"), True):
