@@ -40,8 +40,8 @@ from torch import nn
 from keisei_fn.errors import CheckpointNotFoundError, SpecError, StateMismatchError
 from keisei_fn.nets import build_model, canonical_state_dict
 from keisei_fn.paths import PathArg, run_path
-from keisei_fn.spec import ModelSpec
-from keisei_fn.state import TrainState, describe_tensor, view_key
+from keisei_fn.spec import ModelSpec, describe_spec_differences
+from keisei_fn.state import TrainState, layout_problems, view_key
 
 __all__ = [
     "AVERAGE_KEY",
@@ -60,7 +60,7 @@ AVERAGE_KEY = "average"
 Positions = torch.Tensor | Sequence[str]
 #: The integer buffer BatchNorm counts its batches in: an average takes the largest count.
 _BATCH_COUNT = "num_batches_tracked"
-#: How many differences an incompatibility error lists.
+#: How many lines an incompatibility error shows (each summarises one kind of difference).
 _SHOWN = 5
 
 
@@ -111,17 +111,15 @@ def _incompatibilities(first: TrainState, other: TrainState, index: int) -> list
     """How state ``index`` differs from state 0 in spec, keys, shapes and dtypes."""
     where = f"state {index}"
     problems = []
-    if other.spec != first.spec:
+    if first.spec is not None and other.spec is not None:
+        differ = describe_spec_differences(other.spec, first.spec)
+        if differ:
+            problems.append(f"spec differs ({where} vs state 0): {differ}")
+    elif other.spec != first.spec:
         problems.append(f"{where} has spec {other.spec!r}, state 0 has {first.spec!r}")
-    problems += [f"{where} lacks key {k!r}" for k in first.model if k not in other.model]
-    problems += [f"{where} has extra key {k!r}" for k in other.model if k not in first.model]
-    for key in first.model.keys() & other.model.keys():
-        a, b = first.model[key], other.model[key]
-        if a.shape != b.shape or a.dtype != b.dtype:
-            problems.append(
-                f"{key!r}: {where} has {describe_tensor(b)}, state 0 has {describe_tensor(a)}"
-            )
-    return problems
+    return problems + layout_problems(
+        other.model, first.model, found_name=where, expected_name="state 0"
+    )
 
 
 def _check_compatible(states: Sequence[TrainState]) -> None:
