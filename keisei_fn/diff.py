@@ -32,7 +32,8 @@ import torch
 from keisei_fn.codec import STATE_PARTS, tensor_name
 from keisei_fn.display import format_value, render_table
 from keisei_fn.paths import PathArg
-from keisei_fn.state import TrainState, iter_tensors
+from keisei_fn.spec import spec_differences
+from keisei_fn.state import Layout, TrainState, iter_tensors, tensor_layout
 
 __all__ = ["StateDiff", "TensorDiff", "ValueDiff", "diff_checkpoints", "diff_states"]
 
@@ -58,8 +59,8 @@ class TensorDiff:
 
     name: str
     status: Status
-    before: tuple[str, tuple[int, ...]] | None
-    after: tuple[str, tuple[int, ...]] | None
+    before: Layout | None
+    after: Layout | None
     l2: float = math.nan
     max_abs: float = math.nan
     relative: float = math.nan
@@ -169,8 +170,7 @@ def diff_states(before: TrainState, after: TrainState) -> StateDiff:
         if before.spec is None or after.spec is None:
             spec.append(("spec", before.spec, after.spec))
         else:
-            a, b = before.spec.to_json(), after.spec.to_json()
-            spec += [(k, a[k], b[k]) for k in a if a[k] != b[k]]
+            spec += spec_differences(before.spec, after.spec)
     metadata: list[ValueDiff] = [
         (name, getattr(before, name), getattr(after, name))
         for name in ("step", "episodes")
@@ -242,7 +242,7 @@ def _tensor_diffs(
 ) -> Iterator[TensorDiff]:
     for name in [*before, *(n for n in after if n not in before)]:
         a, b = before.get(name), after.get(name)
-        layout_a, layout_b = _layout(a), _layout(b)
+        layout_a, layout_b = (None if t is None else tensor_layout(t) for t in (a, b))
         if a is None or b is None:
             yield TensorDiff(
                 name=name, status="added" if a is None else "removed", before=layout_a,
@@ -293,12 +293,6 @@ def _bits(tensor: torch.Tensor) -> torch.Tensor:
         t = torch.view_as_real(t)
     width = {2: torch.int16, 4: torch.int32, 8: torch.int64}[t.element_size()]
     return t.view(width)
-
-
-def _layout(tensor: torch.Tensor | None) -> tuple[str, tuple[int, ...]] | None:
-    if tensor is None:
-        return None
-    return str(tensor.dtype).removeprefix("torch."), tuple(tensor.shape)
 
 
 def _without_tensors(value: Any) -> Any:
@@ -353,7 +347,7 @@ def _short(value: float) -> str:
     return "-" if math.isnan(value) else f"{value:.3g}"
 
 
-def _layout_json(layout: tuple[str, tuple[int, ...]] | None) -> Any:
+def _layout_json(layout: Layout | None) -> Any:
     return None if layout is None else {"dtype": layout[0], "shape": list(layout[1])}
 
 

@@ -59,7 +59,7 @@ Example:
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -67,7 +67,7 @@ from torch import Tensor
 
 from keisei_fn.errors import GrowError, StateMismatchError
 from keisei_fn.nets import build_model
-from keisei_fn.spec import TEST_MODEL_TYPES, ModelSpec
+from keisei_fn.spec import TEST_MODEL_TYPES, ModelSpec, spec_differences
 from keisei_fn.state import TrainState
 
 __all__ = ["grow"]
@@ -183,18 +183,15 @@ def _check_specs(old: ModelSpec | None, new: ModelSpec) -> ModelSpec:
             f"model type {old.model_type!r}",
             field="model_type",
         )
-    for f in fields(ModelSpec):
-        before, after = getattr(old, f.name), getattr(new, f.name)
-        if f.name not in _GROWABLE and before != after:
+    for name, before, after in spec_differences(old, new):
+        if name not in _GROWABLE:
             raise GrowError(
-                f"grow changes only {' and '.join(_GROWABLE)}; {f.name} differs: "
+                f"grow changes only {' and '.join(_GROWABLE)}; {name} differs: "
                 f"{before!r} → {after!r}",
-                field=f.name,
+                field=name,
             )
-        if f.name in _GROWABLE and after < before:
-            raise GrowError(
-                f"grow cannot shrink the tower: {f.name} {before} → {after}", field=f.name
-            )
+        if after < before:
+            raise GrowError(f"grow cannot shrink the tower: {name} {before} → {after}", field=name)
     return old
 
 
