@@ -314,6 +314,32 @@ def test_cli_average_refusals(run_dir: Path, tmp_path: Path) -> None:
     assert cli("average", str(run_dir), "--weights", "1,x", out).returncode == 2
 
 
+def test_cli_average_of_incompatible_checkpoints_is_a_one_line_error(tmp_path: Path) -> None:
+    """The error lists its problems on lines of their own; the CLI prints one line."""
+    sources = []
+    for actions in (8, 9):
+        spec = kf.ModelSpec(model_type="testmodel", num_actions=actions)
+        state = kf.capture(spec, kf.build_model(spec), step=1)
+        sources.append(str(kf.save_state(state, tmp_path / str(actions)).path))
+    with pytest.raises(StateMismatchError) as failure:
+        kf.average_checkpoints(sources)
+    problems = str(failure.value).splitlines()
+    assert problems == [
+        "cannot average incompatible states:",
+        "  - spec differs (state 1 vs state 0): num_actions 9 vs 8",
+        "  - 2 tensors have other shapes: 'policy_head.4.weight' (state 1 has float32[9, 162], "
+        "state 0 float32[8, 162]), 'policy_head.4.bias' (state 1 has float32[9], state 0 "
+        "float32[8])",
+    ]
+    done = cli("average", *sources, str(tmp_path / "soup"))
+    assert (done.returncode, done.stdout) == (2, "")
+    assert done.stderr == (
+        "keisei-fn: error: cannot average incompatible states: spec differs (state 1 vs state 0): "
+        "num_actions 9 vs 8 (+1 more line in the Python API's error)\n"
+    )
+    assert not (tmp_path / "soup").exists()
+
+
 def test_last_checkpoints_are_the_newest_resume_points(run_dir: Path) -> None:
     assert [Path(p).name for p in last_checkpoints(run_dir, 2)] == [
         "checkpoint_ts300",

@@ -542,13 +542,34 @@ def main(argv: Sequence[str] | None = None) -> int:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 141  # 128 + SIGPIPE, as a shell reports a program killed by it
     except (KeiseiFnError, OSError) as exc:
-        print(f"keisei-fn: error: {exc}", file=sys.stderr)
+        print(f"keisei-fn: error: {_one_line(str(exc))}", file=sys.stderr)
         return 2
     except Exception as exc:
         if not _storage_error(exc):
             raise
-        print(f"keisei-fn: error: {type(exc).__name__}: {exc}", file=sys.stderr)
+        print(f"keisei-fn: error: {type(exc).__name__}: {_one_line(str(exc))}", file=sys.stderr)
         return 2
+
+
+def _one_line(message: str) -> str:
+    """An error message as the one line the command line prints for it. A message that lists
+    problems on further lines (a ``StateMismatchError`` from ``average`` or ``restore_``: a
+    header, then ``  - problem`` lines) becomes its header, its first problem and how many
+    more lines the Python API's error holds; a one-line message is kept as it is.
+
+    Example:
+        >>> _one_line("cannot average:\\n  - spec differs\\n  - 2 tensors have other shapes")
+        "cannot average: spec differs (+1 more line in the Python API's error)"
+        >>> _one_line("no checkpoint at runs/x")
+        'no checkpoint at runs/x'
+    """
+    lines = [line.strip() for line in message.splitlines() if line.strip()]
+    if len(lines) < 2:
+        return message
+    head, first, rest = lines[0], lines[1].removeprefix("- "), len(lines) - 2
+    joined = f"{head} {first}" if head.endswith(":") else f"{head}; {first}"
+    more = f" (+{rest} more line{'s' if rest > 1 else ''} in the Python API's error)"
+    return joined + (more if rest else "")
 
 
 def _storage_error(exc: Exception) -> bool:
