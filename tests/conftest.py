@@ -55,6 +55,20 @@ def _no_cuda() -> str | None:
     return None
 
 
+@pytest.fixture(scope="module")
+def one_torch_thread() -> Iterator[None]:
+    """One torch intra-op thread for a module's tests, restored afterwards (a module asks with
+    ``pytestmark = pytest.mark.usefixtures("one_torch_thread")``): results compared bit-exactly
+    with another process's need the same thread count, and on a busy machine a second OpenMP
+    thread spinning beside a tiny network made an example take seconds instead of ~0.1 s."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 # -- S3: a real SeaweedFS server on loopback (keisei_fn.testing.s3server) ----------------------
 
 # Settings that would override or disturb the test endpoint and credentials of ``s3_url``.

@@ -4,7 +4,6 @@ moments follow their parameters, and anything but a larger depth or width is ref
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -35,14 +34,7 @@ from keisei_fn.testing import assert_states_equal
 RTOL, ATOL = 1e-4, 1e-5
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Iterator[None]:
-    """One intra-op thread: these networks are tiny, and a second OpenMP thread spinning on a
-    busy machine made an example take seconds instead of ~0.1 s."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _randomised(spec: ModelSpec, seed: int) -> nn.Module:
