@@ -45,7 +45,7 @@ from keisei_fn.errors import (
     UnsupportedValueError,
 )
 from keisei_fn.spec import ModelSpec
-from keisei_fn.state import GameStats, TrainState, view_key
+from keisei_fn.state import GameStats, Layout, TrainState, dtype_name, view_key
 
 __all__ = [
     "DTYPE_NAMES",
@@ -60,6 +60,7 @@ __all__ = [
     "encode_json",
     "encode_state",
     "loads",
+    "stored_layout",
     "tensor_name",
 ]
 
@@ -88,6 +89,21 @@ DTYPE_NAMES: dict[torch.dtype, str] = {
     torch.float8_e5m2: "F8_E5M2",
 }
 DTYPES_BY_NAME: dict[str, torch.dtype] = {name: dtype for dtype, name in DTYPE_NAMES.items()}
+
+
+def stored_layout(entry: Mapping[str, Any]) -> Layout:
+    """The layout (torch's dtype name and the shape) that a sidecar's ``tensors`` entry records.
+
+    Raises:
+        KeyError: an entry without a known ``dtype`` name or a ``shape`` (sidecars are
+            validated when read: this is for entries of a sidecar already checked).
+
+    Example:
+        >>> stored_layout({"dtype": "BF16", "shape": [2, 3]})
+        ('bfloat16', (2, 3))
+    """
+    return dtype_name(DTYPES_BY_NAME[entry["dtype"]]), tuple(entry["shape"])
+
 
 TensorRef = Callable[[tuple[Any, ...], torch.Tensor], str]
 

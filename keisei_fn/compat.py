@@ -25,12 +25,12 @@ from __future__ import annotations
 
 from torch import nn
 
-from keisei_fn.codec import DTYPES_BY_NAME, tensor_name
+from keisei_fn.codec import stored_layout, tensor_name
 from keisei_fn.meta import CheckpointMeta
 from keisei_fn.nets import build_model, unwrap_model
 from keisei_fn.paths import PathArg
 from keisei_fn.spec import ModelSpec, describe_spec_differences
-from keisei_fn.state import Layout, dtype_name, layout_problems
+from keisei_fn.state import Layout, layout_problems
 from keisei_fn.store.listing import read_listed
 from keisei_fn.store.locate import resolve_checkpoint
 
@@ -73,7 +73,7 @@ def check_compatible(
     for key in sidecar["state"]["model"]:
         name = tensor_name("model", (key,))
         entry = sidecar["tensors"][aliases.get(name, name)]
-        saved[key] = (dtype_name(DTYPES_BY_NAME[entry["dtype"]]), tuple(entry["shape"]))
+        saved[key] = stored_layout(entry)
     if isinstance(spec_or_model, ModelSpec):
         net = build_model(spec_or_model, device="meta")
     else:

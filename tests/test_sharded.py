@@ -245,9 +245,29 @@ def test_one_process_errors(tmp_path):
     with pytest.raises(kf.errors.SpecError):
         sharded.save_sharded(model, optimizer, tmp_path, step=0)
 
-    other = torch.nn.Linear(2, 2)  # does not fit: every problem listed, nothing changed
-    with pytest.raises(kf.errors.StateMismatchError, match=r"unexpected key 'stem\.weight'"):
+    other = torch.nn.Linear(2, 2)  # does not fit: every kind of problem summarised
+    with pytest.raises(kf.errors.StateMismatchError) as failure:
         sharded.load_sharded_(other, None, tmp_path)
+    assert str(failure.value) == (
+        "checkpoint checkpoint_ts5 does not fit the live objects:\n"
+        "  - 2 tensors in the model are not in the checkpoint: 'weight', 'bias'\n"
+        "  - 39 tensors in the checkpoint are not in the model: 'stem.weight', 'stem.bias', "
+        "'bn_stem.weight' and 36 more"
+    )
+    narrow = kf.build_model(kf.ModelSpec(model_type="testmodel", num_actions=8))
+    with pytest.raises(kf.errors.StateMismatchError) as failure:
+        sharded.load_sharded_(narrow, torch.optim.Adam(narrow.parameters()), tmp_path)
+    lines = str(failure.value).splitlines()
+    assert lines[1] == (  # the model's differences summarised, then the optimizer's, each
+        "  - 2 tensors have other shapes: 'policy_head.4.weight' (the checkpoint has "
+        "float32[13527, 162], the model float32[8, 162]), 'policy_head.4.bias' (the checkpoint "
+        "has float32[13527], the model float32[8])"
+    )
+    assert lines[2] == (
+        "  - 'optimizer/state/policy_head.4.bias/exp_avg': checkpoint has float32[13527], "
+        "live float32[8]"
+    )
+    assert len(lines) == 6
 
     sidecar = tmp_path / "checkpoint_ts5.json"
     edited = sidecar.read_bytes().replace(b'"episodes":0', b'"episodes":1')

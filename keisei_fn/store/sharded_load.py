@@ -14,12 +14,12 @@ import torch
 from torch import nn
 
 from keisei_fn.capture import Scheduler, restore_loop_state_
-from keisei_fn.codec import DTYPE_NAMES, DTYPES_BY_NAME, decode_json, tensor_name
+from keisei_fn.codec import DTYPES_BY_NAME, decode_json, stored_layout, tensor_name
 from keisei_fn.distributed import agreed, rank_and_world
 from keisei_fn.errors import StateMismatchError
 from keisei_fn.meta import CheckpointMeta
 from keisei_fn.paths import PathArg
-from keisei_fn.state import TrainState
+from keisei_fn.state import TrainState, describe_layout, layout_problems, tensor_layout
 from keisei_fn.store.names import RESUME_PREFIX
 from keisei_fn.store.sharded_check import Checked, first_valid, prepare
 from keisei_fn.store.sharded_codec import decode_full, flatten
@@ -113,30 +113,21 @@ def load_sharded_(
     return meta
 
 
-def _describe(dtype: str, shape: Any) -> str:
-    return f"{dtype}{list(shape)}"
-
-
 def _targets(
     sidecar: Mapping[str, Any],
     model_state: Mapping[str, Any],
     optim_state: Mapping[str, Any] | None,
 ) -> dict[str, torch.Tensor]:
     """The live tensors DCP loads into, by stored name, after checking that every saved tensor
-    has a live counterpart of its dtype and full shape (all problems in one error)."""
+    has a live counterpart of its dtype and full shape (all problems in one error; the model's
+    summarised by ``keisei_fn.state.layout_problems``, as ``restore_`` does)."""
     live, live_optim = flatten(model_state, optim_state)
     header = sidecar["state"]
     recorded = sidecar["tensors"]
-    problems = [
-        f"missing key {k!r} (in the model, not in the checkpoint)"
-        for k in model_state
-        if k not in header["model"]
-    ]
-    problems += [
-        f"unexpected key {k!r} (in the checkpoint, not in the model)"
-        for k in header["model"]
-        if k not in model_state
-    ]
+    saved_model = {k: stored_layout(recorded[tensor_name("model", (k,))]) for k in header["model"]}
+    problems = layout_problems(
+        saved_model, model_state, found_name="the checkpoint", expected_name="the model"
+    )
     if optim_state is not None and header["optimizer"] is None:
         problems.append("an optimizer was given, but the checkpoint holds no optimizer state")
     elif optim_state is not None:
@@ -150,10 +141,11 @@ def _targets(
             if name.startswith("optimizer/") and optim_state is not None:
                 problems.append(f"{name!r}: in the checkpoint, not in the live optimizer's state")
             continue
-        saved = _describe(info["dtype"], info["shape"])
-        have = _describe(DTYPE_NAMES.get(tensor.dtype, str(tensor.dtype)), tensor.shape)
-        if saved != have:
-            problems.append(f"{name!r}: checkpoint has {saved}, live {have}")
+        saved, have = stored_layout(info), tensor_layout(tensor)
+        if saved != have and not name.startswith("model/"):  # the model's: compared above
+            problems.append(
+                f"{name!r}: checkpoint has {describe_layout(saved)}, live {describe_layout(have)}"
+            )
         targets[name] = tensor
     if problems:
         raise StateMismatchError(
