@@ -125,9 +125,9 @@ def _incompatibilities(first: TrainState, other: TrainState, index: int) -> list
 def _check_compatible(states: Sequence[TrainState]) -> None:
     problems = [p for i, s in enumerate(states[1:], 1) for p in _incompatibilities(states[0], s, i)]
     if problems:
-        more = f"\n  ... and {len(problems) - _SHOWN} more" if len(problems) > _SHOWN else ""
-        raise StateMismatchError(
-            "cannot average incompatible states:\n  - " + "\n  - ".join(problems[:_SHOWN]) + more
+        more = [f"... and {len(problems) - _SHOWN} more"] if len(problems) > _SHOWN else []
+        raise StateMismatchError.listing(
+            "cannot average incompatible states", problems[:_SHOWN] + more
         )
 
 

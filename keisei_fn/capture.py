@@ -282,9 +282,8 @@ def restore_(
     if own_rng is not None:
         problems += rng_problems(own_rng, generators)
     if problems:
-        raise StateMismatchError(
-            f"state (step {state.step}) does not fit the live objects:\n  - "
-            + "\n  - ".join(problems)
+        raise StateMismatchError.listing(
+            f"state (step {state.step}) does not fit the live objects", problems
         )
     # load_state_dict copies into parameters and buffers, but hands each ``_extra_state`` over
     # as it is (a module's set_extra_state may keep it): those get copies. Host tensors bound

@@ -155,7 +155,7 @@ def ema_update(ema: EMA, source: Source) -> EMA:
         current, ema.tensors, found_name="the model", expected_name="the EMA"
     )
     if problems:
-        raise StateMismatchError("the model does not fit the EMA:\n  - " + "\n  - ".join(problems))
+        raise StateMismatchError.listing("the model does not fit the EMA", problems)
     weight = 1.0 - ema.decay
     tensors = {}
     with torch.no_grad():

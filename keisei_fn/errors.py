@@ -9,6 +9,8 @@ Messages say what happened, where (path, key), expected vs found, and how to fix
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 __all__ = [
     "AlreadyConvertedError",
     "CheckpointExistsError",
@@ -61,6 +63,19 @@ class IncompleteCheckpointError(KeiseiFnError, ValueError):
 
 class StateMismatchError(KeiseiFnError, ValueError):
     """A saved state does not fit the live objects (missing/unexpected keys, shapes, dtypes)."""
+
+    @classmethod
+    def listing(cls, header: str, problems: Sequence[str]) -> StateMismatchError:
+        """The error for the problems a comparison found: ``header:``, then one ``  - problem``
+        line each (the command line prints the header and the first problem on one line).
+
+        Example:
+            >>> print(StateMismatchError.listing("the model does not fit", ["a", "b"]))
+            the model does not fit:
+              - a
+              - b
+        """
+        return cls(f"{header}:" + "".join(f"\n  - {problem}" for problem in problems))
 
 
 class UnsupportedFormatError(KeiseiFnError, ValueError):

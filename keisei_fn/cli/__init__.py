@@ -553,8 +553,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _one_line(message: str) -> str:
     """An error message as the one line the command line prints for it. A message that lists
-    problems on further lines (a ``StateMismatchError`` from ``average`` or ``restore_``: a
-    header, then ``  - problem`` lines) becomes its header, its first problem and how many
+    problems on further lines (``StateMismatchError.listing``, from ``average`` or ``restore_``:
+    a header, then ``  - problem`` lines) becomes its header, its first problem and how many
     more lines the Python API's error holds; a one-line message is kept as it is.
 
     Example:

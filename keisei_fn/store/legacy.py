@@ -416,9 +416,10 @@ def _check_fits(
             if inferred
             else "pass the spec the run was trained with, or spec=None to infer it"
         )
-        raise StateMismatchError(
+        raise StateMismatchError.listing(
             f"{path}: the checkpoint does not fit {'the inferred ' if inferred else ''}{spec} "
-            f"({hint}):\n  - " + "\n  - ".join(problems)
+            f"({hint})",
+            problems,
         )
 
 

@@ -148,9 +148,8 @@ def _targets(
             )
         targets[name] = tensor
     if problems:
-        raise StateMismatchError(
-            f"checkpoint {sidecar['name']} does not fit the live objects:\n  - "
-            + "\n  - ".join(problems)
+        raise StateMismatchError.listing(
+            f"checkpoint {sidecar['name']} does not fit the live objects", problems
         )
     return targets
 
