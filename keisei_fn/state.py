@@ -200,32 +200,30 @@ def layout_problems(
     """
     have = {k: tensor_layout(v) if isinstance(v, torch.Tensor) else v for k, v in found.items()}
     want = {k: tensor_layout(v) if isinstance(v, torch.Tensor) else v for k, v in expected.items()}
-    common = [k for k in want if k in have]
-    absent = {
-        (expected_name, found_name): [k for k in want if k not in have],
-        (found_name, expected_name): [k for k in have if k not in want],
-    }
+    absent = (
+        (expected_name, found_name, [k for k in want if k not in have]),
+        (found_name, expected_name, [k for k in have if k not in want]),
+    )
     problems = [
         f"{_count(len(keys))} in {inside} {'is' if len(keys) == 1 else 'are'} not in {outside}: "
         + _first(keys, shown, repr)
-        for (inside, outside), keys in absent.items()
+        for inside, outside, keys in absent
         if keys
     ]
+
+    def both(key: str) -> str:
+        return (
+            f"{key!r} ({found_name} has {describe_layout(have[key])}, "
+            f"{expected_name} {describe_layout(want[key])})"
+        )
+
+    common = [k for k in want if k in have]
     for what, part in (("shape", 1), ("dtype", 0)):
         keys = [k for k in common if have[k][part] != want[k][part]]
         if keys:
             other = f"another {what}" if len(keys) == 1 else f"other {what}s"
-            problems.append(
-                f"{_count(len(keys))} {'has' if len(keys) == 1 else 'have'} {other}: "
-                + _first(
-                    keys,
-                    shown,
-                    lambda k: (
-                        f"{k!r} ({found_name} has {describe_layout(have[k])}, "
-                        f"{expected_name} {describe_layout(want[k])})"
-                    ),
-                )
-            )
+            verb = "has" if len(keys) == 1 else "have"
+            problems.append(f"{_count(len(keys))} {verb} {other}: {_first(keys, shown, both)}")
     return problems
 
 
