@@ -34,9 +34,10 @@ bench: setup  # python -m benchmarks --help for options (--quick, --sections, --
 
 # `make gpu-check`: the CUDA tests (pytest -m cuda) and the benchmarks' GPU section, on a machine
 # whose Python (GPU_PY: .venv's after `make setup`, else python3) has a CUDA build of torch,
-# pytest, hypothesis, numpy and safetensors; under 5 minutes. Without a GPU both skip and say why. Our other dependencies are installed
-# from $(GPU_WHEELS) when it holds wheels, so the GPU machine needs no network: run
-# `make gpu-wheels` where the registry is reachable and bring the folder along.
+# pytest, hypothesis, numpy and safetensors; under 5 minutes. Without a GPU both skip and say
+# why. Our other dependencies are installed from $(GPU_WHEELS) when it holds wheels, so the GPU
+# machine needs no network: run `make gpu-wheels` where the registry is reachable and bring the
+# folder along.
 GPU_PY ?= $(if $(wildcard $(PY)),$(PY),python3)
 GPU_PYTHON_VERSION ?= 3.12
 GPU_WHEELS ?= gpu-wheels
