@@ -143,7 +143,7 @@ def _validate_sfen(sfen: str) -> str:
                 f"at most {_PIECE_MAX[kind]} exist",
             )
 
-    if not number.isdigit() or int(number) < 1:
+    if not (number.isascii() and number.isdigit()) or int(number) < 1:
         raise _invalid(sfen, f"move number must be an integer >= 1, got {number!r}")
     return " ".join((placement, side, hands, str(int(number))))
 

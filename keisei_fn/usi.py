@@ -41,6 +41,7 @@ from __future__ import annotations
 import math
 import queue
 import random
+import re
 import sys
 import threading
 import time
@@ -335,7 +336,9 @@ class _Refused(Exception):
 
 
 def _is_int(text: str) -> bool:
-    return text.lstrip("-").isdigit()
+    """An optionally signed run of ASCII digits (``str.isdigit`` also takes ``"²"``, which
+    ``int`` refuses)."""
+    return re.fullmatch(r"-?[0-9]+", text) is not None
 
 
 def _check_value(name: str, option: _Option, value: str) -> str | None:

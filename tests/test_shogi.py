@@ -482,6 +482,7 @@ def test_move_to_index_rejects_illegal_moves():
         "4k4/9/9/9/9/9/9/9/4K4 b PP 1",  # listed twice
         "4k4/9/9/9/9/9/9/9/4K4 b - 0",  # move number
         "4k4/9/9/9/9/9/9/9/4K4 b - abc",
+        "4k4/9/9/9/9/9/9/9/4K4 b - \u00b2",  # str.isdigit() is True, int() refuses it
         "4k4/9/9/9/9/9/9/9/4K4 b - 1 extra",
         "P3k4/9/9/9/9/9/9/9/4K4 b - 1",  # dead pawn
         "4k4/9/9/9/9/9/9/n8/4K4 w - 1",  # White knight on 9h can never move

@@ -342,3 +342,23 @@ def test_an_ensemble_plays(model: nn.Module) -> None:
     ensemble = kf.Ensemble([model, other], weights=[3, 1])
     lines = talk(ensemble, "setoption name Playouts value 4", "position startpos", "go")
     assert lines[-1].split()[1] in legal_usi()
+
+
+START_SFEN = "lnsgkgsnl/1r5b1/ppppppppp/9/9/9/PPPPPPPPP/1B5R1/LNSGKGSNL b -"
+
+
+@pytest.mark.parametrize(
+    "line",
+    [
+        "setoption name Playouts value ²",  # str.isdigit() is True, int() refuses it
+        "setoption name Seed value --5",
+        "go btime ² wtime 0",
+        "go byoyomi --3",
+        f"position sfen {START_SFEN} ²",
+        f"position sfen {START_SFEN} ¹²",
+    ],
+)
+def test_numbers_that_int_refuses_are_answered_not_raised(model: nn.Module, line: str) -> None:
+    lines = talk(model, line, "position startpos", "go")
+    assert any(entry.startswith("info string ") for entry in lines), lines
+    assert lines[-1].split()[1] in legal_usi()
