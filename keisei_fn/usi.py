@@ -8,9 +8,10 @@ V``, ``usinewgame``, ``position startpos|sfen <sfen> [moves ...]``, ``go [btime 
 score cp CP pv MOVES`` (the score from :func:`keisei_fn.player.value_to_cp`) and then
 ``bestmove MOVE``, ``bestmove resign`` (no legal move, or a score below ``ResignValue``) or
 ``bestmove win`` (a declaration win). ``go infinite`` and ``go ponder`` answer only after
-``stop`` (or ``ponderhit``); input is read between playouts, so ``stop`` also cuts a search
-short. A time limit (``byoyomi``, ``movetime``, or a share of the remaining time) ends a search
-early too, after at least one playout.
+``stop`` (or ``ponderhit``, ``gameover``, ``quit``, or the end of the input); input is read
+between playouts, so ``stop`` (or ``gameover``, ``quit``) also cuts a search short. A time
+limit (``byoyomi``, ``movetime``, or a share of the remaining time) ends a search early too,
+after at least one playout.
 
 Malformed input, an unknown command or option, a bad SFEN or an illegal move in ``position``
 is answered with ``info string ...`` and otherwise ignored; a refused ``position`` leaves the
@@ -292,6 +293,8 @@ class _Engine:
                     stopped = self.quit = True
                 else:  # a command for after the search, or the end of the input
                     lines.hold(line)
+                    # A finished game needs no move; after the input ends, no stop can come.
+                    stopped = _is_gameover(line) or (line is None and waits)
             return stopped or (deadline is not None and time.monotonic() >= deadline)
 
         playouts = int(self.options["Playouts"])
@@ -322,7 +325,7 @@ class _Engine:
                 self.quit = True
             elif line in ("stop", "ponderhit"):
                 stopped = True
-            elif line.startswith("gameover"):
+            elif _is_gameover(line):
                 stopped = True
                 lines.hold(line)
             else:
@@ -333,6 +336,10 @@ class _Engine:
 
 class _Refused(Exception):
     """The model cannot play: the engine reports it and exits."""
+
+
+def _is_gameover(line: str | None) -> bool:
+    return line is not None and line.split()[:1] == ["gameover"]
 
 
 def _is_int(text: str) -> bool:

@@ -362,3 +362,25 @@ def test_numbers_that_int_refuses_are_answered_not_raised(model: nn.Module, line
     lines = talk(model, line, "position startpos", "go")
     assert any(entry.startswith("info string ") for entry in lines), lines
     assert lines[-1].split()[1] in legal_usi()
+
+
+def _talk_in_thread(model: nn.Module, *commands: str) -> list[str]:
+    """``talk``, but a hang fails the test instead of stalling the suite."""
+    out = io.StringIO()
+    stdin = io.StringIO("".join(c + "\n" for c in commands))
+    engine = threading.Thread(target=run_engine, args=(model, stdin, out), daemon=True)
+    engine.start()
+    engine.join(timeout=120)
+    assert not engine.is_alive(), f"the engine hangs: {out.getvalue().splitlines()[-3:]}"
+    return out.getvalue().splitlines()
+
+
+@pytest.mark.parametrize("ending", [[], ["gameover lose"], ["gameover draw", "quit"]])
+def test_go_infinite_ends_at_the_end_of_input_or_gameover(
+    model: nn.Module, ending: list[str]
+) -> None:
+    """Nothing can stop the search after the input ends, and a game that is over needs no
+    move: the engine answers bestmove instead of searching on (16M playouts never end)."""
+    lines = _talk_in_thread(model, "setoption name Playouts value 16000000", "position startpos",
+                            "go infinite", *ending)  # fmt: skip
+    assert lines[-1].split()[1] in legal_usi()
