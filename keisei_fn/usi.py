@@ -371,6 +371,10 @@ def _check_value(name: str, option: _Option, value: str) -> str | None:
             return f"option Device: not a torch device: {value!r}"
         if device.type == "meta":
             return "option Device: a meta device holds no weights"
+        try:  # a valid name is not a usable device (no CUDA here, no such ordinal)
+            torch.empty(0, device=device)
+        except Exception as exc:  # torch raises AssertionError, RuntimeError, ...
+            return f"option Device: cannot use {value!r}: {exc}"
     return None
 
 

@@ -384,3 +384,11 @@ def test_go_infinite_ends_at_the_end_of_input_or_gameover(
     lines = _talk_in_thread(model, "setoption name Playouts value 16000000", "position startpos",
                             "go infinite", *ending)  # fmt: skip
     assert lines[-1].split()[1] in legal_usi()
+
+
+def test_a_device_that_cannot_be_used_is_refused_at_setoption(model: nn.Module) -> None:
+    """cuda:99 is a valid torch device name that no machine here has; the engine keeps its
+    device and plays (it used to accept the option, then fail to load and exit)."""
+    lines = talk(model, "setoption name Device value cuda:99", "isready", "position startpos", "go")
+    assert lines[0].startswith("info string option Device: cannot use 'cuda:99'"), lines
+    assert "readyok" in lines and lines[-1].split()[1] in legal_usi()
