@@ -14,7 +14,9 @@ reaching ``move_cap`` plies is a draw. An illegal move, an unjustified ``win``, 
 failure of an engine (it exits, answers garbage, or takes more than ``byoyomi_ms`` + 30 s)
 loses the game for that player; the reason is recorded and the engine is restarted.
 
-Every game is written as a CSA record (``game-001.csa``, by cshogi's exporter) and the match as
+Every game is written as a CSA record (``game-001.csa``, by cshogi's exporter, whose ending
+cshogi's parser reads as the same winner: a loss by a breach of the rules or an engine failure
+is ``%+ILLEGAL_ACTION``/``%-ILLEGAL_ACTION``, the move cap ``%MAX_MOVES``) and the match as
 ``summary.json`` (players, settings, each game's result and reason, W/L/D and the Elo of B
 relative to A with its 95% interval, :mod:`keisei_fn.elo`; an infinite Elo is written as null).
 
@@ -422,12 +424,16 @@ def _make_player(
     return _ModelPlayer(load_player(source, device), str(name), playouts, temperature)
 
 
+#: Endings cshogi reads right from the side to move: it resigns or is mated (%TORYO),
+#: declares (%KACHI), or the game is drawn. A loss by a breach of the rules (an illegal move,
+#: perpetual check, an engine failure) names the loser instead: ``%+ILLEGAL_ACTION`` (Black)
+#: or ``%-ILLEGAL_ACTION`` (White), as floodgate writes it.
 _CSA_END = {
     "mate": "%TORYO",
     "resign": "%TORYO",
     "declaration": "%KACHI",
     "repetition": "%SENNICHITE",
-    "move cap": "%JISHOGI",
+    "move cap": "%MAX_MOVES",
 }
 
 
@@ -483,16 +489,21 @@ def _play_game(
 
 
 def _write_record(
-    path: Path, opening: str, names: list[str], moves: list[int], reason: str
+    path: Path,
+    opening: str,
+    names: list[str],
+    moves: list[int],
+    reason: str,
+    black_wins: bool | None,
 ) -> None:
+    """A game's CSA record; ``black_wins`` None for a draw."""
+    ending = _CSA_END.get(reason, "%-ILLEGAL_ACTION" if black_wins else "%+ILLEGAL_ACTION")
     exporter = cshogi.CSA.Exporter(str(path))
     try:
         exporter.info(init_board=shogi.board_from_sfen(opening), names=names)
         for move in moves:
             exporter.move(move)
-        exporter.endgame(
-            _CSA_END.get(reason, "%CHUDAN" if "failure" in reason else "%ILLEGAL_MOVE")
-        )
+        exporter.endgame(ending)
     finally:
         exporter.close()
 
@@ -572,7 +583,8 @@ def play_match(
             record = f"game-{i + 1:03d}.csa"
             white = "B" if black == "A" else "A"
             names = [players[black].name, players[white].name]
-            _write_record(folder / record, opening, names, moves, reason)
+            black_wins = None if winner is None else winner == black
+            _write_record(folder / record, opening, names, moves, reason, black_wins)
             game = GameResult(
                 index=i + 1,
                 black=black,

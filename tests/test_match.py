@@ -49,6 +49,11 @@ def check_records(out: Path, games: int) -> dict[str, object]:
     assert summary["games"] == games == len(summary["results"])
     for game in summary["results"]:
         assert replay(out / game["record"]) == game["moves"]
+        (parsed,) = cshogi.CSA.Parser.parse_file(str(out / game["record"]))
+        winner = {cshogi.BLACK_WIN: game["black"], cshogi.DRAW: None}.get(parsed.win)
+        if parsed.win == cshogi.WHITE_WIN:
+            winner = "B" if game["black"] == "A" else "A"
+        assert winner == game["winner"], (parsed.endgame, game["reason"])
     return summary
 
 
@@ -154,3 +159,30 @@ def test_match_cli_needs_two_players(run_dir: Path) -> None:
     for args in ([run_dir], [run_dir, run_dir, run_dir], ["--engine-a", "x", run_dir, run_dir]):
         ran = cli_inprocess.run("match", *args)
         assert ran.returncode == 2 and "match needs two players" in ran.stderr
+
+
+@pytest.mark.parametrize(
+    ("reason", "plies", "black_wins"),
+    [
+        ("resign", 0, False), ("resign", 1, True),  # the side to move loses
+        ("illegal move by A: '1a1a'", 0, False), ("illegal move by B: '1a1a'", 1, True),
+        ("declaration", 0, True), ("declaration", 1, False),  # the side to move wins
+        ("perpetual check", 0, True), ("perpetual check", 1, False),  # the checker just moved
+        ("engine failure of A: it exited", 0, True), ("engine failure of B: it exited", 0, False),
+        ("engine failure of A: it exited", 1, False), ("engine failure of B: it exited", 1, True),
+    ],
+)  # fmt: skip
+def test_a_record_names_the_winner_as_the_summary_does(
+    tmp_path: Path, reason: str, plies: int, black_wins: bool
+) -> None:
+    """cshogi reads a record's winner from its ending and the side to move: a loss by
+    perpetual check (the checker has just moved) or by an engine failure must read right too
+    (they were written as %ILLEGAL_MOVE and %CHUDAN: the wrong winner, and no winner)."""
+    from keisei_fn.match import _write_record
+
+    board = kf.shogi.start_board()
+    moves = [board.move_from_usi("7g7f")][:plies]
+    record = tmp_path / "game.csa"
+    _write_record(record, board.sfen(), ["a", "b"], moves, reason, black_wins)
+    (parsed,) = cshogi.CSA.Parser.parse_file(str(record))
+    assert parsed.win == (cshogi.BLACK_WIN if black_wins else cshogi.WHITE_WIN), parsed.endgame
