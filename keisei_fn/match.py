@@ -150,6 +150,14 @@ class _EnginePlayer:
                 bufsize=1,
             )
         threading.Thread(target=self._read, args=(self.proc, self.lines), daemon=True).start()
+        try:
+            self._handshake()
+        except _EngineFailure:
+            self.failed = True
+            self.close()  # the caller never gets this player to close: end the process here
+            raise
+
+    def _handshake(self) -> None:
         self.send("usi")
         for line in self.until("usiok", _STARTUP_TIMEOUT_S):
             if line.startswith("id name ") and self.command.name is None:

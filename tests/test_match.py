@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 import keisei_fn as kf
-from keisei_fn.errors import InvalidModelError
+from keisei_fn.errors import InvalidModelError, KeiseiFnError
 from keisei_fn.match import GameResult, MatchResult, UsiCommand, is_better, play_match
 from keisei_fn.publish.plan import check_metrics
 from tests import cli_inprocess
@@ -186,3 +186,26 @@ def test_a_record_names_the_winner_as_the_summary_does(
     _write_record(record, board.sfen(), ["a", "b"], moves, reason, black_wins)
     (parsed,) = cshogi.CSA.Parser.parse_file(str(record))
     assert parsed.win == (cshogi.BLACK_WIN if black_wins else cshogi.WHITE_WIN), parsed.endgame
+
+
+SILENT_ENGINE = """
+import os, sys, time
+open(sys.argv[1], "w").write(str(os.getpid()))
+for line in sys.stdin:
+    if line.split()[:1] == ["usi"]:
+        print("id name silent\\nusiok", flush=True)
+    elif line.split()[:1] == ["isready"]:
+        os.close(1)  # never answers readyok, and lives on
+        time.sleep(600)
+"""
+
+
+def test_an_engine_that_fails_its_handshake_is_not_left_running(
+    model: nn.Module, tmp_path: Path
+) -> None:
+    script, pid_file = tmp_path / "silent.py", tmp_path / "pid"
+    script.write_text(SILENT_ENGINE)
+    with pytest.raises(KeiseiFnError, match="closed its output before 'readyok'"):
+        play_match(model, UsiCommand((sys.executable, str(script), str(pid_file))), games=1,
+                   out=tmp_path / "out")  # fmt: skip
+    assert not Path(f"/proc/{pid_file.read_text()}").exists()  # killed and reaped
