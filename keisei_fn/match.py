@@ -195,8 +195,11 @@ class _EnginePlayer:
         deadline = time.monotonic() + timeout
         seen: list[str] = []
         while True:
+            remaining = deadline - time.monotonic()
             try:
-                line = self.lines.get(timeout=max(deadline - time.monotonic(), 0.0))
+                if remaining <= 0:  # an engine printing junk without end never waits
+                    raise queue.Empty
+                line = self.lines.get(timeout=remaining)
             except queue.Empty:
                 self.failed = True
                 raise _EngineFailure(f"{self.name}: no {prefix!r} within {timeout:.0f} s") from None
