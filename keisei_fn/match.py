@@ -406,6 +406,8 @@ def _new_out_dir(out: PathArg | None) -> Path:
         path = Path(str(out))
         if (path / "summary.json").exists():
             raise SpecError(f"{path} already holds a match (summary.json); choose another --out")
+        if path.is_dir() and any(path.iterdir()):  # e.g. an interrupted match's records
+            raise SpecError(f"{path} is not empty; a match writes into a new or empty folder")
         path.mkdir(parents=True, exist_ok=True)
         return path
     stamp = datetime.now(UTC).strftime("%Y%m%d-%H%M%S")
@@ -544,8 +546,8 @@ def play_match(
         playouts: PUCT playouts per move of the model players (0: the policy alone), or
             ``(A's, B's)``; also set as the ``Playouts`` option of engines that declare one.
         seed: seeds the openings and the players' samplers (and engines' ``Seed`` option).
-        out: the folder for ``game-NNN.csa`` and ``summary.json`` (default: a new
-            ``match-<UTC time>`` folder in the current directory).
+        out: the folder for ``game-NNN.csa`` and ``summary.json``, new or empty (default: a
+            new ``match-<UTC time>`` folder in the current directory).
         move_cap: plies after which a game is drawn.
         opening_plies: random legal moves in each opening.
         temperature: the model players' temperature (0: best move).
@@ -557,7 +559,7 @@ def play_match(
         The result; ``result.elo()`` is B's Elo minus A's.
 
     Raises:
-        SpecError: bad settings, or ``out`` already holds a match.
+        SpecError: bad settings, or ``out`` is not empty (it holds a match, or part of one).
         and every error of :func:`keisei_fn.player.load_player` for a model player; an engine
         that cannot be started or fails its handshake raises ``KeiseiFnError``.
     """

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 import keisei_fn as kf
-from keisei_fn.errors import InvalidModelError, KeiseiFnError
+from keisei_fn.errors import InvalidModelError, KeiseiFnError, SpecError
 from keisei_fn.match import GameResult, MatchResult, UsiCommand, is_better, play_match
 from keisei_fn.publish.plan import check_metrics
 from tests import cli_inprocess
@@ -238,3 +238,17 @@ def test_an_engine_that_chatters_without_a_move_loses_on_time(
     assert result.games[0].winner == "A"
     assert result.games[0].reason.startswith("engine failure of B: chatty: no 'bestmove'")
     check_records(result.out, 1)
+
+
+def test_out_must_be_new_or_empty(model: nn.Module, tmp_path: Path) -> None:
+    """A folder left by an interrupted match (records, no summary.json) is not reused: the
+    new match's records would mix with, and partly overwrite, the old ones."""
+    stale = tmp_path / "stale"
+    stale.mkdir()
+    (stale / "game-007.csa").write_text("old")
+    with pytest.raises(SpecError, match="not empty"):
+        play_match(model, model, games=1, move_cap=2, out=stale)
+    assert sorted(p.name for p in stale.iterdir()) == ["game-007.csa"]
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert play_match(model, model, games=1, move_cap=2, out=empty).out == empty
