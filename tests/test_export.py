@@ -417,3 +417,22 @@ def test_float_bundles_round_trip_every_value_their_dtype_holds(dtype: str, seed
     assert not quantized and same(tensors["n"], state["n"])
     decoded = decode_weights(tensors, quantized)
     assert same(decoded["w"].to(tensors["w"].dtype), tensors["w"])  # upcast is exact
+
+
+def test_int8_keeps_a_tiny_channel_nonzero() -> None:
+    """``max|w| / 127`` underflows to 0 for a subnormal channel: a zero scale dequantised the
+    channel to zeros (and ``0 / 0`` was cast to int8)."""
+    weight = torch.tensor([[1e-44, 0.0, -5e-45], [1.0, -0.5, 0.25]])
+    q, scale = quantize_int8(weight)
+    assert bool((scale > 0).all())
+    error = (dequantize_int8(q, scale) - weight).abs()
+    assert bool((error <= scale[:, None] / 2).all())
+    assert float(dequantize_int8(q, scale)[0, 0]) > 0
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+def test_int8_refuses_a_non_finite_weight(bad: float) -> None:
+    """NaN was quantised to a finite 0 (hiding it); inf gave an infinite scale (all NaN)."""
+    weight = torch.tensor([[bad, 1.0], [0.5, 0.25]])
+    with pytest.raises(InvalidModelError, match="non-finite"):
+        quantize_int8(weight)
