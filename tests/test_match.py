@@ -111,6 +111,8 @@ for line in sys.stdin:
     elif word == "go":
         if "{mode}" == "exit":
             sys.exit(3)
+        while "{mode}" == "chatter":  # info lines without end, never a bestmove
+            print("info string thinking", flush=True)
         print("bestmove 1a1a", flush=True)
     elif word == "quit":
         break
@@ -211,20 +213,6 @@ def test_an_engine_that_fails_its_handshake_is_not_left_running(
     assert not Path(f"/proc/{pid_file.read_text()}").exists()  # killed and reaped
 
 
-CHATTY_ENGINE = """
-import sys
-for line in sys.stdin:
-    word = line.split()[0] if line.split() else ""
-    if word == "usi":
-        print("id name chatty\\nusiok", flush=True)
-    elif word == "isready":
-        print("readyok", flush=True)
-    elif word == "go":
-        while True:  # info lines without end, never a bestmove
-            print("info string thinking", flush=True)
-"""
-
-
 def test_an_engine_that_chatters_without_a_move_loses_on_time(
     model: nn.Module, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -232,11 +220,11 @@ def test_an_engine_that_chatters_without_a_move_loses_on_time(
     checked between lines (a guard: the queue happened to drain often enough before)."""
     monkeypatch.setattr("keisei_fn.match._MOVE_SLACK_S", 1.0)
     script = tmp_path / "chatty.py"
-    script.write_text(CHATTY_ENGINE)
+    script.write_text(BROKEN_ENGINE.replace("{mode}", "chatter"))
     chatty = UsiCommand((sys.executable, str(script)))
     result = play_match(model, chatty, games=1, byoyomi_ms=100, out=tmp_path / "out")
     assert result.games[0].winner == "A"
-    assert result.games[0].reason.startswith("engine failure of B: chatty: no 'bestmove'")
+    assert result.games[0].reason.startswith("engine failure of B: broken: no 'bestmove'")
     check_records(result.out, 1)
 
 
