@@ -323,7 +323,7 @@ class MatchResult:
         )
 
     def summary(self) -> str:
-        """``A vs B: 12 games, A won 3, B won 7, 2 draws; Elo of B - A: +121 [-43, +318] (95%)``."""
+        """``A vs B: 12 games, A won 3, B won 7, 2 draws; Elo of B - A: +120 [-77, +318] (95%)``."""
         return (
             f"{self.a} (A) vs {self.b} (B): {len(self.games)} games, A won {self.a_wins}, "
             f"B won {self.b_wins}, {self.draws} draws; Elo of B - A: {self.elo()}"
