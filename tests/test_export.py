@@ -20,6 +20,7 @@ import orjson
 import pytest
 import torch
 from hypothesis import given
+from torch import nn
 
 import keisei_fn as kf
 from keisei_fn.errors import (
@@ -318,6 +319,23 @@ def test_validate_model_flags_an_absurd_value_head() -> None:
         model.value_head[4].bias.fill_(1e6)
     report = kf.validate_model(model, FEW)
     assert not report.ok and "beyond" in report.problems[0]
+
+
+class _NotAPolicyValueNet(nn.Module):
+    """Answers a dict: unpacking it gives two strings, and ``str.float`` does not exist."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.w = nn.Parameter(torch.zeros(1))
+
+    def forward(self, obs: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {"logits": obs.flatten(1), "value": obs.sum((1, 2, 3))}
+
+
+def test_validate_model_reports_a_forward_pass_of_the_wrong_kind() -> None:
+    """A broken model is reported, not raised (an AttributeError escaped before)."""
+    report = kf.validate_model(_NotAPolicyValueNet(), FEW)
+    assert not report.ok and "the forward pass failed" in report.problems[0]
 
 
 @pytest.mark.parametrize("dtype", ["int4", "float64", torch.float64, 8, None])
