@@ -12,7 +12,8 @@ about the rules: legality, mate, a fourfold repetition (a draw, or a loss for th
 perpetual check: ``board.is_draw()``), a declaration win (``board.is_nyugyoku()``). A game
 reaching ``move_cap`` plies is a draw. An illegal move, an unjustified ``win``, or a protocol
 failure of an engine (it exits, answers garbage, or takes more than ``byoyomi_ms`` + 30 s)
-loses the game for that player; the reason is recorded and the engine is restarted.
+loses the game for that player; the reason is recorded and the engine is restarted before
+the next game (a restart that fails loses that game too).
 
 Every game is written as a CSA record (``game-001.csa``, by cshogi's exporter, whose ending
 cshogi's parser reads as the same winner: a loss by a breach of the rules or an engine failure
@@ -450,6 +451,19 @@ _CSA_END = {
 }
 
 
+def _new_game(
+    players: dict[str, _Player], seed: int
+) -> tuple[str | None, str, list[int], list[str]] | None:
+    """Start a game for both players (B's sampler seeded ``seed + 1``); None, or the game lost
+    before its first move by an engine that could not be restarted."""
+    for label, player in players.items():
+        try:
+            player.new_game(seed + (label == "B"))
+        except _EngineFailure as exc:
+            return ("B" if label == "A" else "A"), f"engine failure of {label}: {exc}", [], []
+    return None
+
+
 def _play_game(
     players: dict[str, _Player], black: str, opening: str, move_cap: int
 ) -> tuple[str | None, str, list[int], list[str]]:
@@ -561,7 +575,7 @@ def play_match(
     Raises:
         SpecError: bad settings, or ``out`` is not empty (it holds a match, or part of one).
         and every error of :func:`keisei_fn.player.load_player` for a model player; an engine
-        that cannot be started or fails its handshake raises ``KeiseiFnError``.
+        that cannot be started or fails its first handshake raises ``KeiseiFnError``.
     """
     for label, value, low in (("games", games, 1), ("move_cap", move_cap, 1)):
         if isinstance(value, bool) or not isinstance(value, int) or value < low:
@@ -588,9 +602,10 @@ def play_match(
         for i in range(games):
             black = "A" if i % 2 == 0 else "B"
             opening = openings[i // 2]
-            for label, player in players.items():
-                player.new_game(seed * 1_000_003 + i * 2 + (label == "B"))
-            winner, reason, moves, usi_moves = _play_game(players, black, opening, move_cap)
+            ended = _new_game(players, seed * 1_000_003 + i * 2)
+            winner, reason, moves, usi_moves = ended or _play_game(
+                players, black, opening, move_cap
+            )
             for label, player in players.items():
                 player.end("draw" if winner is None else ("win" if winner == label else "lose"))
             record = f"game-{i + 1:03d}.csa"

@@ -240,3 +240,32 @@ def test_out_must_be_new_or_empty(model: nn.Module, tmp_path: Path) -> None:
     empty = tmp_path / "empty"
     empty.mkdir()
     assert play_match(model, model, games=1, move_cap=2, out=empty).out == empty
+
+
+CRASHING_ENGINE = """
+import os, sys
+started = os.path.exists(sys.argv[1])
+open(sys.argv[1], "a").close()
+for line in sys.stdin:
+    word = line.split()[0] if line.split() else ""
+    if word == "usi" and started:
+        sys.exit(1)  # the restart fails
+    if word == "usi":
+        print("id name crashing\\nusiok", flush=True)
+    elif word == "isready":
+        print("readyok", flush=True)
+    elif word == "go":
+        sys.exit(3)
+"""
+
+
+def test_an_engine_that_cannot_restart_loses_its_games(model: nn.Module, tmp_path: Path) -> None:
+    """Only the first start succeeds: the games after the crash are lost by the engine, and
+    the match still ends with its summary (the failed restart aborted the match before)."""
+    script = tmp_path / "crashing.py"
+    script.write_text(CRASHING_ENGINE)
+    engine = UsiCommand((sys.executable, str(script), str(tmp_path / "started")))
+    result = play_match(model, engine, games=3, out=tmp_path / "out")
+    assert [g.winner for g in result.games] == ["A", "A", "A"]
+    assert all(g.reason.startswith("engine failure of B") for g in result.games[1:])
+    check_records(result.out, 3)
