@@ -4,14 +4,14 @@ playing with a Keisei network: ``keisei-fn usi SOURCE`` and :func:`run_engine`.
 Commands: ``usi``, ``isready`` (loads the model, then ``readyok``), ``setoption name N value
 V``, ``usinewgame``, ``position startpos|sfen <sfen> [moves ...]``, ``go [btime T] [wtime T]
 [byoyomi T] [binc T] [winc T] [movetime T] [nodes N] [infinite] [ponder]``, ``stop``,
-``ponderhit``, ``gameover``, ``quit``. For ``go`` the engine prints ``info depth 1 nodes N
-score cp CP pv MOVES`` (the score from :func:`keisei_fn.player.value_to_cp`) and then
-``bestmove MOVE``, ``bestmove resign`` (no legal move, or a score below ``ResignValue``) or
-``bestmove win`` (a declaration win). ``go infinite`` and ``go ponder`` answer only after
-``stop`` (or ``ponderhit``, ``gameover``, ``quit``, or the end of the input); input is read
-between playouts, so ``stop`` (or ``gameover``, ``quit``) also cuts a search short. A time
-limit (``byoyomi``, ``movetime``, or a share of the remaining time) ends a search early too,
-after at least one playout.
+``ponderhit``, ``gameover``, ``quit`` (``go mate`` is answered ``checkmate notimplemented``).
+For ``go`` the engine prints ``info depth 1 nodes N score cp CP pv MOVES`` (the score from
+:func:`keisei_fn.player.value_to_cp`) and then ``bestmove MOVE``, ``bestmove resign`` (no legal
+move, or a score below ``ResignValue``) or ``bestmove win`` (a declaration win). ``go
+infinite`` and ``go ponder`` answer only after ``stop`` (or ``ponderhit``, ``gameover``,
+``quit``, or the end of the input); input is read between playouts, so ``stop`` (or
+``gameover``, ``quit``) also cuts a search short. A time limit (``byoyomi``, ``movetime``, or a
+share of the remaining time) ends a search early too, after at least one playout.
 
 Malformed input, an unknown command or option, a bad SFEN or an illegal move in ``position``
 is answered with ``info string ...`` and otherwise ignored; a refused ``position`` leaves the
@@ -259,6 +259,9 @@ class _Engine:
         self.board = board
 
     def go(self, args: list[str], lines: _Lines) -> None:
+        if args[:1] == ["mate"]:  # a tsume search: its answer is checkmate, never bestmove
+            self.say("checkmate notimplemented")
+            return
         limits: dict[str, int] = {}
         waits = "infinite" in args or "ponder" in args
         i = 0

@@ -392,3 +392,10 @@ def test_a_device_that_cannot_be_used_is_refused_at_setoption(model: nn.Module) 
     lines = talk(model, "setoption name Device value cuda:99", "isready", "position startpos", "go")
     assert lines[0].startswith("info string option Device: cannot use 'cuda:99'"), lines
     assert "readyok" in lines and lines[-1].split()[1] in legal_usi()
+
+
+def test_go_mate_is_answered_with_checkmate_notimplemented(model: nn.Module) -> None:
+    """USI's tsume search answers ``checkmate ...``, never ``bestmove`` (a GUI waiting for
+    ``checkmate`` got a bestmove)."""
+    lines = talk(model, "position startpos", "go mate 1000", "go mate infinite")
+    assert lines == ["checkmate notimplemented", "checkmate notimplemented"]
