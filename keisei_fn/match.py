@@ -402,24 +402,38 @@ def _openings(n: int, *, seed: int, plies: int) -> list[str]:
     return list(islice(at_ply, n))
 
 
-def _new_out_dir(out: PathArg | None) -> Path:
+def _new_out_dir(out: PathArg | None) -> tuple[Path, bool]:
+    """The match folder, and whether this call made it."""
     if out is not None:
         path = Path(str(out))
         if (path / "summary.json").exists():
             raise SpecError(f"{path} already holds a match (summary.json); choose another --out")
         if path.is_dir() and any(path.iterdir()):  # e.g. an interrupted match's records
             raise SpecError(f"{path} is not empty; a match writes into a new or empty folder")
+        made = not path.is_dir()
         path.mkdir(parents=True, exist_ok=True)
-        return path
+        return path, made
     stamp = datetime.now(UTC).strftime("%Y%m%d-%H%M%S")
     for suffix in range(1000):
         path = Path.cwd() / (f"match-{stamp}" + (f"-{suffix}" if suffix else ""))
         try:
             path.mkdir()
-            return path
+            return path, True
         except FileExistsError:
             continue
     raise SpecError(f"cannot make a new match folder under {Path.cwd()}")
+
+
+def _tidy_unstarted(folder: Path, made: bool) -> None:
+    """After a match that never started: drop empty engine logs, and the folder if this match
+    made it and nothing else is in it (a log that says something is kept)."""
+    for log in folder.glob("engine-*.stderr.log"):
+        with contextlib.suppress(OSError):
+            if log.stat().st_size == 0:
+                log.unlink()
+    if made:
+        with contextlib.suppress(OSError):
+            folder.rmdir()
 
 
 def _make_player(
@@ -584,9 +598,10 @@ def play_match(
     for count in per_player:
         if isinstance(count, bool) or not isinstance(count, int) or count < 0:
             raise SpecError(f"playouts must be ints >= 0, got {playouts!r}")
-    folder = _new_out_dir(out)
+    folder, made = _new_out_dir(out)
     players: dict[str, _Player] = {}
     results: list[GameResult] = []
+    started = False
     try:
         for label, source, count in (("A", a, per_player[0]), ("B", b, per_player[1])):
             players[label] = _make_player(
@@ -598,6 +613,7 @@ def play_match(
                 byoyomi_ms=byoyomi_ms,
                 out=folder,
             )
+        started = True
         openings = _openings((games + 1) // 2, seed=seed, plies=opening_plies)
         for i in range(games):
             black = "A" if i % 2 == 0 else "B"
@@ -632,6 +648,8 @@ def play_match(
     finally:
         for player in players.values():
             player.close()
+        if not started:
+            _tidy_unstarted(folder, made)
     result = MatchResult(a=players["A"].name, b=players["B"].name, games=tuple(results), out=folder)
     summary = {
         **result.to_json(),

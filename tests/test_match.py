@@ -269,3 +269,21 @@ def test_an_engine_that_cannot_restart_loses_its_games(model: nn.Module, tmp_pat
     assert [g.winner for g in result.games] == ["A", "A", "A"]
     assert all(g.reason.startswith("engine failure of B") for g in result.games[1:])
     check_records(result.out, 3)
+
+
+def test_a_match_that_cannot_start_leaves_no_folder(
+    model: nn.Module, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A player that cannot be loaded or started left an empty ``match-*`` folder (with an
+    empty engine log) behind each time."""
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(kf.errors.CheckpointNotFoundError):
+        play_match(tmp_path / "no-run", model, games=1)
+    with pytest.raises(FileNotFoundError):
+        play_match(model, UsiCommand((str(tmp_path / "no-engine"),)), games=1)
+    assert list(tmp_path.iterdir()) == []
+    empty = tmp_path / "given"
+    empty.mkdir()
+    with pytest.raises(FileNotFoundError):
+        play_match(model, UsiCommand((str(tmp_path / "no-engine"),)), games=1, out=empty)
+    assert empty.is_dir() and list(empty.iterdir()) == []  # the user's folder stays
