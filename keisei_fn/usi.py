@@ -125,9 +125,10 @@ class _Lines:
             return False
 
     @property
-    def holding(self) -> bool:
-        """Whether lines are kept for after the search (what follows them is not for it)."""
-        return bool(self._later)
+    def holding_a_search(self) -> bool:
+        """Whether a kept line starts another search (``go``) or ends the input: what follows
+        is not for the current search."""
+        return any(line is None or line.split()[:1] == ["go"] for line in self._later)
 
     def hold(self, line: str | None) -> None:
         """Keep ``line`` (None: the end of the input) for after the search."""
@@ -284,7 +285,7 @@ class _Engine:
 
         def should_stop() -> bool:
             nonlocal stopped
-            while not stopped and not lines.holding:
+            while not stopped and not lines.holding_a_search:
                 line = lines.poll()
                 if isinstance(line, bool):
                     break

@@ -399,3 +399,14 @@ def test_go_mate_is_answered_with_checkmate_notimplemented(model: nn.Module) -> 
     ``checkmate`` got a bestmove)."""
     lines = talk(model, "position startpos", "go mate 1000", "go mate infinite")
     assert lines == ["checkmate notimplemented", "checkmate notimplemented"]
+
+
+def test_stop_is_read_after_a_command_kept_for_after_the_search(model: nn.Module) -> None:
+    """A command that arrives mid-search is kept for after it; a stop behind it still ends
+    the search (polling ended at the first kept line, so 16M playouts ran on)."""
+    lines = _talk_in_thread(model, "setoption name Playouts value 16000000", "position startpos",
+                            "go infinite", "setoption name Playouts value 0", "stop",
+                            "position startpos", "go")  # fmt: skip
+    best = [line for line in lines if line.startswith("bestmove")]
+    assert len(best) == 2 and all(b.split()[1] in legal_usi() for b in best)
+    assert lines[-2].startswith("info depth 1 nodes 1 ")  # the kept setoption ran before go
