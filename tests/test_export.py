@@ -454,3 +454,12 @@ def test_int8_refuses_a_non_finite_weight(bad: float) -> None:
     weight = torch.tensor([[bad, 1.0], [0.5, 0.25]])
     with pytest.raises(InvalidModelError, match="non-finite"):
         quantize_int8(weight)
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", torch.int8])
+def test_a_bad_compute_dtype_is_a_typed_error(
+    dtype: object, exports: dict[str, ExportResult], workdir: Path
+) -> None:
+    """A dtype's name instead of the torch dtype raised AttributeError."""
+    with pytest.raises(kf.errors.SpecError, match="compute dtype must be a floating"):
+        kf.load_model(workdir / "bfloat16", compute_dtype=dtype)  # type: ignore[arg-type]
