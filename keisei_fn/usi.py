@@ -392,6 +392,7 @@ def _deadline(limits: dict[str, int], turn: int) -> float | None:
         budget = limits.get("byoyomi", 0) + increment + (mine or 0) // 40
     else:
         return None
+    budget = min(budget, 2**53)  # ~285,000 years: beyond it, int / float overflows
     return time.monotonic() + max(budget - _SAFETY_MS, 0) / 1000.0
 
 

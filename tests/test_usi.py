@@ -410,3 +410,11 @@ def test_stop_is_read_after_a_command_kept_for_after_the_search(model: nn.Module
     best = [line for line in lines if line.startswith("bestmove")]
     assert len(best) == 2 and all(b.split()[1] in legal_usi() for b in best)
     assert lines[-2].startswith("info depth 1 nodes 1 ")  # the kept setoption ran before go
+
+
+def test_a_time_beyond_any_float_is_read_as_no_limit(model: nn.Module) -> None:
+    """int / float overflowed on a 400-digit time (OverflowError killed the engine)."""
+    huge = "9" * 400
+    for go in (f"go movetime {huge}", f"go btime {huge} wtime 0 byoyomi {huge}"):
+        lines = talk(model, "setoption name Playouts value 2", "position startpos", go)
+        assert lines[-1].split()[1] in legal_usi(), lines
