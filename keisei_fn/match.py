@@ -591,9 +591,17 @@ def play_match(
         and every error of :func:`keisei_fn.player.load_player` for a model player; an engine
         that cannot be started or fails its first handshake raises ``KeiseiFnError``.
     """
-    for label, value, low in (("games", games, 1), ("move_cap", move_cap, 1)):
+    counts = (
+        ("games", games, 1),
+        ("move_cap", move_cap, 1),
+        ("opening_plies", opening_plies, 0),
+        ("byoyomi_ms", byoyomi_ms, 0),
+    )
+    for label, value, low in counts:
         if isinstance(value, bool) or not isinstance(value, int) or value < low:
             raise SpecError(f"{label} must be an int >= {low}, got {value!r}")
+    if not (isinstance(temperature, (int, float)) and 0 <= temperature < math.inf):
+        raise SpecError(f"temperature must be a finite number >= 0, got {temperature!r}")
     per_player = playouts if isinstance(playouts, tuple) else (playouts, playouts)
     for count in per_player:
         if isinstance(count, bool) or not isinstance(count, int) or count < 0:

@@ -3,6 +3,7 @@ records that cshogi parses back, summary.json, the Elo interval and the gate."""
 
 from __future__ import annotations
 
+import math
 import sys
 from pathlib import Path
 
@@ -287,3 +288,18 @@ def test_a_match_that_cannot_start_leaves_no_folder(
     with pytest.raises(FileNotFoundError):
         play_match(model, UsiCommand((str(tmp_path / "no-engine"),)), games=1, out=empty)
     assert empty.is_dir() and list(empty.iterdir()) == []  # the user's folder stays
+
+
+@pytest.mark.parametrize(
+    "settings",
+    [{"opening_plies": -1}, {"byoyomi_ms": -5}, {"games": 0}, {"move_cap": True},
+     {"temperature": -1.0}, {"temperature": math.nan}],
+)  # fmt: skip
+def test_bad_settings_are_refused_before_anything_is_made(
+    model: nn.Module, tmp_path: Path, settings: dict[str, int]
+) -> None:
+    """A negative opening length was refused (as "max_plies") only after the folder was made
+    and the players loaded; a negative byoyomi was sent to engines as is."""
+    with pytest.raises(SpecError, match=next(iter(settings))):
+        play_match(model, model, out=tmp_path / "out", **settings)  # type: ignore[arg-type]
+    assert not (tmp_path / "out").exists()
