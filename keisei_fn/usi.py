@@ -39,6 +39,7 @@ Example:
 
 from __future__ import annotations
 
+import io
 import math
 import queue
 import random
@@ -409,7 +410,8 @@ def run_engine(
         source: a checkpoint, final model, run directory (its final model, else its latest
             checkpoint) or export bundle, or an ``nn.Module`` (``forward(obs) -> (logits,
             value)``); loaded and checked at the first ``isready`` (or ``go``).
-        stdin: the commands (default ``sys.stdin``).
+        stdin: the commands (default ``sys.stdin``); a text file's undecodable bytes are
+            read as U+FFFD (it is reconfigured with ``errors="replace"``).
         stdout: where the answers go, flushed line by line (default ``sys.stdout``).
         device: the ``Device`` option's initial value.
 
@@ -426,7 +428,10 @@ def run_engine(
         'info string cannot play: no checkpoint at no/such/run'
     """
     engine = _Engine(source, stdout or sys.stdout, device)
-    lines = _Lines(stdin or sys.stdin)
+    stdin = stdin or sys.stdin
+    if isinstance(stdin, io.TextIOWrapper):  # a GUI's Shift-JIS path must not end the input
+        stdin.reconfigure(errors="replace")
+    lines = _Lines(stdin)
     while not engine.quit:
         line = lines.get()
         if line is None:

@@ -418,3 +418,20 @@ def test_a_time_beyond_any_float_is_read_as_no_limit(model: nn.Module) -> None:
     for go in (f"go movetime {huge}", f"go btime {huge} wtime 0 byoyomi {huge}"):
         lines = talk(model, "setoption name Playouts value 2", "position startpos", go)
         assert lines[-1].split()[1] in legal_usi(), lines
+
+
+def test_bytes_that_are_not_utf8_do_not_end_the_input(tmp_path: Path, run_dir: Path) -> None:
+    """A Japanese GUI may send Shift-JIS (a path in a setoption): with a strict UTF-8 stdin
+    (a UTF-8 locale) the first such byte ended the engine's input."""
+    import subprocess
+
+    done = subprocess.run(
+        [sys.executable, "-m", "keisei_fn", "usi", str(run_dir)],
+        input=b"setoption name EvalDir value C:\\\x95\x5c\x8e\xa6\nposition startpos\ngo\nquit\n",
+        capture_output=True,
+        timeout=120,
+        env={**os.environ, "PYTHONPATH": str(REPO), "PYTHONIOENCODING": "utf-8:strict"},
+    )
+    lines = done.stdout.decode().splitlines()
+    assert lines[0].startswith("info string unknown option 'EvalDir"), lines
+    assert lines[-1].split()[1] in legal_usi(), lines
