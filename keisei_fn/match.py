@@ -147,7 +147,8 @@ class _EnginePlayer:
                 stdin=subprocess.PIPE,
                 stdout=subprocess.PIPE,
                 stderr=log,
-                text=True,
+                encoding="utf-8",
+                errors="replace",  # an engine's Shift-JIS name must not end its output
                 bufsize=1,
             )
         threading.Thread(target=self._read, args=(self.proc, self.lines), daemon=True).start()

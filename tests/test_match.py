@@ -303,3 +303,30 @@ def test_bad_settings_are_refused_before_anything_is_made(
     with pytest.raises(SpecError, match=next(iter(settings))):
         play_match(model, model, out=tmp_path / "out", **settings)  # type: ignore[arg-type]
     assert not (tmp_path / "out").exists()
+
+
+SHIFT_JIS_ENGINE = """
+import sys
+for line in sys.stdin:
+    word = line.split()[0] if line.split() else ""
+    if word == "usi":
+        sys.stdout.buffer.write(b"id name \\x95\\x5c\\x8e\\xa6\\nusiok\\n")  # Shift-JIS
+        sys.stdout.flush()
+    elif word == "isready":
+        print("readyok", flush=True)
+    elif word == "go":
+        print("bestmove resign", flush=True)
+    elif word == "quit":
+        break
+"""
+
+
+def test_an_engine_that_prints_shift_jis_plays(model: nn.Module, tmp_path: Path) -> None:
+    """Undecodable output ended the reader (a UnicodeDecodeError is a ValueError): the
+    engine 'closed its output' at its handshake and the match could not start."""
+    script = tmp_path / "sjis.py"
+    script.write_text(SHIFT_JIS_ENGINE)
+    result = play_match(model, UsiCommand((sys.executable, str(script))), games=2,
+                        out=tmp_path / "out")  # fmt: skip
+    assert [g.reason for g in result.games] == ["resign", "resign"]
+    assert result.b == "\ufffd\\\ufffd\ufffd"  # the name, undecodable bytes replaced
