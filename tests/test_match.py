@@ -330,3 +330,4 @@ def test_an_engine_that_prints_shift_jis_plays(model: nn.Module, tmp_path: Path)
                         out=tmp_path / "out")  # fmt: skip
     assert [g.reason for g in result.games] == ["resign", "resign"]
     assert result.b == "\ufffd\\\ufffd\ufffd"  # the name, undecodable bytes replaced
+    check_records(result.out, 2)
