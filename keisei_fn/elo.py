@@ -108,7 +108,7 @@ class EloEstimate:
     confidence: float
 
     def __str__(self) -> str:
-        """``+191 [+70, +340] (95%)``."""
+        """``+191 [+69, +313] (95%)`` (30 wins, 10 losses)."""
         return f"{_fmt(self.elo)} [{_fmt(self.low)}, {_fmt(self.high)}] ({self.confidence:.0%})"
 
 

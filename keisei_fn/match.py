@@ -12,9 +12,12 @@ about the rules: legality, mate, a fourfold repetition (a draw, or a loss for th
 perpetual check: ``board.is_draw()``), a declaration win (``board.is_nyugyoku()``). A game
 reaching ``move_cap`` plies is a draw. An illegal move, an unjustified ``win``, or a protocol
 failure of an engine (it exits, answers garbage, or takes more than ``byoyomi_ms`` + 30 s)
-loses the game for that player; the reason is recorded and the engine is restarted.
+loses the game for that player; the reason is recorded and the engine is restarted before
+the next game (a restart that fails loses that game too).
 
-Every game is written as a CSA record (``game-001.csa``, by cshogi's exporter) and the match as
+Every game is written as a CSA record (``game-001.csa``, by cshogi's exporter, whose ending
+cshogi's parser reads as the same winner: a loss by a breach of the rules or an engine failure
+is ``%+ILLEGAL_ACTION``/``%-ILLEGAL_ACTION``, the move cap ``%MAX_MOVES``) and the match as
 ``summary.json`` (players, settings, each game's result and reason, W/L/D and the Elo of B
 relative to A with its 95% interval, :mod:`keisei_fn.elo`; an infinite Elo is written as null).
 
@@ -144,10 +147,19 @@ class _EnginePlayer:
                 stdin=subprocess.PIPE,
                 stdout=subprocess.PIPE,
                 stderr=log,
-                text=True,
+                encoding="utf-8",
+                errors="replace",  # an engine's Shift-JIS name must not end its output
                 bufsize=1,
             )
         threading.Thread(target=self._read, args=(self.proc, self.lines), daemon=True).start()
+        try:
+            self._handshake()
+        except _EngineFailure:
+            self.failed = True
+            self.close()  # the caller never gets this player to close: end the process here
+            raise
+
+    def _handshake(self) -> None:
         self.send("usi")
         for line in self.until("usiok", _STARTUP_TIMEOUT_S):
             if line.startswith("id name ") and self.command.name is None:
@@ -185,8 +197,11 @@ class _EnginePlayer:
         deadline = time.monotonic() + timeout
         seen: list[str] = []
         while True:
+            remaining = deadline - time.monotonic()
             try:
-                line = self.lines.get(timeout=max(deadline - time.monotonic(), 0.0))
+                if remaining <= 0:  # an engine printing junk without end never waits
+                    raise queue.Empty
+                line = self.lines.get(timeout=remaining)
             except queue.Empty:
                 self.failed = True
                 raise _EngineFailure(f"{self.name}: no {prefix!r} within {timeout:.0f} s") from None
@@ -310,7 +325,7 @@ class MatchResult:
         )
 
     def summary(self) -> str:
-        """``A vs B: 12 games, A won 3, B won 7, 2 draws; Elo of B - A: +121 [-43, +318] (95%)``."""
+        """``A vs B: 12 games, A won 3, B won 7, 2 draws; Elo of B - A: +120 [-77, +318] (95%)``."""
         return (
             f"{self.a} (A) vs {self.b} (B): {len(self.games)} games, A won {self.a_wins}, "
             f"B won {self.b_wins}, {self.draws} draws; Elo of B - A: {self.elo()}"
@@ -388,22 +403,38 @@ def _openings(n: int, *, seed: int, plies: int) -> list[str]:
     return list(islice(at_ply, n))
 
 
-def _new_out_dir(out: PathArg | None) -> Path:
+def _new_out_dir(out: PathArg | None) -> tuple[Path, bool]:
+    """The match folder, and whether this call made it."""
     if out is not None:
         path = Path(str(out))
         if (path / "summary.json").exists():
             raise SpecError(f"{path} already holds a match (summary.json); choose another --out")
+        if path.is_dir() and any(path.iterdir()):  # e.g. an interrupted match's records
+            raise SpecError(f"{path} is not empty; a match writes into a new or empty folder")
+        made = not path.is_dir()
         path.mkdir(parents=True, exist_ok=True)
-        return path
+        return path, made
     stamp = datetime.now(UTC).strftime("%Y%m%d-%H%M%S")
     for suffix in range(1000):
         path = Path.cwd() / (f"match-{stamp}" + (f"-{suffix}" if suffix else ""))
         try:
             path.mkdir()
-            return path
+            return path, True
         except FileExistsError:
             continue
     raise SpecError(f"cannot make a new match folder under {Path.cwd()}")
+
+
+def _tidy_unstarted(folder: Path, made: bool) -> None:
+    """After a match that never started: drop empty engine logs, and the folder if this match
+    made it and nothing else is in it (a log that says something is kept)."""
+    for log in folder.glob("engine-*.stderr.log"):
+        with contextlib.suppress(OSError):
+            if log.stat().st_size == 0:
+                log.unlink()
+    if made:
+        with contextlib.suppress(OSError):
+            folder.rmdir()
 
 
 def _make_player(
@@ -422,13 +453,30 @@ def _make_player(
     return _ModelPlayer(load_player(source, device), str(name), playouts, temperature)
 
 
+#: Endings cshogi reads right from the side to move: it resigns or is mated (%TORYO),
+#: declares (%KACHI), or the game is drawn. A loss by a breach of the rules (an illegal move,
+#: perpetual check, an engine failure) names the loser instead: ``%+ILLEGAL_ACTION`` (Black)
+#: or ``%-ILLEGAL_ACTION`` (White), as floodgate writes it.
 _CSA_END = {
     "mate": "%TORYO",
     "resign": "%TORYO",
     "declaration": "%KACHI",
     "repetition": "%SENNICHITE",
-    "move cap": "%JISHOGI",
+    "move cap": "%MAX_MOVES",
 }
+
+
+def _new_game(
+    players: dict[str, _Player], seed: int
+) -> tuple[str | None, str, list[int], list[str]] | None:
+    """Start a game for both players (B's sampler seeded ``seed + 1``); None, or the game lost
+    before its first move by an engine that could not be restarted."""
+    for label, player in players.items():
+        try:
+            player.new_game(seed + (label == "B"))
+        except _EngineFailure as exc:
+            return ("B" if label == "A" else "A"), f"engine failure of {label}: {exc}", [], []
+    return None
 
 
 def _play_game(
@@ -483,16 +531,21 @@ def _play_game(
 
 
 def _write_record(
-    path: Path, opening: str, names: list[str], moves: list[int], reason: str
+    path: Path,
+    opening: str,
+    names: list[str],
+    moves: list[int],
+    reason: str,
+    black_wins: bool | None,
 ) -> None:
+    """A game's CSA record; ``black_wins`` None for a draw."""
+    ending = _CSA_END.get(reason, "%-ILLEGAL_ACTION" if black_wins else "%+ILLEGAL_ACTION")
     exporter = cshogi.CSA.Exporter(str(path))
     try:
         exporter.info(init_board=shogi.board_from_sfen(opening), names=names)
         for move in moves:
             exporter.move(move)
-        exporter.endgame(
-            _CSA_END.get(reason, "%CHUDAN" if "failure" in reason else "%ILLEGAL_MOVE")
-        )
+        exporter.endgame(ending)
     finally:
         exporter.close()
 
@@ -522,8 +575,8 @@ def play_match(
         playouts: PUCT playouts per move of the model players (0: the policy alone), or
             ``(A's, B's)``; also set as the ``Playouts`` option of engines that declare one.
         seed: seeds the openings and the players' samplers (and engines' ``Seed`` option).
-        out: the folder for ``game-NNN.csa`` and ``summary.json`` (default: a new
-            ``match-<UTC time>`` folder in the current directory).
+        out: the folder for ``game-NNN.csa`` and ``summary.json``, new or empty (default: a
+            new ``match-<UTC time>`` folder in the current directory).
         move_cap: plies after which a game is drawn.
         opening_plies: random legal moves in each opening.
         temperature: the model players' temperature (0: best move).
@@ -535,20 +588,29 @@ def play_match(
         The result; ``result.elo()`` is B's Elo minus A's.
 
     Raises:
-        SpecError: bad settings, or ``out`` already holds a match.
+        SpecError: bad settings, or ``out`` is not empty (it holds a match, or part of one).
         and every error of :func:`keisei_fn.player.load_player` for a model player; an engine
-        that cannot be started or fails its handshake raises ``KeiseiFnError``.
+        that cannot be started or fails its first handshake raises ``KeiseiFnError``.
     """
-    for label, value, low in (("games", games, 1), ("move_cap", move_cap, 1)):
+    counts = (
+        ("games", games, 1),
+        ("move_cap", move_cap, 1),
+        ("opening_plies", opening_plies, 0),
+        ("byoyomi_ms", byoyomi_ms, 0),
+    )
+    for label, value, low in counts:
         if isinstance(value, bool) or not isinstance(value, int) or value < low:
             raise SpecError(f"{label} must be an int >= {low}, got {value!r}")
+    if not (isinstance(temperature, (int, float)) and 0 <= temperature < math.inf):
+        raise SpecError(f"temperature must be a finite number >= 0, got {temperature!r}")
     per_player = playouts if isinstance(playouts, tuple) else (playouts, playouts)
     for count in per_player:
         if isinstance(count, bool) or not isinstance(count, int) or count < 0:
             raise SpecError(f"playouts must be ints >= 0, got {playouts!r}")
-    folder = _new_out_dir(out)
+    folder, made = _new_out_dir(out)
     players: dict[str, _Player] = {}
     results: list[GameResult] = []
+    started = False
     try:
         for label, source, count in (("A", a, per_player[0]), ("B", b, per_player[1])):
             players[label] = _make_player(
@@ -560,19 +622,22 @@ def play_match(
                 byoyomi_ms=byoyomi_ms,
                 out=folder,
             )
+        started = True
         openings = _openings((games + 1) // 2, seed=seed, plies=opening_plies)
         for i in range(games):
             black = "A" if i % 2 == 0 else "B"
             opening = openings[i // 2]
-            for label, player in players.items():
-                player.new_game(seed * 1_000_003 + i * 2 + (label == "B"))
-            winner, reason, moves, usi_moves = _play_game(players, black, opening, move_cap)
+            ended = _new_game(players, seed * 1_000_003 + i * 2)
+            winner, reason, moves, usi_moves = ended or _play_game(
+                players, black, opening, move_cap
+            )
             for label, player in players.items():
                 player.end("draw" if winner is None else ("win" if winner == label else "lose"))
             record = f"game-{i + 1:03d}.csa"
             white = "B" if black == "A" else "A"
             names = [players[black].name, players[white].name]
-            _write_record(folder / record, opening, names, moves, reason)
+            black_wins = None if winner is None else winner == black
+            _write_record(folder / record, opening, names, moves, reason, black_wins)
             game = GameResult(
                 index=i + 1,
                 black=black,
@@ -592,6 +657,8 @@ def play_match(
     finally:
         for player in players.values():
             player.close()
+        if not started:
+            _tidy_unstarted(folder, made)
     result = MatchResult(a=players["A"].name, b=players["B"].name, games=tuple(results), out=folder)
     summary = {
         **result.to_json(),

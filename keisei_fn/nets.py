@@ -359,8 +359,8 @@ def set_compute_dtype_(model: nn.Module, dtype: torch.dtype) -> nn.Module:
         >>> model.stem.weight.dtype, logits.dtype
         (torch.bfloat16, torch.float32)
     """
-    if not dtype.is_floating_point:
-        raise SpecError(f"a compute dtype must be floating, got {dtype}")
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise SpecError(f"a compute dtype must be a floating torch.dtype, got {dtype!r}")
     model.to(dtype)
 
     def cast_in(module: nn.Module, args: tuple[object, ...]) -> tuple[object, ...]:

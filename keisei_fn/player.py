@@ -138,7 +138,9 @@ class Choice:
         move: the USI move, ``"resign"`` or ``"win"``.
         cp: the score in centipawns for the side to move (see :func:`value_to_cp`).
         pv: the principal variation in USI (empty for resign/win).
-        nodes: positions evaluated by the network.
+        nodes: 0 for a game end at the root, 1 for the policy alone, else the playouts
+            done + 1 (the root); a playout that ends at a known game end (mate, repetition)
+            calls no network.
     """
 
     move: str

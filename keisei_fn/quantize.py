@@ -10,7 +10,8 @@ make; ``keisei_fn.serve`` decides what to export).
   (the convolutions and the heads' linear layers: 99.9% of the parameters), one float32 scale
   per output channel (dimension 0), stored beside it under ``<name>.scale``:
   ``scale = max|w| / 127`` over the channel, ``q = round(w / scale)`` in ``[-127, 127]``
-  (a channel of zeros gets scale 1 and stays zero). Dequantised, every element is within
+  (a channel of zeros gets scale 1 and stays zero; a subnormal channel, whose ``max|w| / 127``
+  underflows, gets ``max|w|``; a NaN or infinity is refused). Dequantised, every element is within
   ``scale / 2`` of the original. Biases and BatchNorm tensors stay float32.
 
 Example:
@@ -29,7 +30,7 @@ from collections.abc import Mapping
 
 import torch
 
-from keisei_fn.errors import IntegrityError, UnsupportedDtypeError
+from keisei_fn.errors import IntegrityError, InvalidModelError, UnsupportedDtypeError
 
 __all__ = [
     "BUNDLE_DTYPES",
@@ -99,6 +100,7 @@ def quantize_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     Raises:
         UnsupportedDtypeError: for a tensor that is not floating or has fewer than two
             dimensions.
+        InvalidModelError: for a weight with a NaN or an infinity.
     """
     if not weight.is_floating_point() or weight.dim() < 2:
         raise UnsupportedDtypeError(
@@ -106,8 +108,13 @@ def quantize_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
             f"{weight.dtype} of shape {tuple(weight.shape)}"
         )
     flat = weight.detach().to(torch.float32).reshape(weight.shape[0], -1)
+    if not bool(torch.isfinite(flat).all()):
+        shape = tuple(weight.shape)
+        raise InvalidModelError(f"cannot quantise a non-finite weight (shape {shape})")
     amax = flat.abs().amax(dim=1)
-    scale = torch.where(amax > 0, amax / 127.0, torch.ones_like(amax))
+    scale = amax / 127.0
+    # A subnormal channel's step underflows to 0: its largest value is then the step.
+    scale = torch.where(scale > 0, scale, torch.where(amax > 0, amax, torch.ones_like(amax)))
     q = torch.round(flat / scale[:, None]).clamp_(-127, 127).to(torch.int8)
     return q.reshape(weight.shape).contiguous(), scale.contiguous()
 

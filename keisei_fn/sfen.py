@@ -19,10 +19,13 @@ import cshogi
 
 from keisei_fn.errors import InvalidPositionError
 
-__all__ = ["board_from_sfen", "start_board"]
+__all__ = ["MAX_MOVE_NUMBER", "board_from_sfen", "start_board"]
 
 _BLACK: Final[int] = int(cshogi.BLACK)
 _RANK_LETTERS: Final = "abcdefghi"
+#: The largest move number accepted: cshogi keeps it in a 32-bit int, silently clamps larger
+#: ones to 2**31 - 1, and wraps to negative on a push beyond that; 2**30 leaves room to play.
+MAX_MOVE_NUMBER: Final = 2**30
 
 
 def start_board() -> cshogi.Board:
@@ -143,8 +146,10 @@ def _validate_sfen(sfen: str) -> str:
                 f"at most {_PIECE_MAX[kind]} exist",
             )
 
-    if not number.isdigit() or int(number) < 1:
-        raise _invalid(sfen, f"move number must be an integer >= 1, got {number!r}")
+    if not (number.isascii() and number.isdigit()) or not 1 <= int(number) <= MAX_MOVE_NUMBER:
+        raise _invalid(
+            sfen, f"move number must be an integer in [1, {MAX_MOVE_NUMBER}], got {number!r}"
+        )
     return " ".join((placement, side, hands, str(int(number))))
 
 
@@ -153,7 +158,8 @@ def board_from_sfen(sfen: str) -> cshogi.Board:
 
     cshogi accepts many malformed SFENs silently (missing ranks, ``0P`` hands, a missing king);
     this function checks the syntax, piece counts, kings, dead pieces, two pawns on a file and
-    that the side *not* to move is not in check. The move number may be omitted (then 1).
+    that the side *not* to move is not in check. The move number may be omitted (then 1); it
+    is at most :data:`MAX_MOVE_NUMBER`.
 
     Args:
         sfen: ``"<board> <b|w> <hands> [<move number>]"``, e.g. the output of ``board.sfen()``.

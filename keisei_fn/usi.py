@@ -4,13 +4,14 @@ playing with a Keisei network: ``keisei-fn usi SOURCE`` and :func:`run_engine`.
 Commands: ``usi``, ``isready`` (loads the model, then ``readyok``), ``setoption name N value
 V``, ``usinewgame``, ``position startpos|sfen <sfen> [moves ...]``, ``go [btime T] [wtime T]
 [byoyomi T] [binc T] [winc T] [movetime T] [nodes N] [infinite] [ponder]``, ``stop``,
-``ponderhit``, ``gameover``, ``quit``. For ``go`` the engine prints ``info depth 1 nodes N
-score cp CP pv MOVES`` (the score from :func:`keisei_fn.player.value_to_cp`) and then
-``bestmove MOVE``, ``bestmove resign`` (no legal move, or a score below ``ResignValue``) or
-``bestmove win`` (a declaration win). ``go infinite`` and ``go ponder`` answer only after
-``stop`` (or ``ponderhit``); input is read between playouts, so ``stop`` also cuts a search
-short. A time limit (``byoyomi``, ``movetime``, or a share of the remaining time) ends a search
-early too, after at least one playout.
+``ponderhit``, ``gameover``, ``quit`` (``go mate`` is answered ``checkmate notimplemented``).
+For ``go`` the engine prints ``info depth 1 nodes N score cp CP pv MOVES`` (the score from
+:func:`keisei_fn.player.value_to_cp`) and then ``bestmove MOVE``, ``bestmove resign`` (no legal
+move, or a score below ``ResignValue``) or ``bestmove win`` (a declaration win). ``go
+infinite`` and ``go ponder`` answer only after ``stop`` (or ``ponderhit``, ``gameover``,
+``quit``, or the end of the input); input is read between playouts, so ``stop`` (or
+``gameover``, ``quit``) also cuts a search short. A time limit (``byoyomi``, ``movetime``, or a
+share of the remaining time) ends a search early too, after at least one playout.
 
 Malformed input, an unknown command or option, a bad SFEN or an illegal move in ``position``
 is answered with ``info string ...`` and otherwise ignored; a refused ``position`` leaves the
@@ -38,9 +39,11 @@ Example:
 
 from __future__ import annotations
 
+import io
 import math
 import queue
 import random
+import re
 import sys
 import threading
 import time
@@ -123,9 +126,10 @@ class _Lines:
             return False
 
     @property
-    def holding(self) -> bool:
-        """Whether lines are kept for after the search (what follows them is not for it)."""
-        return bool(self._later)
+    def holding_a_search(self) -> bool:
+        """Whether a kept line starts another search (``go``) or ends the input: what follows
+        is not for the current search."""
+        return any(line is None or line.split()[:1] == ["go"] for line in self._later)
 
     def hold(self, line: str | None) -> None:
         """Keep ``line`` (None: the end of the input) for after the search."""
@@ -257,6 +261,9 @@ class _Engine:
         self.board = board
 
     def go(self, args: list[str], lines: _Lines) -> None:
+        if args[:1] == ["mate"]:  # a tsume search: its answer is checkmate, never bestmove
+            self.say("checkmate notimplemented")
+            return
         limits: dict[str, int] = {}
         waits = "infinite" in args or "ponder" in args
         i = 0
@@ -279,7 +286,7 @@ class _Engine:
 
         def should_stop() -> bool:
             nonlocal stopped
-            while not stopped and not lines.holding:
+            while not stopped and not lines.holding_a_search:
                 line = lines.poll()
                 if isinstance(line, bool):
                     break
@@ -291,6 +298,8 @@ class _Engine:
                     stopped = self.quit = True
                 else:  # a command for after the search, or the end of the input
                     lines.hold(line)
+                    # A finished game needs no move; after the input ends, no stop can come.
+                    stopped = _is_gameover(line) or (line is None and waits)
             return stopped or (deadline is not None and time.monotonic() >= deadline)
 
         playouts = int(self.options["Playouts"])
@@ -321,7 +330,7 @@ class _Engine:
                 self.quit = True
             elif line in ("stop", "ponderhit"):
                 stopped = True
-            elif line.startswith("gameover"):
+            elif _is_gameover(line):
                 stopped = True
                 lines.hold(line)
             else:
@@ -334,8 +343,14 @@ class _Refused(Exception):
     """The model cannot play: the engine reports it and exits."""
 
 
+def _is_gameover(line: str | None) -> bool:
+    return line is not None and line.split()[:1] == ["gameover"]
+
+
 def _is_int(text: str) -> bool:
-    return text.lstrip("-").isdigit()
+    """An optionally signed run of ASCII digits (``str.isdigit`` also takes ``"²"``, which
+    ``int`` refuses)."""
+    return re.fullmatch(r"-?[0-9]+", text) is not None
 
 
 def _check_value(name: str, option: _Option, value: str) -> str | None:
@@ -361,6 +376,10 @@ def _check_value(name: str, option: _Option, value: str) -> str | None:
             return f"option Device: not a torch device: {value!r}"
         if device.type == "meta":
             return "option Device: a meta device holds no weights"
+        try:  # a valid name is not a usable device (no CUDA here, no such ordinal)
+            torch.empty(0, device=device)
+        except Exception as exc:  # torch raises AssertionError, RuntimeError, ...
+            return f"option Device: cannot use {value!r}: {exc}"
     return None
 
 
@@ -374,6 +393,7 @@ def _deadline(limits: dict[str, int], turn: int) -> float | None:
         budget = limits.get("byoyomi", 0) + increment + (mine or 0) // 40
     else:
         return None
+    budget = min(budget, 2**53)  # ~285,000 years: beyond it, int / float overflows
     return time.monotonic() + max(budget - _SAFETY_MS, 0) / 1000.0
 
 
@@ -390,7 +410,8 @@ def run_engine(
         source: a checkpoint, final model, run directory (its final model, else its latest
             checkpoint) or export bundle, or an ``nn.Module`` (``forward(obs) -> (logits,
             value)``); loaded and checked at the first ``isready`` (or ``go``).
-        stdin: the commands (default ``sys.stdin``).
+        stdin: the commands (default ``sys.stdin``); a text file's undecodable bytes are
+            read as U+FFFD (it is reconfigured with ``errors="replace"``).
         stdout: where the answers go, flushed line by line (default ``sys.stdout``).
         device: the ``Device`` option's initial value.
 
@@ -407,7 +428,10 @@ def run_engine(
         'info string cannot play: no checkpoint at no/such/run'
     """
     engine = _Engine(source, stdout or sys.stdout, device)
-    lines = _Lines(stdin or sys.stdin)
+    stdin = stdin or sys.stdin
+    if isinstance(stdin, io.TextIOWrapper):  # a GUI's Shift-JIS path must not end the input
+        stdin.reconfigure(errors="replace")
+    lines = _Lines(stdin)
     while not engine.quit:
         line = lines.get()
         if line is None:

@@ -73,3 +73,17 @@ def test_the_gate_needs_more_evidence_at_higher_confidence() -> None:
     assert not significantly_better(wins=14, losses=6, draws=0, confidence=0.99)
     with pytest.raises(SpecError):
         significantly_better(wins=1, losses=0, draws=0, confidence=1.0)
+
+
+def test_the_interval_matches_wilson_worked_by_hand() -> None:
+    """30 wins, 10 losses: s = 0.75, n = 40, z = 1.959964; Wilson's centre
+    (s + z²/2n) / (1 + z²/n) = 0.728095 and half-width z / (1 + z²/n) * sqrt(s(1-s)/n + z²/4n²)
+    = 0.130034 give s in [0.598060, 0.858129], i.e. Elo 400 log10(s / (1 - s)) in [+69.03,
+    +312.66] around +190.85."""
+    estimate = elo_estimate(wins=30, losses=10, draws=0)
+    assert (estimate.elo, estimate.low, estimate.high) == pytest.approx(
+        (190.85, 69.03, 312.66), abs=0.01
+    )
+    assert str(estimate) == "+191 [+69, +313] (95%)"
+    # A draw counts half: 20 wins and 20 draws score 0.75 as well.
+    assert elo_estimate(wins=20, losses=0, draws=20).low == pytest.approx(estimate.low)

@@ -20,6 +20,7 @@ import orjson
 import pytest
 import torch
 from hypothesis import given
+from torch import nn
 
 import keisei_fn as kf
 from keisei_fn.errors import (
@@ -320,6 +321,23 @@ def test_validate_model_flags_an_absurd_value_head() -> None:
     assert not report.ok and "beyond" in report.problems[0]
 
 
+class _NotAPolicyValueNet(nn.Module):
+    """Answers a dict: unpacking it gives two strings, and ``str.float`` does not exist."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.w = nn.Parameter(torch.zeros(1))
+
+    def forward(self, obs: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {"logits": obs.flatten(1), "value": obs.sum((1, 2, 3))}
+
+
+def test_validate_model_reports_a_forward_pass_of_the_wrong_kind() -> None:
+    """A broken model is reported, not raised (an AttributeError escaped before)."""
+    report = kf.validate_model(_NotAPolicyValueNet(), FEW)
+    assert not report.ok and "the forward pass failed" in report.problems[0]
+
+
 @pytest.mark.parametrize("dtype", ["int4", "float64", torch.float64, 8, None])
 def test_a_bad_dtype_is_a_typed_error_before_anything_is_read(
     dtype: object, tmp_path: Path
@@ -417,3 +435,31 @@ def test_float_bundles_round_trip_every_value_their_dtype_holds(dtype: str, seed
     assert not quantized and same(tensors["n"], state["n"])
     decoded = decode_weights(tensors, quantized)
     assert same(decoded["w"].to(tensors["w"].dtype), tensors["w"])  # upcast is exact
+
+
+def test_int8_keeps_a_tiny_channel_nonzero() -> None:
+    """``max|w| / 127`` underflows to 0 for a subnormal channel: a zero scale dequantised the
+    channel to zeros (and ``0 / 0`` was cast to int8)."""
+    weight = torch.tensor([[1e-44, 0.0, -5e-45], [1.0, -0.5, 0.25]])
+    q, scale = quantize_int8(weight)
+    assert bool((scale > 0).all())
+    error = (dequantize_int8(q, scale) - weight).abs()
+    assert bool((error <= scale[:, None] / 2).all())
+    assert float(dequantize_int8(q, scale)[0, 0]) > 0
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+def test_int8_refuses_a_non_finite_weight(bad: float) -> None:
+    """NaN was quantised to a finite 0 (hiding it); inf gave an infinite scale (all NaN)."""
+    weight = torch.tensor([[bad, 1.0], [0.5, 0.25]])
+    with pytest.raises(InvalidModelError, match="non-finite"):
+        quantize_int8(weight)
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", torch.int8])
+def test_a_bad_compute_dtype_is_a_typed_error(
+    dtype: object, exports: dict[str, ExportResult], workdir: Path
+) -> None:
+    """A dtype's name instead of the torch dtype raised AttributeError."""
+    with pytest.raises(kf.errors.SpecError, match="compute dtype must be a floating"):
+        kf.load_model(workdir / "bfloat16", compute_dtype=dtype)  # type: ignore[arg-type]

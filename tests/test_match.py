@@ -3,6 +3,7 @@ records that cshogi parses back, summary.json, the Elo interval and the gate."""
 
 from __future__ import annotations
 
+import math
 import sys
 from pathlib import Path
 
@@ -14,7 +15,7 @@ import torch
 from torch import nn
 
 import keisei_fn as kf
-from keisei_fn.errors import InvalidModelError
+from keisei_fn.errors import InvalidModelError, KeiseiFnError, SpecError
 from keisei_fn.match import GameResult, MatchResult, UsiCommand, is_better, play_match
 from keisei_fn.publish.plan import check_metrics
 from tests import cli_inprocess
@@ -49,6 +50,11 @@ def check_records(out: Path, games: int) -> dict[str, object]:
     assert summary["games"] == games == len(summary["results"])
     for game in summary["results"]:
         assert replay(out / game["record"]) == game["moves"]
+        (parsed,) = cshogi.CSA.Parser.parse_file(str(out / game["record"]))
+        winner = {cshogi.BLACK_WIN: game["black"], cshogi.DRAW: None}.get(parsed.win)
+        if parsed.win == cshogi.WHITE_WIN:
+            winner = "B" if game["black"] == "A" else "A"
+        assert winner == game["winner"], (parsed.endgame, game["reason"])
     return summary
 
 
@@ -106,6 +112,8 @@ for line in sys.stdin:
     elif word == "go":
         if "{mode}" == "exit":
             sys.exit(3)
+        while "{mode}" == "chatter":  # info lines without end, never a bestmove
+            print("info string thinking", flush=True)
         print("bestmove 1a1a", flush=True)
     elif word == "quit":
         break
@@ -154,3 +162,172 @@ def test_match_cli_needs_two_players(run_dir: Path) -> None:
     for args in ([run_dir], [run_dir, run_dir, run_dir], ["--engine-a", "x", run_dir, run_dir]):
         ran = cli_inprocess.run("match", *args)
         assert ran.returncode == 2 and "match needs two players" in ran.stderr
+
+
+@pytest.mark.parametrize(
+    ("reason", "plies", "black_wins"),
+    [
+        ("resign", 0, False), ("resign", 1, True),  # the side to move loses
+        ("illegal move by A: '1a1a'", 0, False), ("illegal move by B: '1a1a'", 1, True),
+        ("declaration", 0, True), ("declaration", 1, False),  # the side to move wins
+        ("perpetual check", 0, True), ("perpetual check", 1, False),  # the checker just moved
+        ("engine failure of A: it exited", 0, True), ("engine failure of B: it exited", 0, False),
+        ("engine failure of A: it exited", 1, False), ("engine failure of B: it exited", 1, True),
+    ],
+)  # fmt: skip
+def test_a_record_names_the_winner_as_the_summary_does(
+    tmp_path: Path, reason: str, plies: int, black_wins: bool
+) -> None:
+    """cshogi reads a record's winner from its ending and the side to move: a loss by
+    perpetual check (the checker has just moved) or by an engine failure must read right too
+    (they were written as %ILLEGAL_MOVE and %CHUDAN: the wrong winner, and no winner)."""
+    from keisei_fn.match import _write_record
+
+    board = kf.shogi.start_board()
+    moves = [board.move_from_usi("7g7f")][:plies]
+    record = tmp_path / "game.csa"
+    _write_record(record, board.sfen(), ["a", "b"], moves, reason, black_wins)
+    (parsed,) = cshogi.CSA.Parser.parse_file(str(record))
+    assert parsed.win == (cshogi.BLACK_WIN if black_wins else cshogi.WHITE_WIN), parsed.endgame
+
+
+SILENT_ENGINE = """
+import os, sys, time
+open(sys.argv[1], "w").write(str(os.getpid()))
+for line in sys.stdin:
+    if line.split()[:1] == ["usi"]:
+        print("id name silent\\nusiok", flush=True)
+    elif line.split()[:1] == ["isready"]:
+        os.close(1)  # never answers readyok, and lives on
+        time.sleep(600)
+"""
+
+
+def test_an_engine_that_fails_its_handshake_is_not_left_running(
+    model: nn.Module, tmp_path: Path
+) -> None:
+    script, pid_file = tmp_path / "silent.py", tmp_path / "pid"
+    script.write_text(SILENT_ENGINE)
+    with pytest.raises(KeiseiFnError, match="closed its output before 'readyok'"):
+        play_match(model, UsiCommand((sys.executable, str(script), str(pid_file))), games=1,
+                   out=tmp_path / "out")  # fmt: skip
+    assert not Path(f"/proc/{pid_file.read_text()}").exists()  # killed and reaped
+
+
+def test_an_engine_that_chatters_without_a_move_loses_on_time(
+    model: nn.Module, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Lines keep arriving, so waiting for the next one never times out: the deadline is
+    checked between lines (a guard: the queue happened to drain often enough before)."""
+    monkeypatch.setattr("keisei_fn.match._MOVE_SLACK_S", 1.0)
+    script = tmp_path / "chatty.py"
+    script.write_text(BROKEN_ENGINE.replace("{mode}", "chatter"))
+    chatty = UsiCommand((sys.executable, str(script)))
+    result = play_match(model, chatty, games=1, byoyomi_ms=100, out=tmp_path / "out")
+    assert result.games[0].winner == "A"
+    assert result.games[0].reason.startswith("engine failure of B: broken: no 'bestmove'")
+    check_records(result.out, 1)
+
+
+def test_out_must_be_new_or_empty(model: nn.Module, tmp_path: Path) -> None:
+    """A folder left by an interrupted match (records, no summary.json) is not reused: the
+    new match's records would mix with, and partly overwrite, the old ones."""
+    stale = tmp_path / "stale"
+    stale.mkdir()
+    (stale / "game-007.csa").write_text("old")
+    with pytest.raises(SpecError, match="not empty"):
+        play_match(model, model, games=1, move_cap=2, out=stale)
+    assert sorted(p.name for p in stale.iterdir()) == ["game-007.csa"]
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert play_match(model, model, games=1, move_cap=2, out=empty).out == empty
+
+
+CRASHING_ENGINE = """
+import os, sys
+started = os.path.exists(sys.argv[1])
+open(sys.argv[1], "a").close()
+for line in sys.stdin:
+    word = line.split()[0] if line.split() else ""
+    if word == "usi" and started:
+        sys.exit(1)  # the restart fails
+    if word == "usi":
+        print("id name crashing\\nusiok", flush=True)
+    elif word == "isready":
+        print("readyok", flush=True)
+    elif word == "go":
+        sys.exit(3)
+"""
+
+
+def test_an_engine_that_cannot_restart_loses_its_games(model: nn.Module, tmp_path: Path) -> None:
+    """Only the first start succeeds: the games after the crash are lost by the engine, and
+    the match still ends with its summary (the failed restart aborted the match before)."""
+    script = tmp_path / "crashing.py"
+    script.write_text(CRASHING_ENGINE)
+    engine = UsiCommand((sys.executable, str(script), str(tmp_path / "started")))
+    result = play_match(model, engine, games=3, out=tmp_path / "out")
+    assert [g.winner for g in result.games] == ["A", "A", "A"]
+    assert all(g.reason.startswith("engine failure of B") for g in result.games[1:])
+    check_records(result.out, 3)
+
+
+def test_a_match_that_cannot_start_leaves_no_folder(
+    model: nn.Module, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A player that cannot be loaded or started left an empty ``match-*`` folder (with an
+    empty engine log) behind each time."""
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(kf.errors.CheckpointNotFoundError):
+        play_match(tmp_path / "no-run", model, games=1)
+    with pytest.raises(FileNotFoundError):
+        play_match(model, UsiCommand((str(tmp_path / "no-engine"),)), games=1)
+    assert list(tmp_path.iterdir()) == []
+    empty = tmp_path / "given"
+    empty.mkdir()
+    with pytest.raises(FileNotFoundError):
+        play_match(model, UsiCommand((str(tmp_path / "no-engine"),)), games=1, out=empty)
+    assert empty.is_dir() and list(empty.iterdir()) == []  # the user's folder stays
+
+
+@pytest.mark.parametrize(
+    "settings",
+    [{"opening_plies": -1}, {"byoyomi_ms": -5}, {"games": 0}, {"move_cap": True},
+     {"temperature": -1.0}, {"temperature": math.nan}],
+)  # fmt: skip
+def test_bad_settings_are_refused_before_anything_is_made(
+    model: nn.Module, tmp_path: Path, settings: dict[str, int]
+) -> None:
+    """A negative opening length was refused (as "max_plies") only after the folder was made
+    and the players loaded; a negative byoyomi was sent to engines as is."""
+    with pytest.raises(SpecError, match=next(iter(settings))):
+        play_match(model, model, out=tmp_path / "out", **settings)  # type: ignore[arg-type]
+    assert not (tmp_path / "out").exists()
+
+
+SHIFT_JIS_ENGINE = """
+import sys
+for line in sys.stdin:
+    word = line.split()[0] if line.split() else ""
+    if word == "usi":
+        sys.stdout.buffer.write(b"id name \\x95\\x5c\\x8e\\xa6\\nusiok\\n")  # Shift-JIS
+        sys.stdout.flush()
+    elif word == "isready":
+        print("readyok", flush=True)
+    elif word == "go":
+        print("bestmove resign", flush=True)
+    elif word == "quit":
+        break
+"""
+
+
+def test_an_engine_that_prints_shift_jis_plays(model: nn.Module, tmp_path: Path) -> None:
+    """Undecodable output ended the reader (a UnicodeDecodeError is a ValueError): the
+    engine 'closed its output' at its handshake and the match could not start."""
+    script = tmp_path / "sjis.py"
+    script.write_text(SHIFT_JIS_ENGINE)
+    result = play_match(model, UsiCommand((sys.executable, str(script))), games=2,
+                        out=tmp_path / "out")  # fmt: skip
+    assert [g.reason for g in result.games] == ["resign", "resign"]
+    assert result.b == "\ufffd\\\ufffd\ufffd"  # the name, undecodable bytes replaced
+    check_records(result.out, 2)

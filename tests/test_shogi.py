@@ -482,6 +482,9 @@ def test_move_to_index_rejects_illegal_moves():
         "4k4/9/9/9/9/9/9/9/4K4 b PP 1",  # listed twice
         "4k4/9/9/9/9/9/9/9/4K4 b - 0",  # move number
         "4k4/9/9/9/9/9/9/9/4K4 b - abc",
+        "4k4/9/9/9/9/9/9/9/4K4 b - \u00b2",  # str.isdigit() is True, int() refuses it
+        "4k4/9/9/9/9/9/9/9/4K4 b - 2147483648",  # cshogi clamped it to 2**31 - 1
+        "4k4/9/9/9/9/9/9/9/4K4 b - 1073741825",  # 2**30 + 1: a push could wrap around
         "4k4/9/9/9/9/9/9/9/4K4 b - 1 extra",
         "P3k4/9/9/9/9/9/9/9/4K4 b - 1",  # dead pawn
         "4k4/9/9/9/9/9/9/n8/4K4 w - 1",  # White knight on 9h can never move
@@ -500,6 +503,7 @@ def test_good_sfens_are_accepted_and_normalised():
         "4k4/9/9/9/9/9/9/9/N3K4 w - 1",  # a Black knight on 9i can move
         "4k4/9/9/9/9/9/9/+n8/4K4 b - 1",  # a promoted White knight on 9h can move
         "4k4/9/9/9/9/9/4P4/4p4/4K4 b - 1",  # one pawn of each colour on a file
+        "4k4/9/9/9/9/9/9/9/4K4 b - 1073741824",  # the largest move number: 2**30
     ):
         assert shogi.board_from_sfen(sfen).sfen() == sfen
     assert shogi.board_from_sfen("4k4/9/9/9/9/9/9/9/4K4 b 2p").sfen() == (

@@ -342,3 +342,96 @@ def test_an_ensemble_plays(model: nn.Module) -> None:
     ensemble = kf.Ensemble([model, other], weights=[3, 1])
     lines = talk(ensemble, "setoption name Playouts value 4", "position startpos", "go")
     assert lines[-1].split()[1] in legal_usi()
+
+
+START_SFEN = "lnsgkgsnl/1r5b1/ppppppppp/9/9/9/PPPPPPPPP/1B5R1/LNSGKGSNL b -"
+
+
+@pytest.mark.parametrize(
+    "line",
+    [
+        "setoption name Playouts value ²",  # str.isdigit() is True, int() refuses it
+        "setoption name Seed value --5",
+        "go btime ² wtime 0",
+        "go byoyomi --3",
+        f"position sfen {START_SFEN} ²",
+        f"position sfen {START_SFEN} ¹²",
+    ],
+)
+def test_numbers_that_int_refuses_are_answered_not_raised(model: nn.Module, line: str) -> None:
+    lines = talk(model, line, "position startpos", "go")
+    assert any(entry.startswith("info string ") for entry in lines), lines
+    assert lines[-1].split()[1] in legal_usi()
+
+
+def _talk_in_thread(model: nn.Module, *commands: str) -> list[str]:
+    """``talk``, but a hang fails the test instead of stalling the suite."""
+    out = io.StringIO()
+    stdin = io.StringIO("".join(c + "\n" for c in commands))
+    engine = threading.Thread(target=run_engine, args=(model, stdin, out), daemon=True)
+    engine.start()
+    engine.join(timeout=120)
+    assert not engine.is_alive(), f"the engine hangs: {out.getvalue().splitlines()[-3:]}"
+    return out.getvalue().splitlines()
+
+
+@pytest.mark.parametrize("ending", [[], ["gameover lose"], ["gameover draw", "quit"]])
+def test_go_infinite_ends_at_the_end_of_input_or_gameover(
+    model: nn.Module, ending: list[str]
+) -> None:
+    """Nothing can stop the search after the input ends, and a game that is over needs no
+    move: the engine answers bestmove instead of searching on (16M playouts never end)."""
+    lines = _talk_in_thread(model, "setoption name Playouts value 16000000", "position startpos",
+                            "go infinite", *ending)  # fmt: skip
+    assert lines[-1].split()[1] in legal_usi()
+
+
+def test_a_device_that_cannot_be_used_is_refused_at_setoption(model: nn.Module) -> None:
+    """cuda:99 is a valid torch device name that no machine here has; the engine keeps its
+    device and plays (it used to accept the option, then fail to load and exit)."""
+    lines = talk(model, "setoption name Device value cuda:99", "isready", "position startpos", "go")
+    assert lines[0].startswith("info string option Device: cannot use 'cuda:99'"), lines
+    assert "readyok" in lines and lines[-1].split()[1] in legal_usi()
+
+
+def test_go_mate_is_answered_with_checkmate_notimplemented(model: nn.Module) -> None:
+    """USI's tsume search answers ``checkmate ...``, never ``bestmove`` (a GUI waiting for
+    ``checkmate`` got a bestmove)."""
+    lines = talk(model, "position startpos", "go mate 1000", "go mate infinite")
+    assert lines == ["checkmate notimplemented", "checkmate notimplemented"]
+
+
+def test_stop_is_read_after_a_command_kept_for_after_the_search(model: nn.Module) -> None:
+    """A command that arrives mid-search is kept for after it; a stop behind it still ends
+    the search (polling ended at the first kept line, so 16M playouts ran on)."""
+    lines = _talk_in_thread(model, "setoption name Playouts value 16000000", "position startpos",
+                            "go infinite", "setoption name Playouts value 0", "stop",
+                            "position startpos", "go")  # fmt: skip
+    best = [line for line in lines if line.startswith("bestmove")]
+    assert len(best) == 2 and all(b.split()[1] in legal_usi() for b in best)
+    assert lines[-2].startswith("info depth 1 nodes 1 ")  # the kept setoption ran before go
+
+
+def test_a_time_beyond_any_float_is_read_as_no_limit(model: nn.Module) -> None:
+    """int / float overflowed on a 400-digit time (OverflowError killed the engine)."""
+    huge = "9" * 400
+    for go in (f"go movetime {huge}", f"go btime {huge} wtime 0 byoyomi {huge}"):
+        lines = talk(model, "setoption name Playouts value 2", "position startpos", go)
+        assert lines[-1].split()[1] in legal_usi(), lines
+
+
+def test_bytes_that_are_not_utf8_do_not_end_the_input(tmp_path: Path, run_dir: Path) -> None:
+    """A Japanese GUI may send Shift-JIS (a path in a setoption): with a strict UTF-8 stdin
+    (a UTF-8 locale) the first such byte ended the engine's input."""
+    import subprocess
+
+    done = subprocess.run(
+        [sys.executable, "-m", "keisei_fn", "usi", str(run_dir)],
+        input=b"setoption name EvalDir value C:\\\x95\x5c\x8e\xa6\nposition startpos\ngo\nquit\n",
+        capture_output=True,
+        timeout=120,
+        env={**os.environ, "PYTHONPATH": str(REPO), "PYTHONIOENCODING": "utf-8:strict"},
+    )
+    lines = done.stdout.decode().splitlines()
+    assert lines[0].startswith("info string unknown option 'EvalDir"), lines
+    assert lines[-1].split()[1] in legal_usi(), lines

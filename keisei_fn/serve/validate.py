@@ -102,9 +102,9 @@ def validate_model(
     _, obs, masks = encode_suite(positions)
     try:
         logits, values = predict(model, obs)
-    except (RuntimeError, ValueError) as exc:  # a SpecError (bad shapes) is a ValueError
+    except Exception as exc:  # any failure of the model's own code is a finding, not a crash
         return ValidationReport(
-            problems=(*problems, f"the forward pass failed: {exc}"),
+            problems=(*problems, f"the forward pass failed: {type(exc).__name__}: {exc}"),
             positions=int(obs.shape[0]),
             min_legal_mass=math.nan,
             mean_legal_mass=math.nan,
