@@ -508,7 +508,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--move-cap", type=int, default=256, metavar="N", help="draw after N plies (default: 256)"
     )
-    p.add_argument("--out", metavar="DIR", help="records and summary.json (default: ./match-*)")
+    p.add_argument(
+        "--out",
+        metavar="DIR",
+        help="a new or empty folder for the records and summary.json "
+        "(default: a new ./match-<UTC time>)",
+    )
     p.set_defaults(run=commands.cmd_match)
     return parser
 
