@@ -181,20 +181,24 @@ def copy_to_host(
     for i, tensor in enumerate(tensors):
         if tensor.numel():
             by_device.setdefault(tensor.device, []).append(i)
-    events = []
-    for device, indices in by_device.items():
-        if device.type != "cuda":
-            for i in indices:
-                hosts[i].copy_(tensors[i].detach())
-            continue
-        side = _side_stream(device)
-        side.wait_stream(torch.cuda.current_stream(device))
-        with torch.cuda.stream(side):
-            for i in indices:
-                hosts[i].copy_(tensors[i].detach(), non_blocking=True)
-        events.append(side.record_event())
-    for event in events:  # complete before return: no record_stream needed on the sources
-        event.synchronize()
+    sides = []
+    try:
+        for device, indices in by_device.items():
+            if device.type != "cuda":
+                for i in indices:
+                    hosts[i].copy_(tensors[i].detach())
+                continue
+            side = _side_stream(device)
+            sides.append(side)
+            side.wait_stream(torch.cuda.current_stream(device))
+            with torch.cuda.stream(side):
+                for i in indices:
+                    hosts[i].copy_(tensors[i].detach(), non_blocking=True)
+    finally:
+        # complete before return (no record_stream needed on the sources), and also when a
+        # copy failed: the buffer goes back to the pool only once nothing writes into it
+        for side in sides:
+            side.record_event().synchronize()
     return hosts
 
 
@@ -237,20 +241,24 @@ def copy_to_device(
     if side is not None:  # the destinations were allocated on the current stream
         side.wait_stream(torch.cuda.current_stream(device))
     stage = _Staging(chunk_bytes, pin=cuda, side=side)
-    for src, out in zip(tensors, outs, strict=True):
-        if src.numel() == 0:
-            continue
-        flat = src.detach().reshape(-1)
-        if flat.stride(0) != 1:  # one element with an odd stride: contiguous, yet not viewable
-            flat = flat.clone(memory_format=torch.contiguous_format)
-        src_bytes = flat.view(torch.uint8)
-        out_bytes = out.view(-1).view(torch.uint8)
-        for start in range(0, src_bytes.numel(), chunk_bytes):
-            end = min(start + chunk_bytes, src_bytes.numel())
-            stage.add(src_bytes[start:end], out_bytes[start:end])
-    stage.flush()
-    if side is not None:
-        torch.cuda.current_stream(device).wait_stream(side)
+    try:
+        for src, out in zip(tensors, outs, strict=True):
+            if src.numel() == 0:
+                continue
+            flat = src.detach().reshape(-1)
+            if flat.stride(0) != 1:  # one element with an odd stride: contiguous, not viewable
+                flat = flat.clone(memory_format=torch.contiguous_format)
+            src_bytes = flat.view(torch.uint8)
+            out_bytes = out.view(-1).view(torch.uint8)
+            for start in range(0, src_bytes.numel(), chunk_bytes):
+                end = min(start + chunk_bytes, src_bytes.numel())
+                stage.add(src_bytes[start:end], out_bytes[start:end])
+        stage.flush()
+    finally:
+        # The destinations belong to the current stream (the caching allocator reuses their
+        # memory in its order): it waits for the copies, also when one failed and they are freed
+        if side is not None:
+            torch.cuda.current_stream(device).wait_stream(side)
     return outs
 
 
