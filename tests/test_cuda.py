@@ -12,6 +12,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from saved_states import raw_bytes
 
 from keisei_fn import (
     AsyncSaver,
@@ -25,9 +28,10 @@ from keisei_fn import (
     save_state,
 )
 from keisei_fn.precision import make_scaler, precision_policy
-from keisei_fn.staging import copy_to_device
+from keisei_fn.staging import PinnedBuffers, copy_to_device, copy_to_host
 from keisei_fn.state import thaw
 from keisei_fn.testing import assert_states_equal
+from keisei_fn.testing.strategies import tensors
 
 pytestmark = pytest.mark.cuda
 
@@ -63,22 +67,21 @@ def step(
 def reference(
     spec: ModelSpec, model: torch.nn.Module, optimizer: torch.optim.Optimizer, at: int
 ) -> TrainState:
-    """The state as synchronous ``.cpu()`` copies see it now."""
-    torch.cuda.synchronize()
-    return on_cpu(
-        TrainState(
-            spec=spec,
-            step=at,
-            model=dict(model.state_dict()),
-            optimizer=optimizer.state_dict(),
-        )
+    """The state as it is after the work queued so far: clones queued on the current stream,
+    nothing waited for (the caller queues more steps before it reads them)."""
+    return TrainState(
+        spec=spec,
+        step=at,
+        model={k: t.detach().clone() for k, t in model.state_dict().items()},
+        optimizer=thaw(optimizer.state_dict(), on_tensor=lambda t: t.detach().clone()),
     )
 
 
 def test_a_step_right_after_save_returns_never_reaches_the_snapshot(tmp_path: Path) -> None:
     """The snapshot holds exactly the state after the steps queued before ``capture`` (its
     copies wait for the training stream), and none of the steps queued after ``save`` returns
-    (``capture`` waits for its copies); what is written is that snapshot."""
+    (``capture`` waits for its copies: nothing between it and the next steps synchronises);
+    what is written is that snapshot."""
     spec = ModelSpec()
     model, optimizer = trained(spec, batch=256)
     expected = {}
@@ -86,13 +89,14 @@ def test_a_step_right_after_save_returns_never_reaches_the_snapshot(tmp_path: Pa
         for at in range(1, 5):
             step(model, optimizer, spec, 256)  # queued, not waited for: the snapshot must see it
             state = capture(spec, model, optimizer, step=at, rng=False, staging=saver.staging)
-            expected[at] = reference(spec, model, optimizer, at)  # nothing else was queued
+            queued = reference(spec, model, optimizer, at)  # after the step, before the next
             saver.save(state)
             step(model, optimizer, spec, 256)  # queued at once: changes every parameter
             step(model, optimizer, spec, 256)
+            expected[at] = on_cpu(queued)  # waits for the clones (and the steps) only now
             assert_states_equal(expected[at], state)
             assert all(t.is_pinned() for t in state.model.values() if t.numel())
-            del state
+            del state, queued
         nbytes = sum(t.nbytes for t in expected[1].model.values())
     for at, state in expected.items():
         assert_states_equal(state, load_state(tmp_path / f"checkpoint_ts{at}"))
@@ -135,6 +139,36 @@ def test_copy_to_device_through_chunks_is_bit_exact() -> None:
     for source, out in zip(sources, moved, strict=True):
         assert out.is_cuda and out.dtype == source.dtype
         assert torch.equal(out.cpu().view(torch.uint8), source.view(torch.uint8))
+
+
+def bits(tensor: torch.Tensor) -> bytes:
+    """The bytes of a tensor's values (a one-element view with an odd stride included)."""
+    if tensor.numel() == 0:
+        return b""
+    return raw_bytes(tensor.detach().cpu().clone(memory_format=torch.contiguous_format))
+
+
+def strided(tensor: torch.Tensor) -> torch.Tensor:
+    """A non-contiguous view of ``tensor`` (every other element), or the tensor itself."""
+    return tensor.reshape(-1)[::2] if tensor.numel() > 2 else tensor
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.lists(tensors(noncontiguous=True), max_size=6), st.integers(1, 64))
+def test_odd_tensors_go_to_the_gpu_and_back_bit_exactly(
+    sources: list[torch.Tensor], chunk_bytes: int
+) -> None:
+    """Every dtype (bool, bfloat16, integers), 0-d, empty and non-contiguous tensors, through
+    tiny chunks to the GPU, then strided views of them back to page-locked memory."""
+    moved = copy_to_device(sources, "cuda", chunk_bytes=chunk_bytes)
+    views = [strided(t) for t in moved]
+    hosts = copy_to_host(views, PinnedBuffers())
+    for source, out, view, host in zip(sources, moved, views, hosts, strict=True):
+        assert out.is_cuda and out.is_contiguous() and not host.is_cuda
+        assert (out.dtype, out.shape) == (source.dtype, source.shape)
+        assert bits(out) == bits(source)
+        assert (host.dtype, host.shape) == (view.dtype, view.shape)
+        assert bits(host) == bits(view)
 
 
 def test_restore_onto_cuda_model_and_optimizer(tmp_path: Path) -> None:
