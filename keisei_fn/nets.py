@@ -30,7 +30,6 @@ __all__ = [
     "build_model",
     "canonical_state_dict",
     "register_model",
-    "se_pool",
     "set_compute_dtype_",
     "unwrap_model",
 ]
@@ -41,31 +40,14 @@ _WRAPPER_PREFIXES = ("_orig_mod.", "module.")
 _T = TypeVar("_T")
 
 
-_is_scripting = torch.jit.is_scripting  # type: ignore[attr-defined]  # (not exported)
-
-
-def se_pool(x: Tensor) -> Tensor:
-    """The mean over H and W of ``(B, C, H, W)``, as ``(B, C, 1, 1)``: the SE blocks' pooling.
-
-    ``adaptive_avg_pool2d`` has no deterministic CUDA backward, so on CUDA with
-    ``torch.use_deterministic_algorithms(True)`` this is ``x.mean((2, 3), keepdim=True)``
-    (deterministic; it may differ from the pooling in the last bit). Everywhere else it is
-    ``adaptive_avg_pool2d``, so CPU outputs are bit-identical to Keisei's (and a TorchScript
-    model always pools).
-
-    Example:
-        >>> se_pool(torch.ones(1, 2, 9, 9)).shape
-        torch.Size([1, 2, 1, 1])
-    """
-    # TorchScript skips this block whole (it has no are_deterministic_algorithms_enabled)
-    if not _is_scripting():  # noqa: SIM102
-        if x.is_cuda and torch.are_deterministic_algorithms_enabled():
-            return x.mean((2, 3), keepdim=True)
-    return F.adaptive_avg_pool2d(x, 1)
-
-
 class SqueezeExcitation(nn.Module):
-    """Channel attention: pool → 1x1 conv → ReLU → 1x1 conv → sigmoid → scale."""
+    """Channel attention: pool → 1x1 conv → ReLU → 1x1 conv → sigmoid → scale.
+
+    The pooling trains under ``torch.use_deterministic_algorithms(True)`` on CUDA too: for a
+    1x1 output, PyTorch computes ``adaptive_avg_pool2d`` as a mean over H and W on every device
+    (a composite of ``aten.mean``, whose backward is deterministic), never reaching the CUDA
+    pooling kernel whose backward has no deterministic version.
+    """
 
     def __init__(self, channels: int, se_ratio: float) -> None:
         super().__init__()
@@ -74,7 +56,7 @@ class SqueezeExcitation(nn.Module):
         self.fc2 = nn.Conv2d(hidden, channels, kernel_size=1)
 
     def forward(self, x: Tensor) -> Tensor:
-        scale = se_pool(x)
+        scale = F.adaptive_avg_pool2d(x, 1)
         scale = torch.sigmoid(self.fc2(F.relu(self.fc1(scale))))
         return x * scale
 

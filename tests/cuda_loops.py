@@ -22,8 +22,8 @@ from torch import nn
 from keisei_fn import ModelSpec, build_model
 from keisei_fn.testing import assert_resume_equivalent
 
-#: A small tower with the SE blocks (``se_ratio`` 0.25), whose pooling needs the deterministic
-#: path on CUDA.
+#: A small tower with the SE blocks (``se_ratio`` 0.25): their pooling must train
+#: deterministically on CUDA too.
 SPEC = ModelSpec(tower_depth=2, tower_width=32)
 BATCH = 16
 INIT_SCALE = 2.0**24  # fp16 gradients overflow at this scale within a few steps
@@ -118,7 +118,8 @@ def _scaler_skips() -> int:
 
 def _default_network_backward() -> None:
     """Keisei's default network trains under deterministic algorithms on CUDA (the SE blocks'
-    ``adaptive_avg_pool2d`` has no deterministic CUDA backward: ``se_pool`` takes the mean)."""
+    ``adaptive_avg_pool2d(x, 1)`` is a mean, never the CUDA pooling kernel, whose backward has
+    no deterministic version)."""
     deterministic()
     model = build_model(ModelSpec(), seed=0, device="cuda")
     logits, value = model(torch.randn(4, *ModelSpec().obs_shape, device="cuda"))
