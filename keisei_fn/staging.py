@@ -245,7 +245,7 @@ def copy_to_device(
         for src, out in zip(tensors, outs, strict=True):
             if src.numel() == 0:
                 continue
-            flat = src.detach().reshape(-1)
+            flat = src.detach().resolve_conj().resolve_neg().reshape(-1)  # bytes of the values
             if flat.stride(0) != 1:  # one element with an odd stride: contiguous, not viewable
                 flat = flat.clone(memory_format=torch.contiguous_format)
             src_bytes = flat.view(torch.uint8)

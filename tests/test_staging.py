@@ -113,6 +113,15 @@ def test_copy_to_device_through_small_chunks_is_bit_exact(
             assert storage_of(out) != storage_of(source)
 
 
+def test_conjugate_and_negative_views_are_copied_as_their_values() -> None:
+    z = torch.tensor([1 + 2j, 3 - 4j, -5j])
+    views = [z.conj(), torch.conj_physical(z).conj().imag, z.conj().imag]
+    assert views[0].is_conj() and views[2].is_neg()
+    for moved in (copy_to_device(views, "cpu", chunk_bytes=8), copy_to_host(views)):
+        for view, copy in zip(views, moved, strict=True):
+            assert same(view, copy)
+
+
 def test_copy_to_device_refuses_empty_chunks() -> None:
     with pytest.raises(ValueError, match="chunk_bytes"):
         copy_to_device([torch.ones(1)], "cpu", chunk_bytes=0)
