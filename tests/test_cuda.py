@@ -28,7 +28,7 @@ from keisei_fn import (
     save_state,
 )
 from keisei_fn.precision import make_scaler, precision_policy
-from keisei_fn.staging import PinnedBuffers, copy_to_device, copy_to_host
+from keisei_fn.staging import PinnedBuffers, _side_stream, copy_to_device, copy_to_host
 from keisei_fn.state import thaw
 from keisei_fn.testing import assert_states_equal
 from keisei_fn.testing.strategies import tensors
@@ -169,6 +169,17 @@ def test_odd_tensors_go_to_the_gpu_and_back_bit_exactly(
         assert bits(out) == bits(source)
         assert (host.dtype, host.shape) == (view.dtype, view.shape)
         assert bits(host) == bits(view)
+
+
+def test_a_failed_snapshot_leaves_no_copy_running_into_its_buffer() -> None:
+    """When a later copy fails, ``copy_to_host`` still waits for the copies it queued: the
+    buffer goes back to the pool, and a copy still writing into it would corrupt the next
+    snapshot lent it."""
+    big = torch.randn(64 << 20, device="cuda")  # 256 MB: its copy takes milliseconds
+    buffers = PinnedBuffers()
+    with pytest.raises(NotImplementedError, match="meta"):
+        copy_to_host([big, torch.empty(4, device="meta")], buffers)
+    assert _side_stream(big.device).query()  # nothing queued on the copy stream still runs
 
 
 def test_restore_onto_cuda_model_and_optimizer(tmp_path: Path) -> None:
