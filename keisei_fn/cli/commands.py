@@ -21,7 +21,7 @@ from keisei_fn.cli.table import human_age, human_bytes, render_table
 from keisei_fn.info import model_info
 from keisei_fn.paths import RunPath, run_path
 from keisei_fn.precision import precision_policy
-from keisei_fn.spec import ModelSpec
+from keisei_fn.spec import TEST_MODEL_TYPES, ModelSpec
 from keisei_fn.state import thaw
 
 #: ``convert --kind`` → ``import_legacy``'s kind.
@@ -311,7 +311,13 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
 def cmd_prune(args: argparse.Namespace) -> int:
     """Apply a retention policy (``--dry-run`` to only show the plan)."""
+    from keisei_fn.errors import UnsupportedFormatError
+    from keisei_fn.store.bundle import bundle_stem
     from keisei_fn.store.retention import RetentionPolicy, prune
+
+    run_dir = _existing_run_dir(args.run_dir)
+    if bundle_stem(run_dir) is not None:
+        raise UnsupportedFormatError(f"{run_dir} is an export bundle, not a run directory")
 
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -330,7 +336,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
             "to let the other rules decide",
             file=sys.stderr,
         )
-    plan = prune(_existing_run_dir(args.run_dir), policy, dry_run=args.dry_run)
+    plan = prune(run_dir, policy, dry_run=args.dry_run)
     verb = "would delete" if args.dry_run else "deleted"
     for name, reason in sorted(plan.keep.items()):
         print(f"keep          {name}  ({reason})")
@@ -536,11 +542,16 @@ def cmd_grow(args: argparse.Namespace) -> int:
         raise SpecError(f"{meta.path}: an arbitrary model without a ModelSpec cannot grow")
     changes = {k: getattr(args, k) for k in ("tower_depth", "tower_width")}
     new_spec = state.spec.replace(**{k: v for k, v in changes.items() if v is not None})
+    if state.spec.model_type in TEST_MODEL_TYPES:
+        raise SpecError(
+            f"{meta.name} is a {state.spec.model_type!r} network, whose tower is fixed at depth "
+            f"{state.spec.tower_depth} and width {state.spec.tower_width}: it cannot grow; grow "
+            "works on 'resnet' checkpoints"
+        )
     if new_spec == state.spec:
         raise SpecError(
-            f"nothing to grow: {meta.name} is {state.spec.model_type} with depth "
-            f"{state.spec.tower_depth} and width {state.spec.tower_width} already (a test model "
-            "type's tower is fixed; give --tower-depth or --tower-width larger than now)"
+            f"nothing to grow: {meta.name} has depth {state.spec.tower_depth} and width "
+            f"{state.spec.tower_width} already; give --tower-depth or --tower-width larger than now"
         )
     grown = grow(state, new_spec, seed=args.seed)  # pure: a bad spec is refused here
     target = sidecar_path(run_path(args.out_run_dir) / meta.name)

@@ -1,0 +1,69 @@
+"""What a third new-user trial (of soups, growing, compat, export bundles and matches) found:
+a bundle given where a checkpoint is needed, a test model that cannot grow, and ``prune`` on a
+bundle that printed nothing."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from cli_inprocess import run
+
+import keisei_fn as kf
+from keisei_fn.errors import UnsupportedFormatError
+
+SPEC = kf.ModelSpec(model_type="testmodel")
+
+
+@pytest.fixture(scope="module")
+def demo_like(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A run directory with two checkpoints and a final model, and its float32 bundle."""
+    root = tmp_path_factory.mktemp("trial")
+    state = kf.capture(SPEC, kf.build_model(SPEC, seed=0), step=100)
+    for step in (100, 200):
+        kf.save_state(state.replace(step=step), root / "runs/demo")
+    kf.save_final_model(state.replace(step=200), root / "runs/demo")
+    kf.export_model(root / "runs/demo", root / "bundles/f32", dtype="float32")
+    return root
+
+
+@pytest.mark.parametrize(
+    "verb",
+    [
+        ("compat", "{b}", "--model", "testmodel"),
+        ("grow", "{b}", "{root}/grown", "--tower-depth", "2"),
+        ("average", "{b}", "{b}", "{root}/soup"),
+        ("diff", "{b}", "{root}/runs/demo"),
+    ],
+    ids=lambda verb: verb[0],
+)
+def test_a_bundle_where_a_checkpoint_is_needed_says_so(demo_like: Path, verb: tuple[str]) -> None:
+    bundle = demo_like / "bundles/f32"
+    args = [arg.format(b=bundle, root=demo_like) for arg in verb]
+    result = run(*args)
+    assert result.returncode == 2, result.stdout + result.stderr
+    (line,) = result.stderr.splitlines()
+    assert "is an export bundle" in line and "not a checkpoint" in line, line
+    assert "keisei-fn info" in line, line  # where to find its source checkpoint
+    assert "keisei_fn.checkpoint sidecar" not in line
+
+
+def test_the_python_api_refuses_a_bundle_with_the_same_words(demo_like: Path) -> None:
+    with pytest.raises(UnsupportedFormatError, match="is an export bundle"):
+        kf.check_compatible(demo_like / "bundles/f32", SPEC)
+
+
+def test_growing_a_test_model_says_it_cannot_grow(demo_like: Path) -> None:
+    result = run("grow", demo_like / "runs/demo", demo_like / "big", "--tower-depth", "3")
+    assert result.returncode == 2
+    (line,) = result.stderr.splitlines()
+    assert "testmodel" in line and "cannot grow" in line and "resnet" in line, line
+    assert "larger than now" not in line  # 3 > 1 is larger: the old advice was wrong here
+    assert not (demo_like / "big").exists()
+
+
+def test_prune_on_a_bundle_is_a_user_error(demo_like: Path) -> None:
+    result = run("prune", demo_like / "bundles/f32", "--keep-last", "1", "--dry-run")
+    assert result.returncode == 2
+    assert "is an export bundle, not a run directory" in result.stderr
+    assert kf.load_model(demo_like / "bundles/f32")[1].step == 200
