@@ -67,3 +67,15 @@ def test_prune_on_a_bundle_is_a_user_error(demo_like: Path) -> None:
     assert result.returncode == 2
     assert "is an export bundle, not a run directory" in result.stderr
     assert kf.load_model(demo_like / "bundles/f32")[1].step == 200
+
+
+def test_verify_names_an_unhealthy_checkpoint_that_is_intact(tmp_path: Path) -> None:
+    state = kf.capture(SPEC, kf.build_model(SPEC, seed=0), step=1)
+    kf.save_state(state, tmp_path, health=())
+    kf.save_state(state.replace(step=2), tmp_path, health=("non_finite: model w has 1 NaN",))
+    result = run("verify", tmp_path)
+    assert result.returncode == 0, result.stdout  # its files are intact: verify is integrity
+    assert result.stdout.splitlines() == [
+        "ok       checkpoint_ts1",
+        "ok       checkpoint_ts2  (UNHEALTHY: non_finite: never resumed or published)",
+    ]

@@ -19,6 +19,7 @@ import orjson
 from keisei_fn.average import AVERAGE_KEY, average_summary
 from keisei_fn.cli.table import human_age, human_bytes, render_table
 from keisei_fn.info import model_info
+from keisei_fn.meta import CheckpointMeta
 from keisei_fn.paths import RunPath, run_path
 from keisei_fn.precision import precision_policy
 from keisei_fn.spec import TEST_MODEL_TYPES, ModelSpec
@@ -272,6 +273,11 @@ def _print_spec(spec: ModelSpec, info: dict[str, Any]) -> None:
     print(f"precision      {info['mixed_precision']['reason']}")
 
 
+def _unhealthy_note(meta: CheckpointMeta) -> str:
+    """What ``verify`` adds after an intact checkpoint the health gate marked unhealthy."""
+    return "" if meta.healthy else f"  ({meta.health_mark}: never resumed or published)"
+
+
 def cmd_verify(args: argparse.Namespace) -> int:
     """Verify one checkpoint or every checkpoint of a run directory; exit 1 on a corrupt,
     invalid or unreadable checkpoint. Leftovers of an ordinary crash (temp files, payloads no
@@ -284,7 +290,8 @@ def cmd_verify(args: argparse.Namespace) -> int:
     path = run_path(args.path)
     if not is_run_dir(path):
         meta = verify_checkpoint(path)
-        print(f"ok  {meta.name} (step {meta.step}, {human_bytes(meta.weights_size)})")
+        size = human_bytes(meta.weights_size)
+        print(f"ok  {meta.name} (step {meta.step}, {size}){_unhealthy_note(meta)}")
         return 0
     scan = scan_run_dir(path)
     if not (scan.valid or scan.invalid or scan.unreadable or scan.leftovers):
@@ -293,7 +300,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
     for meta in scan.valid:
         try:
             verify_checkpoint(meta.path)
-            print(f"ok       {meta.name}")
+            print(f"ok       {meta.name}{_unhealthy_note(meta)}")
         except Exception as exc:
             bad += 1
             print(f"CORRUPT  {meta.name}: {exc}")
@@ -318,7 +325,6 @@ def cmd_prune(args: argparse.Namespace) -> int:
     run_dir = _existing_run_dir(args.run_dir)
     if bundle_stem(run_dir) is not None:
         raise UnsupportedFormatError(f"{run_dir} is an export bundle, not a run directory")
-
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         policy = RetentionPolicy(
