@@ -79,3 +79,10 @@ def test_verify_names_an_unhealthy_checkpoint_that_is_intact(tmp_path: Path) -> 
         "ok       checkpoint_ts1",
         "ok       checkpoint_ts2  (UNHEALTHY: non_finite: never resumed or published)",
     ]
+
+
+def test_an_ema_prints_one_line_in_a_repl() -> None:
+    ema = kf.ema_init(kf.build_model(SPEC, seed=0), decay=0.99)
+    text = repr(ema)
+    assert "tensor(" not in text and len(text) < 200, text[:300]
+    assert text == f"EMA(decay=0.99, updates=0, {len(ema.tensors)} tensors, 8.9 MB)"
