@@ -86,3 +86,9 @@ def test_an_ema_prints_one_line_in_a_repl() -> None:
     text = repr(ema)
     assert "tensor(" not in text and len(text) < 200, text[:300]
     assert text == f"EMA(decay=0.99, updates=0, {len(ema.tensors)} tensors, 8.9 MB)"
+
+
+def test_load_state_of_a_bundle_directory_says_it_is_a_bundle(demo_like: Path) -> None:
+    for source in ("bundles/f32", "bundles/f32/bundle.json"):
+        with pytest.raises(UnsupportedFormatError, match="is an export bundle"):
+            kf.load_state(demo_like / source)  # was: "no checkpoint at bundles/f32"
