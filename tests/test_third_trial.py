@@ -34,6 +34,7 @@ def demo_like(tmp_path_factory: pytest.TempPathFactory) -> Path:
         ("grow", "{b}", "{root}/grown", "--tower-depth", "2"),
         ("average", "{b}", "{b}", "{root}/soup"),
         ("diff", "{b}", "{root}/runs/demo"),
+        ("publish", "{b}", "--run-name", "x"),
     ],
     ids=lambda verb: verb[0],
 )
