@@ -93,3 +93,11 @@ def test_load_state_of_a_bundle_directory_says_it_is_a_bundle(demo_like: Path) -
     for source in ("bundles/f32", "bundles/f32/bundle.json"):
         with pytest.raises(UnsupportedFormatError, match="is an export bundle"):
             kf.load_state(demo_like / source)  # was: "no checkpoint at bundles/f32"
+
+
+def test_usi_on_a_path_that_does_not_exist_fails_at_once(tmp_path: Path) -> None:
+    # as every command: one line, exit 2, before any USI exchange (it waited for isready)
+    result = run("usi", tmp_path / "nope")
+    assert result.returncode == 2
+    assert result.stdout == ""
+    assert result.stderr.splitlines() == [f"keisei-fn: error: no checkpoint at {tmp_path}/nope"]

@@ -636,14 +636,17 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_usi(args: argparse.Namespace) -> int:
-    """A USI engine on stdin/stdout (see ``keisei_fn.usi``)."""
+    """A USI engine on stdin/stdout (see ``keisei_fn.usi``). A source that names no checkpoint
+    is a user error at once (the engine itself loads the model only at ``isready``)."""
     import torch
 
     from keisei_fn.errors import SpecError
+    from keisei_fn.store.locate import resolve_checkpoint
     from keisei_fn.usi import run_engine
 
     if args.threads < 1:
         raise SpecError(f"--threads must be at least 1, got {args.threads}")
+    resolve_checkpoint(args.source)  # sidecars only: the engine still starts at once
     torch.set_num_threads(args.threads)
     return run_engine(args.source, sys.stdin, sys.stdout, device=args.device)
 
