@@ -101,3 +101,13 @@ def test_usi_on_a_path_that_does_not_exist_fails_at_once(tmp_path: Path) -> None
     assert result.returncode == 2
     assert result.stdout == ""
     assert result.stderr.splitlines() == [f"keisei-fn: error: no checkpoint at {tmp_path}/nope"]
+
+
+def test_cli_errors_name_what_the_user_typed(demo_like: Path) -> None:
+    demo = demo_like / "runs/demo"
+    match = run("match", demo, demo, "--playouts", "-1", "--out", demo_like / "m")
+    assert match.returncode == 2
+    assert match.stderr.strip().endswith("playouts must be ints >= 0, got -1"), match.stderr
+    one = run("average", demo / "checkpoint_ts100", demo_like / "one")
+    assert one.returncode == 0, one.stderr
+    assert one.stdout.startswith("averaged 1 checkpoint → "), one.stdout

@@ -508,7 +508,8 @@ def cmd_average(args: argparse.Namespace) -> int:
         positions = encode_observations(boards)
     soup = average_checkpoints(sources, args.weights, recompute_bn=positions)
     meta = save_final_model(soup, out, keep_extra=True)
-    print(f"averaged {len(sources)} checkpoints → {meta.path} (step {meta.step})")
+    noun = "checkpoint" if len(sources) == 1 else "checkpoints"
+    print(f"averaged {len(sources)} {noun} → {meta.path} (step {meta.step})")
     return 0
 
 
