@@ -111,3 +111,13 @@ def test_cli_errors_name_what_the_user_typed(demo_like: Path) -> None:
     one = run("average", demo / "checkpoint_ts100", demo_like / "one")
     assert one.returncode == 0, one.stderr
     assert one.stdout.startswith("averaged 1 checkpoint → "), one.stdout
+
+
+def test_validate_names_a_few_broken_tensors_and_counts_the_rest() -> None:
+    model = kf.build_model(SPEC, seed=0)
+    for parameter in model.parameters():
+        parameter.data.fill_(float("nan"))
+    problems = kf.validate_model(model).problems
+    assert len(problems) <= 8 and sum(len(p) for p in problems) < 600, problems
+    assert problems[0] == "stem.weight has 6624 non-finite values of 6624"
+    assert problems[5].startswith("and ") and problems[5].endswith(" more tensors are not finite")
