@@ -121,3 +121,16 @@ def test_validate_names_a_few_broken_tensors_and_counts_the_rest() -> None:
     assert len(problems) <= 8 and sum(len(p) for p in problems) < 600, problems
     assert problems[0] == "stem.weight has 6624 non-finite values of 6624"
     assert problems[5].startswith("and ") and problems[5].endswith(" more tensors are not finite")
+
+
+def test_a_save_handle_says_what_it_saved(tmp_path: Path) -> None:
+    model = kf.build_model(SPEC, seed=0)
+    with kf.AsyncSaver(tmp_path, health=True) as saver:
+        handle = saver.save(kf.capture(SPEC, model, step=1))
+        handle.wait()
+        for parameter in model.parameters():
+            parameter.data.fill_(float("nan"))
+        broken = saver.save(kf.capture(SPEC, model, step=2))
+        broken.wait()
+    assert repr(handle) == "SaveHandle(step=1, saved checkpoint_ts1)"
+    assert repr(broken) == "SaveHandle(step=2, saved checkpoint_ts2, UNHEALTHY: non_finite)"
