@@ -32,6 +32,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from keisei_fn.display import human_bytes
 from keisei_fn.errors import StateMismatchError
 from keisei_fn.nets import build_model, canonical_state_dict, unwrap_model
 from keisei_fn.spec import ModelSpec
@@ -77,6 +78,19 @@ class EMA:
         ):
             raise StateMismatchError("EMA tensors must map str keys to tensors")
         object.__setattr__(self, "tensors", MappingProxyType(dict(self.tensors)))
+
+    def __repr__(self) -> str:
+        """One line: the decay, the updates and how much there is, not the tensors themselves.
+
+        Example:
+            >>> ema_init({"w": torch.zeros(2)}, decay=0.5)
+            EMA(decay=0.5, updates=0, 1 tensors, 8 B)
+        """
+        nbytes = sum(t.nelement() * t.element_size() for t in self.tensors.values())
+        return (
+            f"EMA(decay={self.decay}, updates={self.updates}, {len(self.tensors)} tensors, "
+            f"{human_bytes(nbytes)})"
+        )
 
     def to_extra(self) -> dict[str, Any]:
         """The EMA as a value for ``TrainState.extra`` (``capture(..., extra={"ema": ...})``).

@@ -59,6 +59,8 @@ class Ensemble(nn.Module):
     def __init__(self, models: Sequence[nn.Module], weights: Sequence[float] | None = None) -> None:
         super().__init__()
         models = list(models)
+        if not models:
+            raise SpecError("an ensemble needs at least one model")
         self.weights = normalized_weights(weights, len(models))
         self.members = nn.ModuleList(models)
 

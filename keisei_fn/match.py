@@ -606,7 +606,7 @@ def play_match(
     per_player = playouts if isinstance(playouts, tuple) else (playouts, playouts)
     for count in per_player:
         if isinstance(count, bool) or not isinstance(count, int) or count < 0:
-            raise SpecError(f"playouts must be ints >= 0, got {playouts!r}")
+            raise SpecError(f"playouts must be ints >= 0, got {count!r}")
     folder, made = _new_out_dir(out)
     players: dict[str, _Player] = {}
     results: list[GameResult] = []

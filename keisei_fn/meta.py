@@ -65,6 +65,7 @@ from keisei_fn.spec import ModelSpec
 from keisei_fn.state import GameStats, freeze
 
 __all__ = [
+    "BUNDLE_FORMAT",
     "FORMAT_NAME",
     "FORMAT_VERSION",
     "KINDS",
@@ -86,6 +87,9 @@ __all__ = [
 ]
 
 FORMAT_NAME = "keisei_fn.checkpoint"
+#: The format of an export bundle's sidecar (``keisei_fn.store.bundle``): named here so that
+#: a bundle given where a checkpoint is needed is refused in words a user can act on.
+BUNDLE_FORMAT = "keisei_fn.bundle"
 #: The format version of single-file checkpoints written now (generation-named weights file,
 #: per-tensor digests).
 FORMAT_VERSION = 3
@@ -511,6 +515,12 @@ def check_sidecar(raw: bytes, *, name: str | None = None, where: str = "sidecar"
     # corruption, not a foreign or newer file. Every format version digests the same way.
     if isinstance(sidecar.get("digest"), str):
         check_own_digest(raw, sidecar, where)
+    if sidecar.get("format") == BUNDLE_FORMAT:
+        raise UnsupportedFormatError(
+            f"{where}: this is an export bundle (inference weights, no training state), not a "
+            "checkpoint; give its source checkpoint instead (`keisei-fn info` on the bundle "
+            "names it)"
+        )
     if sidecar.get("format") != FORMAT_NAME:
         found = sidecar.get("format")
         raise UnsupportedFormatError(f"{where}: not a {FORMAT_NAME} sidecar (format {found!r})")

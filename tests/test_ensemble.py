@@ -116,7 +116,7 @@ def test_a_legal_mask_renormalises_the_mixture_over_the_legal_moves() -> None:
 
 def test_ensemble_refusals() -> None:
     a = Fixed([0.5, 0.5], value=0.0)
-    with pytest.raises(SpecError, match="no inputs"):
+    with pytest.raises(SpecError, match="an ensemble needs at least one model"):
         kf.Ensemble([])
     with pytest.raises(SpecError, match="2 weights for 1 inputs"):
         kf.Ensemble([a], weights=[1, 2])

@@ -286,11 +286,15 @@ def test_the_grow_verb_replaces_nothing_without_force(tmp_path: Path) -> None:
 
 
 def test_the_grow_verb_refuses_a_spec_that_does_not_change(tmp_path: Path) -> None:
-    spec = ModelSpec(model_type="testmodel", num_actions=4)
+    spec = ModelSpec(tower_depth=1, tower_width=3, num_actions=4)
     save_state(capture(spec, build_model(spec, seed=0), step=5, rng=False), tmp_path / "run")
-    for options in ([], ["--tower-depth", "3"]):  # a test model's tower is fixed
+    for options in ([], ["--tower-depth", "1", "--tower-width", "3"]):
         done = run("grow", str(tmp_path / "run"), str(tmp_path / "out"), *options)
         assert done.returncode == 2 and "nothing to grow" in done.stderr, done.stderr
+    test_spec = ModelSpec(model_type="testmodel", num_actions=4)  # its tower is fixed
+    save_state(capture(test_spec, build_model(test_spec, seed=0), step=5), tmp_path / "test")
+    done = run("grow", str(tmp_path / "test"), str(tmp_path / "out"), "--tower-depth", "3")
+    assert done.returncode == 2 and "cannot grow" in done.stderr, done.stderr
     assert not (tmp_path / "out").exists()
 
 

@@ -421,7 +421,7 @@ def test_retention_never_prunes_the_newest_healthy_checkpoint() -> None:
     plan = kf.plan_prune(metas, kf.RetentionPolicy(keep_last=2, max_bytes=1))
     assert plan.keep == {
         "checkpoint_ts2": "newest healthy resume point",  # unchecked reads healthy
-        "checkpoint_ts5": "newest resume point",
+        "checkpoint_ts5": "newest checkpoint (unhealthy: kept, never resumed)",
     }
     assert plan.delete == ("checkpoint_ts1", "checkpoint_ts3", "checkpoint_ts4")
 

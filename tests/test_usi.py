@@ -312,9 +312,9 @@ def test_the_usi_command(run_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None
     lines = ran.stdout.splitlines()
     assert "usiok" in lines and "readyok" in lines and lines[-1].split()[1] in legal_usi()
     monkeypatch.setattr(sys, "stdin", io.StringIO("usi\nisready\n"))
-    missing = cli_inprocess.run("usi", run_dir.parent / "nothing")
-    assert missing.returncode == 2 and "readyok" not in missing.stdout
-    assert missing.stdout.splitlines()[-1].startswith("info string cannot play: no checkpoint")
+    missing = cli_inprocess.run("usi", run_dir.parent / "nothing")  # refused before `usi`
+    assert missing.returncode == 2 and missing.stdout == ""
+    assert missing.stderr.startswith("keisei-fn: error: no checkpoint at")
 
 
 def test_a_failing_search_still_answers_bestmove(model: nn.Module) -> None:

@@ -19,9 +19,10 @@ import orjson
 from keisei_fn.average import AVERAGE_KEY, average_summary
 from keisei_fn.cli.table import human_age, human_bytes, render_table
 from keisei_fn.info import model_info
+from keisei_fn.meta import CheckpointMeta
 from keisei_fn.paths import RunPath, run_path
 from keisei_fn.precision import precision_policy
-from keisei_fn.spec import ModelSpec
+from keisei_fn.spec import TEST_MODEL_TYPES, ModelSpec
 from keisei_fn.state import thaw
 
 #: ``convert --kind`` → ``import_legacy``'s kind.
@@ -272,6 +273,11 @@ def _print_spec(spec: ModelSpec, info: dict[str, Any]) -> None:
     print(f"precision      {info['mixed_precision']['reason']}")
 
 
+def _unhealthy_note(meta: CheckpointMeta) -> str:
+    """What ``verify`` adds after an intact checkpoint the health gate marked unhealthy."""
+    return "" if meta.healthy else f"  ({meta.health_mark}: never resumed or published)"
+
+
 def cmd_verify(args: argparse.Namespace) -> int:
     """Verify one checkpoint or every checkpoint of a run directory; exit 1 on a corrupt,
     invalid or unreadable checkpoint. Leftovers of an ordinary crash (temp files, payloads no
@@ -284,7 +290,8 @@ def cmd_verify(args: argparse.Namespace) -> int:
     path = run_path(args.path)
     if not is_run_dir(path):
         meta = verify_checkpoint(path)
-        print(f"ok  {meta.name} (step {meta.step}, {human_bytes(meta.weights_size)})")
+        size = human_bytes(meta.weights_size)
+        print(f"ok  {meta.name} (step {meta.step}, {size}){_unhealthy_note(meta)}")
         return 0
     scan = scan_run_dir(path)
     if not (scan.valid or scan.invalid or scan.unreadable or scan.leftovers):
@@ -293,7 +300,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
     for meta in scan.valid:
         try:
             verify_checkpoint(meta.path)
-            print(f"ok       {meta.name}")
+            print(f"ok       {meta.name}{_unhealthy_note(meta)}")
         except Exception as exc:
             bad += 1
             print(f"CORRUPT  {meta.name}: {exc}")
@@ -311,8 +318,13 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
 def cmd_prune(args: argparse.Namespace) -> int:
     """Apply a retention policy (``--dry-run`` to only show the plan)."""
+    from keisei_fn.errors import UnsupportedFormatError
+    from keisei_fn.store.bundle import bundle_stem
     from keisei_fn.store.retention import RetentionPolicy, prune
 
+    run_dir = _existing_run_dir(args.run_dir)
+    if bundle_stem(run_dir) is not None:
+        raise UnsupportedFormatError(f"{run_dir} is an export bundle, not a run directory")
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         policy = RetentionPolicy(
@@ -330,7 +342,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
             "to let the other rules decide",
             file=sys.stderr,
         )
-    plan = prune(_existing_run_dir(args.run_dir), policy, dry_run=args.dry_run)
+    plan = prune(run_dir, policy, dry_run=args.dry_run)
     verb = "would delete" if args.dry_run else "deleted"
     for name, reason in sorted(plan.keep.items()):
         print(f"keep          {name}  ({reason})")
@@ -496,7 +508,8 @@ def cmd_average(args: argparse.Namespace) -> int:
         positions = encode_observations(boards)
     soup = average_checkpoints(sources, args.weights, recompute_bn=positions)
     meta = save_final_model(soup, out, keep_extra=True)
-    print(f"averaged {len(sources)} checkpoints → {meta.path} (step {meta.step})")
+    noun = "checkpoint" if len(sources) == 1 else "checkpoints"
+    print(f"averaged {len(sources)} {noun} → {meta.path} (step {meta.step})")
     return 0
 
 
@@ -536,11 +549,16 @@ def cmd_grow(args: argparse.Namespace) -> int:
         raise SpecError(f"{meta.path}: an arbitrary model without a ModelSpec cannot grow")
     changes = {k: getattr(args, k) for k in ("tower_depth", "tower_width")}
     new_spec = state.spec.replace(**{k: v for k, v in changes.items() if v is not None})
+    if state.spec.model_type in TEST_MODEL_TYPES:
+        raise SpecError(
+            f"{meta.name} is a {state.spec.model_type!r} network, whose tower is fixed at depth "
+            f"{state.spec.tower_depth} and width {state.spec.tower_width}: it cannot grow; grow "
+            "works on 'resnet' checkpoints"
+        )
     if new_spec == state.spec:
         raise SpecError(
-            f"nothing to grow: {meta.name} is {state.spec.model_type} with depth "
-            f"{state.spec.tower_depth} and width {state.spec.tower_width} already (a test model "
-            "type's tower is fixed; give --tower-depth or --tower-width larger than now)"
+            f"nothing to grow: {meta.name} has depth {state.spec.tower_depth} and width "
+            f"{state.spec.tower_width} already; give --tower-depth or --tower-width larger than now"
         )
     grown = grow(state, new_spec, seed=args.seed)  # pure: a bad spec is refused here
     target = sidecar_path(run_path(args.out_run_dir) / meta.name)
@@ -619,14 +637,17 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_usi(args: argparse.Namespace) -> int:
-    """A USI engine on stdin/stdout (see ``keisei_fn.usi``)."""
+    """A USI engine on stdin/stdout (see ``keisei_fn.usi``). A source that names no checkpoint
+    is a user error at once (the engine itself loads the model only at ``isready``)."""
     import torch
 
     from keisei_fn.errors import SpecError
+    from keisei_fn.store.locate import resolve_checkpoint
     from keisei_fn.usi import run_engine
 
     if args.threads < 1:
         raise SpecError(f"--threads must be at least 1, got {args.threads}")
+    resolve_checkpoint(args.source)  # sidecars only: the engine still starts at once
     torch.set_num_threads(args.threads)
     return run_engine(args.source, sys.stdin, sys.stdout, device=args.device)
 

@@ -32,6 +32,8 @@ __all__ = ["MAX_ABS_VALUE", "ValidationReport", "validate_model"]
 
 #: A value head output beyond this (in absolute value) is not sane.
 MAX_ABS_VALUE = 100.0
+#: How many non-finite tensors a report names one by one (the rest are counted).
+_NAMED = 5
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -94,11 +96,14 @@ def validate_model(
         from keisei_fn.store.checkpoints import load_model
 
         model = load_model(model_or_source)[0]
-    problems = [
+    broken = [
         f"{name} has {int((~torch.isfinite(t)).sum())} non-finite values of {t.numel()}"
         for name, t in model.state_dict().items()
         if t.is_floating_point() and not bool(torch.isfinite(t).all())
     ]
+    problems = broken[:_NAMED]
+    if len(broken) > _NAMED:
+        problems.append(f"and {len(broken) - _NAMED} more tensors are not finite")
     _, obs, masks = encode_suite(positions)
     try:
         logits, values = predict(model, obs)

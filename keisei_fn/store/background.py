@@ -54,6 +54,17 @@ class SaveHandle:
         self._future = future
         self.step = step
 
+    def __repr__(self) -> str:
+        """The step and how the write stands: pending, saved (and the health mark when the
+        gate found a problem) or failed."""
+        if not self._future.done():
+            return f"SaveHandle(step={self.step}, pending)"
+        if (error := self._future.exception()) is not None:
+            return f"SaveHandle(step={self.step}, failed: {type(error).__name__}: {error})"
+        meta = self._future.result()
+        mark = "" if meta.healthy else f", {meta.health_mark}"
+        return f"SaveHandle(step={self.step}, saved {meta.name}{mark})"
+
     def done(self) -> bool:
         """Whether the write has finished (successfully or not)."""
         return self._future.done()

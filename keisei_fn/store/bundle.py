@@ -50,6 +50,7 @@ from keisei_fn.errors import (
     UnsupportedValueError,
 )
 from keisei_fn.meta import (
+    BUNDLE_FORMAT,
     MAX_SIDECAR_BYTES,
     CheckpointMeta,
     check_own_digest,
@@ -96,7 +97,6 @@ __all__ = [
     "write_bundle",
 ]
 
-BUNDLE_FORMAT = "keisei_fn.bundle"
 BUNDLE_FORMAT_VERSION = 1
 _WEIGHTS_RE = re.compile(rf"{BUNDLE_NAME}\.[0-9a-f]{{8,64}}\.safetensors")
 _ONNX_RE = re.compile(rf"{BUNDLE_NAME}\.[0-9a-f]{{8,64}}\.onnx")

@@ -67,6 +67,8 @@ def resolve_stem(source: PathArg) -> RunPath:
     Returns:
         The stem (``<run_dir>/<name>``), which may be incomplete or corrupt: this only checks
         that something is there (a shards directory's sidecar is read, to map it to its stem).
+        For an export bundle's directory, the bundle's stem: reading it as a checkpoint raises
+        an ``UnsupportedFormatError`` that says it is a bundle.
 
     Raises:
         UnsupportedFormatError: for a file that is not one of a checkpoint's, whatever its
@@ -107,6 +109,8 @@ def resolve_stem(source: PathArg) -> RunPath:
         return stem  # an uncommitted weights file: read_listed says so
     if payloads(stem):
         return stem
+    if (bundle := bundle_stem(path)) is not None:  # reading it says it is no checkpoint
+        return bundle
     raise CheckpointNotFoundError(f"no checkpoint at {source}")
 
 

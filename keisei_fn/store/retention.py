@@ -231,7 +231,12 @@ def plan_prune(
     always: dict[str, str] = {}  # never deleted, not even to fit max_bytes
     resumable = [m for m in ordered if m.kind != "final_model" and _prefix(m.name) == prefix]
     if resumable:
-        always[resumable[-1].name] = "newest resume point"
+        newest = resumable[-1]
+        always[newest.name] = (
+            "newest resume point"
+            if newest.healthy
+            else "newest checkpoint (unhealthy: kept, never resumed)"
+        )
     if healthy := [m for m in resumable if m.healthy]:
         always.setdefault(healthy[-1].name, "newest healthy resume point")
     for meta in ordered:
