@@ -7,6 +7,7 @@ import re
 import shlex
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -59,6 +60,17 @@ def run_blocks(section: str) -> dict[str, object]:
     return namespace
 
 
+@pytest.fixture(autouse=True)
+def _global_rngs_restored() -> Iterator[None]:
+    """README code seeds and draws from the global RNGs (its resume restores them): every test
+    leaves them as it found them."""
+    saved = random.getstate(), np.random.get_state(), torch.get_rng_state()
+    yield
+    random.setstate(saved[0])
+    np.random.set_state(saved[1])
+    torch.set_rng_state(saved[2])
+
+
 def test_every_python_block_of_the_readme_is_tested() -> None:
     sections = re.findall(r"^## (.+)$", README.read_text(), re.M)
     with_code = {s for s in sections if "```python" in section_body(s)}
@@ -71,33 +83,27 @@ def test_training_loop_runs_and_resumes_everything_it_saves(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     monkeypatch.chdir(tmp_path)
-    rng = random.getstate(), np.random.get_state(), torch.get_rng_state()
-    try:
-        first = run_blocks("Quick start: a training loop")
-        assert "resumed" not in capsys.readouterr().out  # a fresh start
-        assert first["step"] == 12 * 2048 and first["elo"] == {"rating": 1500.0, "games": 12}
-        # checkpoints every 10,240 timesteps (keep_last=5), and the final model
-        listed = [(m.kind, m.step) for m in kf.list_checkpoints("models/my_run")]
-        periodic = [("periodic", step) for step in (10240, 20480, 24576)]  # the end too
-        assert listed == [*periodic, ("final_model", 24576)]
+    first = run_blocks("Quick start: a training loop")
+    assert "resumed" not in capsys.readouterr().out  # a fresh start
+    assert first["step"] == 12 * 2048 and first["elo"] == {"rating": 1500.0, "games": 12}
+    # checkpoints every 10,240 timesteps (keep_last=5), and the final model
+    listed = [(m.kind, m.step) for m in kf.list_checkpoints("models/my_run")]
+    periodic = [("periodic", step) for step in (10240, 20480, 24576)]  # the end too
+    assert listed == [*periodic, ("final_model", 24576)]
 
-        kf.prune("models/my_run", kf.RetentionPolicy(keep_last=2))  # as if killed after 20480
-        for name in ("checkpoint_ts24576", "final_model"):
-            (Path("models/my_run") / f"{name}.json").unlink()
-        second = run_blocks("Quick start: a training loop")  # a rerun resumes
-        assert "resumed at step 20480" in capsys.readouterr().out
-        resumed = second["resumed"]
-        assert isinstance(resumed, kf.Resumed) and resumed.copied_from is None
-        assert resumed.state.extra["elo_state"]["games"] == 10  # what was saved at 20480
-        assert second["elo"] == {"rating": 1500.0, "games": 12}  # ... restored and counted on
-        assert second["step"] == 12 * 2048
-        third = run_blocks("Quick start: a training loop")  # a finished run: nothing to do
-        assert "resumed at step 24576" in capsys.readouterr().out
-        assert third["elo"] == {"rating": 1500.0, "games": 12}
-    finally:  # the README's resume restores the global RNGs: leave them as they were
-        random.setstate(rng[0])
-        np.random.set_state(rng[1])
-        torch.set_rng_state(rng[2])
+    kf.prune("models/my_run", kf.RetentionPolicy(keep_last=2))  # as if killed after 20480
+    for name in ("checkpoint_ts24576", "final_model"):
+        (Path("models/my_run") / f"{name}.json").unlink()
+    second = run_blocks("Quick start: a training loop")  # a rerun resumes
+    assert "resumed at step 20480" in capsys.readouterr().out
+    resumed = second["resumed"]
+    assert isinstance(resumed, kf.Resumed) and resumed.copied_from is None
+    assert resumed.state.extra["elo_state"]["games"] == 10  # what was saved at 20480
+    assert second["elo"] == {"rating": 1500.0, "games": 12}  # ... restored and counted on
+    assert second["step"] == 12 * 2048
+    third = run_blocks("Quick start: a training loop")  # a finished run: nothing to do
+    assert "resumed at step 24576" in capsys.readouterr().out
+    assert third["elo"] == {"rating": 1500.0, "games": 12}
 
 
 def test_notebook_example(
@@ -192,13 +198,7 @@ def test_cluster_example_saves_by_steps_and_time_and_a_worker_follows(
     """Without a signal the learner trains to the end; the worker loads the last checkpoint
     and stops because the learner finished. (Real signals: test_preemption.)"""
     monkeypatch.chdir(tmp_path)
-    rng = random.getstate(), np.random.get_state(), torch.get_rng_state()
-    try:
-        run_blocks("Shared clusters: preemption, time-based saves, workers that follow")
-    finally:
-        random.setstate(rng[0])
-        np.random.set_state(rng[1])
-        torch.set_rng_state(rng[2])
+    run_blocks("Shared clusters: preemption, time-based saves, workers that follow")
     assert [m.step for m in kf.list_checkpoints("models/cluster_run")] == [10240, 20480, 20480]
     assert capsys.readouterr().out == "now playing with step 20480\n"
 
@@ -229,11 +229,7 @@ def test_soup_ema_and_ensemble_example(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     monkeypatch.chdir(tmp_path)
-    rng = torch.get_rng_state()
-    try:
-        namespace = run_blocks("Model soups, EMA and ensembles")
-    finally:
-        torch.set_rng_state(rng)
+    namespace = run_blocks("Model soups, EMA and ensembles")
     assert "black to move" in capsys.readouterr().out
     ema, soup = namespace["ema"], namespace["soup"]
     assert isinstance(ema, kf.EMA) and ema.updates == 3
@@ -263,11 +259,7 @@ def test_cuda_example_saves_through_the_saver_buffers(
 ) -> None:
     """On the CPU the same code runs (CPU tensors are cloned; the buffers stay unused)."""
     monkeypatch.chdir(tmp_path)
-    rng = torch.get_rng_state()
-    try:
-        namespace = run_blocks("CUDA: pinned snapshots, loads to the GPU, exact AMP resume")
-    finally:
-        torch.set_rng_state(rng)
+    namespace = run_blocks("CUDA: pinned snapshots, loads to the GPU, exact AMP resume")
     assert [m.step for m in kf.list_checkpoints("models/gpu_run")] == [5, 10]
     state = namespace["state"]
     assert isinstance(state, kf.TrainState) and state.step == 10
