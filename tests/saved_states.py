@@ -10,9 +10,12 @@ and ``test_protocol_review``; ``raw``/``raw_bytes`` by the tests that compare te
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import Any
+
 import torch
 
-from keisei_fn import TrainState
+from keisei_fn import CheckpointMeta, GameStats, TrainState
 from keisei_fn.testing import assert_states_equal
 
 
@@ -89,3 +92,29 @@ def same(expected: TrainState, actual: TrainState) -> bool:
 def which(actual: TrainState, candidates: dict[str, TrainState | None]) -> str | None:
     """The label of the candidate ``actual`` is bit-exactly equal to, or None."""
     return next((k for k, v in candidates.items() if v is not None and same(v, actual)), None)
+
+
+def listed_meta(
+    step: int,
+    *,
+    kind: str = "periodic",
+    run_dir: str | Path = "/nonexistent-keisei-fn-run",
+    **fields: Any,
+) -> CheckpointMeta:
+    """The meta a listing gives for a checkpoint that is not on disk (for retention's pure
+    plans): ``checkpoint_ts{step}`` (``final_model`` for that kind), 100 bytes, format 3;
+    ``fields`` override the rest (``created``, ``health``, ``extra``, ...)."""
+    name = "final_model" if kind == "final_model" else f"checkpoint_ts{step}"
+    defaults: dict[str, Any] = {
+        "format_version": 3,
+        "episodes": 0,
+        "stats": GameStats(),
+        "spec": None,
+        "weights_size": 100,
+        "weights_digest": "blake3:00",
+        "digest": "blake3:11",
+        "created": "2024-01-01T00:00:00+00:00",
+    }
+    return CheckpointMeta(
+        path=Path(run_dir) / name, name=name, kind=kind, step=step, **(defaults | fields)
+    )

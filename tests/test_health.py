@@ -16,7 +16,7 @@ from cli_inprocess import run as cli
 from golden import GOLDEN
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from saved_states import raw_bytes
+from saved_states import listed_meta, raw_bytes
 
 import keisei_fn as kf
 from keisei_fn.errors import (
@@ -409,12 +409,7 @@ def test_a_malformed_mark_is_an_integrity_error() -> None:
 
 def test_retention_never_prunes_the_newest_healthy_checkpoint() -> None:
     def meta(step: int, health: tuple[str, ...] | None) -> CheckpointMeta:
-        return CheckpointMeta(
-            path=f"run/checkpoint_ts{step}", name=f"checkpoint_ts{step}", format_version=3,
-            kind="periodic", step=step, episodes=0, stats=kf.GameStats(), spec=None,
-            weights_size=10, weights_digest="blake3:00", digest="blake3:11", created="?",
-            health=health,
-        )  # fmt: skip
+        return listed_meta(step, run_dir="run", weights_size=10, created="?", health=health)
 
     bad = ("non_finite: model w has 1 NaN of 2 elements",)
     metas = [meta(1, ()), meta(2, None), meta(3, bad), meta(4, bad), meta(5, bad)]

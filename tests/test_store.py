@@ -57,6 +57,7 @@ from keisei_fn.testing import (
     fresh_run_dir,
     train_states,
 )
+from tests.saved_states import listed_meta
 
 TINY = ModelSpec(model_type="resnet", tower_depth=1, tower_width=4, se_ratio=0, num_actions=8)
 
@@ -588,22 +589,7 @@ def test_total_bytes_is_what_a_checkpoint_takes_on_disk(run_dir: Path) -> None:
 
 def test_plan_prune_rules_by_example() -> None:
     def meta(step: int, kind: str = "periodic", **extra: float) -> CheckpointMeta:
-        name = "final_model" if kind == "final_model" else f"checkpoint_ts{step}"
-        return CheckpointMeta(
-            path=NOWHERE / name,
-            name=name,
-            format_version=1,
-            kind=kind,
-            step=step,
-            episodes=0,
-            stats=GameStats(),
-            spec=None,
-            weights_size=100,
-            weights_digest="blake3:00",
-            digest="blake3:11",
-            created="2024-01-01T00:00:00+00:00",
-            extra=extra,
-        )
+        return listed_meta(step, kind=kind, run_dir=NOWHERE, format_version=1, extra=extra)
 
     metas = [meta(s, win_rate=s / 100 if s != 30 else 0.99) for s in (10, 20, 30, 40, 50, 60)]
     metas.append(meta(70, "final_model"))

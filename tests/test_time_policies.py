@@ -11,7 +11,6 @@ import pytest
 from keisei_fn import (
     Checkpointer,
     CheckpointMeta,
-    GameStats,
     RetentionPolicy,
     plan_prune,
     prune,
@@ -19,27 +18,13 @@ from keisei_fn import (
 )
 from keisei_fn.errors import SpecError
 from keisei_fn.store import list_checkpoints
-from tests.saved_states import make_state
+from tests.saved_states import listed_meta, make_state
 
 NOW = datetime(2026, 12, 7, 12, 0, tzinfo=UTC)
 
 
 def meta(step: int, created: str) -> CheckpointMeta:
-    name = f"checkpoint_ts{step}"
-    return CheckpointMeta(
-        path=Path("/nonexistent-keisei-fn-run") / name,
-        name=name,
-        format_version=3,
-        kind="periodic",
-        step=step,
-        episodes=0,
-        stats=GameStats(),
-        spec=None,
-        weights_size=100,
-        weights_digest="blake3:00",
-        digest="blake3:11",
-        created=created,
-    )
+    return listed_meta(step, created=created)
 
 
 #: A checkpoint every 20 minutes for the 3 days before NOW (step = minutes since the start).
